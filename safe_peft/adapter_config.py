@@ -1,0 +1,141 @@
+"""Read ``adapter_config.json`` and turn it into the installed peft's config object.
+
+Keys the installed peft does not know are dropped and listed as ``VERSION_SKEW`` warnings,
+unless dropping one would change what the adapter computes: then loading is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.errors import AdapterFormatError
+from safe_peft.report import Cause, Diagnosis
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+__all__ = ["MEANING_KEYS", "AdapterConfig", "build_peft_config", "read_config"]
+
+# Config keys whose non-default value changes what an adapter computes: ignoring them is not safe.
+# key -> the values that are harmless to ignore (the defaults).
+MEANING_KEYS: dict[str, tuple[Any, ...]] = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "use_rslora": (False, None),
+    "layer_replication": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "arrow_config": (None,),
+    "enable_lora": (None,),
+    "fan_in_fan_out": (False, None),
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The raw JSON of an adapter config, with the facts the diagnosis needs."""
+
+    path: str
+    data: dict[str, Any]
+    warnings: list[Diagnosis] = field(default_factory=list)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.data["peft_type"])
+
+    @property
+    def peft_version(self) -> str | None:
+        value = self.data.get("peft_version")
+        return value if isinstance(value, str) else None
+
+
+def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
+    """Parse and sanity-check an adapter config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise _bad(path, adapter, "unreadable_config", f"cannot read the file ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, adapter, "bad_config_json", f"is not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise _bad(path, adapter, "bad_config_json", f"holds a JSON {type(data).__name__}, not an object")
+    if "peft_type" not in data:
+        if "architectures" in data or "model_type" in data:
+            raise AdapterFormatError.of(
+                Cause.FOREIGN_FORMAT,
+                "model_config_as_adapter_config",
+                f"{path}: is a model's config.json (it has 'architectures'/'model_type'), not a PEFT adapter config",
+                fix="use the adapter_config.json that peft's save_pretrained() wrote next to the adapter weights.",
+                adapter=adapter,
+            )
+        raise _bad(path, adapter, "config_missing_peft_type", "has no 'peft_type' key")
+    warnings = []
+    if "runtime_config" in data:
+        data = {k: v for k, v in data.items() if k != "runtime_config"}
+        warnings.append(
+            Diagnosis(Cause.VERSION_SKEW, "runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load")
+        )
+    return AdapterConfig(path=path, data=data, warnings=warnings)
+
+
+def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[PeftConfig, list[Diagnosis]]:
+    """Instantiate the installed peft's config class; return it with the findings about dropped keys."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(config.peft_type)
+    if config_cls is None:
+        raise AdapterFormatError.of(
+            Cause.VERSION_SKEW,
+            "unknown_peft_type",
+            f"{config.path}: peft_type {config.peft_type!r} is unknown to the installed peft",
+            fix="upgrade peft to the version that saved the adapter "
+            f"(peft_version={config.peft_version!r} in the config).",
+            adapter=adapter,
+        )
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(k for k in config.data if k not in known)
+    kwargs = {k: v for k, v in config.data.items() if k in known}
+    meaning = [k for k in unknown if config.data[k] not in MEANING_KEYS.get(k, (config.data[k],))]
+    if meaning:
+        raise AdapterFormatError.of(
+            Cause.VERSION_SKEW,
+            "meaning_changing_config_key",
+            f"{config.path}: the installed peft does not know {', '.join(meaning)}; ignoring "
+            f"{'it' if len(meaning) == 1 else 'them'} would change what the adapter computes",
+            fix="upgrade peft to the version that saved the adapter "
+            f"(peft_version={config.peft_version!r}).",
+            adapter=adapter,
+            details={"keys": meaning, "peft_version": config.peft_version},
+        )
+    try:
+        peft_config = config_cls.from_peft_type(**config_cls.check_kwargs(**kwargs))
+    except (TypeError, ValueError) as exc:
+        raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
+    findings = [
+        Diagnosis(
+            Cause.VERSION_SKEW,
+            "unknown_config_keys",
+            f"{config.path}: keys unknown to the installed peft were ignored: {', '.join(unknown)} "
+            "(none changes what the adapter computes)",
+            details={"keys": unknown, "peft_version": config.peft_version},
+        )
+    ] if unknown else []
+    return peft_config, findings
+
+
+def _bad(path: str, adapter: str, code: str, what: str) -> AdapterFormatError:
+    return AdapterFormatError.of(
+        Cause.CORRUPT_CHECKPOINT,
+        code,
+        f"{path}: {what}",
+        fix="save the adapter again with save_pretrained(), or restore adapter_config.json from its source.",
+        adapter=adapter,
+    )

@@ -1,0 +1,314 @@
+"""What a model expects from an adapter: every key it would load, with its shape.
+
+Keys are in the checkpoint's own namespace (``base_model.model.<module>.lora_A.weight``, no
+adapter-name infix), so they compare directly with the keys of a saved adapter file.
+
+Two ways to compute them, both without touching the caller's model:
+
+* analytic, for LoRA on ``nn.Linear``, ``nn.Embedding`` and transformers' ``Conv1D``: peft's
+  own matching (``check_target_module_exists``, ``_maybe_include_all_linear_layers``,
+  ``get_pattern_key``) decides the targets; shapes follow from the layers. It reads only the
+  module tree, so a 70B-parameter meta model takes milliseconds.
+* by injection, for everything else: peft injects the adapter into a meta-device skeleton of
+  the model (parameters replaced by meta tensors, nothing copied) and
+  ``get_peft_model_state_dict`` lists the keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.report import Cause, Diagnosis
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from torch import nn
+
+__all__ = ["PEFT_PREFIX", "ExpectedKey", "ModelView", "expected_keys", "meta_skeleton"]
+
+PEFT_PREFIX = "base_model.model."
+# Heads that peft's task-specific PeftModel classes add to modules_to_save by themselves.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# Config features the analytic path does not model; any of them sends the computation to injection.
+_INJECTION_ONLY = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
+                   "arrow_config", "megatron_config", "ensure_weight_tying", "use_qalora")
+
+
+@dataclass(frozen=True)
+class ExpectedKey:
+    """One key the model would load. ``required=False`` marks keys peft saves only sometimes
+    (the base embedding weights written by ``save_embedding_layers``)."""
+
+    key: str
+    shape: tuple[int, ...]
+    module: str
+    role: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class ModulePort:
+    """A leaf layer's kind and its input / output sizes, for naming the dimension that differs."""
+
+    kind: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """The expected keys and the facts about the model the diagnosis reasons with."""
+
+    model_class: str
+    expected: dict[str, ExpectedKey]
+    layers: dict[str, ModulePort]
+    module_names: frozenset[str]
+    base_model_prefix: str
+    task_heads: tuple[str, ...]
+    method: str
+    error: Diagnosis | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def expected_keys(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> ModelView:
+    """Compute what ``model`` expects from an adapter with ``config``. Never modifies ``model``."""
+    layers, names = _survey(model)
+    common: dict[str, Any] = {
+        "model_class": type(model).__name__,
+        "layers": layers,
+        "module_names": names,
+        "base_model_prefix": str(getattr(model, "base_model_prefix", "") or ""),
+        "task_heads": _TASK_HEADS.get(str(getattr(config, "task_type", None) or "").split(".")[-1], ()),
+    }
+    analytic = _analytic(model, config, common["task_heads"]) if _analytic_applies(model, config) else None
+    if analytic is not None:
+        expected, error = analytic
+        return ModelView(expected=expected, method="analytic", error=error, **common)
+    expected, error = _by_injection(model, config, adapter_name)
+    return ModelView(expected=expected, method="injection", error=error, **common)
+
+
+def _survey(model: nn.Module) -> tuple[dict[str, ModulePort], frozenset[str]]:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    layers = {}
+    names = []
+    for name, module in model.named_modules():
+        names.append(name)
+        if type(module) is nn.Linear or isinstance(module, nn.Linear):
+            layers[name] = ModulePort("linear", module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            in_f, out_f = module.weight.shape
+            layers[name] = ModulePort("conv1d", int(in_f), int(out_f))
+        elif isinstance(module, nn.Embedding):
+            layers[name] = ModulePort("embedding", module.num_embeddings, module.embedding_dim)
+    return layers, frozenset(names)
+
+
+def _analytic_applies(model: nn.Module, config: PeftConfig) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import PeftType
+
+    if config.peft_type != PeftType.LORA or getattr(config, "bias", "none") != "none":
+        return False
+    if any(getattr(config, name, None) for name in _INJECTION_ONLY):
+        return False
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return False  # the model already carries adapters: let peft itself work out what is new
+    return not _has_weight_conversions(model)
+
+
+def _has_weight_conversions(model: nn.Module) -> bool:
+    """Whether transformers 5 registers an architecture-level weight conversion (MoE fusing, VLM moves).
+
+    peft then rewrites the config and the checkpoint keys for this model; only injection follows that.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return False
+    try:
+        from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return get_checkpoint_conversion_mapping(model_type) is not None
+
+
+def _analytic(
+    model: nn.Module, config: PeftConfig, task_heads: tuple[str, ...]
+) -> tuple[dict[str, ExpectedKey], Diagnosis | None] | None:
+    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.utils.other import get_pattern_key
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = copy.copy(config)
+    cfg.target_modules = copy.copy(config.target_modules)
+    saved = list(config.modules_to_save or [])
+    cfg.modules_to_save = (saved + list(task_heads)) if (saved or task_heads) else None
+    cfg = _maybe_include_all_linear_layers(cfg, model)
+    use_dora = bool(getattr(cfg, "use_dora", False))
+    lora_bias = bool(getattr(cfg, "lora_bias", False))
+    expected: dict[str, ExpectedKey] = {}
+    targeted: list[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        found = check_target_module_exists(cfg, name)
+        if not found or isinstance(found, _ExcludedModule):
+            continue
+        rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r)
+        prefix = f"{PEFT_PREFIX}{name}."
+        if isinstance(module, nn.Linear) or isinstance(module, Conv1D):
+            if isinstance(module, Conv1D):
+                in_f, out_f = (int(d) for d in module.weight.shape)
+            else:
+                in_f, out_f = module.in_features, module.out_features
+            keys = [("lora_A.weight", (rank, in_f), "lora_A"), ("lora_B.weight", (out_f, rank), "lora_B")]
+            if lora_bias:
+                keys.append(("lora_B.bias", (out_f,), "lora_bias"))
+        elif isinstance(module, nn.Embedding):
+            in_f, out_f = module.num_embeddings, module.embedding_dim
+            keys = [("lora_embedding_A", (rank, in_f), "lora_A"), ("lora_embedding_B", (out_f, rank), "lora_B")]
+            if lora_bias:
+                return None
+        else:
+            return None  # a layer type this path does not model (conv, quantized, custom): use injection
+        if use_dora:
+            keys.append(("lora_magnitude_vector", (out_f,), "magnitude"))
+        for suffix, shape, role in keys:
+            expected[prefix + suffix] = ExpectedKey(prefix + suffix, tuple(shape), name, role)
+        targeted.append(name)
+    if not targeted and cfg.target_modules:
+        return {}, _no_target_found(cfg.target_modules)  # peft raises NoMatchingPeftModuleError here
+    for name, module in _modules_to_save(model, cfg.modules_to_save or []):
+        for pname, param in module.named_parameters():
+            key = f"{PEFT_PREFIX}{name}.{pname}"
+            expected[key] = ExpectedKey(key, tuple(param.shape), name, "modules_to_save")
+    _add_embedding_layers(model, expected, set(targeted))
+    return expected, None
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> Iterator[tuple[str, nn.Module]]:
+    if not names:
+        return
+    taken: list[str] = []
+    for key, module in model.named_modules(remove_duplicate=False):
+        if key and any(key.endswith(target) for target in names):
+            if any(key.startswith(t + ".") for t in taken):
+                continue
+            taken.append(key)
+            yield key, module
+
+
+def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], targeted: set[str]) -> None:
+    """peft also saves the base embedding weights when embeddings were targeted or resized."""
+    getters = [getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)]
+    layers = []
+    for getter in getters:
+        try:
+            layer = getter() if callable(getter) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if layer is not None:
+            layers.append(layer)
+    if not layers:
+        return
+    for name, module in model.named_modules():
+        if not any(module is layer for layer in layers):
+            continue
+        inner = "base_layer." if name in targeted else ""
+        for pname, param in module.named_parameters():
+            key = f"{PEFT_PREFIX}{name}.{inner}{pname}"
+            if key not in expected:
+                expected[key] = ExpectedKey(key, tuple(param.shape), name, "embedding_base", required=False)
+
+
+def _no_target_found(target_modules: Any) -> Diagnosis:
+    targets = sorted(target_modules) if isinstance(target_modules, (set, list, tuple)) else [str(target_modules)]
+    return Diagnosis(
+        Cause.WRONG_BASE_MODEL,
+        "target_modules_not_found",
+        f"none of the adapter's target modules ({', '.join(map(str, targets[:10]))}) exists in the model",
+        fix="load the adapter into the base model it was trained on (see base_model_name_or_path in "
+        "adapter_config.json).",
+        details={"target_modules": targets},
+    )
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are meta tensors.
+
+    No tensor data is copied, and the original (its parameters' ``requires_grad`` included)
+    is never touched. Accelerate hooks are left out.
+    """
+    import torch
+
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        hook = module.__dict__.get("_hf_hook")
+        if hook is not None:
+            memo[id(hook)] = None
+        for pname, param in module._parameters.items():
+            if param is not None and id(param) not in memo:
+                memo[id(param)] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=param.requires_grad
+                )
+        for bname, buf in module._buffers.items():
+            if buf is not None and id(buf) not in memo:
+                memo[id(buf)] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _by_injection(
+    model: nn.Module, config: PeftConfig, adapter_name: str
+) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
+    import warnings
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    skeleton = meta_skeleton(model)
+    cfg = copy.deepcopy(config)
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(cfg.task_type or ""), PeftModel)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft_cls(skeleton, cfg, adapter_name, low_cpu_mem_usage=True)
+            state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
+        return {}, _injection_error(exc, config)
+    expected = {}
+    for key, tensor in state.items():
+        module = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        expected[key] = ExpectedKey(key, tuple(tensor.shape), module.rsplit(".", 2)[0], _role(key))
+    targeted = {n for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
+    targeted = {n.removeprefix("base_model.model.") for n in targeted}
+    _add_embedding_layers(model, expected, targeted)
+    return expected, None
+
+
+def _injection_error(exc: Exception, config: PeftConfig) -> Diagnosis:
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    if isinstance(exc, NoMatchingPeftModuleError):
+        return _no_target_found(getattr(config, "target_modules", None) or [])
+    return Diagnosis(
+        Cause.CONFIG_MISMATCH,
+        "injection_rejected",
+        f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",
+        fix="check target_modules and the layer types they name against the base model.",
+    )
+
+
+def _role(key: str) -> str:
+    for marker, role in ((".lora_A", "lora_A"), (".lora_B.bias", "lora_bias"), (".lora_B", "lora_B"),
+                         (".lora_embedding_A", "lora_A"), (".lora_embedding_B", "lora_B"),
+                         (".lora_magnitude_vector", "magnitude")):
+        if marker in key:
+            return role
+    return "other"

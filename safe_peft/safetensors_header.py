@@ -1,0 +1,252 @@
+"""Read and validate a safetensors header with the standard library alone.
+
+The format is an 8-byte little-endian header length, that many bytes of UTF-8 JSON, then the
+data region. Everything is checked before any tensor data is touched, and nothing is
+allocated beyond the header itself, which is bounded by the file size and by
+``MAX_HEADER_BYTES``. Each fault is an :class:`AdapterFormatError` with
+``Cause.CORRUPT_CHECKPOINT`` and a stable ``code``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from safe_peft.errors import AdapterFormatError
+from safe_peft.report import Cause
+
+__all__ = ["DTYPE_SIZES", "MAX_HEADER_BYTES", "SafetensorsHeader", "TensorInfo", "read_header", "sniff_format"]
+
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+
+DTYPE_SIZES: dict[str, float] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F4": 0.5,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in the header. Offsets are relative to the data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: tensors in file order, the ``__metadata__`` map, and where data starts."""
+
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def sniff_format(first_bytes: bytes) -> str | None:
+    """Name the container a file really is from its first bytes: "pickle", "zip" or None."""
+    if first_bytes[:4] == b"PK\x03\x04":
+        return "zip"  # torch.save's default format is a zip archive holding a pickle
+    if len(first_bytes) >= 2 and first_bytes[0] == 0x80 and 2 <= first_bytes[1] <= 5:
+        return "pickle"
+    return None
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and validate the header of the safetensors file at ``path``.
+
+    Raises :class:`AdapterFormatError` naming the file (and the tensor, where one is at fault).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fault(path, "truncated_file", f"the file has {file_size} bytes, fewer than the 8-byte header length")
+            container = sniff_format(prefix)
+            if container is not None:
+                raise _fault(
+                    path,
+                    "not_safetensors",
+                    f"the file is a {container} file (torch.save format), not safetensors",
+                    details={"format": container},
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise _fault(path, "header_too_large", f"the header claims {length} bytes (limit {MAX_HEADER_BYTES})")
+            if length > file_size - 8:
+                raise _fault(
+                    path, "truncated_file", f"the header claims {length} bytes but only {file_size - 8} follow"
+                )
+            raw = f.read(length)
+    except OSError as exc:
+        raise AdapterFormatError.of(
+            Cause.CORRUPT_CHECKPOINT, "unreadable_file", f"{path}: cannot read the file ({exc.strerror or exc})",
+            adapter=path,
+        ) from None
+    if len(raw) < length:
+        raise _fault(path, "truncated_file", f"the header claims {length} bytes but only {len(raw)} could be read")
+    entries, metadata = _parse_json(path, raw)
+    data_size = file_size - 8 - length
+    tensors = _validate_entries(path, entries, data_size)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=8 + length, file_size=file_size)
+
+
+def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fault(path, "bad_json", f"the header is not valid UTF-8 (byte {exc.start})") from None
+    duplicates: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> Any:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                duplicates.append(key)
+            seen.add(key)
+        return _Pairs(pairs)
+
+    try:
+        top = json.loads(text, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError) as exc:
+        raise _fault(path, "bad_json", f"the header is not valid JSON ({str(exc)[:200]})") from None
+    if duplicates:
+        raise _fault(
+            path,
+            "duplicate_header_key",
+            f"the header lists {duplicates[0]!r} more than once (a JSON parser would silently keep the last)",
+            details={"keys": sorted(set(duplicates))[:20]},
+        )
+    if not isinstance(top, _Pairs):
+        raise _fault(path, "bad_json", f"the header is a JSON {type(top).__name__}, not an object")
+    metadata: dict[str, str] = {}
+    entries: list[tuple[str, Any]] = []
+    for key, value in top.pairs:
+        if key == "__metadata__":
+            if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value.pairs):
+                raise _fault(path, "bad_metadata", "__metadata__ must map strings to strings")
+            metadata = dict(value.pairs)
+        else:
+            entries.append((key, value))
+    return entries, metadata
+
+
+def _validate_entries(path: str, entries: list[tuple[str, Any]], data_size: int) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for name, value in entries:
+        fields = dict(value.pairs) if isinstance(value, _Pairs) else None
+        if fields is None or not {"dtype", "shape", "data_offsets"} <= fields.keys():
+            raise _fault(path, "bad_entry", f"tensor {name!r}: entry must have dtype, shape and data_offsets", name)
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise _fault(path, "bad_dtype", f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}", name)
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise _fault(path, "bad_shape", f"tensor {name!r}: shape must be a list of non-negative integers", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise _fault(path, "bad_offsets", f"tensor {name!r}: data_offsets must be two non-negative integers", name)
+        begin, end = offsets
+        if begin > end:
+            raise _fault(path, "bad_offsets", f"tensor {name!r}: data_offsets [{begin}, {end}] run backwards", name)
+        numel = 1
+        for d in shape:
+            numel *= d
+            if numel > data_size * 2 + 1:  # stop multiplying absurd shapes early; any such shape fails below
+                break
+        expected = numel * DTYPE_SIZES[dtype]
+        if expected != end - begin:
+            raise _fault(
+                path,
+                "bad_offsets",
+                f"tensor {name!r}: shape {shape} of {dtype} needs {expected:g} bytes, offsets span {end - begin}",
+                name,
+            )
+        if end > data_size:
+            raise _fault(
+                path,
+                "truncated_file",
+                f"tensor {name!r} ends at byte {end} of the data region, which has only {data_size} bytes "
+                "(an incomplete download or copy?)",
+                name,
+            )
+        tensors[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+    position = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != position:
+            what = "overlaps the previous tensor" if info.begin < position else "leaves a hole before it"
+            raise _fault(path, "bad_offsets", f"tensor {info.name!r}: data at byte {info.begin} {what}", info.name)
+        position = info.end
+    if position != data_size:
+        raise _fault(
+            path,
+            "trailing_bytes",
+            f"the data region has {data_size} bytes but the tensors cover {position}",
+        )
+    return tensors
+
+
+class _Pairs:
+    """A JSON object kept as its list of pairs, so duplicate keys stay visible."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        self.pairs = pairs
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fault(path: str, code: str, what: str, tensor: str | None = None, details: dict[str, Any] | None = None) -> AdapterFormatError:
+    facts: dict[str, Any] = {"file": path, **(details or {})}
+    if tensor is not None:
+        facts["tensor"] = tensor
+    fix = {
+        "truncated_file": "download or copy the adapter again; the file is incomplete.",
+        "not_safetensors": "rename it to adapter_model.bin and load with allow_pickle=True if you trust its source.",
+    }.get(code, "save the adapter again with peft's save_pretrained(); this file is malformed.")
+    return AdapterFormatError.of(
+        Cause.CORRUPT_CHECKPOINT, code, f"{path}: {what}", fix=fix, adapter=path, details=facts
+    )
