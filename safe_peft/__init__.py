@@ -1,1 +1,61 @@
-"""safe_peft"""
+"""safe_peft: load PEFT adapters safely.
+
+Strict (every adapter weight loaded, or an error), atomic (a failed load leaves the base
+model as it was) and explained (a typed :class:`LoadReport` with ranked causes and the fix).
+Heavy dependencies (torch, peft, transformers) are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.errors import AdapterFormatError, AdapterLoadError
+from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterLoadError",
+    "Cause",
+    "Diagnosis",
+    "LoadReport",
+    "MissingKey",
+    "RemapRule",
+    "SizeMismatch",
+    "UnexpectedKey",
+    "__version__",
+    "diagnose",
+    "inspect_adapter",
+    "parse_load_error",
+    "safe_load_adapter",
+    "safe_load_state_dict",
+]
+
+_LAZY = {
+    "safe_load_adapter": "safe_peft.loader",
+    "safe_load_state_dict": "safe_peft.state_dict",
+    "diagnose": "safe_peft.plan",
+    "inspect_adapter": "safe_peft.manifest",
+    "parse_load_error": "safe_peft.parse",
+    "RemapRule": "safe_peft.rules",
+}
+
+if TYPE_CHECKING:
+    from safe_peft.loader import safe_load_adapter
+    from safe_peft.manifest import inspect_adapter
+    from safe_peft.parse import parse_load_error
+    from safe_peft.plan import diagnose
+    from safe_peft.rules import RemapRule
+    from safe_peft.state_dict import safe_load_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safe_peft' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,209 @@
+"""``safe_load_adapter``: check first, load with peft, verify, and undo everything on failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.classify import lora_role
+from safe_peft.errors import AdapterLoadError
+from safe_peft.model_view import PEFT_PREFIX
+from safe_peft.plan import HUB_KWARGS, LoadPlan, load_pickle, make_plan
+from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
+from safe_peft.snapshot import ModuleSnapshot
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
+
+__all__ = ["safe_load_adapter"]
+
+
+def safe_load_adapter(
+    base_model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    remap: object = None,
+    repair: tuple[str, ...] | list[str] = (),
+    strict: bool = True,
+    allow_pickle: bool = False,
+    output_loading_info: bool = False,
+    **peft_kwargs: Any,
+) -> Any:
+    """Load a PEFT adapter like ``PeftModel.from_pretrained``, or fail with an explanation.
+
+    Returns the same ``PeftModel`` peft would (``(model, report)`` with
+    ``output_loading_info=True``). Raises :class:`AdapterLoadError` (a ``RuntimeError``) with
+    a :class:`LoadReport` when the adapter does not fit; ``base_model`` is then left exactly
+    as it was given. ``strict=False`` keeps peft's lenient handling of missing keys but still
+    reports them. Nothing is renamed or repaired unless ``remap`` / ``repair`` ask for it.
+    """
+    kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
+    plan = make_plan(
+        base_model, model_id, adapter_name, remap=remap, repair=tuple(repair),
+        allow_pickle=allow_pickle, peft_kwargs=kwargs,
+    )
+    if not plan.report.ok and (strict or _fatal(plan.report)):
+        raise AdapterLoadError(plan.report)
+    model, report = _execute(base_model, plan, adapter_name, strict, kwargs)
+    return (model, report) if output_loading_info else model
+
+
+def _fatal(report: LoadReport) -> bool:
+    """Failures even lenient loading cannot get past: unreadable data, no target, shape mismatches."""
+    return bool(report.size_mismatches) or any(
+        d.cause in {Cause.CORRUPT_CHECKPOINT, Cause.FOREIGN_FORMAT, Cause.WRONG_BASE_MODEL}
+        and d.code != "fewer_layers"
+        for d in report.causes
+    )
+
+
+def _execute(
+    base_model: nn.Module, plan: LoadPlan, adapter_name: str, strict: bool, kwargs: dict[str, Any]
+) -> tuple[PeftModel, LoadReport]:
+    from peft import PeftModel
+
+    snapshot = ModuleSnapshot(base_model)
+    snapshot.protect(_overwritten_base_tensors(base_model, plan))
+    workdir = None
+    try:
+        if plan.vocab_size is not None:
+            base_model.resize_token_embeddings(plan.vocab_size)  # type: ignore[operator]
+        directory = plan.files.directory
+        if plan.renames or plan.dropped:
+            workdir = tempfile.mkdtemp(prefix="safe_peft_")
+            _write_renamed(plan, workdir)
+            directory = workdir
+        passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
+        model = PeftModel.from_pretrained(
+            base_model, directory, adapter_name, config=_fresh(plan.peft_config), **passthrough
+        )
+        report = _verify(model, plan, adapter_name)
+        if not report.ok and strict:
+            raise AdapterLoadError(report)
+        return model, (report if report.ok else _merge(plan.report, report))
+    except AdapterLoadError:
+        snapshot.restore()
+        raise
+    except Exception as exc:
+        snapshot.restore()
+        raise AdapterLoadError(_late_failure(plan.report, exc)) from exc
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fresh(config: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(config)  # peft sets inference_mode on the config it is given
+
+
+def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
+    """Base-model tensors the load writes in place: base embedding weights saved with the adapter."""
+    if plan.view is None:
+        return []
+    params = dict(model.named_parameters())
+    tensors = []
+    for key in plan.checkpoint:
+        want = plan.view.expected.get(key)
+        if want is not None and want.role == "embedding_base":
+            name = key[len(PEFT_PREFIX):].replace(".base_layer.", ".")
+            if name in params:
+                tensors.append(params[name])
+    return tensors
+
+
+def _write_renamed(plan: LoadPlan, directory: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if plan.files.weights_format == "safetensors":
+        tensors = load_file(plan.files.weights_path)
+    else:
+        tensors = load_pickle(plan.files.weights_path)
+    renamed = {plan.renames.get(k, k): v for k, v in tensors.items() if k not in set(plan.dropped)}
+    save_file({k: v.contiguous() for k, v in renamed.items()}, os.path.join(directory, "adapter_model.safetensors"))
+
+
+def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
+    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    checkpoint = plan.checkpoint
+    optional = {k for k, e in (plan.view.expected.items() if plan.view else ()) if not e.required}
+    missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]
+    unexpected = [UnexpectedKey(k, s) for k, s in checkpoint.items() if k not in state and k not in optional]
+    mismatches = [
+        SizeMismatch(k, checkpoint[k], tuple(t.shape)) for k, t in state.items()
+        if k in checkpoint and tuple(t.shape) != checkpoint[k]
+    ]
+    causes = []
+    on_meta = [k for k, t in state.items() if t.device.type == "meta"]
+    if on_meta:
+        causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "left_on_meta",
+                                f"{len(on_meta)} adapter tensors were never loaded and are still on the meta device",
+                                fix="save the adapter again; it lacks these tensors.", details={"keys": on_meta[:20]}))
+    non_finite = []
+    zero_b = []
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                non_finite.append(key)
+            elif lora_role(key) in {"lora_B", "lora_embedding_B"} and not bool(tensor.any()):
+                zero_b.append(key)
+    if non_finite:
+        causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "non_finite_values",
+                                f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r}): "
+                                "training diverged or the file is damaged",
+                                fix="use an earlier checkpoint of the adapter, or train again with a lower "
+                                "learning rate.", details={"keys": non_finite[:20]}))
+    if (missing or unexpected or mismatches) and not causes:
+        causes.append(Diagnosis(Cause.UNKNOWN, "verification_failed",
+                                "after loading, the adapter tensors in the model do not match the checkpoint",
+                                fix="report this to safe_peft with the adapter's config; the pre-check missed it."))
+    warnings = list(plan.report.warnings)
+    lora_b = [k for k in state if lora_role(k) in {"lora_B", "lora_embedding_B"}]
+    if lora_b and len(zero_b) == len(lora_b):
+        warnings.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "all_zero_lora_B",
+                                  "every lora_B tensor is zero: the adapter changes nothing (saved before training?)",
+                                  fix="check that the adapter was saved after training."))
+    return LoadReport(
+        ok=not causes, missing=missing, unexpected=unexpected, size_mismatches=mismatches, causes=causes,
+        warnings=warnings, renames=dict(plan.report.renames), repairs=list(plan.report.repairs),
+        adapter=plan.report.adapter, model_class=plan.report.model_class, adapter_name=adapter_name,
+    )
+
+
+def _merge(before: LoadReport, after: LoadReport) -> LoadReport:
+    from dataclasses import replace
+
+    return replace(before, causes=before.causes + after.causes, warnings=after.warnings, ok=False)
+
+
+def _late_failure(report: LoadReport, exc: Exception) -> LoadReport:
+    from dataclasses import replace
+
+    from safe_peft.parse import parse_load_error
+
+    parsed = parse_load_error(exc)
+    late = Diagnosis(
+        Cause.UNKNOWN,
+        "load_failed",
+        f"peft failed while loading: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+        fix="see the causes above; the base model was restored.",
+    )
+    return replace(
+        report,
+        ok=False,
+        missing=report.missing or parsed.missing,
+        unexpected=report.unexpected or parsed.unexpected,
+        size_mismatches=report.size_mismatches or parsed.size_mismatches,
+        causes=report.causes + [late],
+    )

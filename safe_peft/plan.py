@@ -1,0 +1,262 @@
+"""The load plan: read the adapter, view the model, compare, (opt-in) remap and repair, diagnose.
+
+:func:`make_plan` is shared by :func:`diagnose` (which only returns the report) and by the
+loader (which executes the plan), so that the prediction and the load cannot drift apart.
+It reads headers and configs only, and never modifies the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.adapter_config import build_peft_config, read_config
+from safe_peft.adapter_files import AdapterFiles, locate_adapter
+from safe_peft.compare import KeyDiff, compare_keys
+from safe_peft.classify import Evidence, classify, lora_role
+from safe_peft.errors import AdapterFormatError
+from safe_peft.model_view import ExpectedKey, ModelView, expected_keys
+from safe_peft.repairs import repair_config, vocab_target
+from safe_peft.report import Cause, Diagnosis, LoadReport
+from safe_peft.rules import BUILTIN, RemapPlan, apply_rules, check_exact, model_rules, plan_remap, to_rules
+from safe_peft.safetensors_header import read_header
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from torch import nn
+
+__all__ = ["LoadPlan", "diagnose", "make_plan", "read_checkpoint_shapes"]
+
+Shape = tuple[int, ...]
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What the loader will do: which files, which config, which renames, and the verdict."""
+
+    report: LoadReport
+    files: AdapterFiles
+    peft_config: PeftConfig
+    checkpoint: dict[str, Shape]
+    renames: dict[str, str] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
+    vocab_size: int | None = None
+    view: ModelView | None = None
+
+
+def diagnose(
+    base_model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    remap: object = None,
+    repair: tuple[str, ...] | list[str] = (),
+    allow_pickle: bool = False,
+    **peft_kwargs: Any,
+) -> LoadReport:
+    """Predict what ``safe_load_adapter`` with the same arguments would do, without loading.
+
+    Reads ``adapter_config.json`` and the safetensors header only (no tensor data), works on
+    a model built on the meta device, and never modifies ``base_model``. Data faults that
+    only the tensor values show (NaN / Inf, an all-zero lora_B) are found by the load alone.
+    Format faults are reported too (not raised), so one call answers for any adapter.
+    """
+    try:
+        return make_plan(
+            base_model, model_id, adapter_name, remap=remap, repair=tuple(repair),
+            allow_pickle=allow_pickle, peft_kwargs=peft_kwargs,
+        ).report
+    except AdapterFormatError as exc:
+        return exc.report
+
+
+def make_plan(
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    remap: object = None,
+    repair: tuple[str, ...] = (),
+    allow_pickle: bool = False,
+    peft_kwargs: Mapping[str, Any] | None = None,
+) -> LoadPlan:
+    """Build the plan for loading ``model_id`` into ``model`` (raises AdapterFormatError for bad files)."""
+    kwargs = dict(peft_kwargs or {})
+    location = os.fspath(model_id)
+    files = locate_adapter(
+        model_id, subfolder=kwargs.get("subfolder"), allow_pickle=allow_pickle,
+        hub_kwargs={k: kwargs[k] for k in HUB_KWARGS if k in kwargs},
+    )
+    warnings: list[Diagnosis] = list(files.warnings)
+    raw = read_config(files.config_path, adapter=location)
+    warnings += raw.warnings
+    if kwargs.get("config") is not None:
+        peft_config = copy.deepcopy(kwargs["config"])
+        config_data = peft_config.to_dict()
+    else:
+        peft_config, skew = build_peft_config(raw, adapter=location)
+        warnings += skew
+        config_data = raw.data
+    original = read_checkpoint_shapes(files)
+    checkpoint = _convert_for_transformers(model, peft_config, original, adapter_name)
+    view = expected_keys(model, peft_config, adapter_name)
+    diff = compare_keys(checkpoint, view.expected)
+    relaxed = _rank_relaxed(view) if "rank" in repair else None
+    candidates = BUILTIN + model_rules(view.base_model_prefix)
+    plan: RemapPlan | None = None
+    renames: dict[str, str] = {}
+    dropped: tuple[str, ...] = ()
+    findings: list[Diagnosis] = []
+    if remap is not None and remap != "auto":
+        plan = _user_plan(to_rules(remap), checkpoint, view, relaxed)
+        if not plan.exact:
+            findings.append(_remap_refused(plan, "the given remap rules"))
+    elif not diff.ok:
+        plan = plan_remap(checkpoint, view.expected, candidates, same_shape=relaxed)
+        if remap == "auto" and not plan.exact:
+            findings.append(_remap_refused(plan, "no combination of the built-in rules"))
+    if remap is not None and plan is not None and plan.exact:
+        renames, dropped = plan.renames, plan.dropped
+        checkpoint = {renames.get(k, k): s for k, s in checkpoint.items() if k not in set(dropped)}
+        plan = None
+    repairs: list[str] = []
+    vocab_size = None
+    if repair:
+        peft_config, repairs = repair_config(peft_config, tuple(repair), checkpoint)
+        if repairs:
+            config_data = {**config_data, **_changed(peft_config)}
+            view = expected_keys(model, peft_config, adapter_name)
+        if "vocab" in repair:
+            vocab_size = vocab_target(view, checkpoint)
+            if vocab_size is not None:
+                view = _resized(view, checkpoint, vocab_size)
+                repairs.append(f"vocab: resize the base model's token embeddings to {vocab_size} rows")
+        diff = compare_keys(checkpoint, view.expected)
+    causes = findings + classify(Evidence(diff, checkpoint, view, config_data, plan))
+    report = LoadReport(
+        ok=not causes and diff.ok,
+        missing=diff.missing,
+        unexpected=diff.unexpected,
+        size_mismatches=diff.size_mismatches,
+        causes=causes,
+        warnings=warnings,
+        renames=dict(renames),
+        repairs=repairs,
+        adapter=location,
+        model_class=view.model_class,
+        adapter_name=adapter_name,
+    )
+    return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view)
+
+
+def read_checkpoint_shapes(files: AdapterFiles) -> dict[str, Shape]:
+    """Key -> shape of the adapter weights: from the safetensors header, or (allowed pickles) the file."""
+    if files.weights_format == "safetensors":
+        return {k: t.shape for k, t in read_header(files.weights_path).tensors.items()}
+    return {k: tuple(v.shape) for k, v in load_pickle(files.weights_path).items()}
+
+
+def load_pickle(path: str) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: a pickle that asks for anything but tensors is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AdapterFormatError.of(
+            Cause.UNSAFE_FORMAT,
+            "pickle_payload_refused",
+            f"{path}: the pickle asks to run code or build objects that are not tensors; it was refused "
+            f"without running ({str(exc).splitlines()[0][:200]})",
+            fix="do not load this file: it is not a plain adapter state dict.",
+            adapter=path,
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
+        raise AdapterFormatError.of(
+            Cause.CORRUPT_CHECKPOINT, "unreadable_pickle", f"{path}: cannot be read ({type(exc).__name__}: "
+            f"{str(exc)[:200]})", fix="download or save the adapter again.", adapter=path,
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and hasattr(v, "shape") for k, v in data.items()):
+        raise AdapterFormatError.of(
+            Cause.CORRUPT_CHECKPOINT, "not_a_state_dict", f"{path}: does not hold a dict of tensors",
+            fix="save the adapter with peft's save_pretrained().", adapter=path,
+        )
+    return data
+
+
+def _convert_for_transformers(
+    model: nn.Module, config: PeftConfig, checkpoint: dict[str, Shape], adapter_name: str
+) -> dict[str, Shape]:
+    """Apply the key conversion peft applies for transformers 5 architectures (same keys otherwise)."""
+    from safe_peft.model_view import _has_weight_conversions
+
+    if not _has_weight_conversions(model):
+        return checkpoint
+    import torch
+    from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+    fake = {k: torch.empty(s, device="meta") for k, s in checkpoint.items()}
+    try:
+        converted = convert_peft_adapter_state_dict_for_transformers(model, config, fake, adapter_name)
+    except Exception:  # noqa: BLE001 - the real load will raise with context if conversion fails
+        return checkpoint
+    return {k: tuple(v.shape) for k, v in converted.items()}
+
+
+def _rank_relaxed(view: ModelView) -> Any:
+    def same(key: str, have: Shape, want: Shape) -> bool:
+        if have == want:
+            return True
+        role = lora_role(key)
+        if len(have) != len(want) or role not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
+            return False
+        rank_dim = 0 if role.endswith("A") else 1
+        return all(a == b for i, (a, b) in enumerate(zip(have, want)) if i != rank_dim)
+
+    return same
+
+
+def _user_plan(rules: tuple[Any, ...], checkpoint: dict[str, Shape], view: ModelView, relaxed: Any) -> RemapPlan:
+    mapping = apply_rules(checkpoint, rules)
+    problems = check_exact(mapping, checkpoint, view.expected, relaxed)
+    renames = {o: n for o, n in mapping.items() if n is not None and n != o}
+    dropped = tuple(o for o, n in mapping.items() if n is None)
+    return RemapPlan(rules, renames, dropped, not problems, tuple(problems[:20]), len(problems))
+
+
+def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
+    closest = ", ".join(r.name for r in plan.rules) or "none"
+    return Diagnosis(
+        Cause.KEY_FORMAT,
+        "remap_not_exact",
+        f"{what} makes every key match exactly, so nothing was renamed; closest: {closest}, "
+        f"{plan.remaining} problems left (e.g. {plan.problems[0] if plan.problems else '-'})",
+        fix="see the other causes below; a rename cannot fix them.",
+        details={"closest_rules": [r.name for r in plan.rules], "problems": list(plan.problems)},
+    )
+
+
+def _changed(config: Any) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in ("r", "rank_pattern", "use_dora", "target_modules")}
+
+
+def _resized(view: ModelView, checkpoint: Mapping[str, Shape], vocab: int) -> ModelView:
+    """The view after ``resize_token_embeddings(vocab)``: vocabulary-sized dims take the new size."""
+    expected: dict[str, ExpectedKey] = {}
+    for key, want in view.expected.items():
+        have = checkpoint.get(key)
+        if have is not None and len(have) == len(want.shape) and have != want.shape:
+            dims = [h if (h == vocab and w != h) else w for h, w in zip(have, want.shape)]
+            want = replace(want, shape=tuple(dims))
+        expected[key] = want
+    return replace(view, expected=expected)
+
+
+def diff_of(report: LoadReport) -> KeyDiff:
+    return KeyDiff(report.missing, report.unexpected, report.size_mismatches)

@@ -1,0 +1,79 @@
+"""Opt-in config repairs: each rebuilds one part of the adapter config from the checkpoint.
+
+A repair runs only when named in ``repair=``; each returns a description of the change
+(old and new values) for ``LoadReport.repairs``. None touches the model; ``"vocab"`` only
+records the size the loader resizes the embeddings to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from safe_peft.classify import lora_role, module_of
+from safe_peft.model_view import ModelView
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+__all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
+
+KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab")
+Shape = tuple[int, ...]
+
+
+def repair_config(
+    config: PeftConfig, names: tuple[str, ...], checkpoint: Mapping[str, Shape]
+) -> tuple[PeftConfig, list[str]]:
+    """Apply the config repairs in ``names``; return a new config and what changed."""
+    unknown = [n for n in names if n not in KNOWN_REPAIRS]
+    if unknown:
+        raise ValueError(f"unknown repair {unknown[0]!r}; known: {', '.join(KNOWN_REPAIRS)}")
+    new = copy.deepcopy(config)
+    done: list[str] = []
+    if "targets" in names:
+        modules = sorted({module_of(k) for k in checkpoint if lora_role(k) in {"lora_A", "lora_embedding_A"}})
+        if modules and set(modules) != set(_as_list(new.target_modules)):
+            done.append(f"targets: target_modules {_show(new.target_modules)} -> {modules}")
+            new.target_modules = modules
+    if "rank" in names:
+        ranks = {
+            module_of(k): s[0] for k, s in checkpoint.items() if lora_role(k) in {"lora_A", "lora_embedding_A"} and s
+        }
+        if ranks:
+            r = Counter(ranks.values()).most_common(1)[0][0]
+            pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
+            if r != new.r or pattern != dict(new.rank_pattern or {}):
+                done.append(f"rank: r {new.r} -> {r}, rank_pattern {dict(new.rank_pattern or {})} -> {pattern}")
+                new.r, new.rank_pattern = r, pattern
+    if "dora" in names and not getattr(new, "use_dora", False):
+        if any(lora_role(k) == "magnitude" for k in checkpoint):
+            done.append("dora: use_dora False -> True (the checkpoint holds DoRA magnitude vectors)")
+            new.use_dora = True
+    return new, done
+
+
+def vocab_target(view: ModelView, checkpoint: Mapping[str, Shape]) -> int | None:
+    """The vocabulary size the checkpoint's embedding tensors were saved with, if it differs."""
+    for key, want in view.expected.items():
+        have = checkpoint.get(key)
+        if have is None or have == want.shape or len(have) != len(want.shape):
+            continue
+        layer = view.layers.get(want.module)
+        if want.role == "lora_A" and layer is not None and layer.kind == "embedding":
+            return have[1]
+        if want.role in {"embedding_base", "modules_to_save"} and have[1:] == want.shape[1:]:
+            return have[0]
+    return None
+
+
+def _as_list(value: object) -> list[str]:
+    if isinstance(value, str) or value is None:
+        return [] if value is None else [value]
+    return list(value)  # type: ignore[call-overload]
+
+
+def _show(value: object) -> object:
+    return sorted(value) if isinstance(value, (set, frozenset)) else value

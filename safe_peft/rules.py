@@ -1,0 +1,239 @@
+"""Rename rules for checkpoint keys, and the planner behind ``remap="auto"``.
+
+A rule is a compiled regex substitution. The planner tries the built-in rules alone and in
+small combinations and accepts a set only when, afterwards, every checkpoint key lands on a
+distinct expected key of the same shape and no required expected key is left missing (the
+exactness check). Matching is on full key paths, never on the last component alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from safe_peft.model_view import ExpectedKey
+from safe_peft.report import Cause
+
+__all__ = ["BUILTIN", "RemapPlan", "RemapRule", "apply_rules", "check_exact", "model_rules", "plan_remap", "to_rules"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RemapRule:
+    """A regex rename of checkpoint keys: ``re.sub(pattern, replacement, key)`` on every key.
+
+    ``drop=True`` removes matching keys instead (quantization state that is not adapter data).
+    ``cause`` and ``code`` say what a rule's success means when it is found by the planner.
+    """
+
+    name: str
+    pattern: str
+    replacement: str
+    description: str = ""
+    cause: Cause = Cause.KEY_FORMAT
+    drop: bool = False
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+    def apply(self, key: str) -> str | None:
+        """The renamed key, or None when the rule drops it."""
+        if self.drop:
+            return None if self.regex.search(key) else key
+        return self.regex.sub(self.replacement, key)
+
+
+_ADAPTER_PARTS = r"(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+
+BUILTIN: tuple[RemapRule, ...] = (
+    RemapRule("strip_orig_mod", r"(^|\.)_orig_mod\.", r"\1", "drop the `_orig_mod.` segment torch.compile adds"),
+    RemapRule("strip_module", r"(^|\.)module\.", r"\1", "drop the `module.` segment DataParallel / DDP add"),
+    RemapRule(
+        "strip_fsdp",
+        r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.",
+        r"\1",
+        "drop FSDP and activation-checkpointing wrapper segments",
+    ),
+    RemapRule("strip_pretrained_model", r"(^|\.)pretrained_model\.", r"\1", "drop trl's value-head `pretrained_model.`"),
+    RemapRule(
+        "adapter_name_out",
+        _ADAPTER_PARTS + r"\.[A-Za-z0-9_\-]+(\.weight|\.bias)?$",
+        r"\1\2",
+        "remove an adapter name saved inside the keys (`lora_A.default.weight` -> `lora_A.weight`)",
+    ),
+    RemapRule(
+        "modules_to_save_name_out",
+        r"\.modules_to_save\.[A-Za-z0-9_\-]+\.",
+        ".",
+        "remove `modules_to_save.<name>.` saved from a raw state_dict()",
+    ),
+    RemapRule("drop_original_module", r"\.original_module\.", "", "drop copies of the frozen original module", drop=True),
+    RemapRule("add_peft_prefix", r"^(?!base_model\.)", "base_model.model.", "add the `base_model.model.` prefix"),
+    RemapRule(
+        "drop_double_peft_prefix",
+        r"^base_model\.model\.base_model\.model\.",
+        "base_model.model.",
+        "remove a doubled `base_model.model.` prefix",
+    ),
+    RemapRule(
+        "vlm_relocation",
+        r"^base_model\.model\.language_model\.model\.",
+        "base_model.model.model.language_model.",
+        "transformers 4.52 moved `language_model.model.*` to `model.language_model.*`",
+        cause=Cause.VERSION_SKEW,
+    ),
+    RemapRule(
+        "vlm_lm_head",
+        r"^base_model\.model\.language_model\.lm_head\.",
+        "base_model.model.lm_head.",
+        "transformers 4.52 moved `language_model.lm_head` to `lm_head`",
+        cause=Cause.VERSION_SKEW,
+    ),
+    RemapRule(
+        "text_to_vl_nesting",
+        r"^base_model\.model\.model\.layers\.",
+        "base_model.model.model.language_model.layers.",
+        "a text-model adapter on a vision-language wrapper (`model.layers` -> `model.language_model.layers`)",
+        cause=Cause.MODEL_CLASS_MISMATCH,
+    ),
+    RemapRule(
+        "vl_to_text_nesting",
+        r"^base_model\.model\.model\.language_model\.layers\.",
+        "base_model.model.model.layers.",
+        "a vision-language adapter on its text model (`model.language_model.layers` -> `model.layers`)",
+        cause=Cause.MODEL_CLASS_MISMATCH,
+    ),
+    RemapRule(
+        "quant_state_strip",
+        r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[^.]+|SCB|weight_format)$",
+        "",
+        "drop bitsandbytes quantization-state entries (never `lora_*` keys)",
+        drop=True,
+    ),
+)
+
+
+def model_rules(base_model_prefix: str) -> tuple[RemapRule, ...]:
+    """Task-head shift rules derived from the model's own ``base_model_prefix`` (model, transformer, bert...)."""
+    if not base_model_prefix or not re.fullmatch(r"[A-Za-z0-9_]+", base_model_prefix):
+        return ()
+    p = re.escape(base_model_prefix)
+    return (
+        RemapRule(
+            "head_prefix_remove",
+            rf"^base_model\.model\.{p}\.",
+            "base_model.model.",
+            f"an adapter trained with a task head (e.g. *ForCausalLM) on the bare model: drop `{base_model_prefix}.`",
+            cause=Cause.MODEL_CLASS_MISMATCH,
+        ),
+        RemapRule(
+            "head_prefix_add",
+            rf"^base_model\.model\.(?!{p}\.)",
+            f"base_model.model.{base_model_prefix}.",
+            f"an adapter trained on the bare model loaded under a task head: add `{base_model_prefix}.`",
+            cause=Cause.MODEL_CLASS_MISMATCH,
+        ),
+    )
+
+
+def to_rules(remap: object) -> tuple[RemapRule, ...]:
+    """Normalise a user's ``remap`` argument (rules or a {regex: replacement} mapping)."""
+    if isinstance(remap, Mapping):
+        return tuple(
+            RemapRule(f"user_{i}", str(p), str(r), "user rule") for i, (p, r) in enumerate(remap.items())
+        )
+    if isinstance(remap, Iterable) and not isinstance(remap, (str, bytes)):
+        rules = tuple(remap)
+        if all(isinstance(r, RemapRule) for r in rules):
+            return rules
+    raise TypeError("remap must be None, 'auto', a sequence of RemapRule or a {regex: replacement} mapping")
+
+
+def apply_rules(keys: Iterable[str], rules: Sequence[RemapRule]) -> dict[str, str | None]:
+    """old key -> new key (None: dropped), every rule applied to every key in order."""
+    result: dict[str, str | None] = {}
+    for key in keys:
+        new: str | None = key
+        for rule in rules:
+            new = rule.apply(new)
+            if new is None:
+                break
+        result[key] = new
+    return result
+
+
+@dataclass(frozen=True)
+class RemapPlan:
+    """The outcome of planning: the rules and renames that make the keys exact, or why not."""
+
+    rules: tuple[RemapRule, ...]
+    renames: dict[str, str]
+    dropped: tuple[str, ...]
+    exact: bool
+    problems: tuple[str, ...] = ()
+    remaining: int = 0
+
+
+def check_exact(
+    mapping: Mapping[str, str | None],
+    checkpoint: Mapping[str, Shape],
+    expected: Mapping[str, ExpectedKey],
+    same_shape: object = None,
+) -> tuple[str, ...]:
+    """The reasons a renaming is not exact (empty when it is). ``same_shape(key, a, b)`` may relax shapes."""
+    equal = same_shape if callable(same_shape) else (lambda _key, a, b: a == b)
+    problems = []
+    landed: dict[str, str] = {}
+    for old, new in mapping.items():
+        if new is None:
+            continue
+        if new in landed:
+            problems.append(f"{old!r} and {landed[new]!r} both become {new!r}")
+            continue
+        landed[new] = old
+        want = expected.get(new)
+        if want is None:
+            problems.append(f"{new!r} is not a key of the model")
+        elif not equal(new, tuple(checkpoint[old]), want.shape):
+            problems.append(f"{new!r} has shape {list(checkpoint[old])}, the model expects {list(want.shape)}")
+    for key, want in expected.items():
+        if want.required and key not in landed:
+            problems.append(f"{key!r} is still missing")
+    return tuple(problems)
+
+
+def plan_remap(
+    checkpoint: Mapping[str, Shape],
+    expected: Mapping[str, ExpectedKey],
+    candidates: Sequence[RemapRule],
+    *,
+    max_rules: int = 3,
+    same_shape: object = None,
+) -> RemapPlan:
+    """Find the smallest combination of ``candidates`` that makes the keys exact.
+
+    Only rules that change at least one key are combined, in their given order. When none
+    is exact, the returned plan is the closest one (fewest problems) with ``exact=False``.
+    """
+    useful = [r for r in candidates if any(r.apply(k) != k for k in checkpoint)]
+    best: RemapPlan | None = None
+    for size in range(1, min(max_rules, len(useful)) + 1):
+        for combo in itertools.combinations(useful, size):
+            mapping = apply_rules(checkpoint, combo)
+            problems = check_exact(mapping, checkpoint, expected, same_shape)
+            plan = _plan(combo, mapping, problems)
+            if not problems:
+                return plan
+            if best is None or plan.remaining < best.remaining:
+                best = plan
+    return best if best is not None else RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
+
+
+def _plan(rules: Sequence[RemapRule], mapping: Mapping[str, str | None], problems: Sequence[str]) -> RemapPlan:
+    renames = {old: new for old, new in mapping.items() if new is not None and new != old}
+    dropped = tuple(old for old, new in mapping.items() if new is None)
+    return RemapPlan(tuple(rules), renames, dropped, not problems, tuple(problems[:20]), len(problems))

@@ -1,0 +1,57 @@
+"""Take a model's structure back to how it was: the undo behind atomic loading.
+
+peft injects adapters by replacing submodules, adding attributes (``peft_config``), freezing
+parameters and registering hooks. All of that lives in module ``__dict__``s and in the
+dicts inside them, so a shallow record of those (no tensor data) is enough to undo it.
+Parameter values a load overwrites in place (base embedding weights saved with the adapter)
+are cloned first with :meth:`ModuleSnapshot.protect`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["ModuleSnapshot"]
+
+
+class ModuleSnapshot:
+    """A record of every module's attributes, the parameters' ``requires_grad`` and the config."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[dict[Any, Any], dict[Any, Any]]]]] = []
+        for module in model.modules():
+            state = module.__dict__
+            nested = [(value, dict(value)) for value in state.values() if isinstance(value, dict)]
+            self._modules.append((module, dict(state), nested))
+        self._grads = [(p, p.requires_grad) for p in model.parameters()]
+        config = getattr(model, "config", None)
+        self._config = (config, dict(config.__dict__)) if hasattr(config, "__dict__") else None
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def protect(self, tensors: list[torch.Tensor]) -> None:
+        """Clone tensors a load will overwrite in place, so that :meth:`restore` can put them back."""
+        self._values.extend((t, t.detach().clone()) for t in tensors if t.device.type != "meta")
+
+    def restore(self) -> None:
+        """Put every recorded attribute, dict, flag and protected value back."""
+        import torch
+
+        for module, state, nested in self._modules:
+            for original, items in nested:
+                original.clear()
+                original.update(items)
+            module.__dict__.clear()
+            module.__dict__.update(state)
+        for param, requires_grad in self._grads:
+            param.requires_grad_(requires_grad)
+        if self._config is not None:
+            config, state = self._config
+            config.__dict__.clear()
+            config.__dict__.update(state)
+        with torch.no_grad():
+            for tensor, saved in self._values:
+                tensor.copy_(saved)

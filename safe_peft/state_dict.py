@@ -1,0 +1,94 @@
+"""``safe_load_state_dict``: a drop-in for ``module.load_state_dict`` that checks before writing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from safe_peft.compare import compare_keys
+from safe_peft.classify import Evidence, classify, lora_role
+from safe_peft.errors import AdapterLoadError
+from safe_peft.model_view import ExpectedKey, ModelView
+from safe_peft.report import Cause, Diagnosis, LoadReport
+from safe_peft.rules import BUILTIN, apply_rules, check_exact, plan_remap, to_rules
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["safe_load_state_dict"]
+
+
+def safe_load_state_dict(
+    module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, *, remap: object = None
+) -> LoadReport:
+    """Load ``state_dict`` into ``module`` like ``module.load_state_dict(state_dict, strict)``.
+
+    The keys and shapes are compared first: on a mismatch (with ``strict=True``) nothing is
+    written and :class:`AdapterLoadError` explains it (plain torch has already overwritten
+    every matching parameter by the time it raises). It recognises a PEFT adapter's state
+    dict loaded into a bare model, and the reverse, and points to ``safe_load_adapter``.
+    ``state_dict`` itself is never modified.
+    """
+    own = module.state_dict(keep_vars=True)
+    expected = {k: ExpectedKey(k, tuple(v.shape), k.rsplit(".", 1)[0], "other") for k, v in own.items()}
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+    renames: dict[str, str] = {}
+    if remap is not None:
+        rules = BUILTIN if remap == "auto" else to_rules(remap)
+        plan = plan_remap(shapes, expected, rules) if remap == "auto" else None
+        mapping = dict(plan.renames) if plan is not None and plan.exact else {}
+        if remap != "auto":
+            full = apply_rules(shapes, rules)
+            if not check_exact(full, shapes, expected):
+                mapping = {o: n for o, n in full.items() if n is not None and n != o}
+        renames = mapping
+        shapes = {renames.get(k, k): s for k, s in shapes.items()}
+    diff = compare_keys(shapes, expected)
+    if not strict:
+        diff = type(diff)([], [], diff.size_mismatches)
+    causes: list[Diagnosis] = []
+    if not diff.ok:
+        causes = _wrong_loader(shapes, own) or classify(
+            Evidence(diff, shapes, ModelView(type(module).__name__, expected, {}, frozenset(), "", (), "state_dict"),
+                     {}, plan_remap(shapes, expected, BUILTIN))
+        )
+    report = LoadReport(
+        ok=diff.ok, missing=diff.missing, unexpected=diff.unexpected, size_mismatches=diff.size_mismatches,
+        causes=causes, renames=renames, model_class=type(module).__name__, adapter="state_dict",
+    )
+    if not report.ok:
+        raise AdapterLoadError(report)
+    renamed = {renames.get(k, k): v for k, v in state_dict.items()}
+    result = module.load_state_dict(renamed, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        full = compare_keys({renames.get(k, k): s for k, s in shapes.items()}, expected)
+        return LoadReport(ok=True, missing=full.missing, unexpected=full.unexpected, renames=renames,
+                          model_class=type(module).__name__, adapter="state_dict")
+    return report
+
+
+def _wrong_loader(shapes: Mapping[str, Any], own: Mapping[str, Any]) -> list[Diagnosis]:
+    ckpt_lora = [k for k in shapes if lora_role(k) or ".lora_" in k]
+    model_lora = [k for k in own if ".lora_" in k]
+    if ckpt_lora and len(ckpt_lora) == len(shapes) and not model_lora:
+        return [
+            Diagnosis(
+                Cause.WRONG_LOADER,
+                "adapter_into_base_model",
+                f"all {len(shapes)} keys are PEFT adapter weights (e.g. {ckpt_lora[0]!r}), but the model has no "
+                "adapter layers: load_state_dict cannot apply an adapter",
+                fix="use safe_load_adapter(base_model, adapter_dir) (or PeftModel.from_pretrained) with the "
+                "directory peft saved, not model.load_state_dict(...).",
+            )
+        ]
+    if model_lora and not ckpt_lora and shapes:
+        return [
+            Diagnosis(
+                Cause.WRONG_LOADER,
+                "base_weights_into_peft_model",
+                "the model carries PEFT adapter layers but the state dict holds only plain base-model weights",
+                fix="load base weights into the base model before wrapping it (or use "
+                "peft_model.get_base_model().load_state_dict(...)); load adapters with safe_load_adapter.",
+            )
+        ]
+    return []
