@@ -218,10 +218,10 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
         return len(plan.renames) + len(plan.dropped), diagnosis, set(plan.renames) | set(plan.dropped)
     if cause is not Cause.MODEL_CLASS_MISMATCH:
         return None
-    left = [k for k, new in plan.renames.items() if new not in ev.view.expected]
-    heads = sorted({module_of(plan.renames[k]) for k in left})
-    if not left or len(left) * 4 > len(plan.renames) + 1:
-        return None
+    left = [k for k in ev.checkpoint if plan.renames.get(k, k) not in ev.view.expected]
+    if not left or any(lora_role(k) for k in left) or len(left) * 4 > len(ev.checkpoint):
+        return None  # only plain head weights may be left over: anything else is not a class mismatch
+    heads = sorted({module_of(k) for k in left})
     task = str(ev.config.get("task_type") or "").upper()
     wanted = _TASK_CLASS.get(task, "the class the adapter was trained with")
     diagnosis = Diagnosis(
@@ -232,7 +232,7 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
         fix=f"load the base model with {wanted}.from_pretrained(...) and pass that model.",
         details={"task_type": task or None, "heads": heads, "rules": names},
     )
-    return len(plan.renames), diagnosis, set(plan.renames)
+    return len(ev.checkpoint), diagnosis, set(ev.checkpoint)
 
 
 def _axis(key: str, dim: int) -> str:

@@ -115,13 +115,14 @@ def make_plan(
         plan = _user_plan(to_rules(remap), checkpoint, view, relaxed)
         if not plan.exact:
             findings.append(_remap_refused(plan, "the given remap rules"))
-    elif not diff.ok:
+    elif diff.missing or diff.unexpected:
         plan = plan_remap(checkpoint, view.expected, candidates, same_shape=relaxed)
         if remap == "auto" and not plan.exact:
             findings.append(_remap_refused(plan, "no combination of the built-in rules"))
     if remap is not None and plan is not None and plan.exact:
         renames, dropped = plan.renames, plan.dropped
         checkpoint = {renames.get(k, k): s for k, s in checkpoint.items() if k not in set(dropped)}
+        diff = compare_keys(checkpoint, view.expected)
         plan = None
     repairs: list[str] = []
     vocab_size = None
@@ -168,7 +169,13 @@ def load_pickle(path: str) -> dict[str, Any]:
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for refused or damaged pickles
+        foreign = _pickle_globals(path)
+        if not foreign and not isinstance(exc, pickle.UnpicklingError):
+            raise AdapterFormatError.of(
+                Cause.CORRUPT_CHECKPOINT, "unreadable_pickle", f"{path}: cannot be read ({type(exc).__name__}: "
+                f"{str(exc)[:200]})", fix="download or save the adapter again.", adapter=path,
+            ) from None
         raise AdapterFormatError.of(
             Cause.UNSAFE_FORMAT,
             "pickle_payload_refused",
@@ -176,11 +183,7 @@ def load_pickle(path: str) -> dict[str, Any]:
             f"without running ({str(exc).splitlines()[0][:200]})",
             fix="do not load this file: it is not a plain adapter state dict.",
             adapter=path,
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
-        raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT, "unreadable_pickle", f"{path}: cannot be read ({type(exc).__name__}: "
-            f"{str(exc)[:200]})", fix="download or save the adapter again.", adapter=path,
+            details={"globals": foreign[:20]},
         ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and hasattr(v, "shape") for k, v in data.items()):
         raise AdapterFormatError.of(
@@ -188,6 +191,44 @@ def load_pickle(path: str) -> dict[str, Any]:
             fix="save the adapter with peft's save_pretrained().", adapter=path,
         )
     return data
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+
+
+def _pickle_globals(path: str) -> list[str]:
+    """Globals a pickle would import, found by reading its opcodes (nothing is executed).
+
+    Only names outside torch's own tensor-rebuilding helpers are returned.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return []
+                data = archive.read(member)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 * 1024 * 1024)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL" and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a damaged stream ends the scan; what was found still counts
+        pass
+    return [n for n in names if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
 
 
 def _convert_for_transformers(

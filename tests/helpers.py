@@ -1,0 +1,119 @@
+"""Tiny real models and real adapters for the tests (fixed seeds, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+INPUT = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def llama_config(**overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    values: dict[str, Any] = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def build(kind: str = "causal", seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny transformers model with fixed weights: causal | bare | seqcls | gpt2 | bert."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                 bos_token_id=0, eos_token_id=0))
+    elif kind == "bert":
+        model = tf.BertModel(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, vocab_size=100, max_position_embeddings=64))
+    else:
+        cls = {"causal": tf.LlamaForCausalLM, "bare": tf.LlamaModel, "seqcls": tf.LlamaForSequenceClassification}[kind]
+        extra = {"num_labels": 3, "pad_token_id": 0} if kind == "seqcls" else {}
+        model = cls(llama_config(**{**extra, **overrides}))
+    return model.eval()
+
+
+def train_adapter(model: nn.Module, directory: str, seed: int = 1, **lora: Any) -> torch.Tensor:
+    """Wrap ``model`` with a LoRA whose lora_B is non-zero (as after training), save it, return its outputs."""
+    lora.setdefault("r", 8)
+    lora.setdefault("target_modules", ["q_proj", "v_proj"])
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.eval()
+    peft_model.save_pretrained(directory)
+    return outputs(peft_model)
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(INPUT)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def derive(
+    src: str,
+    dst: str,
+    *,
+    keys: Callable[[str], str | None] | None = None,
+    tensors: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    config: Callable[[dict[str, Any]], None] | None = None,
+) -> str:
+    """Copy an adapter directory, renaming keys / changing tensors / editing the config on the way."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "adapter_model.safetensors")
+    state = load_file(path)
+    new = {}
+    for key, value in state.items():
+        name = keys(key) if keys else key
+        if name is not None:
+            new[name] = tensors(key, value) if tensors else value
+    save_file({k: v.contiguous() for k, v in new.items()}, path)
+    if config is not None:
+        cfg_path = os.path.join(dst, "adapter_config.json")
+        with open(cfg_path) as f:
+            data = json.load(f)
+        config(data)
+        with open(cfg_path, "w") as f:
+            json.dump(data, f)
+    return dst
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed load must leave as it was: structure, values, flags, attributes."""
+    return {
+        "types": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "params": {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+        "attrs": sorted(model.__dict__),
+        "peft_config": hasattr(model, "peft_config"),
+        "training": [m.training for m in model.modules()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()],
+    }
+
+
+def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
+    after = fingerprint(model)
+    assert after["types"] == before["types"]
+    assert after["attrs"] == before["attrs"]
+    assert after["peft_config"] == before["peft_config"] is False
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["params"].keys() == before["params"].keys()
+    for name, (value, grad) in before["params"].items():
+        assert torch.equal(after["params"][name][0], value), name
+        assert after["params"][name][1] == grad, name

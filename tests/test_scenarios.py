@@ -1,0 +1,307 @@
+"""One table from real failure scenarios to the expected verdict, checked three ways:
+``diagnose`` predicts it, ``safe_load_adapter`` raises it (leaving the base model untouched),
+and where an opt-in fix exists, the fixed load gives the outputs of the adapter as trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_unchanged, build, derive, fingerprint, outputs
+
+from safe_peft import AdapterFormatError, AdapterLoadError, Cause, diagnose, safe_load_adapter
+
+
+@dataclass
+class Scenario:
+    name: str
+    adapter: str  # key of the `adapters` fixture
+    model: str  # build() kind
+    cause: Cause | None  # None: loads
+    code: str | None = None
+    fix: dict[str, Any] = field(default_factory=dict)  # the opt-in that fixes it
+    derive: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg[key] = value
+
+    return edit
+
+
+def _drop_lora_b(key: str) -> str | None:
+    return None if "lora_B" in key and "layers.1." in key else key
+
+
+SCENARIOS = [
+    Scenario("ok", "causal", "causal", None),
+    Scenario("ok_gpt2_conv1d", "gpt2", "gpt2", None),
+    Scenario("ok_dora", "dora", "causal", None),
+    Scenario("ok_all_linear", "all_linear", "causal", None),
+    Scenario("ok_seqcls", "seqcls", "seqcls", None),
+    Scenario("rank_in_config", "causal", "causal", Cause.CONFIG_MISMATCH, "rank_mismatch",
+             {"repair": ("rank",)}, {"config": _set("r", 4)}),
+    Scenario("causal_adapter_into_bare_model", "causal", "bare", Cause.MODEL_CLASS_MISMATCH,
+             "head_prefix_remove", {"remap": "auto"}),
+    Scenario("bare_adapter_into_causal_model", "bare", "causal", Cause.MODEL_CLASS_MISMATCH,
+             "head_prefix_add", {"remap": "auto"}),
+    Scenario("seqcls_adapter_into_bare_model", "seqcls", "bare", Cause.MODEL_CLASS_MISMATCH, "missing_task_head"),
+    Scenario("other_hidden_size", "wide", "causal", Cause.WRONG_BASE_MODEL, "dimension_mismatch"),
+    Scenario("deeper_model", "deep", "causal", Cause.WRONG_BASE_MODEL, "fewer_layers"),
+    Scenario("targets_not_in_model", "gpt2", "causal", Cause.WRONG_BASE_MODEL, "target_modules_not_found"),
+    Scenario("orig_mod_prefix", "causal", "causal", Cause.KEY_FORMAT, "strip_orig_mod", {"remap": "auto"},
+             {"keys": lambda k: k.replace("model.layers", "_orig_mod.model.layers")}),
+    Scenario("ddp_module_prefix", "causal", "causal", Cause.KEY_FORMAT, "strip_module", {"remap": "auto"},
+             {"keys": lambda k: k.replace("base_model.model.", "base_model.model.module.")}),
+    Scenario("adapter_name_in_keys", "causal", "causal", Cause.KEY_FORMAT, "adapter_name_out", {"remap": "auto"},
+             {"keys": lambda k: re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)}),
+    Scenario("no_peft_prefix", "causal", "causal", Cause.KEY_FORMAT, "add_peft_prefix", {"remap": "auto"},
+             {"keys": lambda k: k.removeprefix("base_model.model.")}),
+    Scenario("unpaired_lora", "causal", "causal", Cause.CORRUPT_CHECKPOINT, "unpaired_lora",
+             derive={"keys": _drop_lora_b}),
+    Scenario("zero3_empty_tensors", "causal", "causal", Cause.CORRUPT_CHECKPOINT, "zero3_empty_tensors",
+             derive={"tensors": lambda k, v: torch.empty(0)}),
+    Scenario("dora_flag_lost", "dora", "causal", Cause.CONFIG_MISMATCH, "dora_flag", {"repair": ("dora",)},
+             {"config": _set("use_dora", False)}),
+    Scenario("untargeted_modules", "causal", "causal", Cause.CONFIG_MISMATCH, "untargeted_modules",
+             {"repair": ("targets",)}, {"config": _set("target_modules", ["q_proj"])}),
+]
+
+
+@pytest.fixture
+def scenario_dir(adapters: dict[str, Any], tmp_path: Any, request: pytest.FixtureRequest) -> Callable[[Scenario], str]:
+    def make(s: Scenario) -> str:
+        src = adapters[s.adapter][0]
+        return derive(src, str(tmp_path / s.name), **s.derive) if s.derive else src
+
+    return make
+
+
+@pytest.mark.parametrize("s", SCENARIOS, ids=lambda s: s.name)
+def test_diagnose_and_load_agree(s: Scenario, adapters: dict[str, Any], scenario_dir: Any) -> None:
+    directory = scenario_dir(s)
+    base = build(s.model, **s.model_overrides)
+    before = fingerprint(base)
+    predicted = diagnose(base, directory)
+    assert_unchanged(before, base)
+    if s.cause is None:
+        assert predicted.ok, str(predicted)
+        model, report = safe_load_adapter(base, directory, output_loading_info=True)
+        assert report.ok and report.causes == []
+        assert torch.allclose(outputs(model), adapters[s.adapter][1], atol=1e-5)
+        return
+    assert not predicted.ok
+    assert predicted.primary is not None
+    assert (predicted.primary.cause, predicted.primary.code) == (s.cause, s.code), str(predicted)
+    with pytest.raises(AdapterLoadError) as info:
+        safe_load_adapter(base, directory)
+    real = info.value.report
+    assert [(d.cause, d.code) for d in real.causes] == [(d.cause, d.code) for d in predicted.causes]
+    assert real.missing == predicted.missing
+    assert real.unexpected == predicted.unexpected
+    assert real.size_mismatches == predicted.size_mismatches
+    assert_unchanged(before, base)
+    if s.fix:
+        assert predicted.primary.fix_arguments() == ", ".join(f"{k}={v!r}" for k, v in s.fix.items())
+
+
+FIXABLE = [s for s in SCENARIOS if s.fix]
+
+
+@pytest.mark.parametrize("s", FIXABLE, ids=lambda s: s.name)
+def test_opt_in_fix_gives_trained_outputs(s: Scenario, adapters: dict[str, Any], scenario_dir: Any) -> None:
+    directory = scenario_dir(s)
+    base = build(s.model, **s.model_overrides)
+    assert diagnose(base, directory, **s.fix).ok
+    model, report = safe_load_adapter(base, directory, output_loading_info=True, **s.fix)
+    assert report.ok
+    assert report.renames or report.repairs
+    reference = safe_load_adapter(build(TRAINED_ON[s.adapter]), adapters[s.adapter][0])
+    assert torch.allclose(backbone(model), backbone(reference), atol=1e-5)
+    if TRAINED_ON[s.adapter] == s.model:
+        assert torch.allclose(outputs(model), adapters[s.adapter][1], atol=1e-5)
+
+
+TRAINED_ON = {"causal": "causal", "bare": "bare", "dora": "causal", "seqcls": "seqcls"}
+
+
+def backbone(model: Any) -> torch.Tensor:
+    """Hidden states of the transformer body, comparable across *ForCausalLM and the bare model."""
+    inner = model.get_base_model()
+    body = getattr(inner, "model", inner)
+    with torch.no_grad():
+        return body(torch.tensor([[1, 5, 9, 13, 17, 21]])).last_hidden_state
+
+
+def test_failures_never_modify_adapter_files(adapters: dict[str, Any], tmp_path: Any) -> None:
+    directory = derive(adapters["causal"][0], str(tmp_path / "r4"), config=_set("r", 4))
+    def files() -> dict[str, bytes]:
+        return {n: (tmp_path / "r4" / n).read_bytes() for n in sorted(os.listdir(directory))}
+
+    before = files()
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(build("causal"), directory)
+    safe_load_adapter(build("causal"), directory, repair=("rank",))
+    assert files() == before
+
+
+def test_retry_after_failure_loads_cleanly(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """Plain peft leaves injected layers behind after a failed load; a retry then works on a damaged model."""
+    base = build("causal")
+    bad = derive(adapters["causal"][0], str(tmp_path / "bad"), config=_set("r", 4))
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(base, bad)
+    model = safe_load_adapter(base, adapters["causal"][0])
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+
+
+def test_vocab_resized_adapter(tmp_path: Any) -> None:
+    from helpers import train_adapter
+
+    trained_base = build("causal")
+    trained_base.resize_token_embeddings(120)
+    directory = str(tmp_path / "vocab")
+    trained = train_adapter(trained_base, directory, modules_to_save=["embed_tokens", "lm_head"])
+    base = build("causal")
+    before = fingerprint(base)
+    report = diagnose(base, directory)
+    assert report.primary is not None
+    assert (report.primary.cause, report.primary.code) == (Cause.VOCAB_SIZE_MISMATCH, "resized_embeddings")
+    assert report.primary.repair == ("vocab",)
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(base, directory)
+    assert_unchanged(before, base)
+    model, fixed = safe_load_adapter(base, directory, repair=("vocab",), output_loading_info=True)
+    assert any("vocab" in r and "120" in r for r in fixed.repairs)
+    assert torch.allclose(outputs(model), trained, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "damage, code, cause",
+    [
+        ("truncate", "truncated_file", Cause.CORRUPT_CHECKPOINT),
+        ("no_config", "missing_config", Cause.CORRUPT_CHECKPOINT),
+        ("pickle_only", "pickle_refused", Cause.UNSAFE_FORMAT),
+        ("bad_json", "bad_config_json", Cause.CORRUPT_CHECKPOINT),
+        ("model_config", "model_config_as_adapter_config", Cause.FOREIGN_FORMAT),
+        ("no_weights", "missing_weights", Cause.CORRUPT_CHECKPOINT),
+    ],
+)
+def test_unreadable_adapters_are_format_errors(
+    damage: str, code: str, cause: Cause, adapters: dict[str, Any], tmp_path: Any
+) -> None:
+    directory = str(tmp_path / damage)
+    shutil.copytree(adapters["causal"][0], directory)
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    config = os.path.join(directory, "adapter_config.json")
+    if damage == "truncate":
+        os.truncate(weights, os.path.getsize(weights) - 100)
+    elif damage == "no_config":
+        os.remove(config)
+    elif damage == "pickle_only":
+        from safetensors.torch import load_file
+
+        torch.save(load_file(weights), os.path.join(directory, "adapter_model.bin"))
+        os.remove(weights)
+    elif damage == "bad_json":
+        with open(config, "w") as f:
+            f.write("{not json")
+    elif damage == "model_config":
+        with open(config, "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, f)
+    elif damage == "no_weights":
+        os.remove(weights)
+    base = build("causal")
+    before = fingerprint(base)
+    with pytest.raises(AdapterFormatError) as info:
+        safe_load_adapter(base, directory)
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert err.report.primary is not None
+    assert (err.report.primary.cause, err.report.primary.code) == (cause, code)
+    assert directory in str(err)
+    assert_unchanged(before, base)
+    assert diagnose(base, directory).primary == err.report.primary
+
+
+def test_allowed_pickle_loads_with_weights_only(adapters: dict[str, Any], tmp_path: Any) -> None:
+    from safetensors.torch import load_file
+
+    directory = str(tmp_path / "bin")
+    shutil.copytree(adapters["causal"][0], directory)
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    torch.save(load_file(weights), os.path.join(directory, "adapter_model.bin"))
+    os.remove(weights)
+    model = safe_load_adapter(build("causal"), directory, allow_pickle=True)
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+
+
+def test_malicious_pickle_never_runs(tmp_path: Any, adapters: dict[str, Any]) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (open, (str(marker), "w"))
+
+    directory = str(tmp_path / "evil")
+    shutil.copytree(adapters["causal"][0], directory)
+    os.remove(os.path.join(directory, "adapter_model.safetensors"))
+    with open(os.path.join(directory, "adapter_model.bin"), "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    for allow in (False, True):
+        with pytest.raises(AdapterFormatError) as info:
+            safe_load_adapter(build("causal"), directory, allow_pickle=allow)
+        assert info.value.report.primary is not None
+        assert info.value.report.primary.cause is Cause.UNSAFE_FORMAT
+    assert not marker.exists()
+
+
+def test_strict_false_keeps_peft_leniency_and_reports(adapters: dict[str, Any]) -> None:
+    base = build("bare")
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        model, report = safe_load_adapter(base, adapters["causal"][0], strict=False, output_loading_info=True)
+    assert not report.ok
+    assert report.primary is not None and report.primary.cause is Cause.MODEL_CLASS_MISMATCH
+    assert len(report.missing) == len(report.unexpected) == 8
+    assert type(model).__name__.startswith("PeftModel")
+
+
+def test_nan_adapter_is_refused_after_loading_and_undone(adapters: dict[str, Any], tmp_path: Any) -> None:
+    directory = derive(adapters["causal"][0], str(tmp_path / "nan"),
+                       tensors=lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.q_proj.lora_B" in k else v)
+    base = build("causal")
+    before = fingerprint(base)
+    assert diagnose(base, directory).ok  # values are invisible to a header-only diagnosis
+    with pytest.raises(AdapterLoadError) as info:
+        safe_load_adapter(base, directory)
+    assert info.value.report.primary is not None
+    assert info.value.report.primary.code == "non_finite_values"
+    assert_unchanged(before, base)
+
+
+def test_all_zero_lora_b_is_a_warning(tmp_path: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    directory = str(tmp_path / "untrained")
+    get_peft_model(build("causal"), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(directory)
+    model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
+    assert report.ok
+    assert [w.code for w in report.warnings] == ["all_zero_lora_B"]
+
+
+def test_peft_kwargs_pass_through_unchanged(adapters: dict[str, Any]) -> None:
+    kwargs = {"is_trainable": True}
+    model = safe_load_adapter(build("causal"), adapters["causal"][0], **kwargs)
+    assert kwargs == {"is_trainable": True}
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
