@@ -205,13 +205,28 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
     example = f" (e.g. {sample[0]!r} -> {sample[1]!r})" if sample else ""
     if plan.exact:
         message = f"the checkpoint's keys are laid out differently from the model's: {steps}{example}"
-        if cause is Cause.MODEL_CLASS_MISMATCH:
-            message += f"; the model is a {ev.view.model_class}"
+        fix = f"pass remap='auto' (applies {', '.join(names)}); every key then matches exactly."
+        task = str(ev.config.get("task_type") or "").upper()
+        if lead.name == "head_prefix_remove":
+            message = (
+                f"the adapter was trained on a model with a task head (task_type={task or None}), whose layers sit "
+                f"under `{ev.view.base_model_prefix}.`; {ev.view.model_class} is the bare model (what AutoModel "
+                f"returns), so no key matches{example}"
+            )
+            fix = (
+                f"load the base model with {_TASK_CLASS.get(task, 'the task class the adapter was trained with')}, "
+                f"or pass remap='auto' to load it into this {ev.view.model_class} (applies {', '.join(names)})."
+            )
+        elif lead.name == "head_prefix_add":
+            message = (
+                f"the adapter was trained on the bare model (no task head), but {ev.view.model_class} nests its "
+                f"layers under `{ev.view.base_model_prefix}.`, so no key matches{example}"
+            )
         diagnosis = Diagnosis(
             cause,
             lead.name,
             message,
-            fix=f"pass remap='auto' (applies {', '.join(names)}); every key then matches exactly.",
+            fix=fix,
             remap="auto",
             details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped)},
         )
