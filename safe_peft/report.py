@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-DOCS_URL = "https://github.com/safe-peft/safe-peft/blob/main/docs/causes.md"
+DOCS_URL = "https://github.com/safe-peft/safe-peft/blob/main/docs/causes"
 
 Shape = tuple[int, ...]
 
@@ -91,7 +91,7 @@ class Diagnosis:
     @property
     def url(self) -> str:
         """The section of the docs that explains this cause."""
-        return f"{DOCS_URL}#{self.cause.value.replace('_', '-')}"
+        return f"{DOCS_URL}/{self.cause.value}.md#{self.code}"
 
     def fix_arguments(self) -> str:
         """The keyword arguments that apply this finding's fix, as source text (may be empty)."""
