@@ -69,6 +69,7 @@ class Evidence:
     view: ModelView
     config: Mapping[str, Any]
     plan: RemapPlan | None = None
+    adapter: bool = True  # False for plain state dicts: "no adapter tensors" is then normal
 
 
 def classify(ev: Evidence) -> list[Diagnosis]:
@@ -80,7 +81,7 @@ def classify(ev: Evidence) -> list[Diagnosis]:
 
     for weight, d in _corrupt(ev.checkpoint):
         add(0, weight, d)
-    for weight, d in _foreign(ev.checkpoint):
+    for weight, d in _foreign(ev.checkpoint) if ev.adapter else ():
         add(0, weight, d)
     if ev.view.error is not None:
         add(1, len(ev.checkpoint), ev.view.error)

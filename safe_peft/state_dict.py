@@ -50,7 +50,7 @@ def safe_load_state_dict(
     if not diff.ok:
         causes = _wrong_loader(shapes, own) or classify(
             Evidence(diff, shapes, ModelView(type(module).__name__, expected, {}, frozenset(), "", (), "state_dict"),
-                     {}, plan_remap(shapes, expected, BUILTIN))
+                     {}, plan_remap(shapes, expected, BUILTIN), adapter=False)
         )
     report = LoadReport(
         ok=diff.ok, missing=diff.missing, unexpected=diff.unexpected, size_mismatches=diff.size_mismatches,
