@@ -128,12 +128,38 @@ def _write_renamed(plan: LoadPlan, directory: str) -> None:
     save_file({k: v.contiguous() for k, v in renamed.items()}, os.path.join(directory, "adapter_model.safetensors"))
 
 
-def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
-    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values."""
-    import torch
+def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict[str, Any]:
+    """The adapter's tensors in the model, under their checkpoint keys.
+
+    For plain LoRA (the analytic view) the names come from ``named_parameters()`` through peft's own
+    ``_remove_adapter_name_from_key`` (DoRA magnitudes also drop ``.weight``, as peft saves them);
+    otherwise from ``get_peft_model_state_dict``. A test holds the two equal.
+    """
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    config = model.peft_config[adapter_name]
+    remove = None
+    if analytic:
+        from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+        remove = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type), "_remove_adapter_name_from_key", None)
+    if remove is None:
+        return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
+    infix, wrapped = f".{adapter_name}.", f".modules_to_save.{adapter_name}."
+    tail = f".{adapter_name}"
+    tensors = {}
+    for name, param in model.named_parameters():
+        if wrapped in name:
+            tensors[name.replace(wrapped, ".")] = param
+        elif infix in name or name.endswith(tail):
+            key = remove(name, adapter_name)
+            tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = param
+    return tensors
+
+
+def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
+    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values."""
+    state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
     checkpoint = plan.checkpoint
     optional = {k for k, e in (plan.view.expected.items() if plan.view else ()) if not e.required}
     missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]
@@ -148,16 +174,7 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
         causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "left_on_meta",
                                 f"{len(on_meta)} adapter tensors were never loaded and are still on the meta device",
                                 fix="save the adapter again; it lacks these tensors.", details={"keys": on_meta[:20]}))
-    non_finite = []
-    zero_b = []
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if tensor.device.type == "meta" or not tensor.is_floating_point():
-                continue
-            if not bool(torch.isfinite(tensor).all()):
-                non_finite.append(key)
-            elif lora_role(key) in {"lora_B", "lora_embedding_B"} and not bool(tensor.any()):
-                zero_b.append(key)
+    non_finite, zero_b = _scan_values(state)
     if non_finite:
         causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "non_finite_values",
                                 f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r}): "
@@ -179,6 +196,30 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
         warnings=warnings, renames=dict(plan.report.renames), repairs=list(plan.report.repairs),
         adapter=plan.report.adapter, model_class=plan.report.model_class, adapter_name=adapter_name,
     )
+
+
+def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Keys of tensors holding NaN/Inf, and of all-zero lora_B tensors: one fused norm per device and dtype.
+
+    A norm is non-finite when any element is (or, rarely, when it overflows: such tensors get an exact check).
+    """
+    import torch
+
+    groups: dict[tuple[Any, Any], list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.is_floating_point() and tensor.numel():
+            groups.setdefault((tensor.device, tensor.dtype), []).append(key)
+    non_finite, zero = [], []
+    with torch.no_grad():
+        for keys in groups.values():
+            norms = torch.stack(torch._foreach_norm([state[k].detach() for k in keys])).float().tolist()
+            for key, norm in zip(keys, norms):
+                if norm != norm or norm in (float("inf"), float("-inf")):
+                    if not bool(torch.isfinite(state[key]).all()):
+                        non_finite.append(key)
+                elif norm == 0.0 and lora_role(key) in {"lora_B", "lora_embedding_B"}:
+                    zero.append(key)
+    return non_finite, zero
 
 
 def _merge(before: LoadReport, after: LoadReport) -> LoadReport:

@@ -4,7 +4,12 @@ and never raises on odd input."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
+from collections.abc import Iterator
+from functools import partial
+from itertools import repeat
 
 from safe_peft.compare import KeyDiff
 from safe_peft.classify import Evidence, classify
@@ -20,26 +25,45 @@ _SIZE = "size mismatch for "
 _PEFT_WARNING = "Found missing adapter keys while loading the checkpoint:"
 _HEADER = "Error(s) in loading state_dict for "
 _SHAPE = re.compile(r"torch\.Size\(\[([0-9, ]{0,200})\]\)")
-_ADAPTER_INFIX = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.[A-Za-z0-9_\-]+(?=\.weight$|\.bias$|$)")
 
 
 def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
-    """Parse a load error (the exception or its text) into a report; unknown text gives an empty one."""
+    """Parse a load error (the exception or its text) into a report; unknown text gives an empty one.
+
+    Every key is listed; the causes are inferred from at most ``CLASSIFY_SAMPLE`` keys of each kind.
+    """
     try:
         text = str(error_or_message)
     except Exception:  # noqa: BLE001 - a broken __str__ must not break the parser
         text = ""
-    missing = [MissingKey(k) for k in _quoted_after(text, _MISSING, '"')]
-    missing += [MissingKey(k) for k in _quoted_after(text, _PEFT_WARNING, "'")]
-    unexpected = [UnexpectedKey(k) for k in _quoted_after(text, _UNEXPECTED, '"')]
-    mismatches = list(_size_mismatches(text))
-    model_class = _model_class(text)
+    with _gc_paused():  # 100k acyclic tuples would trigger dozens of needless collections
+        missing_keys = _quoted_after(text, _MISSING, '"') + _quoted_after(text, _PEFT_WARNING, "'")
+        unexpected_keys = _quoted_after(text, _UNEXPECTED, '"')
+        missing = list(map(_new_missing, zip(missing_keys, repeat(None))))
+        unexpected = list(map(_new_unexpected, zip(unexpected_keys, repeat(None))))
+    mismatches = _size_mismatches(text)
     found = bool(missing or unexpected or mismatches)
-    causes = _classify(missing, unexpected, mismatches) if found else []
+    causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
     return LoadReport(
         ok=not found, missing=missing, unexpected=unexpected, size_mismatches=mismatches,
-        causes=causes, model_class=model_class, base_model_unchanged=False,
+        causes=causes, model_class=_model_class(text), base_model_unchanged=False,
     )
+
+
+CLASSIFY_SAMPLE = 2_000
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+_new_missing = partial(tuple.__new__, MissingKey)
+_new_unexpected = partial(tuple.__new__, UnexpectedKey)
 
 
 def _model_class(text: str) -> str:
@@ -52,22 +76,14 @@ def _model_class(text: str) -> str:
 
 
 def _quoted_after(text: str, marker: str, quote: str) -> list[str]:
-    """Quoted strings after each ``marker`` up to the end of its line."""
-    keys = []
+    """Quoted strings after each ``marker`` up to the end of its line (an unclosed quote is dropped)."""
+    keys: list[str] = []
     pos = text.find(marker)
     while pos >= 0:
         line_end = text.find("\n", pos)
         line_end = len(text) if line_end < 0 else line_end
-        i = pos + len(marker)
-        while True:
-            open_q = text.find(quote, i, line_end)
-            if open_q < 0:
-                break
-            close_q = text.find(quote, open_q + 1, line_end)
-            if close_q < 0:
-                break
-            keys.append(text[open_q + 1 : close_q])
-            i = close_q + 1
+        parts = text[pos + len(marker) : line_end].split(quote)
+        keys.extend(parts[1 : len(parts) - 1 + len(parts) % 2 : 2])
         pos = text.find(marker, line_end)
     return keys
 
@@ -82,8 +98,10 @@ def _size_mismatches(text: str) -> list[SizeMismatch]:
         line_end = len(text) if line_end < 0 else line_end
         if 0 <= colon < line_end:
             shapes = [_shape(m.group(1)) for m in _SHAPE.finditer(text, colon, min(line_end, colon + 1000))]
-            if len(shapes) >= 2 and shapes[0] is not None and shapes[1] is not None:
-                found.append(SizeMismatch(text[start:colon], shapes[0], shapes[1]))
+            if len(shapes) >= 2:
+                checkpoint, model = shapes[0], shapes[1]
+                if checkpoint is not None and model is not None:
+                    found.append(SizeMismatch(text[start:colon], checkpoint, model))
         pos = text.find(_SIZE, start)
     return found
 
@@ -93,31 +111,43 @@ def _shape(body: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
 
 
-def _classify(
-    missing: list[MissingKey], unexpected: list[UnexpectedKey], mismatches: list[SizeMismatch]
-) -> list[Diagnosis]:
-    def plain(key: str) -> str:
-        return _ADAPTER_INFIX.sub(r".\1", key)
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
-    lora_missing = [m for m in missing if ".lora_" in m.key]
-    lora_unexpected = [u for u in unexpected if ".lora_" in u.key]
-    if unexpected and len(lora_unexpected) == len(unexpected) and len(lora_missing) < len(missing):
+
+def _plain(key: str) -> str:
+    """Drop peft's adapter-name infix: ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
+    head, _, last = key.rpartition(".")
+    if last in ("weight", "bias"):
+        stem, _, _name = head.rpartition(".")
+        if stem.rpartition(".")[2] in _ADAPTER_PARTS:
+            return f"{stem}.{last}"
+    elif head.rpartition(".")[2] in _ADAPTER_PARTS:
+        return head
+    return key
+
+
+def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: list[SizeMismatch]) -> list[Diagnosis]:
+    missing_keys = missing_keys[:CLASSIFY_SAMPLE]
+    unexpected_keys = unexpected_keys[:CLASSIFY_SAMPLE]
+    mismatches = mismatches[:CLASSIFY_SAMPLE]
+    lora_missing = [k for k in missing_keys if ".lora_" in k]
+    lora_unexpected = [k for k in unexpected_keys if ".lora_" in k]
+    if unexpected_keys and len(lora_unexpected) == len(unexpected_keys) and len(lora_missing) < len(missing_keys):
         return [_wrong_loader("the checkpoint holds only LoRA adapter keys, but the model has no adapter layers")]
-    if lora_missing and not lora_unexpected and unexpected and len(lora_missing) == len(missing):
+    if lora_missing and not lora_unexpected and unexpected_keys and len(lora_missing) == len(missing_keys):
         return [_wrong_loader("the model has adapter layers, but the checkpoint holds plain base-model weights")]
-    expected = {plain(m.key): ExpectedKey(plain(m.key), (), "", "other") for m in missing}
-    expected.update({plain(s.key): ExpectedKey(plain(s.key), s.model_shape, "", "other") for s in mismatches})
-    checkpoint = {plain(u.key): () for u in unexpected}
-    checkpoint.update({plain(s.key): s.checkpoint_shape for s in mismatches})
+    missing = [_plain(k) for k in missing_keys]
+    unexpected = [_plain(k) for k in unexpected_keys]
+    sized = [SizeMismatch(_plain(s.key), s.checkpoint_shape, s.model_shape) for s in mismatches]
+    expected = {k: ExpectedKey(k, (), "", "other") for k in missing}
+    expected.update({s.key: ExpectedKey(s.key, s.model_shape, "", "other") for s in sized})
+    checkpoint: dict[str, tuple[int, ...]] = dict.fromkeys(unexpected, ())
+    checkpoint.update({s.key: s.checkpoint_shape for s in sized})
     view = ModelView("", expected, {}, frozenset(), "", (), "parsed")
     plan = plan_remap(checkpoint, expected, BUILTIN, same_shape=lambda _k, a, b: a == b or a == ()) if (
-        unexpected and missing and len(unexpected) <= 100_000
+        unexpected and missing
     ) else None
-    diff = KeyDiff(
-        [MissingKey(plain(m.key)) for m in missing],
-        [UnexpectedKey(plain(u.key), ()) for u in unexpected],
-        [SizeMismatch(plain(s.key), s.checkpoint_shape, s.model_shape) for s in mismatches],
-    )
+    diff = KeyDiff([MissingKey(k) for k in missing], [UnexpectedKey(k, ()) for k in unexpected], sized)
     return classify(Evidence(diff, checkpoint, view, {}, plan))
 
 

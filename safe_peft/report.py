@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DOCS_URL",
@@ -46,24 +46,25 @@ class Cause(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class MissingKey:
-    """A key the model expects that the checkpoint does not have."""
+class MissingKey(NamedTuple):
+    """A key the model expects that the checkpoint does not have.
+
+    The key entries are named tuples: immutable like the findings, and cheap enough to build
+    100,000 of (a parsed key wall, a 70B model's adapter) in a few tens of milliseconds.
+    """
 
     key: str
     expected_shape: Shape | None = None
 
 
-@dataclass(frozen=True)
-class UnexpectedKey:
+class UnexpectedKey(NamedTuple):
     """A key in the checkpoint that no part of the model takes."""
 
     key: str
     shape: Shape | None = None
 
 
-@dataclass(frozen=True)
-class SizeMismatch:
+class SizeMismatch(NamedTuple):
     """A key both sides have, with different shapes."""
 
     key: str
