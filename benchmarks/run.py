@@ -33,14 +33,21 @@ def load_overhead(repeats: int = 15) -> dict[str, Any]:
 
     from safe_peft import safe_load_adapter
 
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=8000)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     params = sum(p.numel() for p in base.parameters())
     directory = tempfile.mkdtemp(prefix="bench_adapter_")
-    get_peft_model(copy.deepcopy(base), LoraConfig(r=16, target_modules="all-linear",
-                                                   init_lora_weights=False)).save_pretrained(directory)
+    get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
+    ).save_pretrained(directory)
     copies = [copy.deepcopy(base) for _ in range(2 * repeats + 2)]
     PeftModel.from_pretrained(copies.pop(), directory)  # warm up both paths
     safe_load_adapter(copies.pop(), directory)
@@ -66,7 +73,9 @@ def load_overhead(repeats: int = 15) -> dict[str, Any]:
 def parse_speed(keys: int = 100_000, repeats: int = 7) -> dict[str, Any]:
     from safe_peft import parse_load_error
 
-    names = ", ".join(f'"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.default.weight"' for i in range(keys))
+    names = ", ".join(
+        f'"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.default.weight"' for i in range(keys)
+    )
     message = f"Error(s) in loading state_dict for PeftModelForCausalLM:\n\tMissing key(s) in state_dict: {names}. "
     times = []
     for _ in range(repeats):
@@ -84,8 +93,14 @@ def diagnose_70b(repeats: int = 5) -> dict[str, Any]:
 
     from safe_peft import diagnose
 
-    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                         num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
     build = []
     for _ in range(3):
         start = time.perf_counter()
@@ -96,9 +111,15 @@ def diagnose_70b(repeats: int = 5) -> dict[str, Any]:
     header: dict[str, Any] = {}
     offset = 0
     kv = 8192 // 64 * 8
-    dims = {"self_attn.q_proj": (8192, 8192), "self_attn.k_proj": (8192, kv), "self_attn.v_proj": (8192, kv),
-            "self_attn.o_proj": (8192, 8192), "mlp.gate_proj": (8192, 28672), "mlp.up_proj": (8192, 28672),
-            "mlp.down_proj": (28672, 8192)}
+    dims = {
+        "self_attn.q_proj": (8192, 8192),
+        "self_attn.k_proj": (8192, kv),
+        "self_attn.v_proj": (8192, kv),
+        "self_attn.o_proj": (8192, 8192),
+        "mlp.gate_proj": (8192, 28672),
+        "mlp.up_proj": (8192, 28672),
+        "mlp.down_proj": (28672, 8192),
+    }
     for layer in range(80):
         for name, (fan_in, fan_out) in dims.items():
             stem = f"base_model.model.model.layers.{layer}.{name}"
@@ -112,8 +133,10 @@ def diagnose_70b(repeats: int = 5) -> dict[str, Any]:
         f.write(struct.pack("<Q", len(body)) + body)
     os.truncate(path, 8 + len(body) + offset)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear",
-                   "task_type": "CAUSAL_LM"}, f)
+        json.dump(
+            {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"},
+            f,
+        )
     report = diagnose(model, directory)
     assert report.ok, str(report)
     times = []
@@ -148,16 +171,16 @@ def main() -> None:
     text = f"""# Performance
 
 Produced by `make bench` (`python benchmarks/run.py`) on {platform.machine()}, {os.cpu_count()} cores, Python
-{platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}. Ratios are against plain peft in the
+{platform.python_version()}, torch {torch.__version__}; {time.strftime("%Y-%m-%d")}. Ratios are against plain peft in the
 same process, alternating the two; times are medians.
 
 | benchmark | result | target |
 |---|---|---|
-| success-path load, Llama {load['parameters'] / 1e6:.1f}M params (hidden 512, 8 layers, vocab 8000), all-linear r=16 | plain peft {load['plain_ms']:.1f} ms, safe_load_adapter {load['safe_ms']:.1f} ms: **{load['ratio']:.3f}x** (median of {load['repeats']}) | <= 1.10x |
-| `parse_load_error`, {parse['keys']:,}-key message ({parse['chars'] / 1e6:.1f} MB) | **{parse['ms']:.1f} ms** | < 50 ms |
-| `diagnose`, Llama-3-70B shape on meta, all-linear r=16 ({diag['tensors']} tensors, {diag['adapter_bytes'] / 2**20:.0f} MB sparse file) | **{diag['diagnose_s'] * 1e3:.0f} ms**, {diag['peak_mb']:.1f} MB peak Python allocations | < 250 ms, < 100 MB |
-| ... building that meta model with transformers (the floor a user pays first) | {diag['meta_build_s'] * 1e3:.0f} ms | |
-| ... `get_peft_model` on the same meta model (what a user would try) | {diag['get_peft_model_meta_s'] * 1e3:.0f} ms | |
+| success-path load, Llama {load["parameters"] / 1e6:.1f}M params (hidden 512, 8 layers, vocab 8000), all-linear r=16 | plain peft {load["plain_ms"]:.1f} ms, safe_load_adapter {load["safe_ms"]:.1f} ms: **{load["ratio"]:.3f}x** (median of {load["repeats"]}) | <= 1.10x |
+| `parse_load_error`, {parse["keys"]:,}-key message ({parse["chars"] / 1e6:.1f} MB) | **{parse["ms"]:.1f} ms** | < 50 ms |
+| `diagnose`, Llama-3-70B shape on meta, all-linear r=16 ({diag["tensors"]} tensors, {diag["adapter_bytes"] / 2**20:.0f} MB sparse file) | **{diag["diagnose_s"] * 1e3:.0f} ms**, {diag["peak_mb"]:.1f} MB peak Python allocations | < 250 ms, < 100 MB |
+| ... building that meta model with transformers (the floor a user pays first) | {diag["meta_build_s"] * 1e3:.0f} ms | |
+| ... `get_peft_model` on the same meta model (what a user would try) | {diag["get_peft_model_meta_s"] * 1e3:.0f} ms | |
 
 What the load overhead buys: reading the config and safetensors header, computing the expected keys with
 peft's matching, the structural snapshot for undo, and after loading one pass over the adapter tensors (finite

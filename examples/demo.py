@@ -17,8 +17,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 
-CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=100)
+CONFIG = LlamaConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
 INPUT = torch.tensor([[1, 5, 9, 13]])
 
 
@@ -58,8 +64,10 @@ def main() -> None:
         except RuntimeError as exc:
             text = str(exc)
             print(text[:600] + (f"\n... ({len(text) - 600} more characters)" if len(text) > 600 else ""))
-        print(f"\nAnd the base model now has LoRA layers injected: q_proj is a "
-              f"{type(model.model.layers[0].self_attn.q_proj).__module__}.{type(model.model.layers[0].self_attn.q_proj).__name__}")
+        print(
+            f"\nAnd the base model now has LoRA layers injected: q_proj is a "
+            f"{type(model.model.layers[0].self_attn.q_proj).__module__}.{type(model.model.layers[0].self_attn.q_proj).__name__}"
+        )
 
         rule("1. The same load with safe_peft")
         model = base()

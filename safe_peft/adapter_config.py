@@ -90,7 +90,8 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
     """Instantiate the installed peft's config class; return it with the findings about dropped keys."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(config.peft_type)
+    configs: dict[Any, Any] = dict(PEFT_TYPE_TO_CONFIG_MAPPING)
+    config_cls = configs.get(config.peft_type)
     if config_cls is None:
         raise AdapterFormatError.of(
             Cause.VERSION_SKEW,
@@ -110,8 +111,7 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
             "meaning_changing_config_key",
             f"{config.path}: the installed peft does not know {', '.join(meaning)}; ignoring "
             f"{'it' if len(meaning) == 1 else 'them'} would change what the adapter computes",
-            fix="upgrade peft to the version that saved the adapter "
-            f"(peft_version={config.peft_version!r}).",
+            fix=f"upgrade peft to the version that saved the adapter (peft_version={config.peft_version!r}).",
             adapter=adapter,
             details={"keys": meaning, "peft_version": config.peft_version},
         )
@@ -119,15 +119,19 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
         peft_config = config_cls.from_peft_type(**config_cls.check_kwargs(**kwargs))
     except (TypeError, ValueError) as exc:
         raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
-    findings = [
-        Diagnosis(
-            Cause.VERSION_SKEW,
-            "unknown_config_keys",
-            f"{config.path}: keys unknown to the installed peft were ignored: {', '.join(unknown)} "
-            "(none changes what the adapter computes)",
-            details={"keys": unknown, "peft_version": config.peft_version},
-        )
-    ] if unknown else []
+    findings = (
+        [
+            Diagnosis(
+                Cause.VERSION_SKEW,
+                "unknown_config_keys",
+                f"{config.path}: keys unknown to the installed peft were ignored: {', '.join(unknown)} "
+                "(none changes what the adapter computes)",
+                details={"keys": unknown, "peft_version": config.peft_version},
+            )
+        ]
+        if unknown
+        else []
+    )
     return peft_config, findings
 
 

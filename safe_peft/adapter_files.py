@@ -136,7 +136,11 @@ def _missing_config(location: str, directory: str) -> AdapterFormatError:
         what = f"{directory}: has no {CONFIG_NAME}"
         fix = hint or "save the adapter with peft's save_pretrained(), which writes the config beside the weights."
     return AdapterFormatError.of(
-        Cause.CORRUPT_CHECKPOINT, "missing_config", what, fix=fix, adapter=location,
+        Cause.CORRUPT_CHECKPOINT,
+        "missing_config",
+        what,
+        fix=fix,
+        adapter=location,
         details={"directory": directory, "subfolders": _adapter_subfolders(directory)},
     )
 
@@ -153,9 +157,7 @@ def _subfolder_hint(directory: str) -> str:
 
 
 def _adapter_subfolders(directory: str) -> list[str]:
-    return sorted(
-        name for name in _listdir(directory) if os.path.isfile(os.path.join(directory, name, CONFIG_NAME))
-    )
+    return sorted(name for name in _listdir(directory) if os.path.isfile(os.path.join(directory, name, CONFIG_NAME)))
 
 
 def _listdir(directory: str) -> list[str]:
@@ -187,12 +189,11 @@ def _download(repo_id: str, subfolder: str | None, allow_pickle: bool, hub_kwarg
     allowed = {k: v for k, v in hub_kwargs.items() if k in {"revision", "cache_dir", "token", "local_files_only"}}
     try:
         config_file = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **allowed)
-    except Exception as exc:  # the hub client raises many types; all mean "not available"
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many types; all mean "not available"
         raise AdapterFormatError.of(
             Cause.CORRUPT_CHECKPOINT,
             "not_found",
-            f"{repo_id!r}: no such local directory, and the hub did not provide {CONFIG_NAME} "
-            f"({type(exc).__name__})",
+            f"{repo_id!r}: no such local directory, and the hub did not provide {CONFIG_NAME} ({type(exc).__name__})",
             fix="check the path or the repository id (and network access, revision and token).",
             adapter=repo_id,
         ) from None

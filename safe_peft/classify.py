@@ -29,7 +29,11 @@ _SUFFIXES = (
     (".lora_magnitude_vector", "magnitude"),
 )
 _FOREIGN = (
-    (re.compile(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up)\.weight$|\.alpha$"), "kohya", "a kohya-ss (sd-scripts) LoRA"),
+    (
+        re.compile(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up)\.weight$|\.alpha$"),
+        "kohya",
+        "a kohya-ss (sd-scripts) LoRA",
+    ),
     (re.compile(r"(^|\.)(hada_w\d_[ab]|lokr_w\d)"), "lycoris", "a LyCORIS (LoHa / LoKr) adapter"),
     (re.compile(r"\.processor\.|^(unet|transformer|text_encoder)\.[^.]+.*lora"), "diffusers", "a diffusers LoRA"),
 )
@@ -53,7 +57,7 @@ def lora_role(key: str) -> str | None:
 
 def module_of(key: str) -> str:
     """The module path a checkpoint key belongs to, without peft's prefix and the LoRA suffix."""
-    path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    path = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     for suffix, _ in _SUFFIXES:
         if path.endswith(suffix):
             return path[: -len(suffix)]
@@ -86,7 +90,7 @@ def classify(ev: Evidence) -> list[Diagnosis]:
     if ev.view.error is not None:
         add(1, len(ev.checkpoint), ev.view.error)
     explained: set[str] = set()
-    if ev.plan is not None and ev.plan.renames or ev.plan is not None and ev.plan.dropped:
+    if (ev.plan is not None and ev.plan.renames) or (ev.plan is not None and ev.plan.dropped):
         found = _layout(ev)
         if found is not None:
             weight, d, keys = found
@@ -198,7 +202,9 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
     cause = (
         Cause.MODEL_CLASS_MISMATCH
         if Cause.MODEL_CLASS_MISMATCH in causes
-        else Cause.VERSION_SKEW if Cause.VERSION_SKEW in causes else Cause.KEY_FORMAT
+        else Cause.VERSION_SKEW
+        if Cause.VERSION_SKEW in causes
+        else Cause.KEY_FORMAT
     )
     lead = next((r for r in plan.rules if r.cause == cause), plan.rules[0])
     steps = "; ".join(r.description for r in plan.rules)
@@ -268,7 +274,11 @@ def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
         if len(mm.checkpoint_shape) != len(mm.model_shape):
             other.append((mm, "ndim"))
             continue
-        axes = {_axis(mm.key, i) for i, (a, b) in enumerate(zip(mm.checkpoint_shape, mm.model_shape)) if a != b}
+        axes = {
+            _axis(mm.key, i)
+            for i, (a, b) in enumerate(zip(mm.checkpoint_shape, mm.model_shape, strict=False))
+            if a != b
+        }
         module = module_of(mm.key)
         is_embedding = ev.view.layers.get(module) is not None and ev.view.layers[module].kind == "embedding"
         vocab_rows = axes == {"rows"} and _is_vocab_module(ev, module, is_embedding)
@@ -321,7 +331,7 @@ def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
             )
         )
     if other:
-        first, axes = other[0]
+        first, axis_names = other[0]
         module = module_of(first.key)
         findings.append(
             (
@@ -330,13 +340,17 @@ def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
                     Cause.WRONG_BASE_MODEL,
                     "dimension_mismatch",
                     f"{len(other)} tensors differ in a model dimension, not the rank: {module} has "
-                    f"{axes} {_dims(first, axes)}; the adapter was trained on a different base model "
+                    f"{axis_names} {_dims(first, axis_names)}; the adapter was trained on a different base model "
                     "(other hidden or intermediate size)",
                     fix="load the adapter into the base model it was trained on (base_model_name_or_path="
                     f"{ev.config.get('base_model_name_or_path')!r} in adapter_config.json); no rename or "
                     "repair can make these weights fit.",
-                    details={"module": module, "axes": axes, "count": len(other),
-                             "base_model_name_or_path": ev.config.get("base_model_name_or_path")},
+                    details={
+                        "module": module,
+                        "axes": axis_names,
+                        "count": len(other),
+                        "base_model_name_or_path": ev.config.get("base_model_name_or_path"),
+                    },
                 ),
             )
         )

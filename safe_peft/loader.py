@@ -43,8 +43,13 @@ def safe_load_adapter(
     """
     kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
     plan = make_plan(
-        base_model, model_id, adapter_name, remap=remap, repair=tuple(repair),
-        allow_pickle=allow_pickle, peft_kwargs=kwargs,
+        base_model,
+        model_id,
+        adapter_name,
+        remap=remap,
+        repair=tuple(repair),
+        allow_pickle=allow_pickle,
+        peft_kwargs=kwargs,
     )
     if not plan.report.ok and (strict or _fatal(plan.report)):
         raise AdapterLoadError(plan.report)
@@ -55,8 +60,7 @@ def safe_load_adapter(
 def _fatal(report: LoadReport) -> bool:
     """Failures even lenient loading cannot get past: unreadable data, no target, shape mismatches."""
     return bool(report.size_mismatches) or any(
-        d.cause in {Cause.CORRUPT_CHECKPOINT, Cause.FOREIGN_FORMAT, Cause.WRONG_BASE_MODEL}
-        and d.code != "fewer_layers"
+        d.cause in {Cause.CORRUPT_CHECKPOINT, Cause.FOREIGN_FORMAT, Cause.WRONG_BASE_MODEL} and d.code != "fewer_layers"
         for d in report.causes
     )
 
@@ -111,7 +115,7 @@ def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
     for key in plan.checkpoint:
         want = plan.view.expected.get(key)
         if want is not None and want.role == "embedding_base":
-            name = key[len(PEFT_PREFIX):].replace(".base_layer.", ".")
+            name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
             if name in params:
                 tensors.append(params[name])
     return tensors
@@ -137,12 +141,13 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
     """
     from peft import get_peft_model_state_dict
 
-    config = model.peft_config[adapter_name]
+    config: Any = model.peft_config[adapter_name]
     remove = None
     if analytic:
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-        remove = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type), "_remove_adapter_name_from_key", None)
+        tuners: dict[Any, Any] = dict(PEFT_TYPE_TO_TUNER_MAPPING)
+        remove = getattr(tuners.get(config.peft_type), "_remove_adapter_name_from_key", None)
     if remove is None:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
     infix, wrapped = f".{adapter_name}.", f".modules_to_save.{adapter_name}."
@@ -165,36 +170,66 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
     missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]
     unexpected = [UnexpectedKey(k, s) for k, s in checkpoint.items() if k not in state and k not in optional]
     mismatches = [
-        SizeMismatch(k, checkpoint[k], tuple(t.shape)) for k, t in state.items()
+        SizeMismatch(k, checkpoint[k], tuple(t.shape))
+        for k, t in state.items()
         if k in checkpoint and tuple(t.shape) != checkpoint[k]
     ]
     causes = []
     on_meta = [k for k, t in state.items() if t.device.type == "meta"]
     if on_meta:
-        causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "left_on_meta",
-                                f"{len(on_meta)} adapter tensors were never loaded and are still on the meta device",
-                                fix="save the adapter again; it lacks these tensors.", details={"keys": on_meta[:20]}))
+        causes.append(
+            Diagnosis(
+                Cause.CORRUPT_CHECKPOINT,
+                "left_on_meta",
+                f"{len(on_meta)} adapter tensors were never loaded and are still on the meta device",
+                fix="save the adapter again; it lacks these tensors.",
+                details={"keys": on_meta[:20]},
+            )
+        )
     non_finite, zero_b = _scan_values(state)
     if non_finite:
-        causes.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "non_finite_values",
-                                f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r}): "
-                                "training diverged or the file is damaged",
-                                fix="use an earlier checkpoint of the adapter, or train again with a lower "
-                                "learning rate.", details={"keys": non_finite[:20]}))
+        causes.append(
+            Diagnosis(
+                Cause.CORRUPT_CHECKPOINT,
+                "non_finite_values",
+                f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r}): "
+                "training diverged or the file is damaged",
+                fix="use an earlier checkpoint of the adapter, or train again with a lower learning rate.",
+                details={"keys": non_finite[:20]},
+            )
+        )
     if (missing or unexpected or mismatches) and not causes:
-        causes.append(Diagnosis(Cause.UNKNOWN, "verification_failed",
-                                "after loading, the adapter tensors in the model do not match the checkpoint",
-                                fix="report this to safe_peft with the adapter's config; the pre-check missed it."))
+        causes.append(
+            Diagnosis(
+                Cause.UNKNOWN,
+                "verification_failed",
+                "after loading, the adapter tensors in the model do not match the checkpoint",
+                fix="report this to safe_peft with the adapter's config; the pre-check missed it.",
+            )
+        )
     warnings = list(plan.report.warnings)
     lora_b = [k for k in state if lora_role(k) in {"lora_B", "lora_embedding_B"}]
     if lora_b and len(zero_b) == len(lora_b):
-        warnings.append(Diagnosis(Cause.CORRUPT_CHECKPOINT, "all_zero_lora_B",
-                                  "every lora_B tensor is zero: the adapter changes nothing (saved before training?)",
-                                  fix="check that the adapter was saved after training."))
+        warnings.append(
+            Diagnosis(
+                Cause.CORRUPT_CHECKPOINT,
+                "all_zero_lora_B",
+                "every lora_B tensor is zero: the adapter changes nothing (saved before training?)",
+                fix="check that the adapter was saved after training.",
+            )
+        )
     return LoadReport(
-        ok=not causes, missing=missing, unexpected=unexpected, size_mismatches=mismatches, causes=causes,
-        warnings=warnings, renames=dict(plan.report.renames), repairs=list(plan.report.repairs),
-        adapter=plan.report.adapter, model_class=plan.report.model_class, adapter_name=adapter_name,
+        ok=not causes,
+        missing=missing,
+        unexpected=unexpected,
+        size_mismatches=mismatches,
+        causes=causes,
+        warnings=warnings,
+        renames=dict(plan.report.renames),
+        repairs=list(plan.report.repairs),
+        adapter=plan.report.adapter,
+        model_class=plan.report.model_class,
+        adapter_name=adapter_name,
     )
 
 
@@ -213,7 +248,7 @@ def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
     with torch.no_grad():
         for keys in groups.values():
             norms = torch.stack(torch._foreach_norm([state[k].detach() for k in keys])).float().tolist()
-            for key, norm in zip(keys, norms):
+            for key, norm in zip(keys, norms, strict=False):
                 if norm != norm or norm in (float("inf"), float("-inf")):
                     if not bool(torch.isfinite(state[key]).all()):
                         non_finite.append(key)
@@ -246,5 +281,5 @@ def _late_failure(report: LoadReport, exc: Exception) -> LoadReport:
         missing=report.missing or parsed.missing,
         unexpected=report.unexpected or parsed.unexpected,
         size_mismatches=report.size_mismatches or parsed.size_mismatches,
-        causes=report.causes + [late],
+        causes=[*report.causes, late],
     )

@@ -73,7 +73,9 @@ def inspect_adapter(
         data = load_pickle(files.weights_path)
         tensors = [TensorEntry(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in data.items()]
         total = sum(v.numel() * v.element_size() for v in data.values())
-    ranks = {module_of(t.key): t.shape[0] for t in tensors if lora_role(t.key) in {"lora_A", "lora_embedding_A"} and t.shape}
+    ranks = {
+        module_of(t.key): t.shape[0] for t in tensors if lora_role(t.key) in {"lora_A", "lora_embedding_A"} and t.shape
+    }
     cfg = config.data
     pattern = cfg.get("rank_pattern") or {}
     agrees = all(r == _configured_rank(m, cfg.get("r"), pattern) for m, r in ranks.items())
@@ -113,5 +115,3 @@ def _configured_rank(module: str, r: Any, pattern: dict[str, int]) -> Any:
 def dtype_summary(manifest: AdapterManifest) -> dict[str, int]:
     """How many tensors of each dtype."""
     return dict(Counter(t.dtype for t in manifest.tensors))
-
-

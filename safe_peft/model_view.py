@@ -24,17 +24,28 @@ from typing import TYPE_CHECKING, Any
 from safe_peft.report import Cause, Diagnosis
 
 if TYPE_CHECKING:
-    from peft import PeftConfig
     from torch import nn
 
 __all__ = ["PEFT_PREFIX", "ExpectedKey", "ModelView", "expected_keys", "meta_skeleton"]
 
 PEFT_PREFIX = "base_model.model."
 # Heads that peft's task-specific PeftModel classes add to modules_to_save by themselves.
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # Config features the analytic path does not model; any of them sends the computation to injection.
-_INJECTION_ONLY = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
-                   "arrow_config", "megatron_config", "ensure_weight_tying", "use_qalora")
+_INJECTION_ONLY = (
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "megatron_config",
+    "ensure_weight_tying",
+    "use_qalora",
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class ModelView:
     notes: list[str] = field(default_factory=list)
 
 
-def expected_keys(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> ModelView:
+def expected_keys(model: nn.Module, config: Any, adapter_name: str = "default") -> ModelView:
     """Compute what ``model`` expects from an adapter with ``config``. Never modifies ``model``."""
     layers, names = _survey(model)
     common: dict[str, Any] = {
@@ -109,7 +120,7 @@ def _survey(model: nn.Module) -> tuple[dict[str, ModulePort], frozenset[str]]:
     return layers, frozenset(names)
 
 
-def _analytic_applies(model: nn.Module, config: PeftConfig) -> bool:
+def _analytic_applies(model: nn.Module, config: Any) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import PeftType
 
@@ -131,21 +142,22 @@ def _has_weight_conversions(model: nn.Module) -> bool:
     if model_type is None:
         return False
     try:
-        from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
+        from peft.utils import transformers_weight_conversion as conversion
     except ImportError:
         return False
-    return get_checkpoint_conversion_mapping(model_type) is not None
+    lookup: Any = getattr(conversion, "get_checkpoint_conversion_mapping", None)
+    return lookup is not None and lookup(model_type) is not None
 
 
 def _analytic(
-    model: nn.Module, config: PeftConfig, task_heads: tuple[str, ...]
+    model: nn.Module, config: Any, task_heads: tuple[str, ...]
 ) -> tuple[dict[str, ExpectedKey], Diagnosis | None] | None:
     from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
     from peft.utils.other import get_pattern_key
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    cfg = copy.copy(config)
+    cfg: Any = copy.copy(config)
     cfg.target_modules = copy.copy(config.target_modules)
     saved = list(config.modules_to_save or [])
     cfg.modules_to_save = (saved + list(task_heads)) if (saved or task_heads) else None
@@ -162,12 +174,15 @@ def _analytic(
             continue
         rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r)
         prefix = f"{PEFT_PREFIX}{name}."
-        if isinstance(module, nn.Linear) or isinstance(module, Conv1D):
+        if isinstance(module, (nn.Linear, Conv1D)):
             if isinstance(module, Conv1D):
                 in_f, out_f = (int(d) for d in module.weight.shape)
             else:
                 in_f, out_f = module.in_features, module.out_features
-            keys = [("lora_A.weight", (rank, in_f), "lora_A"), ("lora_B.weight", (out_f, rank), "lora_B")]
+            keys: list[tuple[str, tuple[int, ...], str]] = [
+                ("lora_A.weight", (rank, in_f), "lora_A"),
+                ("lora_B.weight", (out_f, rank), "lora_B"),
+            ]
             if lora_bias:
                 keys.append(("lora_B.bias", (out_f,), "lora_bias"))
         elif isinstance(module, nn.Embedding):
@@ -252,20 +267,18 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
         hook = module.__dict__.get("_hf_hook")
         if hook is not None:
             memo[id(hook)] = None
-        for pname, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and id(param) not in memo:
                 memo[id(param)] = torch.nn.Parameter(
                     torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=param.requires_grad
                 )
-        for bname, buf in module._buffers.items():
+        for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
                 memo[id(buf)] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
     return copy.deepcopy(model, memo)
 
 
-def _by_injection(
-    model: nn.Module, config: PeftConfig, adapter_name: str
-) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
+def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
     import warnings
 
     from peft import PeftModel, get_peft_model_state_dict
@@ -284,7 +297,7 @@ def _by_injection(
         return {}, _injection_error(exc, config)
     expected = {}
     for key, tensor in state.items():
-        module = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        module = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         expected[key] = ExpectedKey(key, tuple(tensor.shape), module.rsplit(".", 2)[0], _role(key))
     targeted = {n for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
     targeted = {n.removeprefix("base_model.model.") for n in targeted}
@@ -292,7 +305,7 @@ def _by_injection(
     return expected, None
 
 
-def _injection_error(exc: Exception, config: PeftConfig) -> Diagnosis:
+def _injection_error(exc: Exception, config: Any) -> Diagnosis:
     from peft.utils.error import NoMatchingPeftModuleError
 
     if isinstance(exc, NoMatchingPeftModuleError):
@@ -306,9 +319,14 @@ def _injection_error(exc: Exception, config: PeftConfig) -> Diagnosis:
 
 
 def _role(key: str) -> str:
-    for marker, role in ((".lora_A", "lora_A"), (".lora_B.bias", "lora_bias"), (".lora_B", "lora_B"),
-                         (".lora_embedding_A", "lora_A"), (".lora_embedding_B", "lora_B"),
-                         (".lora_magnitude_vector", "magnitude")):
+    for marker, role in (
+        (".lora_A", "lora_A"),
+        (".lora_B.bias", "lora_bias"),
+        (".lora_B", "lora_B"),
+        (".lora_embedding_A", "lora_A"),
+        (".lora_embedding_B", "lora_B"),
+        (".lora_magnitude_vector", "magnitude"),
+    ):
         if marker in key:
             return role
     return "other"

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from functools import partial
 from itertools import repeat
 
-from safe_peft.compare import KeyDiff
 from safe_peft.classify import Evidence, classify
+from safe_peft.compare import KeyDiff
 from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 from safe_peft.rules import BUILTIN, plan_remap
@@ -45,8 +45,13 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
     found = bool(missing or unexpected or mismatches)
     causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
     return LoadReport(
-        ok=not found, missing=missing, unexpected=unexpected, size_mismatches=mismatches,
-        causes=causes, model_class=_model_class(text), base_model_unchanged=False,
+        ok=not found,
+        missing=missing,
+        unexpected=unexpected,
+        size_mismatches=mismatches,
+        causes=causes,
+        model_class=_model_class(text),
+        base_model_unchanged=False,
     )
 
 
@@ -62,6 +67,8 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
 _new_missing = partial(tuple.__new__, MissingKey)
 _new_unexpected = partial(tuple.__new__, UnexpectedKey)
 
@@ -144,9 +151,11 @@ def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: l
     checkpoint: dict[str, tuple[int, ...]] = dict.fromkeys(unexpected, ())
     checkpoint.update({s.key: s.checkpoint_shape for s in sized})
     view = ModelView("", expected, {}, frozenset(), "", (), "parsed")
-    plan = plan_remap(checkpoint, expected, BUILTIN, same_shape=lambda _k, a, b: a == b or a == ()) if (
-        unexpected and missing
-    ) else None
+    plan = (
+        plan_remap(checkpoint, expected, BUILTIN, same_shape=lambda _k, a, b: a == b or a == ())
+        if (unexpected and missing)
+        else None
+    )
     diff = KeyDiff([MissingKey(k) for k in missing], [UnexpectedKey(k, ()) for k in unexpected], sized)
     return classify(Evidence(diff, checkpoint, view, {}, plan))
 

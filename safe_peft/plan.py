@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft.adapter_config import build_peft_config, read_config
 from safe_peft.adapter_files import AdapterFiles, locate_adapter
-from safe_peft.compare import KeyDiff, compare_keys
 from safe_peft.classify import Evidence, classify, lora_role
+from safe_peft.compare import KeyDiff, compare_keys
 from safe_peft.errors import AdapterFormatError
 from safe_peft.model_view import ExpectedKey, ModelView, expected_keys
 from safe_peft.repairs import repair_config, vocab_target
@@ -25,7 +25,6 @@ from safe_peft.rules import BUILTIN, RemapPlan, apply_rules, check_exact, model_
 from safe_peft.safetensors_header import read_header
 
 if TYPE_CHECKING:
-    from peft import PeftConfig
     from torch import nn
 
 __all__ = ["LoadPlan", "diagnose", "make_plan", "read_checkpoint_shapes"]
@@ -40,7 +39,7 @@ class LoadPlan:
 
     report: LoadReport
     files: AdapterFiles
-    peft_config: PeftConfig
+    peft_config: Any
     checkpoint: dict[str, Shape]
     renames: dict[str, str] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()
@@ -67,8 +66,13 @@ def diagnose(
     """
     try:
         return make_plan(
-            base_model, model_id, adapter_name, remap=remap, repair=tuple(repair),
-            allow_pickle=allow_pickle, peft_kwargs=peft_kwargs,
+            base_model,
+            model_id,
+            adapter_name,
+            remap=remap,
+            repair=tuple(repair),
+            allow_pickle=allow_pickle,
+            peft_kwargs=peft_kwargs,
         ).report
     except AdapterFormatError as exc:
         return exc.report
@@ -88,7 +92,9 @@ def make_plan(
     kwargs = dict(peft_kwargs or {})
     location = os.fspath(model_id)
     files = locate_adapter(
-        model_id, subfolder=kwargs.get("subfolder"), allow_pickle=allow_pickle,
+        model_id,
+        subfolder=kwargs.get("subfolder"),
+        allow_pickle=allow_pickle,
         hub_kwargs={k: kwargs[k] for k in HUB_KWARGS if k in kwargs},
     )
     warnings: list[Diagnosis] = list(files.warnings)
@@ -173,8 +179,11 @@ def load_pickle(path: str) -> dict[str, Any]:
         foreign = _pickle_globals(path)
         if not foreign and not isinstance(exc, pickle.UnpicklingError):
             raise AdapterFormatError.of(
-                Cause.CORRUPT_CHECKPOINT, "unreadable_pickle", f"{path}: cannot be read ({type(exc).__name__}: "
-                f"{str(exc)[:200]})", fix="download or save the adapter again.", adapter=path,
+                Cause.CORRUPT_CHECKPOINT,
+                "unreadable_pickle",
+                f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
+                fix="download or save the adapter again.",
+                adapter=path,
             ) from None
         raise AdapterFormatError.of(
             Cause.UNSAFE_FORMAT,
@@ -187,8 +196,11 @@ def load_pickle(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and hasattr(v, "shape") for k, v in data.items()):
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT, "not_a_state_dict", f"{path}: does not hold a dict of tensors",
-            fix="save the adapter with peft's save_pretrained().", adapter=path,
+            Cause.CORRUPT_CHECKPOINT,
+            "not_a_state_dict",
+            f"{path}: does not hold a dict of tensors",
+            fix="save the adapter with peft's save_pretrained().",
+            adapter=path,
         )
     return data
 
@@ -232,7 +244,7 @@ def _pickle_globals(path: str) -> list[str]:
 
 
 def _convert_for_transformers(
-    model: nn.Module, config: PeftConfig, checkpoint: dict[str, Shape], adapter_name: str
+    model: nn.Module, config: Any, checkpoint: dict[str, Shape], adapter_name: str
 ) -> dict[str, Shape]:
     """Apply the key conversion peft applies for transformers 5 architectures (same keys otherwise)."""
     from safe_peft.model_view import _has_weight_conversions
@@ -258,7 +270,7 @@ def _rank_relaxed(view: ModelView) -> Any:
         if len(have) != len(want) or role not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
             return False
         rank_dim = 0 if role.endswith("A") else 1
-        return all(a == b for i, (a, b) in enumerate(zip(have, want)) if i != rank_dim)
+        return all(a == b for i, (a, b) in enumerate(zip(have, want, strict=False)) if i != rank_dim)
 
     return same
 
@@ -293,7 +305,7 @@ def _resized(view: ModelView, checkpoint: Mapping[str, Shape], vocab: int) -> Mo
     for key, want in view.expected.items():
         have = checkpoint.get(key)
         if have is not None and len(have) == len(want.shape) and have != want.shape:
-            dims = [h if (h == vocab and w != h) else w for h, w in zip(have, want.shape)]
+            dims = [h if (h == vocab and w != h) else w for h, w in zip(have, want.shape, strict=False)]
             want = replace(want, shape=tuple(dims))
         expected[key] = want
     return replace(view, expected=expected)

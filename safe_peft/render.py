@@ -24,8 +24,7 @@ def render_report(report: LoadReport, *, sample_size: int = SAMPLE_SIZE) -> str:
         lines.append(f"Most likely cause [{primary.cause.value}/{primary.code}]: {primary.message}")
         if primary.fix:
             lines.append(f"Fix: {primary.fix}")
-    for other in report.causes[1:]:
-        lines.append(f"Also [{other.cause.value}/{other.code}]: {other.message}")
+    lines.extend(f"Also [{other.cause.value}/{other.code}]: {other.message}" for other in report.causes[1:])
     lines.extend(
         _section(
             "Missing keys (in the model, not in the checkpoint)",
@@ -52,10 +51,8 @@ def render_report(report: LoadReport, *, sample_size: int = SAMPLE_SIZE) -> str:
     )
     if report.renames:
         lines.extend(_section("Renamed", [(old, f"-> {new}") for old, new in report.renames.items()], sample_size))
-    for repair in report.repairs:
-        lines.append(f"Repaired: {repair}")
-    for warning in report.warnings:
-        lines.append(f"Warning [{warning.cause.value}/{warning.code}]: {warning.message}")
+    lines.extend(f"Repaired: {repair}" for repair in report.repairs)
+    lines.extend(f"Warning [{w.cause.value}/{w.code}]: {w.message}" for w in report.warnings)
     if not report.ok:
         if report.base_model_unchanged:
             lines.append("The base model was left unchanged.")
@@ -105,8 +102,8 @@ def collapse_keys(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
             slot[position].add(number)
     result = []
     for (template, info), values in groups.items():
-        numbers = iter(values)
-        parts = [p if p is not None else _fmt_indices(next(numbers)) for p in template]
+        slots = iter(values)
+        parts = [p if p is not None else _fmt_indices(next(slots)) for p in template]
         result.append((".".join(parts), info))
     return result
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 from safe_peft.classify import lora_role, module_of
 from safe_peft.model_view import ModelView
-
-if TYPE_CHECKING:
-    from peft import PeftConfig
 
 __all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
 
@@ -24,9 +21,7 @@ KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab")
 Shape = tuple[int, ...]
 
 
-def repair_config(
-    config: PeftConfig, names: tuple[str, ...], checkpoint: Mapping[str, Shape]
-) -> tuple[PeftConfig, list[str]]:
+def repair_config(config: Any, names: tuple[str, ...], checkpoint: Mapping[str, Shape]) -> tuple[Any, list[str]]:
     """Apply the config repairs in ``names``; return a new config and what changed."""
     unknown = [n for n in names if n not in KNOWN_REPAIRS]
     if unknown:
@@ -48,10 +43,10 @@ def repair_config(
             if r != new.r or pattern != dict(new.rank_pattern or {}):
                 done.append(f"rank: r {new.r} -> {r}, rank_pattern {dict(new.rank_pattern or {})} -> {pattern}")
                 new.r, new.rank_pattern = r, pattern
-    if "dora" in names and not getattr(new, "use_dora", False):
-        if any(lora_role(k) == "magnitude" for k in checkpoint):
-            done.append("dora: use_dora False -> True (the checkpoint holds DoRA magnitude vectors)")
-            new.use_dora = True
+    has_magnitudes = any(lora_role(k) == "magnitude" for k in checkpoint)
+    if "dora" in names and not getattr(new, "use_dora", False) and has_magnitudes:
+        done.append("dora: use_dora False -> True (the checkpoint holds DoRA magnitude vectors)")
+        new.use_dora = True
     return new, done
 
 
@@ -69,10 +64,10 @@ def vocab_target(view: ModelView, checkpoint: Mapping[str, Shape]) -> int | None
     return None
 
 
-def _as_list(value: object) -> list[str]:
+def _as_list(value: Any) -> list[str]:
     if isinstance(value, str) or value is None:
         return [] if value is None else [value]
-    return list(value)  # type: ignore[call-overload]
+    return [str(v) for v in value]
 
 
 def _show(value: object) -> object:

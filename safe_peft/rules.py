@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from safe_peft.model_view import ExpectedKey
@@ -19,6 +19,7 @@ from safe_peft.report import Cause
 __all__ = ["BUILTIN", "RemapPlan", "RemapRule", "apply_rules", "check_exact", "model_rules", "plan_remap", "to_rules"]
 
 Shape = tuple[int, ...]
+ShapeCheck = Callable[[str, Shape, Shape], bool]  # (new key, checkpoint shape, model shape) -> equal enough
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ BUILTIN: tuple[RemapRule, ...] = (
         r"\1",
         "drop FSDP and activation-checkpointing wrapper segments",
     ),
-    RemapRule("strip_pretrained_model", r"(^|\.)pretrained_model\.", r"\1", "drop trl's value-head `pretrained_model.`"),
+    RemapRule(
+        "strip_pretrained_model", r"(^|\.)pretrained_model\.", r"\1", "drop trl's value-head `pretrained_model.`"
+    ),
     RemapRule(
         "adapter_name_out",
         _ADAPTER_PARTS + r"\.[A-Za-z0-9_\-]+(\.weight|\.bias)?$",
@@ -71,7 +74,9 @@ BUILTIN: tuple[RemapRule, ...] = (
         ".",
         "remove `modules_to_save.<name>.` saved from a raw state_dict()",
     ),
-    RemapRule("drop_original_module", r"\.original_module\.", "", "drop copies of the frozen original module", drop=True),
+    RemapRule(
+        "drop_original_module", r"\.original_module\.", "", "drop copies of the frozen original module", drop=True
+    ),
     RemapRule("add_peft_prefix", r"^(?!base_model\.)", "base_model.model.", "add the `base_model.model.` prefix"),
     RemapRule(
         "drop_double_peft_prefix",
@@ -143,9 +148,7 @@ def model_rules(base_model_prefix: str) -> tuple[RemapRule, ...]:
 def to_rules(remap: object) -> tuple[RemapRule, ...]:
     """Normalise a user's ``remap`` argument (rules or a {regex: replacement} mapping)."""
     if isinstance(remap, Mapping):
-        return tuple(
-            RemapRule(f"user_{i}", str(p), str(r), "user rule") for i, (p, r) in enumerate(remap.items())
-        )
+        return tuple(RemapRule(f"user_{i}", str(p), str(r), "user rule") for i, (p, r) in enumerate(remap.items()))
     if isinstance(remap, Iterable) and not isinstance(remap, (str, bytes)):
         rules = tuple(remap)
         if all(isinstance(r, RemapRule) for r in rules):
@@ -159,7 +162,7 @@ def apply_rules(keys: Iterable[str], rules: Sequence[RemapRule]) -> dict[str, st
     for key in keys:
         new: str | None = key
         for rule in rules:
-            new = rule.apply(new)
+            new = rule.apply(key if new is None else new)
             if new is None:
                 break
         result[key] = new
@@ -182,10 +185,10 @@ def check_exact(
     mapping: Mapping[str, str | None],
     checkpoint: Mapping[str, Shape],
     expected: Mapping[str, ExpectedKey],
-    same_shape: object = None,
+    same_shape: ShapeCheck | None = None,
 ) -> tuple[str, ...]:
     """The reasons a renaming is not exact (empty when it is). ``same_shape(key, a, b)`` may relax shapes."""
-    equal = same_shape if callable(same_shape) else (lambda _key, a, b: a == b)
+    equal: ShapeCheck = same_shape if same_shape is not None else (lambda _key, a, b: a == b)
     problems = []
     landed: dict[str, str] = {}
     for old, new in mapping.items():
@@ -212,7 +215,7 @@ def plan_remap(
     candidates: Sequence[RemapRule],
     *,
     max_rules: int = 3,
-    same_shape: object = None,
+    same_shape: ShapeCheck | None = None,
 ) -> RemapPlan:
     """Find the smallest combination of ``candidates`` that makes the keys exact.
 

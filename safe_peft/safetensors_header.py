@@ -103,7 +103,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise _fault(path, "truncated_file", f"the file has {file_size} bytes, fewer than the 8-byte header length")
+                raise _fault(
+                    path, "truncated_file", f"the file has {file_size} bytes, fewer than the 8-byte header length"
+                )
             container = sniff_format(prefix)
             if container is not None:
                 raise _fault(
@@ -122,7 +124,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raw = f.read(length)
     except OSError as exc:
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT, "unreadable_file", f"{path}: cannot read the file ({exc.strerror or exc})",
+            Cause.CORRUPT_CHECKPOINT,
+            "unreadable_file",
+            f"{path}: cannot read the file ({exc.strerror or exc})",
             adapter=path,
         ) from None
     if len(raw) < length:
@@ -239,7 +243,9 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _fault(path: str, code: str, what: str, tensor: str | None = None, details: dict[str, Any] | None = None) -> AdapterFormatError:
+def _fault(
+    path: str, code: str, what: str, tensor: str | None = None, details: dict[str, Any] | None = None
+) -> AdapterFormatError:
     facts: dict[str, Any] = {"file": path, **(details or {})}
     if tensor is not None:
         facts["tensor"] = tensor

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.compare import compare_keys
 from safe_peft.classify import Evidence, classify, lora_role
+from safe_peft.compare import compare_keys
 from safe_peft.errors import AdapterLoadError
 from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport
@@ -49,21 +49,39 @@ def safe_load_state_dict(
     causes: list[Diagnosis] = []
     if not diff.ok:
         causes = _wrong_loader(shapes, own) or classify(
-            Evidence(diff, shapes, ModelView(type(module).__name__, expected, {}, frozenset(), "", (), "state_dict"),
-                     {}, plan_remap(shapes, expected, BUILTIN), adapter=False)
+            Evidence(
+                diff,
+                shapes,
+                ModelView(type(module).__name__, expected, {}, frozenset(), "", (), "state_dict"),
+                {},
+                plan_remap(shapes, expected, BUILTIN),
+                adapter=False,
+            )
         )
     report = LoadReport(
-        ok=diff.ok, missing=diff.missing, unexpected=diff.unexpected, size_mismatches=diff.size_mismatches,
-        causes=causes, renames=renames, model_class=type(module).__name__, adapter="state_dict",
+        ok=diff.ok,
+        missing=diff.missing,
+        unexpected=diff.unexpected,
+        size_mismatches=diff.size_mismatches,
+        causes=causes,
+        renames=renames,
+        model_class=type(module).__name__,
+        adapter="state_dict",
     )
     if not report.ok:
         raise AdapterLoadError(report)
     renamed = {renames.get(k, k): v for k, v in state_dict.items()}
     result = module.load_state_dict(renamed, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
-        full = compare_keys({renames.get(k, k): s for k, s in shapes.items()}, expected)
-        return LoadReport(ok=True, missing=full.missing, unexpected=full.unexpected, renames=renames,
-                          model_class=type(module).__name__, adapter="state_dict")
+        lenient = compare_keys(shapes, expected)
+        return LoadReport(
+            ok=True,
+            missing=lenient.missing,
+            unexpected=lenient.unexpected,
+            renames=renames,
+            model_class=type(module).__name__,
+            adapter="state_dict",
+        )
     return report
 
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import build, train_adapter  # noqa: E402
+from helpers import build, train_adapter
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,13 @@ def llama_config(**overrides: Any) -> Any:
     from transformers import LlamaConfig
 
     values: dict[str, Any] = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
     )
     values.update(overrides)
     return LlamaConfig(**values)
@@ -33,11 +38,22 @@ def build(kind: str = "causal", seed: int = 0, **overrides: Any) -> nn.Module:
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                                 bos_token_id=0, eos_token_id=0))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        )
     elif kind == "bert":
-        model = tf.BertModel(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=128, vocab_size=100, max_position_embeddings=64))
+        model = tf.BertModel(
+            tf.BertConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=100,
+                max_position_embeddings=64,
+            )
+        )
     else:
         cls = {"causal": tf.LlamaForCausalLM, "bare": tf.LlamaModel, "seqcls": tf.LlamaForSequenceClassification}[kind]
         extra = {"num_labels": 3, "pad_token_id": 0} if kind == "seqcls" else {}

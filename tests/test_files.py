@@ -61,8 +61,9 @@ def test_unreadable_config(adapters: dict[str, Any], tmp_path: Any) -> None:
 def test_non_default_adapter_name_saved_in_a_subfolder(tmp_path: Any) -> None:
     """peft saves adapter_name='style' into <dir>/style/; the error names the subfolder argument."""
     torch.manual_seed(1)
-    model = get_peft_model(build("causal"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
-                           adapter_name="style")
+    model = get_peft_model(
+        build("causal"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), adapter_name="style"
+    )
     directory = str(tmp_path / "multi")
     model.save_pretrained(directory)
     assert os.path.isfile(os.path.join(directory, "style", "adapter_config.json"))
@@ -84,8 +85,11 @@ def test_model_directory_given_as_adapter(tmp_path: Any) -> None:
 
 
 def test_unknown_config_keys_are_a_version_skew_warning(adapters: dict[str, Any], tmp_path: Any) -> None:
-    directory = derive(adapters["causal"][0], str(tmp_path / "newer"),
-                       config=lambda c: c.update(future_option={"x": 1}, another_new_field=None))
+    directory = derive(
+        adapters["causal"][0],
+        str(tmp_path / "newer"),
+        config=lambda c: c.update(future_option={"x": 1}, another_new_field=None),
+    )
     model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
     assert report.ok
     assert [(w.cause, w.code) for w in report.warnings] == [(Cause.VERSION_SKEW, "unknown_config_keys")]
@@ -100,8 +104,9 @@ def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_p
     directory = derive(adapters["causal"][0], str(tmp_path / "meaning"), config=lambda c: c.update(use_dora=True))
     # Simulate an older peft that does not know `use_dora` by hiding the field from the known set.
     real_fields = adapter_config.dataclasses.fields
-    monkeypatch.setattr(adapter_config.dataclasses, "fields",
-                        lambda cls: tuple(f for f in real_fields(cls) if f.name != "use_dora"))
+    monkeypatch.setattr(
+        adapter_config.dataclasses, "fields", lambda cls: tuple(f for f in real_fields(cls) if f.name != "use_dora")
+    )
     with pytest.raises(AdapterFormatError) as info:
         safe_load_adapter(build("causal"), directory)
     assert _code(info) == (Cause.VERSION_SKEW, "meaning_changing_config_key")

@@ -32,11 +32,15 @@ def _entry(dtype: str = "F32", shape: list[int] | None = None, offsets: list[int
 
 def test_reads_a_real_file(tmp_path: Any) -> None:
     path = str(tmp_path / "a.safetensors")
-    save_file({"a.lora_A.weight": torch.zeros(4, 8), "b": torch.zeros(3, dtype=torch.bfloat16)}, path,
-              metadata={"format": "pt"})
+    save_file(
+        {"a.lora_A.weight": torch.zeros(4, 8), "b": torch.zeros(3, dtype=torch.bfloat16)},
+        path,
+        metadata={"format": "pt"},
+    )
     header = read_header(path)
     assert {k: (t.dtype, t.shape) for k, t in header.tensors.items()} == {
-        "a.lora_A.weight": ("F32", (4, 8)), "b": ("BF16", (3,)),
+        "a.lora_A.weight": ("F32", (4, 8)),
+        "b": ("BF16", (3,)),
     }
     assert header.metadata == {"format": "pt"}
     assert header.total_bytes == 4 * 8 * 4 + 3 * 2
@@ -50,8 +54,15 @@ CASES = [
     ("bad_json", dict(header=None, raw=b"{not json"), None),
     ("bad_json", dict(header=None, raw=b"\xff\xfe"), None),
     ("bad_json", dict(header=[1, 2]), None),
-    ("duplicate_header_key", dict(header=None, raw=b'{"t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},'
-                                                   b'"t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'), None),
+    (
+        "duplicate_header_key",
+        dict(
+            header=None,
+            raw=b'{"t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},'
+            b'"t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+        ),
+        None,
+    ),
     ("bad_dtype", dict(header={"t": _entry(dtype="F99")}, data=b"\0" * 16), None),
     ("bad_shape", dict(header={"t": _entry(shape=[-1, 2])}, data=b"\0" * 16), None),
     ("bad_shape", dict(header={"t": _entry(shape=[True, 2])}, data=b"\0" * 16), None),
@@ -73,8 +84,9 @@ def test_corruption_battery(tmp_path: Any, code: str, spec: dict[str, Any], vari
         with open(path, "wb") as f:
             f.write(b"\x01\x02")
     else:
-        path = _file(tmp_path, spec.get("header"), spec.get("data", b""), raw=spec.get("raw"),
-                     length=spec.get("length"))
+        path = _file(
+            tmp_path, spec.get("header"), spec.get("data", b""), raw=spec.get("raw"), length=spec.get("length")
+        )
     with pytest.raises(AdapterFormatError) as info:
         read_header(path)
     primary = info.value.report.primary
@@ -99,7 +111,9 @@ def test_pickle_or_zip_named_safetensors(tmp_path: Any, container: str) -> None:
 
 
 @pytest.mark.property
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_format_errors(tmp_path: Any, blob: bytes) -> None:
     path = str(tmp_path / "random.safetensors")
@@ -112,7 +126,9 @@ def test_random_bytes_only_raise_format_errors(tmp_path: Any, blob: bytes) -> No
 
 
 @pytest.mark.property
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 64))
 def test_mutated_real_files_only_raise_format_errors(tmp_path: Any, position: int, value: int, cut: int) -> None:
     path = str(tmp_path / "mutated.safetensors")

@@ -80,10 +80,17 @@ def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any) -> None:
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 
     build("causal").save_pretrained(tmp_path / "base")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map,
-                                             offload_folder=str(tmp_path / "offload"))
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    model = LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     assert diagnose(model, adapters["causal"][0]).ok
     wrong = diagnose(model, adapters["wide"][0])
@@ -126,15 +133,27 @@ def test_diagnose_reads_only_the_header_of_a_huge_sparse_adapter(tmp_path: Any) 
     from safe_peft import diagnose
 
     hidden, layers, r = 4096, 4, 16
-    cfg = llama_config(hidden_size=hidden, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    cfg = llama_config(
+        hidden_size=hidden,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     header: dict[str, Any] = {}
     offset = 0
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-              "o_proj": (hidden, hidden), "gate_proj": (hidden, 11008), "up_proj": (hidden, 11008),
-              "down_proj": (11008, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, 11008),
+        "up_proj": (hidden, 11008),
+        "down_proj": (11008, hidden),
+    }
     for i in range(layers):
         for name, (fan_in, fan_out) in shapes.items():
             part = "mlp" if name in {"gate_proj", "up_proj", "down_proj"} else "self_attn"
@@ -151,9 +170,11 @@ def test_diagnose_reads_only_the_header_of_a_huge_sparse_adapter(tmp_path: Any) 
         f.write(struct.pack("<Q", len(body)) + body)
     hole = 600 * 1024 * 1024
     os.truncate(weights, 8 + len(body) + offset + 0)  # the data region: a hole, no bytes written
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-    ))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+        )
+    )
     assert offset > 10 * 1024 * 1024
     assert hole > 0
     diagnose(model, str(directory))  # warm up imports outside the measurement

@@ -80,7 +80,7 @@ def test_100k_keys() -> None:
         "size mismatch for x: copying a param with shape torch.Size([1, 2",
         "size mismatch for " * 1000,
         "\x00\xff" * 100,
-        'Unexpected key(s) in state_dict: ' + '"' * 10_001,
+        "Unexpected key(s) in state_dict: " + '"' * 10_001,
     ],
 )
 def test_odd_input_never_raises(text: str) -> None:
@@ -99,8 +99,13 @@ def test_exception_with_broken_str() -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    ["size mismatch for a" * 50_000, "a" * 1_000_000, '"' * 1_000_000, "torch.Size([" * 80_000,
-     "Missing key(s) in state_dict:" + " " * 1_000_000],
+    [
+        "size mismatch for a" * 50_000,
+        "a" * 1_000_000,
+        '"' * 1_000_000,
+        "torch.Size([" * 80_000,
+        "Missing key(s) in state_dict:" + " " * 1_000_000,
+    ],
 )
 def test_adversarial_megabyte_inputs_stay_linear(pattern: str) -> None:
     start = time.perf_counter()
@@ -110,9 +115,21 @@ def test_adversarial_megabyte_inputs_stay_linear(pattern: str) -> None:
 
 @pytest.mark.property
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.lists(st.sampled_from(list('ab".:,[]()\n 1') + ["size mismatch for ", "torch.Size([", ": copying",
-                                                     "Missing key(s) in state_dict:", "Error(s) in loading"]),
-                max_size=120))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                *list('ab".:,[]()\n 1'),
+                "size mismatch for ",
+                "torch.Size([",
+                ": copying",
+                "Missing key(s) in state_dict:",
+                "Error(s) in loading",
+            ]
+        ),
+        max_size=120,
+    )
+)
 def test_parse_never_raises_property(parts: list[str]) -> None:
     report = parse_load_error("".join(parts))
     assert report.ok == (not (report.missing or report.unexpected or report.size_mismatches))

@@ -19,8 +19,14 @@ REPORT = LoadReport(
     ],
     missing=[MissingKey(f"base_model.model.layers.{i}.mlp.up_proj.lora_B.weight", (64, 4)) for i in range(3)],
     causes=[
-        Diagnosis(Cause.CONFIG_MISMATCH, "rank_mismatch", "adapter_config.json says r=4, weights have rank 8",
-                  fix="pass repair=('rank',)", repair=("rank",), details={"config_r": 4}),
+        Diagnosis(
+            Cause.CONFIG_MISMATCH,
+            "rank_mismatch",
+            "adapter_config.json says r=4, weights have rank 8",
+            fix="pass repair=('rank',)",
+            repair=("rank",),
+            details={"config_r": 4},
+        ),
         Diagnosis(Cause.CORRUPT_CHECKPOINT, "incomplete_checkpoint", "3 tensors are missing"),
     ],
     adapter="/adapters/a",
@@ -92,6 +98,15 @@ def test_cause_values_are_stable_strings() -> None:
     assert Cause.WRONG_BASE_MODEL.value == "wrong_base_model"
     assert f"{Cause.VERSION_SKEW}" == "version_skew"
     assert {c.value for c in Cause} >= {
-        "wrong_base_model", "model_class_mismatch", "key_format", "config_mismatch", "vocab_size_mismatch",
-        "corrupt_checkpoint", "wrong_loader", "version_skew", "unsafe_format", "foreign_format", "unknown",
+        "wrong_base_model",
+        "model_class_mismatch",
+        "key_format",
+        "config_mismatch",
+        "vocab_size_mismatch",
+        "corrupt_checkpoint",
+        "wrong_loader",
+        "version_skew",
+        "unsafe_format",
+        "foreign_format",
+        "unknown",
     }

@@ -48,32 +48,100 @@ SCENARIOS = [
     Scenario("ok_dora", "dora", "causal", None),
     Scenario("ok_all_linear", "all_linear", "causal", None),
     Scenario("ok_seqcls", "seqcls", "seqcls", None),
-    Scenario("rank_in_config", "causal", "causal", Cause.CONFIG_MISMATCH, "rank_mismatch",
-             {"repair": ("rank",)}, {"config": _set("r", 4)}),
-    Scenario("causal_adapter_into_bare_model", "causal", "bare", Cause.MODEL_CLASS_MISMATCH,
-             "head_prefix_remove", {"remap": "auto"}),
-    Scenario("bare_adapter_into_causal_model", "bare", "causal", Cause.MODEL_CLASS_MISMATCH,
-             "head_prefix_add", {"remap": "auto"}),
+    Scenario(
+        "rank_in_config",
+        "causal",
+        "causal",
+        Cause.CONFIG_MISMATCH,
+        "rank_mismatch",
+        {"repair": ("rank",)},
+        {"config": _set("r", 4)},
+    ),
+    Scenario(
+        "causal_adapter_into_bare_model",
+        "causal",
+        "bare",
+        Cause.MODEL_CLASS_MISMATCH,
+        "head_prefix_remove",
+        {"remap": "auto"},
+    ),
+    Scenario(
+        "bare_adapter_into_causal_model",
+        "bare",
+        "causal",
+        Cause.MODEL_CLASS_MISMATCH,
+        "head_prefix_add",
+        {"remap": "auto"},
+    ),
     Scenario("seqcls_adapter_into_bare_model", "seqcls", "bare", Cause.MODEL_CLASS_MISMATCH, "missing_task_head"),
     Scenario("other_hidden_size", "wide", "causal", Cause.WRONG_BASE_MODEL, "dimension_mismatch"),
     Scenario("deeper_model", "deep", "causal", Cause.WRONG_BASE_MODEL, "fewer_layers"),
     Scenario("targets_not_in_model", "gpt2", "causal", Cause.WRONG_BASE_MODEL, "target_modules_not_found"),
-    Scenario("orig_mod_prefix", "causal", "causal", Cause.KEY_FORMAT, "strip_orig_mod", {"remap": "auto"},
-             {"keys": lambda k: k.replace("model.layers", "_orig_mod.model.layers")}),
-    Scenario("ddp_module_prefix", "causal", "causal", Cause.KEY_FORMAT, "strip_module", {"remap": "auto"},
-             {"keys": lambda k: k.replace("base_model.model.", "base_model.model.module.")}),
-    Scenario("adapter_name_in_keys", "causal", "causal", Cause.KEY_FORMAT, "adapter_name_out", {"remap": "auto"},
-             {"keys": lambda k: re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)}),
-    Scenario("no_peft_prefix", "causal", "causal", Cause.KEY_FORMAT, "add_peft_prefix", {"remap": "auto"},
-             {"keys": lambda k: k.removeprefix("base_model.model.")}),
-    Scenario("unpaired_lora", "causal", "causal", Cause.CORRUPT_CHECKPOINT, "unpaired_lora",
-             derive={"keys": _drop_lora_b}),
-    Scenario("zero3_empty_tensors", "causal", "causal", Cause.CORRUPT_CHECKPOINT, "zero3_empty_tensors",
-             derive={"tensors": lambda k, v: torch.empty(0)}),
-    Scenario("dora_flag_lost", "dora", "causal", Cause.CONFIG_MISMATCH, "dora_flag", {"repair": ("dora",)},
-             {"config": _set("use_dora", False)}),
-    Scenario("untargeted_modules", "causal", "causal", Cause.CONFIG_MISMATCH, "untargeted_modules",
-             {"repair": ("targets",)}, {"config": _set("target_modules", ["q_proj"])}),
+    Scenario(
+        "orig_mod_prefix",
+        "causal",
+        "causal",
+        Cause.KEY_FORMAT,
+        "strip_orig_mod",
+        {"remap": "auto"},
+        {"keys": lambda k: k.replace("model.layers", "_orig_mod.model.layers")},
+    ),
+    Scenario(
+        "ddp_module_prefix",
+        "causal",
+        "causal",
+        Cause.KEY_FORMAT,
+        "strip_module",
+        {"remap": "auto"},
+        {"keys": lambda k: k.replace("base_model.model.", "base_model.model.module.")},
+    ),
+    Scenario(
+        "adapter_name_in_keys",
+        "causal",
+        "causal",
+        Cause.KEY_FORMAT,
+        "adapter_name_out",
+        {"remap": "auto"},
+        {"keys": lambda k: re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)},
+    ),
+    Scenario(
+        "no_peft_prefix",
+        "causal",
+        "causal",
+        Cause.KEY_FORMAT,
+        "add_peft_prefix",
+        {"remap": "auto"},
+        {"keys": lambda k: k.removeprefix("base_model.model.")},
+    ),
+    Scenario(
+        "unpaired_lora", "causal", "causal", Cause.CORRUPT_CHECKPOINT, "unpaired_lora", derive={"keys": _drop_lora_b}
+    ),
+    Scenario(
+        "zero3_empty_tensors",
+        "causal",
+        "causal",
+        Cause.CORRUPT_CHECKPOINT,
+        "zero3_empty_tensors",
+        derive={"tensors": lambda k, v: torch.empty(0)},
+    ),
+    Scenario(
+        "dora_flag_lost",
+        "dora",
+        "causal",
+        Cause.CONFIG_MISMATCH,
+        "dora_flag",
+        {"repair": ("dora",)},
+        {"config": _set("use_dora", False)},
+    ),
+    Scenario(
+        "untargeted_modules",
+        "causal",
+        "causal",
+        Cause.CONFIG_MISMATCH,
+        "untargeted_modules",
+        {"repair": ("targets",)},
+        {"config": _set("target_modules", ["q_proj"])},
+    ),
 ]
 
 
@@ -144,6 +212,7 @@ def backbone(model: Any) -> torch.Tensor:
 
 def test_failures_never_modify_adapter_files(adapters: dict[str, Any], tmp_path: Any) -> None:
     directory = derive(adapters["causal"][0], str(tmp_path / "r4"), config=_set("r", 4))
+
     def files() -> dict[str, bytes]:
         return {n: (tmp_path / "r4" / n).read_bytes() for n in sorted(os.listdir(directory))}
 
@@ -278,8 +347,11 @@ def test_strict_false_keeps_peft_leniency_and_reports(adapters: dict[str, Any]) 
 
 
 def test_nan_adapter_is_refused_after_loading_and_undone(adapters: dict[str, Any], tmp_path: Any) -> None:
-    directory = derive(adapters["causal"][0], str(tmp_path / "nan"),
-                       tensors=lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.q_proj.lora_B" in k else v)
+    directory = derive(
+        adapters["causal"][0],
+        str(tmp_path / "nan"),
+        tensors=lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.q_proj.lora_B" in k else v,
+    )
     base = build("causal")
     before = fingerprint(base)
     assert diagnose(base, directory).ok  # values are invisible to a header-only diagnosis
@@ -295,7 +367,7 @@ def test_all_zero_lora_b_is_a_warning(tmp_path: Any) -> None:
 
     directory = str(tmp_path / "untrained")
     get_peft_model(build("causal"), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(directory)
-    model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
+    _model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
     assert report.ok
     assert [w.code for w in report.warnings] == ["all_zero_lora_B"]
 
