@@ -1,0 +1,49 @@
+"""One load in a fresh process; prints its peak RSS (VmHWM, KiB) before and after the load.
+
+Used by run.py: `peak_rss.py plain|safe DIR`. VmHWM belongs to the process's own address space; ru_maxrss
+would carry over the parent's peak across exec on Linux.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    mode, directory = sys.argv[1], sys.argv[2]
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safe_peft import safe_load_adapter
+
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    before = _hwm()
+    if mode == "plain":
+        PeftModel.from_pretrained(base, directory)
+    else:
+        safe_load_adapter(base, directory)
+    after = _hwm()
+    print(before, after)
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+if __name__ == "__main__":
+    main()
