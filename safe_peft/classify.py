@@ -78,6 +78,8 @@ class Evidence:
 
 def classify(ev: Evidence) -> list[Diagnosis]:
     """All findings for ``ev``, most likely first. Empty when the checkpoint fits."""
+    if ev.diff.ok and ev.view.error is None:
+        return []  # corrupt and foreign checkpoints always show up in the key comparison
     ranked: list[tuple[int, int, Diagnosis]] = []  # (tier, -weight, finding)
 
     def add(tier: int, weight: int, diagnosis: Diagnosis) -> None:
