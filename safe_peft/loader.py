@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 from safe_peft.classify import lora_role
 from safe_peft.errors import AdapterLoadError
 from safe_peft.model_view import PEFT_PREFIX
-from safe_peft.plan import HUB_KWARGS, LoadPlan, load_pickle, make_plan
+from safe_peft.plan import HUB_KWARGS, LoadPlan, make_plan
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 from safe_peft.snapshot import ModuleSnapshot
+from safe_peft.writer import write_weights
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -79,7 +80,7 @@ def _execute(
         directory = plan.files.directory
         if plan.renames or plan.dropped:
             workdir = tempfile.mkdtemp(prefix="safe_peft_")
-            _write_renamed(plan, workdir)
+            write_weights(plan, os.path.join(workdir, "adapter_model.safetensors"))
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
         model = PeftModel.from_pretrained(
@@ -119,17 +120,6 @@ def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
             if name in params:
                 tensors.append(params[name])
     return tensors
-
-
-def _write_renamed(plan: LoadPlan, directory: str) -> None:
-    from safetensors.torch import load_file, save_file
-
-    if plan.files.weights_format == "safetensors":
-        tensors = load_file(plan.files.weights_path)
-    else:
-        tensors = load_pickle(plan.files.weights_path)
-    renamed = {plan.renames.get(k, k): v for k, v in tensors.items() if k not in set(plan.dropped)}
-    save_file({k: v.contiguous() for k, v in renamed.items()}, os.path.join(directory, "adapter_model.safetensors"))
 
 
 def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class LoadPlan:
     dropped: tuple[str, ...] = ()
     vocab_size: int | None = None
     view: ModelView | None = None
+    rules: tuple[str, ...] = ()  # names of the remap rules applied
 
 
 def diagnose(
@@ -125,8 +126,9 @@ def make_plan(
         plan = plan_remap(checkpoint, view.expected, candidates, same_shape=relaxed)
         if remap == "auto" and not plan.exact:
             findings.append(_remap_refused(plan, "no combination of the built-in rules"))
+    applied: tuple[str, ...] = ()
     if remap is not None and plan is not None and plan.exact:
-        renames, dropped = plan.renames, plan.dropped
+        renames, dropped, applied = plan.renames, plan.dropped, tuple(r.name for r in plan.rules)
         checkpoint = {renames.get(k, k): s for k, s in checkpoint.items() if k not in set(dropped)}
         diff = compare_keys(checkpoint, view.expected)
         plan = None
@@ -157,7 +159,7 @@ def make_plan(
         model_class=view.model_class,
         adapter_name=adapter_name,
     )
-    return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view)
+    return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view, applied)
 
 
 def read_checkpoint_shapes(files: AdapterFiles) -> dict[str, Shape]:

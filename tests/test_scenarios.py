@@ -377,3 +377,73 @@ def test_peft_kwargs_pass_through_unchanged(adapters: dict[str, Any]) -> None:
     model = safe_load_adapter(build("causal"), adapters["causal"][0], **kwargs)
     assert kwargs == {"is_trainable": True}
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("s", [s for s in FIXABLE if "vocab" not in s.fix.get("repair", ())], ids=lambda s: s.name)
+def test_written_fix_loads_in_plain_peft_without_warning(s: Scenario, adapters: dict[str, Any], scenario_dir: Any,
+                                                         tmp_path: Any) -> None:
+    import warnings
+
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from safe_peft.writer import fix_adapter
+
+    directory = scenario_dir(s)
+    source = {n: open_bytes(directory, n) for n in os.listdir(directory)}
+    out = str(tmp_path / "fixed")
+    report = fix_adapter(build(s.model), directory, out, **s.fix)
+    assert report.ok and (report.renames or report.repairs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "loads with no warning"...
+        warnings.filterwarnings("ignore", category=FutureWarning)  # ...but transformers' deprecation notices
+        model = PeftModel.from_pretrained(build(s.model), out)
+    reference = safe_load_adapter(build(TRAINED_ON[s.adapter]), adapters[s.adapter][0])
+    assert torch.allclose(backbone(model), backbone(reference), atol=1e-5)
+    if TRAINED_ON[s.adapter] == s.model:
+        assert torch.allclose(outputs(model), adapters[s.adapter][1], atol=1e-5)
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert bool(meta["safe_peft.rules"]) == bool(report.renames)
+    assert meta["safe_peft.renamed"] == str(len(report.renames))
+    assert json.loads(meta["safe_peft.repairs"]) == report.repairs
+    assert len(meta["safe_peft.source_keys_sha256"]) == 64
+    assert {n: open_bytes(directory, n) for n in os.listdir(directory)} == source
+
+
+def open_bytes(directory: str, name: str) -> bytes:
+    with open(os.path.join(directory, name), "rb") as f:
+        return f.read()
+
+
+def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, Any], tmp_path: Any) -> None:
+    from safe_peft.safetensors_header import read_header
+    from safe_peft.writer import fix_adapter
+
+    directory = derive(adapters["causal"][0], str(tmp_path / "compiled"),
+                       keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers"))
+    fix_adapter(build("causal"), directory, str(tmp_path / "out"), remap="auto")
+    old = read_header(os.path.join(directory, "adapter_model.safetensors"))
+    new = read_header(str(tmp_path / "out" / "adapter_model.safetensors"))
+    data = open_bytes(directory, "adapter_model.safetensors")[old.data_start:]
+    assert open_bytes(str(tmp_path / "out"), "adapter_model.safetensors")[new.data_start:] == data
+    assert sorted(t.begin for t in new.tensors.values()) == sorted(t.begin for t in old.tensors.values())
+
+
+def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], tmp_path: Any) -> None:
+    from safe_peft.writer import fix_adapter
+
+    with pytest.raises(AdapterLoadError):
+        fix_adapter(build("causal"), adapters["wide"][0], str(tmp_path / "never"), remap="auto")
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    bad = derive(adapters["causal"][0], str(tmp_path / "r4"), config=_set("r", 4))
+    with pytest.raises(FileExistsError):
+        fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",))
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+    with pytest.raises(ValueError, match="own directory"):
+        fix_adapter(build("causal"), bad, bad, repair=("rank",))
+    fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",), force=True)
+    assert not (tmp_path / "busy" / "keep.txt").exists()
+
