@@ -32,8 +32,10 @@ def main() -> None:
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     before = _hwm()
-    if mode == "plain":
+    if mode == "plain" and "compiled" not in directory:
         PeftModel.from_pretrained(base, directory)
+    elif mode == "remap":
+        safe_load_adapter(base, directory, remap="auto")
     else:
         safe_load_adapter(base, directory)
     after = _hwm()

@@ -4,10 +4,7 @@ and never raises on odd input."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import re
-from collections.abc import Iterator
 from functools import partial
 from itertools import repeat
 
@@ -15,7 +12,7 @@ from safe_peft.classify import Evidence, classify
 from safe_peft.compare import KeyDiff
 from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
-from safe_peft.rules import BUILTIN, plan_remap
+from safe_peft.rules import BUILTIN, gc_paused, plan_remap
 
 __all__ = ["parse_load_error"]
 
@@ -36,7 +33,7 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
         text = str(error_or_message)
     except Exception:  # noqa: BLE001 - a broken __str__ must not break the parser
         text = ""
-    with _gc_paused():  # 100k acyclic tuples would trigger dozens of needless collections
+    with gc_paused():  # 100k acyclic tuples would trigger dozens of needless collections
         missing_keys = _quoted_after(text, _MISSING, '"') + _quoted_after(text, _PEFT_WARNING, "'")
         unexpected_keys = _quoted_after(text, _UNEXPECTED, '"')
         missing = list(map(_new_missing, zip(missing_keys, repeat(None))))
@@ -56,19 +53,6 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
 
 
 CLASSIFY_SAMPLE = 2_000
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 _new_missing = partial(tuple.__new__, MissingKey)
 _new_unexpected = partial(tuple.__new__, UnexpectedKey)
 

@@ -8,17 +8,31 @@ exactness check). Matching is on full key paths, never on the last component alo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from safe_peft.model_view import ExpectedKey
 from safe_peft.report import Cause
 
-__all__ = ["BUILTIN", "RemapPlan", "RemapRule", "apply_rules", "check_exact", "model_rules", "plan_remap", "to_rules"]
+__all__ = [
+    "BUILTIN",
+    "RemapPlan",
+    "RemapRule",
+    "apply_rules",
+    "check_exact",
+    "model_rules",
+    "plan_remap",
+    "rename_state_dict",
+    "to_rules",
+]
 
 Shape = tuple[int, ...]
+V = TypeVar("V")
 ShapeCheck = Callable[[str, Shape, Shape], bool]  # (new key, checkpoint shape, model shape) -> equal enough
 
 
@@ -169,6 +183,14 @@ def apply_rules(keys: Iterable[str], rules: Sequence[RemapRule]) -> dict[str, st
     return result
 
 
+def rename_state_dict(
+    state_dict: Mapping[str, V], renames: Mapping[str, str], dropped: Iterable[str] = ()
+) -> dict[str, V]:
+    """A new dict with keys renamed and dropped; the values are the very same objects (no tensor is copied)."""
+    gone = set(dropped)
+    return {renames.get(k, k): v for k, v in state_dict.items() if k not in gone}
+
+
 @dataclass(frozen=True)
 class RemapPlan:
     """The outcome of planning: the rules and renames that make the keys exact, or why not."""
@@ -188,7 +210,6 @@ def check_exact(
     same_shape: ShapeCheck | None = None,
 ) -> tuple[str, ...]:
     """The reasons a renaming is not exact (empty when it is). ``same_shape(key, a, b)`` may relax shapes."""
-    equal: ShapeCheck = same_shape if same_shape is not None else (lambda _key, a, b: a == b)
     problems = []
     landed: dict[str, str] = {}
     for old, new in mapping.items():
@@ -201,11 +222,13 @@ def check_exact(
         want = expected.get(new)
         if want is None:
             problems.append(f"{new!r} is not a key of the model")
-        elif not equal(new, tuple(checkpoint[old]), want.shape):
-            problems.append(f"{new!r} has shape {list(checkpoint[old])}, the model expects {list(want.shape)}")
-    for key, want in expected.items():
-        if want.required and key not in landed:
-            problems.append(f"{key!r} is still missing")
+            continue
+        have = tuple(checkpoint[old])
+        if have != want.shape and (same_shape is None or not same_shape(new, have, want.shape)):
+            problems.append(f"{new!r} has shape {list(have)}, the model expects {list(want.shape)}")
+    problems.extend(
+        f"{key!r} is still missing" for key, want in expected.items() if want.required and key not in landed
+    )
     return tuple(problems)
 
 
@@ -219,21 +242,105 @@ def plan_remap(
 ) -> RemapPlan:
     """Find the smallest combination of ``candidates`` that makes the keys exact.
 
-    Only rules that change at least one key are combined, in their given order. When none
-    is exact, the returned plan is the closest one (fewest problems) with ``exact=False``.
+    Keys are grouped by template (numeric path segments collapsed), so each combination is
+    tried on one representative per group; only a combination whose representatives all land
+    on expected keys is expanded to every key and held to the full exactness check. Time is
+    linear in the number of keys. When none is exact, the closest plan (fewest problems
+    among those checked) is returned with ``exact=False``.
     """
-    useful = [r for r in candidates if any(r.apply(k) != k for k in checkpoint)]
-    best: RemapPlan | None = None
+    with gc_paused():
+        return _plan_remap(checkpoint, expected, candidates, max_rules, same_shape)
+
+
+def _plan_remap(
+    checkpoint: Mapping[str, Shape],
+    expected: Mapping[str, ExpectedKey],
+    candidates: Sequence[RemapRule],
+    max_rules: int,
+    same_shape: ShapeCheck | None,
+) -> RemapPlan:
+    groups = _Templates(checkpoint)
+    useful = [r for r in candidates if any(r.apply(t) != t for t in groups.templates)]
+    closest: tuple[int, tuple[RemapRule, ...], dict[str, str | None]] | None = None
     for size in range(1, min(max_rules, len(useful)) + 1):
         for combo in itertools.combinations(useful, size):
-            mapping = apply_rules(checkpoint, combo)
-            problems = check_exact(mapping, checkpoint, expected, same_shape)
-            plan = _plan(combo, mapping, problems)
-            if not problems:
-                return plan
-            if best is None or plan.remaining < best.remaining:
-                best = plan
-    return best if best is not None else RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
+            mapped = groups.map_templates(combo)
+            if mapped is None:
+                continue  # a rule changed the numeric segments: only direct application is faithful
+            misses = groups.misses(mapped, expected)
+            if misses == 0:
+                mapping = groups.expand(mapped)
+                problems = check_exact(mapping, checkpoint, expected, same_shape)
+                if not problems:
+                    return _plan(combo, mapping, problems)
+                misses = len(problems)
+            if closest is None or misses < closest[0]:
+                closest = (misses, combo, mapped)
+    if closest is None:
+        return RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
+    _, combo, mapped = closest
+    mapping = groups.expand(mapped)
+    return _plan(combo, mapping, check_exact(mapping, checkpoint, expected, same_shape))
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC around bulk building of acyclic strings and tuples (restores the caller's state)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_DIGITS = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole numeric path segment: layers.{17}.mlp
+
+
+class _Templates:
+    """Checkpoint keys grouped by their shape with numeric segments collapsed to ``0``."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.members: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        findall, sub = _DIGITS.findall, _DIGITS.sub
+        for key in keys:
+            numbers = tuple(findall(key))
+            template = sub("0", key) if numbers else key
+            self.members.setdefault(template, []).append((key, numbers))
+        self.templates = list(self.members)
+
+    def map_templates(self, rules: Sequence[RemapRule]) -> dict[str, str | None] | None:
+        mapped = apply_rules(self.templates, rules)
+        for template, new in mapped.items():
+            if new is not None and len(_DIGITS.findall(new)) != len(_DIGITS.findall(template)):
+                return None
+        return mapped
+
+    def misses(self, mapped: Mapping[str, str | None], expected: Mapping[str, ExpectedKey]) -> int:
+        """How many keys (counted by group) whose representative lands on no expected key."""
+        missed = 0
+        for template, new in mapped.items():
+            members = self.members[template]
+            if new is not None and _pattern(new).format(*members[0][1]) not in expected:
+                missed += len(members)
+        return missed
+
+    def expand(self, mapped: Mapping[str, str | None]) -> dict[str, str | None]:
+        result: dict[str, str | None] = {}
+        for template, new in mapped.items():
+            if new is None:
+                result.update(dict.fromkeys((key for key, _ in self.members[template]), None))
+                continue
+            fill = _pattern(new).format
+            for key, numbers in self.members[template]:
+                result[key] = fill(*numbers)
+        return result
+
+
+def _pattern(template: str) -> str:
+    """``a.0.b`` -> ``a.{}.b``, with literal braces escaped."""
+    return _DIGITS.sub("{}", template.replace("{", "{{").replace("}", "}}"))
 
 
 def _plan(rules: Sequence[RemapRule], mapping: Mapping[str, str | None], problems: Sequence[str]) -> RemapPlan:

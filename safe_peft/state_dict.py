@@ -10,7 +10,7 @@ from safe_peft.compare import compare_keys
 from safe_peft.errors import AdapterLoadError
 from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, apply_rules, check_exact, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, apply_rules, check_exact, plan_remap, rename_state_dict, to_rules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,7 +70,7 @@ def safe_load_state_dict(
     )
     if not report.ok:
         raise AdapterLoadError(report)
-    renamed = {renames.get(k, k): v for k, v in state_dict.items()}
+    renamed = rename_state_dict(state_dict, renames)
     result = module.load_state_dict(renamed, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
         lenient = compare_keys(shapes, expected)

@@ -48,8 +48,9 @@ def fix_adapter(
     ``force``. A ``"vocab"`` repair cannot live in the adapter: the base model must still be
     resized to the vocabulary the report names before loading the written adapter.
     """
-    plan = make_plan(base_model, model_id, remap=remap, repair=tuple(repair), allow_pickle=allow_pickle,
-                     peft_kwargs=peft_kwargs)
+    plan = make_plan(
+        base_model, model_id, remap=remap, repair=tuple(repair), allow_pickle=allow_pickle, peft_kwargs=peft_kwargs
+    )
     if not plan.report.ok:
         raise AdapterLoadError(plan.report)
     target = os.path.abspath(os.fspath(out_dir))
@@ -121,7 +122,9 @@ def write_weights(plan: LoadPlan, path: str) -> None:
             continue
         size = info.end - info.begin
         entries[plan.renames.get(info.name, info.name)] = {
-            "dtype": info.dtype, "shape": list(info.shape), "data_offsets": [position, position + size],
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [position, position + size],
         }
         ranges.append((info.begin, info.end))
         position += size
@@ -152,5 +155,3 @@ def _copy(src: Any, dst: Any, count: int) -> None:
             raise AdapterFormatError.of(Cause.CORRUPT_CHECKPOINT, "truncated_file", f"{src.name}: ended early")
         dst.write(chunk)
         count -= len(chunk)
-
-

@@ -380,8 +380,9 @@ def test_peft_kwargs_pass_through_unchanged(adapters: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("s", [s for s in FIXABLE if "vocab" not in s.fix.get("repair", ())], ids=lambda s: s.name)
-def test_written_fix_loads_in_plain_peft_without_warning(s: Scenario, adapters: dict[str, Any], scenario_dir: Any,
-                                                         tmp_path: Any) -> None:
+def test_written_fix_loads_in_plain_peft_without_warning(
+    s: Scenario, adapters: dict[str, Any], scenario_dir: Any, tmp_path: Any
+) -> None:
     import warnings
 
     from peft import PeftModel
@@ -420,13 +421,16 @@ def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, A
     from safe_peft.safetensors_header import read_header
     from safe_peft.writer import fix_adapter
 
-    directory = derive(adapters["causal"][0], str(tmp_path / "compiled"),
-                       keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers"))
+    directory = derive(
+        adapters["causal"][0],
+        str(tmp_path / "compiled"),
+        keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers"),
+    )
     fix_adapter(build("causal"), directory, str(tmp_path / "out"), remap="auto")
     old = read_header(os.path.join(directory, "adapter_model.safetensors"))
     new = read_header(str(tmp_path / "out" / "adapter_model.safetensors"))
-    data = open_bytes(directory, "adapter_model.safetensors")[old.data_start:]
-    assert open_bytes(str(tmp_path / "out"), "adapter_model.safetensors")[new.data_start:] == data
+    data = open_bytes(directory, "adapter_model.safetensors")[old.data_start :]
+    assert open_bytes(str(tmp_path / "out"), "adapter_model.safetensors")[new.data_start :] == data
     assert sorted(t.begin for t in new.tensors.values()) == sorted(t.begin for t in old.tensors.values())
 
 
@@ -446,4 +450,3 @@ def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], t
         fix_adapter(build("causal"), bad, bad, repair=("rank",))
     fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",), force=True)
     assert not (tmp_path / "busy" / "keep.txt").exists()
-
