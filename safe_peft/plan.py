@@ -135,7 +135,7 @@ def make_plan(
     repairs: list[str] = []
     vocab_size = None
     if repair:
-        peft_config, repairs = repair_config(peft_config, tuple(repair), checkpoint)
+        peft_config, repairs = repair_config(peft_config, tuple(repair), checkpoint, view.module_names)
         if repairs:
             config_data = {**config_data, **_changed(peft_config)}
             view = expected_keys(model, peft_config, adapter_name)
@@ -143,9 +143,11 @@ def make_plan(
             vocab_size = vocab_target(view, checkpoint)
             if vocab_size is not None:
                 view = _resized(view, checkpoint, vocab_size)
-                repairs.append(f"vocab: resize the base model's token embeddings to {vocab_size} rows")
+                current = _vocab_rows(model)
+                change = "grow" if current is None or vocab_size > current else "shrink"
+                repairs.append(f"vocab: {change} the base model's token embeddings from {current} to {vocab_size} rows")
         diff = compare_keys(checkpoint, view.expected)
-    causes = findings + classify(Evidence(diff, checkpoint, view, config_data, plan))
+    causes = classify(Evidence(diff, checkpoint, view, config_data, plan)) + findings  # the real cause first
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
@@ -297,8 +299,15 @@ def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
     )
 
 
+def _vocab_rows(model: nn.Module) -> int | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    layer = getter() if callable(getter) else None
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def _changed(config: Any) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in ("r", "rank_pattern", "use_dora", "target_modules")}
+    return {k: getattr(config, k) for k in ("r", "rank_pattern", "use_dora", "target_modules", "modules_to_save")}
 
 
 def _resized(view: ModelView, checkpoint: Mapping[str, Shape], vocab: int) -> ModelView:

@@ -17,11 +17,15 @@ from safe_peft.model_view import ModelView
 
 __all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
 
-KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab")
+KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config")
+# "config" (drop config keys the installed peft does not know, refusing meaning-changing ones) is what every
+# load does anyway, since plain peft drops them too; the name is accepted so that asking for it is explicit.
 Shape = tuple[int, ...]
 
 
-def repair_config(config: Any, names: tuple[str, ...], checkpoint: Mapping[str, Shape]) -> tuple[Any, list[str]]:
+def repair_config(
+    config: Any, names: tuple[str, ...], checkpoint: Mapping[str, Shape], module_names: frozenset[str] = frozenset()
+) -> tuple[Any, list[str]]:
     """Apply the config repairs in ``names``; return a new config and what changed."""
     unknown = [n for n in names if n not in KNOWN_REPAIRS]
     if unknown:
@@ -33,6 +37,12 @@ def repair_config(config: Any, names: tuple[str, ...], checkpoint: Mapping[str, 
         if modules and set(modules) != set(_as_list(new.target_modules)):
             done.append(f"targets: target_modules {_show(new.target_modules)} -> {modules}")
             new.target_modules = modules
+        heads = sorted(
+            {m for k in checkpoint if lora_role(k) is None and (m := module_of(k)) in module_names} - set(modules)
+        )
+        if heads and set(heads) != set(_as_list(new.modules_to_save)):
+            done.append(f"targets: modules_to_save {_show(new.modules_to_save)} -> {heads}")
+            new.modules_to_save = heads
     if "rank" in names:
         ranks = {
             module_of(k): s[0] for k, s in checkpoint.items() if lora_role(k) in {"lora_A", "lora_embedding_A"} and s

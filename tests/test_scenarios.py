@@ -450,3 +450,22 @@ def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], t
         fix_adapter(build("causal"), bad, bad, repair=("rank",))
     fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",), force=True)
     assert not (tmp_path / "busy" / "keep.txt").exists()
+
+
+def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any]) -> None:
+    report = diagnose(build("causal"), adapters["wide"][0], remap="auto")
+    assert [d.code for d in report.causes][:1] == ["dimension_mismatch"]
+    assert "remap_not_exact" in [d.code for d in report.causes]
+    assert report.renames == {}
+
+
+def test_vocab_repair_says_grow_or_shrink(tmp_path: Any) -> None:
+    from helpers import train_adapter
+
+    trained_base = build("causal")
+    trained_base.resize_token_embeddings(80)  # axolotl-style shrunk vocabulary
+    directory = str(tmp_path / "shrunk")
+    trained = train_adapter(trained_base, directory, modules_to_save=["embed_tokens", "lm_head"])
+    model, report = safe_load_adapter(build("causal"), directory, repair=("vocab",), output_loading_info=True)
+    assert report.repairs[-1] == "vocab: shrink the base model's token embeddings from 100 to 80 rows"
+    assert torch.allclose(outputs(model), trained, atol=1e-5)
