@@ -147,7 +147,12 @@ def make_plan(
                 change = "grow" if current is None or vocab_size > current else "shrink"
                 repairs.append(f"vocab: {change} the base model's token embeddings from {current} to {vocab_size} rows")
         diff = compare_keys(checkpoint, view.expected)
-    causes = classify(Evidence(diff, checkpoint, view, config_data, plan)) + findings  # the real cause first
+    evidence = Evidence(diff, checkpoint, view, config_data, plan)
+    if plan is not None and not plan.exact and _only_shapes_differ(plan, checkpoint, view):
+        # the keys line up after the closest renames: the shapes are what is wrong, so classify those
+        moved = {plan.renames.get(k, k): s for k, s in checkpoint.items() if k not in set(plan.dropped)}
+        evidence = Evidence(compare_keys(moved, view.expected), moved, view, config_data, None)
+    causes = classify(evidence) + findings  # the real cause first
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
@@ -297,6 +302,12 @@ def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
         fix="see the other causes below; a rename cannot fix them.",
         details={"closest_rules": [r.name for r in plan.rules], "problems": list(plan.problems)},
     )
+
+
+def _only_shapes_differ(plan: RemapPlan, checkpoint: Mapping[str, Shape], view: ModelView) -> bool:
+    landed = {plan.renames.get(k, k) for k in checkpoint if k not in set(plan.dropped)}
+    required = {k for k, e in view.expected.items() if e.required}
+    return bool(plan.renames) and landed <= view.expected.keys() and required <= landed
 
 
 def _vocab_rows(model: nn.Module) -> int | None:

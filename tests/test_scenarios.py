@@ -452,11 +452,20 @@ def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], t
     assert not (tmp_path / "busy" / "keep.txt").exists()
 
 
-def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any]) -> None:
+def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any], tmp_path: Any) -> None:
     report = diagnose(build("causal"), adapters["wide"][0], remap="auto")
-    assert [d.code for d in report.causes][:1] == ["dimension_mismatch"]
-    assert "remap_not_exact" in [d.code for d in report.causes]
-    assert report.renames == {}
+    assert [d.code for d in report.causes] == ["dimension_mismatch"]  # nothing to rename: shapes only
+    compiled = derive(
+        adapters["wide"][0],
+        str(tmp_path / "wide_compiled"),
+        keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers"),
+    )
+    for remap in (None, "auto"):
+        report = diagnose(build("causal"), compiled, remap=remap)
+        codes = [d.code for d in report.causes]
+        assert codes[0] == "dimension_mismatch", codes
+        assert ("remap_not_exact" in codes) == (remap == "auto")
+        assert report.renames == {}
 
 
 def test_vocab_repair_says_grow_or_shrink(tmp_path: Any) -> None:
