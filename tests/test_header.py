@@ -116,13 +116,20 @@ def test_pickle_or_zip_named_safetensors(tmp_path: Any, container: str) -> None:
 )
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_format_errors(tmp_path: Any, blob: bytes) -> None:
+    import tracemalloc
+
     path = str(tmp_path / "random.safetensors")
     with open(path, "wb") as f:
         f.write(blob)
+    tracemalloc.start()
     try:
         read_header(path)
     except AdapterFormatError:
         pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 64 * len(blob) + 256 * 1024  # bounded by the file, never by what the header claims
 
 
 @pytest.mark.property
@@ -147,3 +154,40 @@ def test_mutated_real_files_only_raise_format_errors(tmp_path: Any, position: in
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 1_000_000,
+        b'{"a":' * 200_000 + b"1" + b"}" * 200_000,
+        b'"' + b"x" * 1_000_000 + b'"',
+        json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(20_000)}).encode(),
+    ],
+    ids=["deep_array", "deep_object", "long_string", "20k_entries"],
+)
+def test_megabyte_adversarial_headers_finish_quickly(tmp_path: Any, body: bytes) -> None:
+    import time
+
+    path = _file(tmp_path, None, raw=body)
+    start = time.perf_counter()
+    try:
+        header = read_header(path)
+        assert len(header.tensors) == 20_000
+    except AdapterFormatError as exc:
+        assert exc.code in {"bad_json", "bad_offsets"}
+    assert time.perf_counter() - start < 5  # linear: a quadratic pass would take minutes
+
+
+def test_claimed_header_length_is_never_allocated(tmp_path: Any) -> None:
+    """A header claiming 90 MB in a 100-byte file is rejected before any allocation of that size."""
+    import tracemalloc
+
+    path = _file(tmp_path, None, raw=b"{}" + b" " * 90, length=90_000_000)
+    tracemalloc.start()
+    with pytest.raises(AdapterFormatError) as info:
+        read_header(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert info.value.code == "truncated_file"
+    assert peak < 1024 * 1024
