@@ -155,3 +155,14 @@ def test_testing_helper(adapters: dict[str, Any], tmp_path: Any) -> None:
     assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
     with pytest.raises(AssertionError, match=r"Most likely cause \[wrong_base_model/dimension_mismatch\]"):
         assert_adapter_loads(build("causal"), adapters["wide"][0])
+
+
+@pytest.mark.parametrize("name, code", [("adapter_config.json", "missing_config"),
+                                        ("adapter_model.safetensors", "missing_weights")])
+def test_fifo_in_place_of_a_file_never_blocks(adapters: dict[str, Any], tmp_path: Any, name: str, code: str) -> None:
+    directory = derive(adapters["causal"][0], str(tmp_path / "fifo"))
+    os.remove(os.path.join(directory, name))
+    os.mkfifo(os.path.join(directory, name))  # opening it for reading would block forever
+    with pytest.raises(AdapterFormatError) as info:
+        safe_load_adapter(build("causal"), directory)
+    assert _code(info) == (Cause.CORRUPT_CHECKPOINT, code)
