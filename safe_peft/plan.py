@@ -152,7 +152,9 @@ def make_plan(
         # the keys line up after the closest renames: the shapes are what is wrong, so classify those
         moved = {plan.renames.get(k, k): s for k, s in checkpoint.items() if k not in set(plan.dropped)}
         evidence = Evidence(compare_keys(moved, view.expected), moved, view, config_data, None)
-    causes = classify(evidence) + findings  # the real cause first
+        causes = _with_layout(classify(evidence), plan) + findings
+    else:
+        causes = classify(evidence) + findings  # the real cause first
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
@@ -302,6 +304,24 @@ def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
         fix="see the other causes below; a rename cannot fix them.",
         details={"closest_rules": [r.name for r in plan.rules], "problems": list(plan.problems)},
     )
+
+
+def _with_layout(causes: list[Diagnosis], plan: RemapPlan) -> list[Diagnosis]:
+    """The shape findings of renamed keys, plus the renames they need: one fix naming both opt-ins."""
+    names = ", ".join(r.name for r in plan.rules)
+    layout = Diagnosis(
+        plan.rules[0].cause,
+        plan.rules[0].name,
+        f"the keys are also laid out differently: {'; '.join(r.description for r in plan.rules)}",
+        fix=f"pass remap='auto' (applies {names}) together with the fix above.",
+        remap="auto",
+        details={"rules": [r.name for r in plan.rules], "renamed": len(plan.renames)},
+    )
+    if causes and causes[0].repair:
+        first = causes[0]
+        combined = replace(first, remap="auto", fix=f"{first.fix} The keys also need remap='auto' (applies {names}).")
+        return [combined, *causes[1:], layout]
+    return [*causes, layout]
 
 
 def _only_shapes_differ(plan: RemapPlan, checkpoint: Mapping[str, Shape], view: ModelView) -> bool:

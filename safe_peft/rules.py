@@ -242,7 +242,9 @@ def plan_remap(
 ) -> RemapPlan:
     """Find the smallest combination of ``candidates`` that makes the keys exact.
 
-    Keys are grouped by template (numeric path segments collapsed), so each combination is
+    Rules apply in their given order; a combination is tried only if each of its rules changes
+    something after the ones before it (so a rule made applicable by another is found). Keys are
+    grouped by template (numeric path segments collapsed), so each combination is
     tried on one representative per group; only a combination whose representatives all land
     on expected keys is expanded to every key and held to the full exactness check. Time is
     linear in the number of keys. When none is exact, the closest plan (fewest problems
@@ -260,22 +262,21 @@ def _plan_remap(
     same_shape: ShapeCheck | None,
 ) -> RemapPlan:
     groups = _Templates(checkpoint)
-    useful = [r for r in candidates if any(r.apply(t) != t for t in groups.templates)]
-    closest: tuple[int, tuple[RemapRule, ...], dict[str, str | None]] | None = None
-    for size in range(1, min(max_rules, len(useful)) + 1):
-        for combo in itertools.combinations(useful, size):
+    closest: tuple[tuple[int, int], tuple[RemapRule, ...], dict[str, str | None]] | None = None
+    for size in range(1, min(max_rules, len(candidates)) + 1):
+        for combo in itertools.combinations(candidates, size):
             mapped = groups.map_templates(combo)
             if mapped is None:
-                continue  # a rule changed the numeric segments: only direct application is faithful
-            misses = groups.misses(mapped, expected)
-            if misses == 0:
+                continue
+            score = (groups.misses(mapped, expected), 0)  # keys landing nowhere first, then other problems
+            if score[0] == 0:
                 mapping = groups.expand(mapped)
                 problems = check_exact(mapping, checkpoint, expected, same_shape)
                 if not problems:
                     return _plan(combo, mapping, problems)
-                misses = len(problems)
-            if closest is None or misses < closest[0]:
-                closest = (misses, combo, mapped)
+                score = (0, len(problems))
+            if closest is None or score < closest[0]:
+                closest = (score, combo, mapped)
     if closest is None:
         return RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
     _, combo, mapped = closest
@@ -311,7 +312,15 @@ class _Templates:
         self.templates = list(self.members)
 
     def map_templates(self, rules: Sequence[RemapRule]) -> dict[str, str | None] | None:
-        mapped = apply_rules(self.templates, rules)
+        """Templates through ``rules`` in order; None when a rule changes nothing there (the combination is
+        not minimal) or changes the numeric segments (only direct application is faithful then)."""
+        current: list[str | None] = list(self.templates)
+        for rule in rules:
+            after = [None if t is None else rule.apply(t) for t in current]
+            if after == current:
+                return None
+            current = after
+        mapped = dict(zip(self.templates, current, strict=True))
         for template, new in mapped.items():
             if new is not None and len(_DIGITS.findall(new)) != len(_DIGITS.findall(template)):
                 return None

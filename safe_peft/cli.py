@@ -1,0 +1,393 @@
+"""The ``safe-peft`` command: ``inspect``, ``check`` and ``fix``.
+
+Exit codes: 0 compatible, 1 incompatible, 2 usage error or unreadable input. Errors are one line
+(``--debug`` shows the traceback). ``inspect`` never imports torch, transformers or peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from safe_peft.errors import AdapterFormatError, AdapterLoadError
+from safe_peft.report import SCHEMA_VERSION, LoadReport
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from safe_peft.manifest import AdapterManifest
+
+__all__ = ["main"]
+
+OK, INCOMPATIBLE, USAGE = 0, 1, 2
+MODEL_CLASSES = {
+    "auto": None,
+    "base": "AutoModel",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
+VERIFY_LIMIT = 2_000_000_000  # parameters; above this `fix` verifies from the header instead of a real load
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: exit code 2, one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (also the console script's entry point)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    out = Output(sys.stdout, color=_color(args))
+    try:
+        code: int = args.run(args, out)
+        return code
+    except (UsageError, AdapterFormatError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        message = exc.report.primary.message if isinstance(exc, AdapterFormatError) and exc.report.primary else exc
+        print(f"safe-peft: error: {message}", file=sys.stderr)
+        return USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safe-peft", description="Check and fix PEFT adapters before loading them.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--no-color", action="store_true", help="plain text (NO_COLOR is honoured too)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    inspect = sub.add_parser("inspect", help="summarise an adapter (config and header only)")
+    inspect.add_argument("adapter")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin (weights only)")
+    inspect.set_defaults(run=_inspect)
+
+    check = sub.add_parser("check", help="will these adapters load into this base model, and if not, why")
+    check.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or glob patterns")
+    _model_args(check)
+    check.add_argument("--json", action="store_true", help="one JSON document (schema in docs/cli.md)")
+    check.set_defaults(run=_check)
+
+    fix = sub.add_parser("fix", help="write an adapter that plain peft loads")
+    fix.add_argument("adapter")
+    _model_args(fix)
+    fix.add_argument("--out", required=True, help="a new (or empty) directory")
+    fix.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    fix.set_defaults(run=_fix)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base", required=True, metavar="MODEL", help="model directory (config.json suffices) or hub id"
+    )
+    parser.add_argument(
+        "--model-class",
+        choices=sorted(MODEL_CLASSES),
+        default="auto",
+        help="transformers Auto class (default: config.json's architectures, else the bare model)",
+    )
+    parser.add_argument("--remap", choices=["auto"], default=None, help="apply the built-in rename rules")
+    parser.add_argument(
+        "--repair",
+        action="append",
+        default=[],
+        metavar="NAME",
+        choices=["rank", "dora", "targets", "vocab", "config"],
+        help="opt-in config repair (repeat)",
+    )
+    parser.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (weights only)")
+
+
+# --- inspect -------------------------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace, out: Output) -> int:
+    from safe_peft.manifest import inspect_adapter
+
+    manifest = inspect_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    if args.json:
+        out.write(json.dumps(manifest.to_dict(), indent=2))
+    else:
+        out.write(render_manifest(manifest, out))
+    return OK
+
+
+def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
+    """A readable summary of an adapter manifest."""
+    style = out or Output(sys.stdout, color=False)
+    ranks = sorted(set(m.ranks.values()))
+    agree = style.good("agrees") if m.rank_agrees else style.bad(f"DISAGREES with config r={m.config_r}")
+    dtypes: dict[str, int] = {}
+    for t in m.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    lines = [
+        f"{m.path}",
+        f"  type          {m.peft_type}" + (f" (saved by peft {m.peft_version})" if m.peft_version else ""),
+        f"  task          {m.task_type or '-'}",
+        f"  base model    {m.base_model_name_or_path or '-'}",
+        f"  targets       {m.target_modules}",
+        f"  modules_to_save {m.modules_to_save or '-'}",
+        f"  rank          {', '.join(map(str, ranks)) or '-'} in the weights ({len(m.ranks)} modules); {agree}",
+        f"  tensors       {len(m.tensors)} ({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))})",
+        f"  size          {m.parameters:,} parameters, {_bytes(m.total_bytes)}"
+        + (" (read from a pickle)" if m.read_data else ""),
+    ]
+    lines.extend(f"  warning       [{w.cause.value}/{w.code}] {w.message}" for w in m.warnings)
+    return "\n".join(lines)
+
+
+# --- check ---------------------------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace, out: Output) -> int:
+    from safe_peft.plan import diagnose
+
+    adapters = _expand(args.adapters)
+    model = build_base_model(args.base, args.model_class)
+    results: list[tuple[str, LoadReport, bool]] = []
+    progress = Progress(len(adapters), enabled=len(adapters) >= 20 and sys.stderr.isatty() and not args.json)
+    for path in adapters:
+        report = diagnose(model, path, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle)
+        unreadable = (
+            not report.ok
+            and not report.missing
+            and not report.unexpected
+            and not report.size_mismatches
+            and bool(report.causes)
+            and report.causes[0].code in _FORMAT_CODES
+        )
+        results.append((path, report, unreadable))
+        progress.step()
+    progress.done()
+    if args.json:
+        out.write(json.dumps(check_document(args.base, type(model).__name__, results), indent=2))
+    else:
+        out.write(render_check(results, out))
+    if any(unreadable for _, _, unreadable in results):
+        return USAGE
+    return OK if all(r.ok for _, r, _ in results) else INCOMPATIBLE
+
+
+def check_document(base: str, model_class: str, results: list[tuple[str, LoadReport, bool]]) -> dict[str, Any]:
+    """The ``check --json`` document (schema in docs/cli.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "base": base,
+        "model_class": model_class,
+        "summary": {
+            "adapters": len(results),
+            "compatible": sum(1 for _, r, _ in results if r.ok),
+            "incompatible": sum(1 for _, r, u in results if not r.ok and not u),
+            "unreadable": sum(1 for _, _, u in results if u),
+        },
+        "results": [{"adapter": path, "verdict": _verdict(r, u), "report": r.to_dict()} for path, r, u in results],
+    }
+
+
+def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> str:
+    """The summary table of a ``check`` run: adapter, verdict, primary cause, fix."""
+    rows = [("ADAPTER", "VERDICT", "CAUSE", "FIX")]
+    for path, report, unreadable in results:
+        primary = report.primary
+        cause = f"{primary.cause.value}/{primary.code}" if primary else "-"
+        fix = (primary.fix_arguments() or primary.fix) if primary else ""
+        if report.ok and (report.renames or report.repairs):
+            fix = f"{len(report.renames)} renames, {len(report.repairs)} repairs applied"
+        rows.append((path, _verdict(report, unreadable), cause, _shorten(fix, 70)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for i, (path, verdict, cause, fix) in enumerate(rows):
+        shown = verdict if i == 0 else (out.good(verdict) if verdict == "compatible" else out.bad(verdict))
+        pad = " " * (widths[1] - len(verdict))
+        lines.append(f"{path.ljust(widths[0])}  {shown}{pad}  {cause.ljust(widths[2])}  {fix}".rstrip())
+    ok = sum(1 for _, r, _ in results if r.ok)
+    lines.append(f"\n{ok} of {len(results)} adapters compatible.")
+    return "\n".join(lines)
+
+
+_FORMAT_CODES = frozenset(
+    {
+        "truncated_file",
+        "header_too_large",
+        "not_safetensors",
+        "bad_json",
+        "bad_metadata",
+        "bad_entry",
+        "bad_dtype",
+        "bad_shape",
+        "bad_offsets",
+        "trailing_bytes",
+        "duplicate_header_key",
+        "unreadable_file",
+        "unreadable_path",
+        "not_a_directory",
+        "missing_config",
+        "missing_subfolder",
+        "subfolder_escapes",
+        "missing_weights",
+        "not_found",
+        "bad_config_json",
+        "unreadable_config",
+        "config_missing_peft_type",
+        "invalid_config",
+        "not_a_state_dict",
+        "unreadable_pickle",
+        "pickle_refused",
+        "pickle_payload_refused",
+        "model_config_as_adapter_config",
+        "unknown_peft_type",
+        "meaning_changing_config_key",
+    }
+)
+
+
+def _verdict(report: LoadReport, unreadable: bool) -> str:
+    return "compatible" if report.ok else ("unreadable" if unreadable else "incompatible")
+
+
+# --- fix -----------------------------------------------------------------------------------------------------
+
+
+def _fix(args: argparse.Namespace, out: Output) -> int:
+    from safe_peft.writer import fix_adapter
+
+    model = build_base_model(args.base, args.model_class)
+    try:
+        report = fix_adapter(
+            model,
+            args.adapter,
+            args.out,
+            remap=args.remap,
+            repair=tuple(args.repair),
+            allow_pickle=args.allow_pickle,
+            force=args.force,
+        )
+    except AdapterFormatError:
+        raise
+    except AdapterLoadError as exc:  # a readable adapter that no opt-in given makes fit
+        out.write(str(exc))
+        out.write(out.bad("\nNothing was written: no opt-in given makes this adapter fit."))
+        return INCOMPATIBLE
+    how = verify_written(args.base, args.model_class, args.out, model)
+    out.write(f"Wrote {args.out}: {len(report.renames)} keys renamed, {len(report.repairs)} repairs.")
+    out.write("\n".join(f"  repaired: {r}" for r in report.repairs))
+    out.write(out.good(f"Verified: {how}."))
+    return OK
+
+
+def verify_written(base: str, model_class: str, directory: str, meta_model: nn.Module) -> str:
+    """Load the written adapter with plain peft into an uninitialised copy of the base (small models), or check
+    it from its header (large ones). Raises on any loading warning or mismatch."""
+    import warnings
+
+    from safe_peft.plan import diagnose
+
+    report = diagnose(meta_model, directory)
+    if not report.ok:
+        raise AdapterLoadError(report)
+    parameters = sum(p.numel() for p in meta_model.parameters())
+    if parameters > VERIFY_LIMIT:
+        return f"plain-peft keys and shapes checked from the header ({parameters / 1e9:.0f}B-parameter base)"
+    from peft import PeftModel
+
+    model = build_base_model(base, model_class).to_empty(device="cpu")  # memory, no initialisation
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(model, directory)
+    loading = [w for w in caught if issubclass(w.category, UserWarning)]
+    if loading:
+        raise ValueError(f"plain peft warned while loading {directory}: {loading[0].message}")
+    return "plain PeftModel.from_pretrained loaded it with no warning"
+
+
+def build_base_model(base: str, model_class: str = "auto") -> nn.Module:
+    """The base model from its config alone, on the meta device: no weights read, no memory taken."""
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--base {base}: cannot read a model config ({str(exc).splitlines()[0][:200]})") from None
+    name = MODEL_CLASSES[model_class]
+    with torch.device("meta"):
+        if name is None and getattr(config, "architectures", None):
+            cls = getattr(transformers, config.architectures[0], None)
+            if cls is None:
+                raise UsageError(f"--base {base}: transformers has no class {config.architectures[0]!r}")
+            model = cls._from_config(config)
+        else:
+            model = getattr(transformers, name or "AutoModel").from_config(config)
+    return model.eval()  # type: ignore[no-any-return]
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+
+class Output:
+    """Where the command writes, with colour only on a terminal and never under NO_COLOR."""
+
+    def __init__(self, stream: TextIO, *, color: bool) -> None:
+        self.stream, self.color = stream, color
+
+    def write(self, text: str) -> None:
+        if text:
+            print(text, file=self.stream)
+
+    def good(self, text: str) -> str:
+        return f"\033[32m{text}\033[0m" if self.color else text
+
+    def bad(self, text: str) -> str:
+        return f"\033[31m{text}\033[0m" if self.color else text
+
+
+class Progress:
+    """A one-line counter on stderr for long batches on a terminal."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled, self.count = total, enabled, 0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.enabled:
+            sys.stderr.write(f"\rchecking {self.count}/{self.total}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 30 + "\r")
+
+
+def _color(args: argparse.Namespace) -> bool:
+    return not args.no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UsageError(f"{pattern}: matches no adapter")
+        paths.extend(matches)
+    return paths
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
