@@ -157,8 +157,9 @@ def test_testing_helper(adapters: dict[str, Any], tmp_path: Any) -> None:
         assert_adapter_loads(build("causal"), adapters["wide"][0])
 
 
-@pytest.mark.parametrize("name, code", [("adapter_config.json", "missing_config"),
-                                        ("adapter_model.safetensors", "missing_weights")])
+@pytest.mark.parametrize(
+    "name, code", [("adapter_config.json", "missing_config"), ("adapter_model.safetensors", "missing_weights")]
+)
 def test_fifo_in_place_of_a_file_never_blocks(adapters: dict[str, Any], tmp_path: Any, name: str, code: str) -> None:
     directory = derive(adapters["causal"][0], str(tmp_path / "fifo"))
     os.remove(os.path.join(directory, name))
