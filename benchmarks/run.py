@@ -181,6 +181,55 @@ def _save_bench_adapter(directory: str) -> None:
     ).save_pretrained(directory)
 
 
+def cli_check(count: int = 200) -> dict[str, Any]:
+    """`safe-peft check` of many small adapters against one config-only base directory."""
+    import shutil
+    import subprocess
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tempfile.mkdtemp(prefix="bench_cli_")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        architectures=["LlamaForCausalLM"],
+    )
+    config.save_pretrained(os.path.join(root, "base"))
+    torch.manual_seed(0)
+    first = os.path.join(root, "adapters", "a000")
+    get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        first
+    )
+    for i in range(1, count):
+        shutil.copytree(first, os.path.join(root, "adapters", f"a{i:03d}"))
+    command = os.path.join(os.path.dirname(sys.executable), "safe-peft")
+
+    def timed(*paths: str) -> float:
+        start = time.perf_counter()
+        subprocess.run(
+            [command, "check", *paths, "--base", os.path.join(root, "base"), "--json"], capture_output=True, check=True
+        )
+        return time.perf_counter() - start
+
+    one = statistics.median(timed(first) for _ in range(3))
+    many = statistics.median(timed(os.path.join(root, "adapters", "*")) for _ in range(3))
+    start = time.perf_counter()
+    subprocess.run([command, "inspect", first], capture_output=True, check=True)
+    inspect = time.perf_counter() - start
+    return {
+        "adapters": count,
+        "startup_s": one,
+        "total_s": many,
+        "per_second": (count - 1) / (many - one),
+        "inspect_s": inspect,
+    }
+
+
 def parse_speed(keys: int = 100_000, repeats: int = 7) -> dict[str, Any]:
     from safe_peft import parse_load_error
 
@@ -287,7 +336,7 @@ def main() -> None:
         "remap_memory": remapped_memory(),
     }
     load, memory, diag = results["load"], results["memory"], results["diagnose"]
-    plans, remap = results["planning"], results["remap_memory"]
+    plans, remap, cli = results["planning"], results["remap_memory"], results["cli"]
     text = f"""# Performance
 
 Produced by `make bench` (`python benchmarks/run.py`) on {platform.machine()}, {os.cpu_count()} cores, Python
@@ -304,6 +353,8 @@ same process, alternating the two; times are medians.
 | ... `get_peft_model` on the same meta model (what a user would try) | {diag["get_peft_model_meta_s"] * 1e3:.0f} ms | |
 | `remap="auto"` planning, all built-in rules, keys with `_orig_mod.` and the adapter name | 1k keys {plans["1000"] * 1e3:.1f} ms, 10k {plans["10000"] * 1e3:.0f} ms, **100k {plans["100000"] * 1e3:.0f} ms** | < 500 ms at 100k, linear |
 | peak RSS of a remapped load vs a plain load of the same adapter (separate processes, median of 3) | plain {remap["plain_mb"]:.0f} MB, remapped {remap["remap_mb"]:.0f} MB: **{remap["ratio"]:.3f}x** | <= 1.05x |
+| `safe-peft check` of {cli["adapters"]} small adapters against one config-only base directory | start-up (one adapter) {cli["startup_s"]:.2f} s, all {cli["total_s"]:.2f} s: **{cli["per_second"]:.0f} adapters/s** after start-up | >= 50/s |
+| `safe-peft inspect` (imports no torch) | **{cli["inspect_s"] * 1e3:.0f} ms** | < 300 ms |
 
 What the load overhead buys: reading the config and safetensors header, computing the expected keys with
 peft's matching, the structural snapshot for undo, and after loading one pass over the adapter tensors (finite

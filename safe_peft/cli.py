@@ -134,7 +134,7 @@ def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
         f"  task          {m.task_type or '-'}",
         f"  base model    {m.base_model_name_or_path or '-'}",
         f"  targets       {m.target_modules}",
-        f"  modules_to_save {m.modules_to_save or '-'}",
+        f"  saved heads   {m.modules_to_save or '-'}",
         f"  rank          {', '.join(map(str, ranks)) or '-'} in the weights ({len(m.ranks)} modules); {agree}",
         f"  tensors       {len(m.tensors)} ({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))})",
         f"  size          {m.parameters:,} parameters, {_bytes(m.total_bytes)}"
