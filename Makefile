@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check safe_peft tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) docs
+
+# Without -q: mkdocs' --strict counts the warnings it prints (a broken link, a stale reference).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d build/site
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -42,3 +42,70 @@ def test_every_code_is_documented_under_its_cause() -> None:
                 missing.append(f"{cause}/{code}")
     assert not missing, missing
     assert len(_emitted_codes()) > 50
+
+
+def _python_examples() -> dict[str, list[str]]:
+    """Each page's ```python blocks, in order: a page's examples build on each other."""
+    pages: dict[str, list[str]] = {}
+    for name in [*sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))), os.path.join(ROOT, "README.md")]:
+        with open(name) as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        if blocks:
+            pages[os.path.relpath(name, ROOT)] = blocks
+    return pages
+
+
+@pytest.fixture(scope="module")
+def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, object]) -> str:
+    """The files the docs' examples name: real adapters and a config-only model directory."""
+    import shutil
+
+    from helpers import build, derive
+
+    root = tmp_path_factory.mktemp("docs")
+    good = adapters["causal"][0]  # type: ignore[index]
+    shutil.copytree(good, root / "path" / "to" / "adapter")
+    shutil.copytree(good, root / "adapters" / "ours")
+    shutil.copytree(good, root / "adapter")
+    derive(
+        good,
+        str(root / "adapter-encoder"),
+        keys=lambda k: k.replace("base_model.model.model.", "base_model.model.encoder."),
+    )
+    derive(good, str(root / "adapter-r4"), config=lambda c: c.update(r=4))
+    derive(
+        good,
+        str(root / "adapter-compiled-r4"),
+        keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers"),
+        config=lambda c: c.update(r=4),
+    )
+    model = build("causal")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(root / "path" / "to" / "model")
+    return str(root)
+
+
+@pytest.mark.parametrize("page", sorted(_python_examples()))
+def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Python example in the docs runs, in a workspace holding the adapters it names."""
+    from helpers import build
+    from peft import PeftModel
+
+    from safe_peft.testing import assert_adapter_loads
+
+    monkeypatch.chdir(doc_workspace)
+    try:
+        PeftModel.from_pretrained(build("causal"), "adapter-r4")  # the key wall parse_load_error reads
+    except RuntimeError as error:
+        exc = error
+    namespace = {
+        "base_model": build("causal"),
+        "base": build("causal"),
+        "exc": exc,
+        "build_base_model": lambda: build("causal"),
+    }
+    for index, code in enumerate(_python_examples()[page]):
+        exec(compile(code, f"{page}[{index}]", "exec"), namespace)
+    for value in list(namespace.values()):
+        if callable(value) and getattr(value, "__name__", "").startswith("test_"):
+            value(assert_adapter_loads)
