@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Cause, Diagnosis
+from safe_peft.versions import introduced_in, is_newer
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -109,7 +110,8 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
         raise AdapterFormatError.of(
             Cause.VERSION_SKEW,
             "meaning_changing_config_key",
-            f"{config.path}: the installed peft does not know {', '.join(meaning)}; ignoring "
+            f"{config.path}: the installed peft does not know "
+            f"{', '.join(f'{k} (peft >= {introduced_in(k)})' if introduced_in(k) else k for k in meaning)}; ignoring "
             f"{'it' if len(meaning) == 1 else 'them'} would change what the adapter computes",
             fix=f"upgrade peft to the version that saved the adapter (peft_version={config.peft_version!r}).",
             adapter=adapter,
@@ -119,20 +121,42 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
         peft_config = config_cls.from_peft_type(**config_cls.check_kwargs(**kwargs))
     except (TypeError, ValueError) as exc:
         raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
-    findings = (
-        [
+    return peft_config, _skew_findings(config, unknown)
+
+
+def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]:
+    """Warnings about the peft that saved the adapter: ignored keys (and the release each needs), a newer peft."""
+    import peft
+
+    findings = []
+    if unknown:
+        since = {k: introduced_in(k) for k in unknown}
+        needs = [f"{k} (peft >= {v})" if v else k for k, v in since.items()]
+        findings.append(
             Diagnosis(
                 Cause.VERSION_SKEW,
                 "unknown_config_keys",
-                f"{config.path}: keys unknown to the installed peft were ignored: {', '.join(unknown)} "
-                "(none changes what the adapter computes)",
-                details={"keys": unknown, "peft_version": config.peft_version},
+                f"{config.path}: keys unknown to the installed peft {peft.__version__} were ignored: "
+                f"{', '.join(needs)} (none changes what the adapter computes)",
+                details={
+                    "keys": unknown,
+                    "introduced_in": since,
+                    "peft_version": config.peft_version,
+                    "installed_peft": peft.__version__,
+                },
             )
-        ]
-        if unknown
-        else []
-    )
-    return peft_config, findings
+        )
+    if is_newer(config.peft_version, peft.__version__):
+        findings.append(
+            Diagnosis(
+                Cause.VERSION_SKEW,
+                "newer_peft_version",
+                f"{config.path}: saved by peft {config.peft_version}, newer than the installed {peft.__version__}",
+                fix=f"if the load misbehaves, upgrade peft to {config.peft_version} or later.",
+                details={"peft_version": config.peft_version, "installed_peft": peft.__version__},
+            )
+        )
+    return findings
 
 
 def _bad(path: str, adapter: str, code: str, what: str) -> AdapterFormatError:

@@ -97,6 +97,17 @@ def test_unknown_config_keys_are_a_version_skew_warning(adapters: dict[str, Any]
     assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
 
 
+def test_newer_peft_version_is_a_warning_naming_both_versions(adapters: dict[str, Any], tmp_path: Any) -> None:
+    import peft
+
+    directory = derive(adapters["causal"][0], str(tmp_path / "future"), config=lambda c: c.update(peft_version="9.1.0"))
+    model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
+    assert report.ok
+    assert [w.code for w in report.warnings] == ["newer_peft_version"]
+    assert report.warnings[0].details == {"peft_version": "9.1.0", "installed_peft": peft.__version__}
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+
+
 def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_path: Any, monkeypatch: Any) -> None:
     """When the installed peft lacks a field whose value changes the adapter, ignoring it is refused."""
     from safe_peft import adapter_config

@@ -1,0 +1,99 @@
+"""Version facts as data: which peft release introduced each config key, and known breaking changes.
+
+Kept as plain tables so that the diagnosis (and tests) can vary them; rendered in docs/compatibility.md.
+Comparisons use ``packaging.version``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packaging.version import InvalidVersion, Version
+
+__all__ = ["CONFIG_KEY_SINCE", "KNOWN_CHANGES", "KnownChange", "introduced_in", "is_newer"]
+
+# LoraConfig keys and the first peft release whose config accepts them (older peft raises TypeError on them).
+CONFIG_KEY_SINCE: dict[str, str] = {
+    "rank_pattern": "0.6.0",
+    "alpha_pattern": "0.6.0",
+    "loftq_config": "0.7.0",
+    "use_rslora": "0.8.0",
+    "megatron_config": "0.8.0",
+    "megatron_core": "0.8.0",
+    "use_dora": "0.9.0",
+    "layer_replication": "0.10.0",
+    "runtime_config": "0.11.0",
+    "exclude_modules": "0.14.0",
+    "eva_config": "0.14.0",
+    "lora_bias": "0.14.0",
+    "corda_config": "0.15.0",
+    "trainable_token_indices": "0.15.0",
+    "target_parameters": "0.17.0",
+    "qalora_group_size": "0.17.0",
+    "use_qalora": "0.17.0",
+    "alora_invocation_tokens": "0.17.1",
+    "arrow_config": "0.18.0",
+    "ensure_weight_tying": "0.18.0",
+    "peft_version": "0.18.0",
+}
+
+
+@dataclass(frozen=True)
+class KnownChange:
+    """A release that changed how adapters are saved or loaded, and what fixes adapters from before it."""
+
+    package: str
+    version: str
+    what: str
+    fix: str
+
+
+KNOWN_CHANGES: tuple[KnownChange, ...] = (
+    KnownChange(
+        "peft",
+        "0.3.0",
+        "LoRA for fused attention (MergedLinear, `enable_lora`, 3-D lora_B) was removed; "
+        "adapters of peft <= 0.2 no longer load",
+        "convert the weights to plain LoRA (block-diagonal lora_B)",
+    ),
+    KnownChange(
+        "peft",
+        "0.6.0",
+        "adapters are saved as adapter_model.safetensors by default (before: .bin pickles)",
+        "allow_pickle=True, or `safe-peft fix` to convert",
+    ),
+    KnownChange(
+        "peft",
+        "0.9.0",
+        "DoRA: `lora_magnitude_vector` tensors and `use_dora` in the config",
+        "repair=('dora',) when the flag was lost",
+    ),
+    KnownChange(
+        "transformers",
+        "4.52.0",
+        "vision-language models moved `language_model.model.*` to "
+        "`model.language_model.*` and `language_model.lm_head` to `lm_head`",
+        "remap='auto' (vlm_relocation)",
+    ),
+    KnownChange(
+        "transformers",
+        "5.0.0",
+        "MoE experts fused (e.g. Mixtral `block_sparse_moe` -> `mlp.experts`); peft converts LoRA keys on load",
+        "load with peft >= 0.18 (it converts the keys)",
+    ),
+)
+
+
+def introduced_in(key: str) -> str | None:
+    """The peft release that introduced a config key, if known."""
+    return CONFIG_KEY_SINCE.get(key)
+
+
+def is_newer(saved: str | None, installed: str) -> bool:
+    """Whether ``saved`` is a newer release than ``installed`` (False when either does not parse)."""
+    if not saved:
+        return False
+    try:
+        return Version(saved).release[:2] > Version(installed).release[:2]
+    except InvalidVersion:
+        return False
