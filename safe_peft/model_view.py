@@ -294,7 +294,7 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
             peft_model = peft_cls(skeleton, cfg, adapter_name, low_cpu_mem_usage=True)
             state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
-        return {}, _injection_error(exc, config)
+        return {}, _injection_error(exc, config, model)
     expected = {}
     for key, tensor in state.items():
         module = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
@@ -305,11 +305,13 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     return expected, None
 
 
-def _injection_error(exc: Exception, config: Any) -> Diagnosis:
-    from peft.utils.error import NoMatchingPeftModuleError
+def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis:
+    """Classify a failed injection from data: does peft's own matcher find any target in the model?"""
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    if isinstance(exc, NoMatchingPeftModuleError):
-        return _no_target_found(getattr(config, "target_modules", None) or [])
+    targets = getattr(config, "target_modules", None)
+    if targets and not any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
+        return _no_target_found(targets)
     return Diagnosis(
         Cause.CONFIG_MISMATCH,
         "injection_rejected",

@@ -1,0 +1,60 @@
+"""Adapters saved by old peft versions (checked-in fixtures, see tests/fixtures/README.md) keep loading today,
+with outputs equal to the adapter as trained on the same base weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from safe_peft import diagnose, safe_load_adapter
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+CASES = sorted(glob.glob(os.path.join(FIXTURES, "peft-*", "*", "fixture.json")))
+
+
+def base_model() -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with open(os.path.join(FIXTURES, "base", "config.json")) as f:
+        model = LlamaForCausalLM(LlamaConfig(**json.load(f)))
+    missing, unexpected = model.load_state_dict(
+        load_file(os.path.join(FIXTURES, "base", "model.safetensors")), strict=False
+    )
+    assert not missing and not unexpected
+    return model.eval()
+
+
+def _id(path: str) -> str:
+    return "/".join(path.split(os.sep)[-3:-1])
+
+
+def test_fixtures_exist() -> None:
+    assert len(CASES) >= 3
+
+
+@pytest.mark.parametrize("path", CASES, ids=_id)
+def test_old_adapter_loads_with_trained_outputs(path: str) -> None:
+    with open(path) as f:
+        fixture: dict[str, Any] = json.load(f)
+    directory = os.path.dirname(path)
+    kwargs: dict[str, Any] = {"adapter_name": fixture["adapter_name"]}
+    if fixture["subfolder"]:
+        kwargs["subfolder"] = fixture["subfolder"]
+    if fixture["weights_format"] == "pickle":
+        kwargs["allow_pickle"] = True
+    base = base_model()
+    predicted = diagnose(base, directory, **kwargs)
+    assert predicted.ok, str(predicted)
+    model = safe_load_adapter(base, directory, **kwargs)
+    model.set_adapter(fixture["adapter_name"])
+    with torch.no_grad():
+        logits = model(torch.tensor(fixture["input"])).logits
+    assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4), (
+        (logits - torch.tensor(fixture["logits"])).abs().max()
+    )
