@@ -87,8 +87,9 @@ def classify(ev: Evidence) -> list[Diagnosis]:
 
     for weight, d in _corrupt(ev.checkpoint):
         add(0, weight, d)
-    for weight, d in _foreign(ev.checkpoint) if ev.adapter else ():
-        add(0, weight, d)
+    if ev.adapter and not any(key in ev.view.expected for key in ev.checkpoint):
+        for weight, d in _foreign(ev.checkpoint, ev.view):  # a PEFT method's own keys are never "foreign"
+            add(0, weight, d)
     if ev.view.error is not None:
         add(1, len(ev.checkpoint), ev.view.error)
     explained: set[str] = set()
@@ -161,7 +162,7 @@ def _corrupt(checkpoint: Mapping[str, Shape]) -> list[tuple[int, Diagnosis]]:
     return findings
 
 
-def _foreign(checkpoint: Mapping[str, Shape]) -> list[tuple[int, Diagnosis]]:
+def _foreign(checkpoint: Mapping[str, Shape], view: ModelView) -> list[tuple[int, Diagnosis]]:
     for regex, code, what in _FOREIGN:
         hits = [k for k in checkpoint if regex.search(k)]
         if hits and not any(lora_role(k) for k in checkpoint):
@@ -178,7 +179,8 @@ def _foreign(checkpoint: Mapping[str, Shape]) -> list[tuple[int, Diagnosis]]:
                     ),
                 )
             ]
-    if checkpoint and not any(lora_role(k) or ".lora_" in k for k in checkpoint) and len(checkpoint) > 4:
+    plain = [k for k in checkpoint if _is_base_weight(k, view)]
+    if len(checkpoint) > 4 and len(plain) * 2 > len(checkpoint):
         sample = next(iter(checkpoint))
         return [
             (
@@ -194,6 +196,13 @@ def _foreign(checkpoint: Mapping[str, Shape]) -> list[tuple[int, Diagnosis]]:
             )
         ]
     return []
+
+
+def _is_base_weight(key: str, view: ModelView) -> bool:
+    """``model.layers.0.mlp.up_proj.weight`` (optionally under peft's prefix): a parameter of a module the base has."""
+    path = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    module, _, name = path.rpartition(".")
+    return name in {"weight", "bias"} and module in view.module_names
 
 
 def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:

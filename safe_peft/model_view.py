@@ -99,7 +99,38 @@ def expected_keys(model: nn.Module, config: Any, adapter_name: str = "default") 
         expected, error = analytic
         return ModelView(expected=expected, method="analytic", error=error, **common)
     expected, error = _by_injection(model, config, adapter_name)
+    if error is None and getattr(config, "is_prompt_learning", False):
+        error = _prompt_dimensions(model, config)
     return ModelView(expected=expected, method="injection", error=error, **common)
+
+
+def _prompt_dimensions(model: nn.Module, config: Any) -> Diagnosis | None:
+    """Prompt-learning configs carry the training model's sizes; compare them with this model's."""
+    model_config = getattr(model, "config", None)
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    hidden = getattr(embeddings, "embedding_dim", None) or getattr(model_config, "hidden_size", None)
+    widths = {hidden}
+    if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING") and hidden:
+        heads = getattr(model_config, "num_attention_heads", None)
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        if heads:  # prefix tuning stores the key/value width: head_dim x the KV heads
+            widths.add(hidden // heads * kv_heads)
+    layers = getattr(model_config, "num_hidden_layers", None)
+    sizes: dict[str, tuple[Any, set[Any]]] = {"token_dim": (hidden, widths), "num_layers": (layers, {layers})}
+    for name, (actual, allowed) in sizes.items():
+        saved = getattr(config, name, None)
+        if saved is not None and actual is not None and saved not in allowed:
+            return Diagnosis(
+                Cause.WRONG_BASE_MODEL,
+                "dimension_mismatch",
+                f"the adapter was trained with {name}={saved}, but {type(model).__name__} has {actual}: its virtual "
+                "tokens cannot be fed to this model",
+                fix="load the adapter into the base model it was trained on (base_model_name_or_path="
+                f"{getattr(config, 'base_model_name_or_path', None)!r}).",
+                details={"field": name, "adapter": saved, "model": actual},
+            )
+    return None
 
 
 def _survey(model: nn.Module) -> tuple[dict[str, ModulePort], frozenset[str]]:
