@@ -109,7 +109,10 @@ def make_plan(
         warnings += skew
         config_data = raw.data
     original = read_checkpoint_shapes(files)
-    checkpoint = _convert_for_transformers(model, peft_config, original, adapter_name)
+    checkpoint, converted = _convert_for_transformers(
+        model, peft_config, original, adapter_name, kwargs.get("key_mapping")
+    )
+    warnings += converted
     view = expected_keys(model, peft_config, adapter_name)
     diff = compare_keys(checkpoint, view.expected)
     relaxed = _rank_relaxed(view) if "rank" in repair else None
@@ -255,22 +258,63 @@ def _pickle_globals(path: str) -> list[str]:
 
 
 def _convert_for_transformers(
-    model: nn.Module, config: Any, checkpoint: dict[str, Shape], adapter_name: str
-) -> dict[str, Shape]:
-    """Apply the key conversion peft applies for transformers 5 architectures (same keys otherwise)."""
+    model: nn.Module, config: Any, checkpoint: dict[str, Shape], adapter_name: str, key_mapping: Any = None
+) -> tuple[dict[str, Shape], list[Diagnosis]]:
+    """Apply the key conversions peft itself applies on load, so the prediction follows peft.
+
+    transformers 4.52-4.x: the model's ``_checkpoint_conversion_mapping`` (or the caller's ``key_mapping``),
+    first matching pattern per key, under the ``base_model.model.`` prefix, as ``load_peft_weights`` does;
+    transformers 5: peft's own conversion for architectures with a registered weight conversion.
+    """
+    converted = dict(checkpoint)
+    mapping = key_mapping if key_mapping else getattr(model, "_checkpoint_conversion_mapping", None)
+    if mapping and not getattr(config, "is_prompt_learning", False):
+        converted = {_map_key(k, mapping): s for k, s in converted.items()}
     from safe_peft.model_view import _has_weight_conversions
 
-    if not _has_weight_conversions(model):
-        return checkpoint
-    import torch
-    from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+    if _has_weight_conversions(model):
+        import torch
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
 
-    fake = {k: torch.empty(s, device="meta") for k, s in checkpoint.items()}
-    try:
-        converted = convert_peft_adapter_state_dict_for_transformers(model, config, fake, adapter_name)
-    except Exception:  # noqa: BLE001 - the real load will raise with context if conversion fails
-        return checkpoint
-    return {k: tuple(v.shape) for k, v in converted.items()}
+        fake = {k: torch.empty(s, device="meta") for k, s in converted.items()}
+        try:
+            result = convert_peft_adapter_state_dict_for_transformers(model, config, fake, adapter_name)
+            converted = {k: tuple(v.shape) for k, v in result.items()}
+        except Exception:  # noqa: BLE001 - the real load will raise with context if conversion fails
+            pass
+    changed = [k for k in checkpoint if k not in converted]
+    if not changed:
+        return converted, []
+    new = next(k for k in converted if k not in checkpoint)
+    return converted, [
+        Diagnosis(
+            Cause.VERSION_SKEW,
+            "converted_layout",
+            f"{len(changed)} keys were saved in an older transformers layout and are converted by peft on load "
+            f"(e.g. {changed[0]!r} -> {new!r})",
+            details={"converted": len(changed)},
+        )
+    ]
+
+
+def _map_key(key: str, mapping: Mapping[str, str]) -> str:
+    import re
+
+    prefix = (
+        "base_model.model."
+        if key.startswith("base_model.model.")
+        else "base_model."
+        if key.startswith("base_model.")
+        else ""
+    )
+    if not prefix:
+        return key
+    rest = key[len(prefix) :]
+    for pattern, replacement in mapping.items():
+        new, count = re.subn(pattern, replacement, rest)
+        if count:
+            return prefix + new
+    return key
 
 
 def _rank_relaxed(view: ModelView) -> Any:

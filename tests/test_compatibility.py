@@ -58,3 +58,26 @@ def test_old_adapter_loads_with_trained_outputs(path: str) -> None:
     assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4), (
         (logits - torch.tensor(fixture["logits"])).abs().max()
     )
+
+
+def test_vision_language_adapter_from_before_transformers_4_52() -> None:
+    """A Llava adapter saved with transformers 4.51 (`language_model.model.*` keys) on today's layout: peft converts
+    the keys itself, safe_peft predicts that, reports it, and the outputs equal the adapter as trained."""
+    from transformers import LlavaForConditionalGeneration
+
+    root = os.path.join(FIXTURES, "vlm-transformers-4.51.3")
+    with open(os.path.join(root, "adapter", "fixture.json")) as f:
+        fixture = json.load(f)
+    adapter = os.path.join(root, "adapter")
+
+    def base() -> torch.nn.Module:
+        return LlavaForConditionalGeneration.from_pretrained(os.path.join(root, "base")).eval()
+
+    predicted = diagnose(base(), adapter)
+    assert predicted.ok, str(predicted)
+    model, report = safe_load_adapter(base(), adapter, output_loading_info=True)
+    assert [(w.cause.value, w.code) for w in report.warnings] == [("version_skew", "converted_layout")]
+    assert report.warnings[0].details["converted"] == 8
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(fixture["input"])).logits
+    assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)
