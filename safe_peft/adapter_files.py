@@ -42,6 +42,8 @@ def locate_adapter(
 ) -> AdapterFiles:
     """Resolve ``model_id`` (a directory, or a hub id when it is not one) to the adapter's files."""
     location = os.fspath(model_id)
+    if location.endswith(".safetensors") and os.path.isfile(location):
+        return AdapterFiles(location, os.path.dirname(location) or ".", "", location, "safetensors")  # foreign?
     if os.path.lexists(location):
         base = _check_directory(location)
     else:
@@ -49,6 +51,9 @@ def locate_adapter(
     directory = _join_subfolder(base, subfolder, location)
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
+        single = _single_foreign_file(directory)
+        if single is not None:  # no PEFT config: maybe a foreign LoRA file the plan can recognise
+            return AdapterFiles(location, directory, "", single, "safetensors", _stray_files(directory))
         raise _missing_config(location, directory)
     safetensors_path = os.path.join(directory, SAFETENSORS_NAME)
     pickle_path = os.path.join(directory, PICKLE_NAME)
@@ -124,6 +129,15 @@ def _join_subfolder(base: str, subfolder: str | None, location: str) -> str:
             adapter=location,
         )
     return directory
+
+
+def _single_foreign_file(directory: str) -> str | None:
+    files = _listdir(directory)
+    weights = [n for n in files if n.endswith(".safetensors")]
+    if len(weights) != 1 or "config.json" in files:
+        return None
+    path = os.path.join(directory, weights[0])
+    return path if os.path.isfile(path) else None
 
 
 def _missing_config(location: str, directory: str) -> AdapterFormatError:

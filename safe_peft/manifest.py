@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft.adapter_config import read_config
+from safe_peft.adapter_config import AdapterConfig, read_config
 from safe_peft.adapter_files import locate_adapter
 from safe_peft.classify import lora_role, module_of
 from safe_peft.report import Diagnosis
@@ -62,7 +62,10 @@ def inspect_adapter(
     read with ``torch.load(weights_only=True)`` and ``read_data`` says so.
     """
     files = locate_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
-    config = read_config(files.config_path, adapter=files.location)
+    if files.config_path:
+        config = read_config(files.config_path, adapter=files.location)
+    else:  # a weights file without a PEFT config (a kohya LoRA, say): describe what the header shows
+        config = AdapterConfig(path="", data={"peft_type": "UNKNOWN (no adapter_config.json)"})
     if files.weights_format == "safetensors":
         header = read_header(files.weights_path)
         tensors = [TensorEntry(t.name, t.shape, t.dtype) for t in header.tensors.values()]

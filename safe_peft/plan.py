@@ -99,6 +99,8 @@ def make_plan(
         hub_kwargs={k: kwargs[k] for k in HUB_KWARGS if k in kwargs},
     )
     warnings: list[Diagnosis] = list(files.warnings)
+    if not files.config_path:
+        return _foreign_plan(model, files, adapter_name, remap, location, warnings)
     raw = read_config(files.config_path, adapter=location)
     warnings += raw.warnings
     if kwargs.get("config") is not None:
@@ -172,6 +174,84 @@ def make_plan(
         adapter_name=adapter_name,
     )
     return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view, applied)
+
+
+def _foreign_plan(
+    model: nn.Module, files: AdapterFiles, adapter_name: str, remap: object, location: str, warnings: list[Diagnosis]
+) -> LoadPlan:
+    """A weights file without a PEFT config: convert a kohya LoRA (with remap='auto'), refuse anything else."""
+    from safe_peft.foreign import convert_kohya, is_kohya
+
+    header = read_header(files.weights_path)
+    shapes = {k: t.shape for k, t in header.tensors.items()}
+    if not is_kohya(shapes):
+        raise AdapterFormatError.of(
+            Cause.CORRUPT_CHECKPOINT,
+            "missing_config",
+            f"{files.directory}: has no adapter_config.json, and {os.path.basename(files.weights_path)} is not a "
+            "LoRA layout safe_peft can convert",
+            fix="pass the directory peft's save_pretrained() wrote.",
+            adapter=location,
+        )
+    conversion = convert_kohya(shapes, (n for n, _ in model.named_modules()), lambda k: _read_scalar(header, k))
+    configs: dict[Any, Any] = {}
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    configs.update(PEFT_TYPE_TO_CONFIG_MAPPING)
+    peft_config = configs["LORA"](**conversion.config)
+    moved = {conversion.renames.get(k, k): s for k, s in shapes.items() if k not in set(conversion.dropped)}
+    view = expected_keys(model, peft_config, adapter_name)
+    diff = compare_keys(moved, view.expected)
+    exact = not conversion.unresolved and diff.ok and view.error is None
+    finding = Diagnosis(
+        Cause.FOREIGN_FORMAT,
+        "kohya",
+        f"{files.weights_path}: a kohya-ss LoRA ({len(conversion.renames) // 2} modules, no adapter_config.json), "
+        + (
+            "whose modules all map onto this model"
+            if exact
+            else f"which does not map onto {type(model).__name__} ({len(conversion.unresolved)} names unresolved)"
+        ),
+        fix="pass remap='auto' to convert it (lora_down -> lora_A, lora_up -> lora_B, alpha -> alpha_pattern)"
+        if exact
+        else "load it with the tool that wrote it (diffusers' load_lora_weights for image models).",
+        remap="auto" if exact else None,
+        details={"format": "kohya", "unresolved": conversion.unresolved[:20], "config": conversion.config},
+    )
+    converted = remap == "auto" and exact
+    report = LoadReport(
+        ok=converted,
+        causes=[] if converted else [finding],
+        warnings=warnings,
+        renames=dict(conversion.renames) if converted else {},
+        repairs=[f"config: synthesized from the kohya file: {conversion.config}"] if converted else [],
+        adapter=location,
+        model_class=view.model_class,
+        adapter_name=adapter_name,
+    )
+    if not converted:
+        return LoadPlan(report, files, peft_config, shapes, view=view)
+    return LoadPlan(
+        report, files, peft_config, moved, dict(conversion.renames), conversion.dropped, None, view, ("kohya",)
+    )
+
+
+def _read_scalar(header: Any, key: str) -> float:
+    """The value of a one-element tensor (a kohya ``alpha``): a few bytes read at its offset."""
+    import struct
+
+    info = header.tensors[key]
+    formats = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + info.begin)
+        raw = f.read(info.end - info.begin)
+    if info.dtype == "BF16" and len(raw) == 2:
+        return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
+    if info.dtype not in formats or len(raw) != struct.calcsize(formats[info.dtype]):
+        raise AdapterFormatError.of(
+            Cause.CORRUPT_CHECKPOINT, "bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path
+        )
+    return float(struct.unpack(formats[info.dtype], raw)[0])
 
 
 def read_checkpoint_shapes(files: AdapterFiles) -> dict[str, Shape]:

@@ -1,0 +1,85 @@
+"""A kohya-ss LoRA (no adapter_config.json) is recognised, and converted with remap="auto" to the trained outputs."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import pytest
+import torch
+from helpers import build, outputs
+from safetensors.torch import load_file, save_file
+
+from safe_peft import AdapterLoadError, Cause, diagnose, inspect_adapter, safe_load_adapter
+
+
+def _kohya(peft_dir: str, out: str, *, alpha: float, name: str = "my_lora.safetensors") -> str:
+    """The same trained weights in kohya's layout: lora_te_<module path with _>.lora_down/.lora_up/.alpha."""
+    os.makedirs(out)
+    state = {}
+    for key, value in load_file(os.path.join(peft_dir, "adapter_model.safetensors")).items():
+        module = re.sub(r"^base_model\.model\.", "", key).rsplit(".", 2)[0]
+        flat = "lora_te_" + module.replace(".", "_")
+        part = "lora_down" if ".lora_A." in key else "lora_up"
+        state[f"{flat}.{part}.weight"] = value
+        state[f"{flat}.alpha"] = torch.tensor(alpha)
+    save_file(state, os.path.join(out, name))
+    return out
+
+
+@pytest.fixture
+def kohya_dir(adapters: dict[str, Any], tmp_path: Any) -> str:
+    # the fixture adapter was trained with lora_alpha=8, r=8: kohya stores that alpha per module
+    return _kohya(adapters["causal"][0], str(tmp_path / "kohya"), alpha=8.0)
+
+
+def test_kohya_is_recognised_with_the_conversion_as_fix(kohya_dir: str) -> None:
+    report = diagnose(build("causal"), kohya_dir)
+    assert not report.ok and report.primary is not None
+    assert (report.primary.cause, report.primary.code, report.primary.remap) == (Cause.FOREIGN_FORMAT, "kohya", "auto")
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(build("causal"), kohya_dir)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_kohya_converted_by_auto_remap_gives_trained_outputs(
+    kohya_dir: str, adapters: dict[str, Any], as_file: bool
+) -> None:
+    target = os.path.join(kohya_dir, "my_lora.safetensors") if as_file else kohya_dir
+    model, report = safe_load_adapter(build("causal"), target, remap="auto", output_loading_info=True)
+    assert report.ok and len(report.renames) == 8
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+
+
+def test_kohya_alpha_becomes_the_scaling(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """alpha=16 with r=8 doubles the LoRA update: the converted config must carry it."""
+    directory = _kohya(adapters["causal"][0], str(tmp_path / "k16"), alpha=16.0)
+    model = safe_load_adapter(build("causal"), directory, remap="auto")
+    assert model.peft_config["default"].lora_alpha == 16
+    reference = safe_load_adapter(build("causal"), adapters["causal"][0])
+    for module in ("q_proj", "v_proj"):
+        ours = getattr(model.base_model.model.model.layers[0].self_attn, module)
+        theirs = getattr(reference.base_model.model.model.layers[0].self_attn, module)
+        assert ours.scaling["default"] == 2 * theirs.scaling["default"]
+
+
+def test_kohya_written_as_a_peft_adapter(kohya_dir: str, adapters: dict[str, Any], tmp_path: Any) -> None:
+    from peft import PeftModel
+
+    from safe_peft.writer import fix_adapter
+
+    fix_adapter(build("causal"), kohya_dir, str(tmp_path / "peft"), remap="auto")
+    model = PeftModel.from_pretrained(build("causal"), str(tmp_path / "peft"))
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+
+
+def test_kohya_for_another_model_is_not_converted(kohya_dir: str) -> None:
+    report = diagnose(build("gpt2"), kohya_dir, remap="auto")
+    assert not report.ok and report.primary is not None
+    assert report.primary.code == "kohya" and report.primary.remap is None
+
+
+def test_inspect_a_kohya_file(kohya_dir: str) -> None:
+    manifest = inspect_adapter(kohya_dir)
+    assert manifest.peft_type.startswith("UNKNOWN") and len(manifest.tensors) == 12
