@@ -42,7 +42,8 @@ def locate_adapter(
 ) -> AdapterFiles:
     """Resolve ``model_id`` (a directory, or a hub id when it is not one) to the adapter's files."""
     location = os.fspath(model_id)
-    if location.endswith(".safetensors") and os.path.isfile(location):
+    beside = os.path.join(os.path.dirname(location) or ".", CONFIG_NAME)
+    if location.endswith(".safetensors") and os.path.isfile(location) and not os.path.isfile(beside):
         return AdapterFiles(location, os.path.dirname(location) or ".", "", location, "safetensors")  # foreign?
     if os.path.lexists(location):
         base = _check_directory(location)
