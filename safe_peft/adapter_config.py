@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from safe_peft.errors import AdapterFormatError
+from safe_peft.legacy import convert_config, enabled_parts
 from safe_peft.report import Cause, Diagnosis
 from safe_peft.versions import introduced_in, is_newer
 
@@ -87,7 +88,9 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     return AdapterConfig(path=path, data=data, warnings=warnings)
 
 
-def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[PeftConfig, list[Diagnosis]]:
+def build_peft_config(
+    config: AdapterConfig, *, adapter: str = "", repair: tuple[str, ...] = ()
+) -> tuple[PeftConfig, list[Diagnosis]]:
     """Instantiate the installed peft's config class; return it with the findings about dropped keys."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -102,6 +105,22 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "") -> tuple[Peft
             f"(peft_version={config.peft_version!r} in the config).",
             adapter=adapter,
         )
+    parts = enabled_parts(config.data)
+    if parts is not None:
+        if "legacy" not in repair:
+            raise AdapterFormatError.of(
+                Cause.VERSION_SKEW,
+                "legacy_merged_linear",
+                f"{config.path}: a peft <= 0.2 adapter for fused projections (enable_lora={list(parts)}, "
+                "MergedLinear), a layout no installable peft loads any more",
+                fix="pass repair=('legacy',) to convert it to plain LoRA (block-diagonal lora_B, r and lora_alpha "
+                "scaled together so the scaling is unchanged).",
+                adapter=adapter,
+                details={"enable_lora": list(parts)},
+                repair=("legacy",),
+            )
+        data, _ = convert_config(config.data)
+        config = AdapterConfig(path=config.path, data=data, warnings=config.warnings)
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(k for k in config.data if k not in known)
     kwargs = {k: v for k, v in config.data.items() if k in known}

@@ -36,9 +36,10 @@ class AdapterFormatError(AdapterLoadError):
         fix: str = "",
         adapter: str = "",
         details: dict[str, Any] | None = None,
+        repair: tuple[str, ...] = (),
     ) -> AdapterFormatError:
         """Build the error for a single finding about a file."""
-        diagnosis = Diagnosis(cause=cause, code=code, message=message, fix=fix, details=details or {})
+        diagnosis = Diagnosis(cause=cause, code=code, message=message, fix=fix, details=details or {}, repair=repair)
         return cls(LoadReport(ok=False, causes=[diagnosis], adapter=adapter))
 
     @property

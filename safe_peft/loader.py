@@ -78,7 +78,7 @@ def _execute(
         if plan.vocab_size is not None:
             base_model.resize_token_embeddings(plan.vocab_size)  # type: ignore[operator]
         directory = plan.files.directory
-        if plan.renames or plan.dropped:
+        if plan.renames or plan.dropped or plan.legacy is not None:
             workdir = tempfile.mkdtemp(prefix="safe_peft_")
             write_weights(plan, os.path.join(workdir, "adapter_model.safetensors"))
             directory = workdir

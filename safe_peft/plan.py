@@ -18,6 +18,7 @@ from safe_peft.adapter_files import AdapterFiles, locate_adapter
 from safe_peft.classify import Evidence, classify, lora_role
 from safe_peft.compare import KeyDiff, compare_keys
 from safe_peft.errors import AdapterFormatError
+from safe_peft.legacy import convert_config, convert_shapes, enabled_parts
 from safe_peft.model_view import ExpectedKey, ModelView, expected_keys
 from safe_peft.repairs import repair_config, vocab_target
 from safe_peft.report import Cause, Diagnosis, LoadReport
@@ -46,6 +47,7 @@ class LoadPlan:
     vocab_size: int | None = None
     view: ModelView | None = None
     rules: tuple[str, ...] = ()  # names of the remap rules applied
+    legacy: tuple[bool, ...] | None = None  # MergedLinear parts converted (repair="legacy")
 
 
 def diagnose(
@@ -107,10 +109,13 @@ def make_plan(
         peft_config = copy.deepcopy(kwargs["config"])
         config_data = peft_config.to_dict()
     else:
-        peft_config, skew = build_peft_config(raw, adapter=location)
+        peft_config, skew = build_peft_config(raw, adapter=location, repair=tuple(repair))
         warnings += skew
         config_data = raw.data
     original = read_checkpoint_shapes(files)
+    legacy = enabled_parts(raw.data) if "legacy" in repair and kwargs.get("config") is None else None
+    if legacy is not None:
+        original = convert_shapes(original, legacy)
     checkpoint, converted = _convert_for_transformers(
         model, peft_config, original, adapter_name, kwargs.get("key_mapping")
     )
@@ -137,10 +142,11 @@ def make_plan(
         checkpoint = {renames.get(k, k): s for k, s in checkpoint.items() if k not in set(dropped)}
         diff = compare_keys(checkpoint, view.expected)
         plan = None
-    repairs: list[str] = []
+    repairs: list[str] = [convert_config(raw.data)[1]] if legacy is not None else []
     vocab_size = None
     if repair:
-        peft_config, repairs = repair_config(peft_config, tuple(repair), checkpoint, view.module_names)
+        peft_config, repaired = repair_config(peft_config, tuple(repair), checkpoint, view.module_names)
+        repairs += repaired
         if repairs:
             config_data = {**config_data, **_changed(peft_config)}
             view = expected_keys(model, peft_config, adapter_name)
@@ -173,7 +179,7 @@ def make_plan(
         model_class=view.model_class,
         adapter_name=adapter_name,
     )
-    return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view, applied)
+    return LoadPlan(report, files, peft_config, checkpoint, dict(renames), dropped, vocab_size, view, applied, legacy)
 
 
 def _foreign_plan(

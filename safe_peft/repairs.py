@@ -17,7 +17,7 @@ from safe_peft.model_view import ModelView
 
 __all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
 
-KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config")
+KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config", "legacy")  # "legacy": see safe_peft.legacy
 # "config" (drop config keys the installed peft does not know, refusing meaning-changing ones) is what every
 # load does anyway, since plain peft drops them too; the name is accepted so that asking for it is explicit.
 Shape = tuple[int, ...]

@@ -97,11 +97,19 @@ def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
 
 
 def write_weights(plan: LoadPlan, path: str) -> None:
-    """Write the plan's renamed / filtered weights to ``path`` as safetensors."""
-    if plan.files.weights_format != "safetensors":
-        from safetensors.torch import save_file
+    """Write the plan's renamed / filtered (/ converted) weights to ``path`` as safetensors."""
+    if plan.files.weights_format != "safetensors" or plan.legacy is not None:
+        from safetensors.torch import load_file, save_file
 
-        tensors = load_pickle(plan.files.weights_path)
+        from safe_peft.legacy import convert_lora_b
+
+        pickled = plan.files.weights_format != "safetensors"
+        tensors = load_pickle(plan.files.weights_path) if pickled else load_file(plan.files.weights_path)
+        if plan.legacy is not None:  # tensor data changes: the one fix that cannot stream
+            tensors = {
+                k: convert_lora_b(v, plan.legacy) if k.endswith(".lora_B.weight") and v.ndim == 3 else v
+                for k, v in tensors.items()
+            }
         kept = {plan.renames.get(k, k): v.contiguous() for k, v in tensors.items() if k not in set(plan.dropped)}
         save_file(kept, path, metadata=provenance(plan, list(tensors)))
         return

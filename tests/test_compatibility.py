@@ -81,3 +81,48 @@ def test_vision_language_adapter_from_before_transformers_4_52() -> None:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(fixture["input"])).logits
     assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)
+
+
+def _legacy_base() -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = os.path.join(FIXTURES, "legacy-peft-0.2.0", "base")
+    with open(os.path.join(root, "config.json")) as f:
+        model = GPT2LMHeadModel(GPT2Config(**json.load(f)))
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(root, "model.safetensors")), strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to the embeddings
+    model.tie_weights()
+    return model.eval()
+
+
+def test_merged_linear_adapter_of_peft_0_2_is_converted_by_the_legacy_repair(tmp_path: Any) -> None:
+    """peft 0.2.0 saved LoRA on GPT-2's fused c_attn (enable_lora=[q, not k, v]) as MergedLinear: 3-D lora_B."""
+    from peft import PeftModel
+
+    from safe_peft import Cause
+    from safe_peft.writer import fix_adapter
+
+    adapter = os.path.join(FIXTURES, "legacy-peft-0.2.0", "adapter")
+    with open(os.path.join(adapter, "fixture.json")) as f:
+        fixture = json.load(f)
+    report = diagnose(_legacy_base(), adapter, allow_pickle=True)
+    assert report.primary is not None
+    assert (report.primary.cause, report.primary.code, report.primary.repair) == (
+        Cause.VERSION_SKEW,
+        "legacy_merged_linear",
+        ("legacy",),
+    )
+    model, loaded = safe_load_adapter(
+        _legacy_base(), adapter, allow_pickle=True, repair=("legacy",), output_loading_info=True
+    )
+    assert loaded.ok and loaded.repairs[0].startswith("legacy: MergedLinear")
+    assert model.peft_config["default"].r == 8 and model.peft_config["default"].lora_alpha == 16
+    with torch.no_grad():
+        logits = model(torch.tensor(fixture["input"])).logits
+    assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)
+    out = str(tmp_path / "converted")
+    fix_adapter(_legacy_base(), adapter, out, allow_pickle=True, repair=("legacy",))
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(_legacy_base(), out)(torch.tensor(fixture["input"])).logits
+    assert torch.allclose(plain, torch.tensor(fixture["logits"]), atol=1e-4)
