@@ -130,7 +130,7 @@ def build_peft_config(
             Cause.VERSION_SKEW,
             "meaning_changing_config_key",
             f"{config.path}: the installed peft does not know "
-            f"{', '.join(f'{k} (peft >= {introduced_in(k)})' if introduced_in(k) else k for k in meaning)}; ignoring "
+            f"{', '.join(f'{k} (peft {introduced_in(k)})' if introduced_in(k) else k for k in meaning)}; ignoring "
             f"{'it' if len(meaning) == 1 else 'them'} would change what the adapter computes",
             fix=f"upgrade peft to the version that saved the adapter (peft_version={config.peft_version!r}).",
             adapter=adapter,
@@ -150,7 +150,7 @@ def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]
     findings = []
     if unknown:
         since = {k: introduced_in(k) for k in unknown}
-        needs = [f"{k} (peft >= {v})" if v else k for k, v in since.items()]
+        needs = [f"{k} (peft {v})" if v else k for k, v in since.items()]
         findings.append(
             Diagnosis(
                 Cause.VERSION_SKEW,

@@ -28,13 +28,13 @@ _SUFFIXES = (
     (".lora_embedding_B", "lora_embedding_B"),
     (".lora_magnitude_vector", "magnitude"),
 )
-_FOREIGN = (
+_FOREIGN = (  # most specific first: LyCORIS files use kohya-style module names too
+    (re.compile(r"(^|[._])(hada_w\d_[ab]|lokr_w\d)"), "lycoris", "a LyCORIS (LoHa / LoKr) adapter"),
     (
         re.compile(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up)\.weight$|\.alpha$"),
         "kohya",
         "a kohya-ss (sd-scripts) LoRA",
     ),
-    (re.compile(r"(^|\.)(hada_w\d_[ab]|lokr_w\d)"), "lycoris", "a LyCORIS (LoHa / LoKr) adapter"),
     (re.compile(r"\.processor\.|^(unet|transformer|text_encoder)\.[^.]+.*lora"), "diffusers", "a diffusers LoRA"),
 )
 _TASK_CLASS = {

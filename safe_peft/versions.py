@@ -12,29 +12,36 @@ from packaging.version import InvalidVersion, Version
 
 __all__ = ["CONFIG_KEY_SINCE", "KNOWN_CHANGES", "KnownChange", "introduced_in", "is_newer"]
 
-# LoraConfig keys and the first peft release whose config accepts them (older peft raises TypeError on them).
+# LoraConfig keys and the peft releases that accept them (older peft raises TypeError on them or drops them).
+# Exact releases where checked against peft's history; "> 0.17.1" where all that is verified (by this project's
+# fixtures) is that 0.17.1 lacks the key and 0.21.2 has it.
 CONFIG_KEY_SINCE: dict[str, str] = {
-    "rank_pattern": "0.6.0",
-    "alpha_pattern": "0.6.0",
-    "loftq_config": "0.7.0",
-    "use_rslora": "0.8.0",
-    "megatron_config": "0.8.0",
-    "megatron_core": "0.8.0",
-    "use_dora": "0.9.0",
-    "layer_replication": "0.10.0",
-    "runtime_config": "0.11.0",
-    "exclude_modules": "0.14.0",
-    "eva_config": "0.14.0",
-    "lora_bias": "0.14.0",
-    "corda_config": "0.15.0",
-    "trainable_token_indices": "0.15.0",
-    "target_parameters": "0.17.0",
-    "qalora_group_size": "0.17.0",
-    "use_qalora": "0.17.0",
-    "alora_invocation_tokens": "0.17.1",
-    "arrow_config": "0.18.0",
-    "ensure_weight_tying": "0.18.0",
-    "peft_version": "0.18.0",
+    "rank_pattern": ">= 0.6.0",
+    "alpha_pattern": ">= 0.6.0",
+    "loftq_config": ">= 0.7.0",
+    "use_rslora": ">= 0.8.0",
+    "megatron_config": ">= 0.8.0",
+    "megatron_core": ">= 0.8.0",
+    "use_dora": ">= 0.9.0",
+    "layer_replication": ">= 0.10.0",
+    "runtime_config": ">= 0.11.0",
+    "exclude_modules": ">= 0.14.0",
+    "eva_config": ">= 0.14.0",
+    "lora_bias": ">= 0.14.0",
+    "corda_config": ">= 0.15.0",
+    "trainable_token_indices": ">= 0.15.0",
+    "target_parameters": ">= 0.17.0",
+    "qalora_group_size": ">= 0.17.0",
+    "use_qalora": ">= 0.17.0",
+    "alora_invocation_tokens": "> 0.17.1",
+    "arrow_config": "> 0.17.1",
+    "ensure_weight_tying": "> 0.17.1",
+    "peft_version": "> 0.17.1",
+    "kasa_config": "> 0.17.1",
+    "lora_ga_config": "> 0.17.1",
+    "monteclora_config": "> 0.17.1",
+    "use_bdlora": "> 0.17.1",
+    "velora_config": "> 0.17.1",
 }
 
 
@@ -85,7 +92,7 @@ KNOWN_CHANGES: tuple[KnownChange, ...] = (
 
 
 def introduced_in(key: str) -> str | None:
-    """The peft release that introduced a config key, if known."""
+    """The peft releases that accept a config key (``">= 0.14.0"``), if known."""
     return CONFIG_KEY_SINCE.get(key)
 
 

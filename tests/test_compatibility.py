@@ -126,3 +126,24 @@ def test_merged_linear_adapter_of_peft_0_2_is_converted_by_the_legacy_repair(tmp
     with torch.no_grad():
         plain = PeftModel.from_pretrained(_legacy_base(), out)(torch.tensor(fixture["input"])).logits
     assert torch.allclose(plain, torch.tensor(fixture["logits"]), atol=1e-4)
+
+
+def test_config_written_by_a_newer_peft_lists_each_ignored_key() -> None:
+    """peft 0.21.2 wrote this config: on an older installed peft (make test-oldest) its unknown keys are ignored,
+    each listed as a VERSION_SKEW warning, and the adapter still gives its trained outputs."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    directory = os.path.join(FIXTURES, "peft-0.21.2", "default")
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        written = json.load(f)
+    unknown = sorted(set(written) - {f.name for f in dataclasses.fields(LoraConfig)})
+    model, report = safe_load_adapter(base_model(), directory, output_loading_info=True)
+    skew = [w for w in report.warnings if w.code == "unknown_config_keys"]
+    assert [w.details["keys"] for w in skew] == ([unknown] if unknown else [])
+    with open(os.path.join(directory, "fixture.json")) as f:
+        fixture = json.load(f)
+    with torch.no_grad():
+        logits = model(torch.tensor(fixture["input"])).logits
+    assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)

@@ -83,3 +83,35 @@ def test_kohya_for_another_model_is_not_converted(kohya_dir: str) -> None:
 def test_inspect_a_kohya_file(kohya_dir: str) -> None:
     manifest = inspect_adapter(kohya_dir)
     assert manifest.peft_type.startswith("UNKNOWN") and len(manifest.tensors) == 12
+
+
+def _with_keys(src: str, dst: str, keys: dict[str, torch.Tensor]) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    save_file(keys, os.path.join(dst, "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "layout, code",
+    [
+        ("lycoris", "lycoris"),
+        ("diffusers", "diffusers"),
+        ("merged", "merged_checkpoint"),
+    ],
+)
+def test_foreign_layouts_are_named(layout: str, code: str, adapters: dict[str, Any], tmp_path: Any) -> None:
+    """A PEFT config beside weights in another tool's layout: the format is named, not a wall of keys."""
+    if layout == "lycoris":  # LyCORIS LoHa names under a LoRA config
+        keys = {f"lora_te_model_layers_{i}_self_attn_q_proj.hada_w1_a": torch.zeros(64, 4) for i in range(2)}
+    elif layout == "diffusers":
+        keys = {
+            f"unet.down_blocks.{i}.attentions.0.processor.to_q_lora.down.weight": torch.zeros(4, 64) for i in range(2)
+        }
+    else:  # the adapter merged into the base: plain weights of the base model's own modules
+        keys = {f"base_model.model.{k}": v for k, v in build("causal").state_dict().items() if "layers.0." in k}
+    directory = _with_keys(adapters["causal"][0], str(tmp_path / layout), keys)
+    report = diagnose(build("causal"), directory)
+    assert report.primary is not None
+    assert (report.primary.cause, report.primary.code) == (Cause.FOREIGN_FORMAT, code), str(report)
