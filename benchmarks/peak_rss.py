@@ -9,28 +9,17 @@ from __future__ import annotations
 import sys
 import warnings
 
-import torch
-
 warnings.filterwarnings("ignore")
 
 
 def main() -> None:
     mode, directory = sys.argv[1], sys.argv[2]
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from run import bench_base
 
     from safe_peft import safe_load_adapter
 
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
+    base = bench_base()
     before = _hwm()
     if mode == "plain" and "compiled" not in directory:
         PeftModel.from_pretrained(base, directory)

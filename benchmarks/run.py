@@ -26,12 +26,9 @@ warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_overhead(repeats: int = 15) -> dict[str, Any]:
-    """safe_load_adapter vs PeftModel.from_pretrained on a ~33M Llama with an all-linear r=16 adapter."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def bench_base() -> torch.nn.Module:
+    """The ~33M-parameter Llama of the load benchmarks (hidden 512, 8 layers, vocab 8000), fixed seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from safe_peft import safe_load_adapter
 
     config = LlamaConfig(
         hidden_size=512,
@@ -42,12 +39,27 @@ def load_overhead(repeats: int = 15) -> dict[str, Any]:
         vocab_size=8000,
     )
     torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def save_bench_adapter(directory: str) -> None:
+    """An all-linear r=16 LoRA with non-zero weights on ``bench_base()``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(bench_base(), lora).save_pretrained(directory)
+
+
+def load_overhead(repeats: int = 15) -> dict[str, Any]:
+    """safe_load_adapter vs PeftModel.from_pretrained on a ~33M Llama with an all-linear r=16 adapter."""
+    from peft import PeftModel
+
+    from safe_peft import safe_load_adapter
+
+    base = bench_base()
     params = sum(p.numel() for p in base.parameters())
     directory = tempfile.mkdtemp(prefix="bench_adapter_")
-    get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
-    ).save_pretrained(directory)
+    save_bench_adapter(directory)
     copies = [copy.deepcopy(base) for _ in range(2 * repeats + 2)]
     PeftModel.from_pretrained(copies.pop(), directory)  # warm up both paths
     safe_load_adapter(copies.pop(), directory)
@@ -74,22 +86,8 @@ def peak_memory(repeats: int = 3) -> dict[str, Any]:
     """Peak RSS of a process that builds the ~33M Llama and loads the adapter: plain peft vs safe_peft."""
     import subprocess
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,
-    )
-    torch.manual_seed(0)
     directory = tempfile.mkdtemp(prefix="bench_rss_")
-    get_peft_model(
-        LlamaForCausalLM(config), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
-    ).save_pretrained(directory)
+    save_bench_adapter(directory)
     script = os.path.join(ROOT, "benchmarks", "peak_rss.py")
     peaks: dict[str, list[int]] = {"plain": [], "safe": []}
     added: dict[str, list[int]] = {"plain": [], "safe": []}
@@ -143,7 +141,7 @@ def remapped_memory(repeats: int = 3) -> dict[str, Any]:
 
     directory = tempfile.mkdtemp(prefix="bench_remap_")
     plain_dir, remap_dir = os.path.join(directory, "plain"), os.path.join(directory, "compiled")
-    _save_bench_adapter(plain_dir)
+    save_bench_adapter(plain_dir)
     os.makedirs(remap_dir)
     state = load_file(os.path.join(plain_dir, "adapter_model.safetensors"))
     save_file(
@@ -161,24 +159,6 @@ def remapped_memory(repeats: int = 3) -> dict[str, Any]:
             peaks[mode].append(int(out.stdout.split()[1]))
     plain, remap = statistics.median(peaks["plain"]), statistics.median(peaks["remap"])
     return {"plain_mb": plain / 1024, "remap_mb": remap / 1024, "ratio": remap / plain}
-
-
-def _save_bench_adapter(directory: str) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,
-    )
-    torch.manual_seed(0)
-    get_peft_model(
-        LlamaForCausalLM(config), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)
-    ).save_pretrained(directory)
 
 
 def cli_check(count: int = 200) -> dict[str, Any]:
