@@ -478,3 +478,23 @@ def test_vocab_repair_says_grow_or_shrink(tmp_path: Any) -> None:
     model, report = safe_load_adapter(build("causal"), directory, repair=("vocab",), output_loading_info=True)
     assert report.repairs[-1] == "vocab: shrink the base model's token embeddings from 100 to 80 rows"
     assert torch.allclose(outputs(model), trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwarg", ["low_cpu_mem_usage", "torch_device", "config", "autocast_adapter_dtype"])
+def test_peft_kwargs_are_honoured_and_never_mutated(kwarg: str, adapters: dict[str, Any]) -> None:
+    import copy
+
+    from peft import PeftConfig
+
+    value: Any = {"low_cpu_mem_usage": True, "torch_device": "cpu", "autocast_adapter_dtype": False}.get(kwarg)
+    if kwarg == "config":
+        value = PeftConfig.from_pretrained(adapters["causal"][0])
+        value.inference_mode = False
+    kwargs = {kwarg: value}
+    snapshot = copy.deepcopy(kwargs)
+    model, report = safe_load_adapter(build("causal"), adapters["causal"][0], output_loading_info=True, **kwargs)
+    assert report.ok
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-5)
+    assert kwargs.keys() == snapshot.keys()
+    if kwarg == "config":
+        assert kwargs["config"].inference_mode is False  # peft sets it on the config it gets: a copy, not the caller's
