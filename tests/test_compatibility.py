@@ -17,16 +17,21 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = sorted(glob.glob(os.path.join(FIXTURES, "peft-*", "*", "fixture.json")))
 
 
-def base_model() -> torch.nn.Module:
+def base_model(kind: str = "causal") -> torch.nn.Module:
+    """The fixture base: the causal LM, or the same weights under a 3-label classification head (``seqcls``)."""
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     with open(os.path.join(FIXTURES, "base", "config.json")) as f:
-        model = LlamaForCausalLM(LlamaConfig(**json.load(f)))
+        data = json.load(f)
+    if kind == "seqcls":
+        model: torch.nn.Module = LlamaForSequenceClassification(LlamaConfig(**data, num_labels=3))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**data))
     missing, unexpected = model.load_state_dict(
         load_file(os.path.join(FIXTURES, "base", "model.safetensors")), strict=False
     )
-    assert not missing and not unexpected
+    assert set(missing) <= {"score.weight"} and set(unexpected) <= ({"lm_head.weight"} if kind == "seqcls" else set())
     return model.eval()
 
 
@@ -48,7 +53,7 @@ def test_old_adapter_loads_with_trained_outputs(path: str) -> None:
         kwargs["subfolder"] = fixture["subfolder"]
     if fixture["weights_format"] == "pickle":
         kwargs["allow_pickle"] = True
-    base = base_model()
+    base = base_model(fixture.get("model_class", "causal"))
     predicted = diagnose(base, directory, **kwargs)
     assert predicted.ok, str(predicted)
     model = safe_load_adapter(base, directory, **kwargs)
