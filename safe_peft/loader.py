@@ -83,9 +83,7 @@ def _execute(
             write_weights(plan, os.path.join(workdir, "adapter_model.safetensors"))
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
-        model = PeftModel.from_pretrained(
-            base_model, directory, adapter_name, config=_fresh(plan.peft_config), **passthrough
-        )
+        model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=plan.peft_config, **passthrough)
         report = _verify(model, plan, adapter_name)
         if not report.ok and strict:
             raise AdapterLoadError(report)
@@ -99,12 +97,6 @@ def _execute(
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _fresh(config: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(config)  # peft sets inference_mode on the config it is given
 
 
 def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:

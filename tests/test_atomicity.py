@@ -68,6 +68,7 @@ def _base(stage: str, tmp_path: Any) -> torch.nn.Module:
         return build("causal")
     from transformers import LlamaForCausalLM
 
+    os.chdir(tmp_path)  # transformers' disk offload writes a copy of the weights under the current directory
     build("causal").save_pretrained(tmp_path / "base")
     device_map = {
         "model.embed_tokens": "cpu",
@@ -84,9 +85,10 @@ def _base(stage: str, tmp_path: Any) -> torch.nn.Module:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_failure_point_leaves_the_base_model_unchanged(
-    stage: str, adapters: dict[str, Any], tmp_path: Any
+    stage: str, adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make, code = STAGES[stage]
+    monkeypatch.chdir(os.getcwd())  # restored after the test, whatever _base changes
     directory, kwargs = make(adapters["causal"][0], str(tmp_path / stage))
     base = _base(stage, tmp_path)
     before = fingerprint(base)

@@ -73,9 +73,11 @@ def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any
     assert bad.size_mismatches == real.size_mismatches
 
 
-def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any) -> None:
+def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model dispatched by accelerate (a layer offloaded to disk, its parameters on meta) diagnoses and loads."""
     from transformers import LlamaForCausalLM
+
+    monkeypatch.chdir(tmp_path)  # transformers' disk offload writes a copy of the weights under the current directory
 
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 
