@@ -19,7 +19,7 @@ from safe_peft.versions import introduced_in, is_newer
 if TYPE_CHECKING:
     from peft import PeftConfig
 
-__all__ = ["MEANING_KEYS", "AdapterConfig", "build_peft_config", "read_config"]
+__all__ = ["HARMLESS_KEYS", "MEANING_KEYS", "AdapterConfig", "build_peft_config", "changes_meaning", "read_config"]
 
 # Config keys whose non-default value changes what an adapter computes: ignoring them is not safe.
 # key -> the values that are harmless to ignore (the defaults).
@@ -38,6 +38,39 @@ MEANING_KEYS: dict[str, tuple[Any, ...]] = {
     "enable_lora": (None,),
     "fan_in_fan_out": (False, None),
 }
+
+
+# Keys whose value never changes what a loaded adapter computes: metadata, and settings used only to initialise
+# weights before training (the saved weights already reflect them).
+HARMLESS_KEYS = frozenset(
+    {
+        "peft_version",
+        "revision",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "inference_mode",
+        "runtime_config",
+        "megatron_core",
+        "qalora_group_size",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "init_lora_weights",
+    }
+)
+_EMPTY: tuple[Any, ...] = (None, False, {}, [], "")
+
+
+def changes_meaning(key: str, value: Any) -> bool:
+    """Whether ignoring config ``key`` (unknown to the installed peft) could change what the adapter computes.
+
+    Empty or false values are harmless, and so are the keys in ``HARMLESS_KEYS``. Any other value of an unknown
+    key is assumed to matter: safe_peft cannot know what a newer peft does with it.
+    """
+    if key in MEANING_KEYS:
+        return value not in MEANING_KEYS[key]
+    return key not in HARMLESS_KEYS and value not in _EMPTY
 
 
 @dataclass(frozen=True)
@@ -124,7 +157,7 @@ def build_peft_config(
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(k for k in config.data if k not in known)
     kwargs = {k: v for k, v in config.data.items() if k in known}
-    meaning = [k for k in unknown if config.data[k] not in MEANING_KEYS.get(k, (config.data[k],))]
+    meaning = [k for k in unknown if changes_meaning(k, config.data[k])]
     if meaning:
         raise AdapterFormatError.of(
             Cause.VERSION_SKEW,

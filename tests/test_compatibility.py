@@ -152,3 +152,30 @@ def test_config_written_by_a_newer_peft_lists_each_ignored_key() -> None:
     with torch.no_grad():
         logits = model(torch.tensor(fixture["input"])).logits
     assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)
+
+
+def test_unknown_key_with_a_value_that_may_matter_is_refused(tmp_path: Any) -> None:
+    """peft 0.21.2 wrote `ensure_weight_tying: true`: a peft that does not know the key (0.17.1, make test-oldest)
+    cannot honour it, so the load is refused; a peft that knows it loads the adapter."""
+    import dataclasses
+    import shutil
+
+    from peft import LoraConfig
+
+    from safe_peft import AdapterFormatError
+
+    directory = str(tmp_path / "tying")
+    shutil.copytree(os.path.join(FIXTURES, "peft-0.21.2", "default"), directory)
+    path = os.path.join(directory, "adapter_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["ensure_weight_tying"] = True
+    with open(path, "w") as f:
+        json.dump(data, f)
+    if "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)}:
+        assert diagnose(base_model(), directory).ok
+    else:
+        with pytest.raises(AdapterFormatError) as info:
+            safe_load_adapter(base_model(), directory)
+        assert info.value.code == "meaning_changing_config_key"
+        assert "ensure_weight_tying" in str(info.value)

@@ -88,7 +88,7 @@ def test_unknown_config_keys_are_a_version_skew_warning(adapters: dict[str, Any]
     directory = derive(
         adapters["causal"][0],
         str(tmp_path / "newer"),
-        config=lambda c: c.update(future_option={"x": 1}, another_new_field=None),
+        config=lambda c: c.update(future_option={}, another_new_field=None),
     )
     model, report = safe_load_adapter(build("causal"), directory, output_loading_info=True)
     assert report.ok
@@ -179,3 +179,23 @@ def test_fifo_in_place_of_a_file_never_blocks(adapters: dict[str, Any], tmp_path
     with pytest.raises(AdapterFormatError) as info:
         safe_load_adapter(build("causal"), directory)
     assert _code(info) == (Cause.CORRUPT_CHECKPOINT, code)
+
+
+@pytest.mark.parametrize(
+    "key, value, refused",
+    [
+        ("future_flag", True, True),  # unknown key, a value that may matter
+        ("future_scale", 0.5, True),
+        ("future_flag", False, False),  # empty / false: harmless
+        ("future_config", None, False),
+        ("future_list", [], False),
+        ("use_dora", True, True),  # known meaning-changing key
+        ("use_dora", False, False),
+        ("peft_version", "9.0.0", False),  # metadata
+        ("eva_config", {"rho": 2.0}, False),  # initialisation only
+    ],
+)
+def test_changes_meaning_table(key: str, value: Any, refused: bool) -> None:
+    from safe_peft.adapter_config import changes_meaning
+
+    assert changes_meaning(key, value) is refused
