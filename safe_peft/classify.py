@@ -227,7 +227,8 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
         task = str(ev.config.get("task_type") or "").upper()
         if lead.name == "head_prefix_remove":
             message = (
-                f"the adapter was trained on a model with a task head (task_type={task or None}), whose layers sit "
+                f"the adapter was trained on a model with a task head{f' (task_type={task})' if task else ''}, "
+                "whose layers sit "
                 f"under `{ev.view.base_model_prefix}.`; {ev.view.model_class} is the bare model (what AutoModel "
                 f"returns), so no key matches{example}"
             )
