@@ -61,6 +61,28 @@ def build(kind: str = "causal", seed: int = 0, **overrides: Any) -> nn.Module:
     return model.eval()
 
 
+def disk_offloaded(directory: Any) -> nn.Module:
+    """The tiny causal Llama loaded by accelerate with its second layer offloaded to disk (parameters on meta).
+
+    Call with the current directory set to ``directory``: transformers' disk offload writes a copy of the weights
+    under the current directory.
+    """
+    from transformers import LlamaForCausalLM
+
+    build("causal").save_pretrained(os.path.join(directory, "base"))
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    return LlamaForCausalLM.from_pretrained(
+        os.path.join(directory, "base"), device_map=device_map, offload_folder=os.path.join(directory, "offload")
+    )
+
+
 def train_adapter(model: nn.Module, directory: str, seed: int = 1, **lora: Any) -> torch.Tensor:
     """Wrap ``model`` with a LoRA whose lora_B is non-zero (as after training), save it, return its outputs."""
     lora.setdefault("r", 8)

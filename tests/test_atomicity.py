@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_unchanged, build, derive, fingerprint
+from helpers import assert_unchanged, build, derive, disk_offloaded, fingerprint
 
 from safe_peft import AdapterLoadError, safe_load_adapter
 
@@ -66,21 +66,8 @@ STAGES: dict[str, tuple[Callable[[str, str], tuple[str, dict[str, Any]]], str]] 
 def _base(stage: str, tmp_path: Any) -> torch.nn.Module:
     if stage != "state_dict_load":
         return build("causal")
-    from transformers import LlamaForCausalLM
-
-    os.chdir(tmp_path)  # transformers' disk offload writes a copy of the weights under the current directory
-    build("causal").save_pretrained(tmp_path / "base")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    return LlamaForCausalLM.from_pretrained(
-        tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "offload")
-    )
+    os.chdir(tmp_path)  # see disk_offloaded
+    return disk_offloaded(str(tmp_path))
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

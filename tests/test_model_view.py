@@ -75,24 +75,12 @@ def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any
 
 def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model dispatched by accelerate (a layer offloaded to disk, its parameters on meta) diagnoses and loads."""
-    from transformers import LlamaForCausalLM
-
-    monkeypatch.chdir(tmp_path)  # transformers' disk offload writes a copy of the weights under the current directory
+    from helpers import disk_offloaded
 
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 
-    build("causal").save_pretrained(tmp_path / "base")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    model = LlamaForCausalLM.from_pretrained(
-        tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "offload")
-    )
+    monkeypatch.chdir(tmp_path)  # see disk_offloaded
+    model = disk_offloaded(str(tmp_path))
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     assert diagnose(model, adapters["causal"][0]).ok
     wrong = diagnose(model, adapters["wide"][0])
