@@ -100,18 +100,25 @@ def _execute(
 
 
 def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
-    """Base-model tensors the load writes in place: base embedding weights saved with the adapter."""
+    """Base-model tensors the load writes in place: base embedding weights saved with the adapter, and the
+    targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ)."""
     if plan.view is None:
         return []
     params = dict(model.named_parameters())
-    tensors = []
+    names = set()
     for key in plan.checkpoint:
         want = plan.view.expected.get(key)
         if want is not None and want.role == "embedding_base":
-            name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
-            if name in params:
-                tensors.append(params[name])
-    return tensors
+            names.add(key[len(PEFT_PREFIX) :].replace(".base_layer.", "."))
+    if rewrites_base(plan.peft_config):
+        names |= {f"{e.module}.weight" for e in plan.view.expected.values() if e.role == "lora_A"}
+    return [params[name] for name in sorted(names) if name in params]
+
+
+def rewrites_base(config: Any) -> bool:
+    """Whether peft's injection with this config rewrites the targeted base weights (it re-runs the init)."""
+    init = str(getattr(config, "init_lora_weights", True)).lower()
+    return init in {"pissa", "olora", "corda", "loftq"} or init.startswith("pissa_niter_")
 
 
 def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict[str, Any]:

@@ -166,6 +166,7 @@ def make_plan(
         causes = _with_layout(classify(evidence), plan) + findings
     else:
         causes = classify(evidence) + findings  # the real cause first
+    warnings += _init_warning(peft_config)
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
@@ -452,6 +453,25 @@ def _with_layout(causes: list[Diagnosis], plan: RemapPlan) -> list[Diagnosis]:
         combined = replace(first, remap="auto", fix=f"{first.fix} The keys also need remap='auto' (applies {names}).")
         return [combined, *causes[1:], layout]
     return [*causes, layout]
+
+
+def _init_warning(config: Any) -> list[Diagnosis]:
+    from safe_peft.loader import rewrites_base
+
+    if not rewrites_base(config):
+        return []
+    init = getattr(config, "init_lora_weights", None)
+    return [
+        Diagnosis(
+            Cause.CONFIG_MISMATCH,
+            "base_rewriting_init",
+            f"init_lora_weights={init!r}: loading re-runs this initialisation, which rewrites the targeted base "
+            "weights (as plain peft does); the outputs are only right on the residual base it was trained with",
+            fix="save such adapters with path_initial_model_for_weight_conversion (peft converts them to plain "
+            "LoRA), or load onto the saved residual base model.",
+            details={"init_lora_weights": init},
+        )
+    ]
 
 
 def _only_shapes_differ(plan: RemapPlan, checkpoint: Mapping[str, Shape], view: ModelView) -> bool:

@@ -119,3 +119,38 @@ def test_config_json_is_untouched_and_files_unmodified(adapters: dict[str, Any],
         safe_load_adapter(build("causal"), directory)
     with open(os.path.join(directory, "adapter_config.json")) as f:
         assert json.load(f) == before
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_init_is_restored_after_a_failed_load(init: str, tmp_path: Any) -> None:
+    """peft re-runs PiSSA / OLoRA initialisation on load, rewriting base weights through `.data`: a load that then
+    fails must still give the base its original values back."""
+    from peft import LoraConfig, get_peft_model
+
+    directory = str(tmp_path / init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(
+            build("causal"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init)
+        ).save_pretrained(directory)
+    bad = derive(
+        directory,
+        str(tmp_path / "nan"),
+        tensors=lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.q_proj.lora_B" in k else v,
+    )
+    predicted = diagnose_warnings(bad)
+    assert predicted == ["base_rewriting_init"]
+    base = build("causal")
+    before = fingerprint(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AdapterLoadError) as info:
+            safe_load_adapter(base, bad)
+    assert info.value.report.primary is not None and info.value.report.primary.code == "non_finite_values"
+    assert_unchanged(before, base)
+
+
+def diagnose_warnings(directory: str) -> list[str]:
+    from safe_peft import diagnose
+
+    return [w.code for w in diagnose(build("causal"), directory).warnings]
