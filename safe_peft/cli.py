@@ -122,12 +122,12 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
 
 def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
     """A readable summary of an adapter manifest."""
+    from safe_peft.manifest import dtype_summary
+
     style = out or Output(sys.stdout, color=False)
     ranks = sorted(set(m.ranks.values()))
     agree = style.good("agrees") if m.rank_agrees else style.bad(f"DISAGREES with config r={m.config_r}")
-    dtypes: dict[str, int] = {}
-    for t in m.tensors:
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    dtypes = dtype_summary(m)
     lines = [
         f"{m.path}",
         f"  type          {m.peft_type}" + (f" (saved by peft {m.peft_version})" if m.peft_version else ""),
@@ -148,22 +148,12 @@ def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
 
 
 def _check(args: argparse.Namespace, out: Output) -> int:
-    from safe_peft.plan import diagnose
-
     adapters = _expand(args.adapters)
     model = build_base_model(args.base, args.model_class)
     results: list[tuple[str, LoadReport, bool]] = []
     progress = Progress(len(adapters), enabled=len(adapters) >= 20 and sys.stderr.isatty() and not args.json)
     for path in adapters:
-        report = diagnose(model, path, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle)
-        unreadable = (
-            not report.ok
-            and not report.missing
-            and not report.unexpected
-            and not report.size_mismatches
-            and bool(report.causes)
-            and report.causes[0].code in _FORMAT_CODES
-        )
+        report, unreadable = _check_one(model, path, args)
         results.append((path, report, unreadable))
         progress.step()
     progress.done()
@@ -213,40 +203,16 @@ def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> st
     return "\n".join(lines)
 
 
-_FORMAT_CODES = frozenset(
-    {
-        "truncated_file",
-        "header_too_large",
-        "not_safetensors",
-        "bad_json",
-        "bad_metadata",
-        "bad_entry",
-        "bad_dtype",
-        "bad_shape",
-        "bad_offsets",
-        "trailing_bytes",
-        "duplicate_header_key",
-        "unreadable_file",
-        "unreadable_path",
-        "not_a_directory",
-        "missing_config",
-        "missing_subfolder",
-        "subfolder_escapes",
-        "missing_weights",
-        "not_found",
-        "bad_config_json",
-        "unreadable_config",
-        "config_missing_peft_type",
-        "invalid_config",
-        "not_a_state_dict",
-        "unreadable_pickle",
-        "pickle_refused",
-        "pickle_payload_refused",
-        "model_config_as_adapter_config",
-        "unknown_peft_type",
-        "meaning_changing_config_key",
-    }
-)
+def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[LoadReport, bool]:
+    """The verdict on one adapter, and whether it is unreadable: a file fault that no opt-in fixes."""
+    from safe_peft.plan import make_plan
+
+    try:
+        plan = make_plan(model, path, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle)
+    except AdapterFormatError as exc:
+        primary = exc.report.primary
+        return exc.report, primary is None or (primary.remap is None and not primary.repair)
+    return plan.report, False
 
 
 def _verdict(report: LoadReport, unreadable: bool) -> str:

@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from safe_peft.model_view import PEFT_PREFIX
+
 __all__ = ["KohyaConversion", "convert_kohya", "is_kohya"]
 
 _KOHYA = re.compile(
     r"^(lora_(?:te\d?|unet|transformer)_)?(?P<module>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 _PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "lora_unet_", "lora_transformer_")
-PEFT_PREFIX = "base_model.model."
 
 
 def is_kohya(keys: Iterable[str]) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safe_peft.report import Cause, Diagnosis
@@ -81,7 +81,6 @@ class ModelView:
     task_heads: tuple[str, ...]
     method: str
     error: Diagnosis | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def expected_keys(model: nn.Module, config: Any, adapter_name: str = "default") -> ModelView:
@@ -141,7 +140,7 @@ def _survey(model: nn.Module) -> tuple[dict[str, ModulePort], frozenset[str]]:
     names = []
     for name, module in model.named_modules():
         names.append(name)
-        if type(module) is nn.Linear or isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):
             layers[name] = ModulePort("linear", module.in_features, module.out_features)
         elif isinstance(module, Conv1D):
             in_f, out_f = module.weight.shape

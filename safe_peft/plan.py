@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from safe_peft.adapter_config import build_peft_config, read_config
 from safe_peft.adapter_files import AdapterFiles, locate_adapter
 from safe_peft.classify import Evidence, classify, lora_role
-from safe_peft.compare import KeyDiff, compare_keys
+from safe_peft.compare import compare_keys
 from safe_peft.errors import AdapterFormatError
 from safe_peft.legacy import convert_config, convert_shapes, enabled_parts
 from safe_peft.model_view import ExpectedKey, ModelView, expected_keys
 from safe_peft.repairs import repair_config, vocab_target
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, RemapPlan, apply_rules, check_exact, model_rules, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
 from safe_peft.safetensors_header import read_header
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def make_plan(
     dropped: tuple[str, ...] = ()
     findings: list[Diagnosis] = []
     if remap is not None and remap != "auto":
-        plan = _user_plan(to_rules(remap), checkpoint, view, relaxed)
+        plan = plan_given(to_rules(remap), checkpoint, view.expected, relaxed)
         if not plan.exact:
             findings.append(_remap_refused(plan, "the given remap rules"))
     elif diff.missing or diff.unexpected:
@@ -417,14 +417,6 @@ def _rank_relaxed(view: ModelView) -> Any:
     return same
 
 
-def _user_plan(rules: tuple[Any, ...], checkpoint: dict[str, Shape], view: ModelView, relaxed: Any) -> RemapPlan:
-    mapping = apply_rules(checkpoint, rules)
-    problems = check_exact(mapping, checkpoint, view.expected, relaxed)
-    renames = {o: n for o, n in mapping.items() if n is not None and n != o}
-    dropped = tuple(o for o, n in mapping.items() if n is None)
-    return RemapPlan(rules, renames, dropped, not problems, tuple(problems[:20]), len(problems))
-
-
 def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
     closest = ", ".join(r.name for r in plan.rules) or "none"
     return Diagnosis(
@@ -501,7 +493,3 @@ def _resized(view: ModelView, checkpoint: Mapping[str, Shape], vocab: int) -> Mo
             want = replace(want, shape=tuple(dims))
         expected[key] = want
     return replace(view, expected=expected)
-
-
-def diff_of(report: LoadReport) -> KeyDiff:
-    return KeyDiff(report.missing, report.unexpected, report.size_mismatches)

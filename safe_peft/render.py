@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from safe_peft.report import Diagnosis, LoadReport
+from safe_peft.report import LoadReport
 
 __all__ = ["collapse_keys", "render_report"]
 
@@ -121,9 +121,3 @@ def _fmt_indices(values: set[int]) -> str:
 
 def _fmt(shape: tuple[int, ...] | None) -> str:
     return "?" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
-
-
-def render_diagnosis(diagnosis: Diagnosis) -> str:
-    """One line for a finding: code, message and fix."""
-    fix = f" Fix: {diagnosis.fix}" if diagnosis.fix else ""
-    return f"[{diagnosis.cause.value}/{diagnosis.code}] {diagnosis.message}{fix}"

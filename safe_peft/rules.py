@@ -26,6 +26,7 @@ __all__ = [
     "apply_rules",
     "check_exact",
     "model_rules",
+    "plan_given",
     "plan_remap",
     "rename_state_dict",
     "to_rules",
@@ -350,6 +351,17 @@ class _Templates:
 def _pattern(template: str) -> str:
     """``a.0.b`` -> ``a.{}.b``, with literal braces escaped."""
     return _DIGITS.sub("{}", template.replace("{", "{{").replace("}", "}}"))
+
+
+def plan_given(
+    rules: Sequence[RemapRule],
+    checkpoint: Mapping[str, Shape],
+    expected: Mapping[str, ExpectedKey],
+    same_shape: ShapeCheck | None = None,
+) -> RemapPlan:
+    """The caller's rules applied as given (every rule to every key, in order), held to the exactness check."""
+    mapping = apply_rules(checkpoint, rules)
+    return _plan(rules, mapping, check_exact(mapping, checkpoint, expected, same_shape))
 
 
 def _plan(rules: Sequence[RemapRule], mapping: Mapping[str, str | None], problems: Sequence[str]) -> RemapPlan:

@@ -10,7 +10,7 @@ from safe_peft.compare import compare_keys
 from safe_peft.errors import AdapterLoadError
 from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, apply_rules, check_exact, plan_remap, rename_state_dict, to_rules
+from safe_peft.rules import BUILTIN, plan_given, plan_remap, rename_state_dict, to_rules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,14 +34,10 @@ def safe_load_state_dict(
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
     renames: dict[str, str] = {}
     if remap is not None:
-        rules = BUILTIN if remap == "auto" else to_rules(remap)
-        plan = plan_remap(shapes, expected, rules) if remap == "auto" else None
-        mapping = dict(plan.renames) if plan is not None and plan.exact else {}
-        if remap != "auto":
-            full = apply_rules(shapes, rules)
-            if not check_exact(full, shapes, expected):
-                mapping = {o: n for o, n in full.items() if n is not None and n != o}
-        renames = mapping
+        plan = (
+            plan_remap(shapes, expected, BUILTIN) if remap == "auto" else plan_given(to_rules(remap), shapes, expected)
+        )
+        renames = dict(plan.renames) if plan.exact else {}
         shapes = {renames.get(k, k): s for k, s in shapes.items()}
     diff = compare_keys(shapes, expected)
     if not strict:
