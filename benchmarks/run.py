@@ -109,7 +109,7 @@ def peak_memory(repeats: int = 3) -> dict[str, Any]:
 
 def planning(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> dict[str, Any]:
     """remap="auto" planning with all built-in rules: keys saved through torch.compile with the adapter name."""
-    from safe_peft.model_view import ExpectedKey
+    from safe_peft._model_view import ExpectedKey
     from safe_peft.rules import BUILTIN, model_rules, plan_remap
 
     out = {}
@@ -200,7 +200,7 @@ def cli_check(count: int = 200) -> dict[str, Any]:
     from contextlib import redirect_stdout
     from io import StringIO
 
-    from safe_peft.cli import main as cli_main
+    from safe_peft._cli import main as cli_main
 
     args = ["check", os.path.join(root, "adapters", "*"), "--base", os.path.join(root, "base"), "--json"]
     with redirect_stdout(StringIO()):

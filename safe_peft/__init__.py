@@ -26,6 +26,7 @@ __all__ = [
     "UnexpectedKey",
     "__version__",
     "diagnose",
+    "fix_adapter",
     "inspect_adapter",
     "parse_load_error",
     "safe_load_adapter",
@@ -33,21 +34,23 @@ __all__ = [
 ]
 
 _LAZY = {
-    "safe_load_adapter": "safe_peft.loader",
-    "safe_load_state_dict": "safe_peft.state_dict",
-    "diagnose": "safe_peft.plan",
-    "inspect_adapter": "safe_peft.manifest",
-    "parse_load_error": "safe_peft.parse",
+    "safe_load_adapter": "safe_peft._loader",
+    "safe_load_state_dict": "safe_peft._state_dict",
+    "diagnose": "safe_peft._plan",
+    "inspect_adapter": "safe_peft._manifest",
+    "fix_adapter": "safe_peft._writer",
+    "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
 }
 
 if TYPE_CHECKING:
-    from safe_peft.loader import safe_load_adapter
-    from safe_peft.manifest import inspect_adapter
-    from safe_peft.parse import parse_load_error
-    from safe_peft.plan import diagnose
+    from safe_peft._loader import safe_load_adapter
+    from safe_peft._manifest import inspect_adapter
+    from safe_peft._parse import parse_load_error
+    from safe_peft._plan import diagnose
+    from safe_peft._state_dict import safe_load_state_dict
+    from safe_peft._writer import fix_adapter
     from safe_peft.rules import RemapRule
-    from safe_peft.state_dict import safe_load_state_dict
 
 
 def __getattr__(name: str) -> Any:
@@ -59,3 +62,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

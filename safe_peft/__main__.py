@@ -1,5 +1,5 @@
 """``python -m safe_peft``: the same as the ``safe-peft`` command."""
 
-from safe_peft.cli import main
+from safe_peft._cli import main
 
 raise SystemExit(main())

@@ -1,7 +1,7 @@
 """The data model of a load verdict: findings, key lists and the report that holds them.
 
 Everything here is plain data: no torch, no peft. Reports are built by the diagnosis, by
-``parse_load_error`` and by tests directly, and rendered by :mod:`safe_peft.render`.
+``parse_load_error`` and by tests directly, and rendered by :mod:`safe_peft._render`.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class LoadReport:
         }
 
     def __str__(self) -> str:
-        from safe_peft.render import render_report
+        from safe_peft._render import render_report
 
         return render_report(self)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from safe_peft.model_view import ExpectedKey
+from safe_peft._model_view import ExpectedKey
 from safe_peft.report import Cause
 
 __all__ = [

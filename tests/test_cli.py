@@ -51,7 +51,7 @@ def test_inspect(workspace: dict[str, str]) -> None:
 
 def test_inspect_imports_no_torch(workspace: dict[str, str]) -> None:
     code = (
-        "import sys; from safe_peft.cli import main; main(['inspect', sys.argv[1]]); "
+        "import sys; from safe_peft._cli import main; main(['inspect', sys.argv[1]]); "
         "assert not {'torch', 'peft', 'transformers'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code, workspace["good"]], check=True, capture_output=True)
@@ -174,7 +174,7 @@ def test_python_dash_m(workspace: dict[str, str]) -> None:
 
 
 def test_colour_only_on_request_of_a_terminal(workspace: dict[str, str]) -> None:
-    from safe_peft.cli import Output
+    from safe_peft._cli import Output
 
     assert Output(sys.stdout, color=True).good("ok") == "\033[32mok\033[0m"
     result = run("check", workspace["good"], "--base", workspace["base"], env={"NO_COLOR": "1"})

@@ -111,7 +111,7 @@ def test_newer_peft_version_is_a_warning_naming_both_versions(adapters: dict[str
 
 def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_path: Any, monkeypatch: Any) -> None:
     """When the installed peft lacks a field whose value changes the adapter, ignoring it is refused."""
-    from safe_peft import adapter_config
+    from safe_peft import _adapter_config as adapter_config
 
     directory = derive(adapters["causal"][0], str(tmp_path / "meaning"), config=lambda c: c.update(use_dora=True))
     # Simulate an older peft that does not know `use_dora` by hiding the field from the known set.
@@ -196,6 +196,6 @@ def test_fifo_in_place_of_a_file_never_blocks(adapters: dict[str, Any], tmp_path
     ],
 )
 def test_changes_meaning_table(key: str, value: Any, refused: bool) -> None:
-    from safe_peft.adapter_config import changes_meaning
+    from safe_peft._adapter_config import changes_meaning
 
     assert changes_meaning(key, value) is refused

@@ -67,7 +67,7 @@ def test_kohya_alpha_becomes_the_scaling(adapters: dict[str, Any], tmp_path: Any
 def test_kohya_written_as_a_peft_adapter(kohya_dir: str, adapters: dict[str, Any], tmp_path: Any) -> None:
     from peft import PeftModel
 
-    from safe_peft.writer import fix_adapter
+    from safe_peft._writer import fix_adapter
 
     fix_adapter(build("causal"), kohya_dir, str(tmp_path / "peft"), remap="auto")
     model = PeftModel.from_pretrained(build("causal"), str(tmp_path / "peft"))

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from safe_peft import AdapterFormatError, AdapterLoadError, Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch
-from safe_peft.render import collapse_keys, render_report
+from safe_peft._render import collapse_keys, render_report
 
 REPORT = LoadReport(
     ok=False,

@@ -388,7 +388,7 @@ def test_written_fix_loads_in_plain_peft_without_warning(
     from peft import PeftModel
     from safetensors import safe_open
 
-    from safe_peft.writer import fix_adapter
+    from safe_peft._writer import fix_adapter
 
     directory = scenario_dir(s)
     source = {n: open_bytes(directory, n) for n in os.listdir(directory)}
@@ -407,7 +407,7 @@ def test_written_fix_loads_in_plain_peft_without_warning(
         meta = f.metadata()
     assert bool(meta["safe_peft.rules"]) == bool(report.renames)
     assert meta["safe_peft.renamed"] == str(len(report.renames))
-    assert json.loads(meta["safe_peft.repairs"]) == report.repairs
+    assert json.loads(meta["safe_peft._repairs"]) == report.repairs
     assert len(meta["safe_peft.source_keys_sha256"]) == 64
     assert {n: open_bytes(directory, n) for n in os.listdir(directory)} == source
 
@@ -418,8 +418,8 @@ def open_bytes(directory: str, name: str) -> bytes:
 
 
 def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, Any], tmp_path: Any) -> None:
-    from safe_peft.safetensors_header import read_header
-    from safe_peft.writer import fix_adapter
+    from safe_peft._safetensors_header import read_header
+    from safe_peft._writer import fix_adapter
 
     directory = derive(
         adapters["causal"][0],
@@ -435,7 +435,7 @@ def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, A
 
 
 def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], tmp_path: Any) -> None:
-    from safe_peft.writer import fix_adapter
+    from safe_peft._writer import fix_adapter
 
     with pytest.raises(AdapterLoadError):
         fix_adapter(build("causal"), adapters["wide"][0], str(tmp_path / "never"), remap="auto")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from safe_peft.model_view import ExpectedKey
+from safe_peft._model_view import ExpectedKey
 from safe_peft.report import MissingKey, SizeMismatch, UnexpectedKey
 
 __all__ = ["KeyDiff", "compare_keys"]

@@ -20,7 +20,7 @@ from safe_peft.report import SCHEMA_VERSION, LoadReport
 if TYPE_CHECKING:
     from torch import nn
 
-    from safe_peft.manifest import AdapterManifest
+    from safe_peft._manifest import AdapterManifest
 
 __all__ = ["main"]
 
@@ -110,7 +110,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace, out: Output) -> int:
-    from safe_peft.manifest import inspect_adapter
+    from safe_peft._manifest import inspect_adapter
 
     manifest = inspect_adapter(args.adapter, allow_pickle=args.allow_pickle)
     if args.json:
@@ -122,7 +122,7 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
 
 def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
     """A readable summary of an adapter manifest."""
-    from safe_peft.manifest import dtype_summary
+    from safe_peft._manifest import dtype_summary
 
     style = out or Output(sys.stdout, color=False)
     ranks = sorted(set(m.ranks.values()))
@@ -205,7 +205,7 @@ def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> st
 
 def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[LoadReport, bool]:
     """The verdict on one adapter, and whether it is unreadable: a file fault that no opt-in fixes."""
-    from safe_peft.plan import make_plan
+    from safe_peft._plan import make_plan
 
     try:
         plan = make_plan(model, path, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle)
@@ -223,7 +223,7 @@ def _verdict(report: LoadReport, unreadable: bool) -> str:
 
 
 def _fix(args: argparse.Namespace, out: Output) -> int:
-    from safe_peft.writer import fix_adapter
+    from safe_peft._writer import fix_adapter
 
     model = build_base_model(args.base, args.model_class)
     try:
@@ -254,7 +254,7 @@ def verify_written(base: str, model_class: str, directory: str, meta_model: nn.M
     it from its header (large ones). Raises on any loading warning or mismatch."""
     import warnings
 
-    from safe_peft.plan import diagnose
+    from safe_peft._plan import diagnose
 
     report = diagnose(meta_model, directory)
     if not report.ok:

@@ -11,10 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._legacy import convert_config, enabled_parts
+from safe_peft._versions import introduced_in, is_newer
 from safe_peft.errors import AdapterFormatError
-from safe_peft.legacy import convert_config, enabled_parts
 from safe_peft.report import Cause, Diagnosis
-from safe_peft.versions import introduced_in, is_newer
 
 if TYPE_CHECKING:
     from peft import PeftConfig

@@ -13,17 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.adapter_config import build_peft_config, read_config
-from safe_peft.adapter_files import AdapterFiles, locate_adapter
-from safe_peft.classify import Evidence, classify, lora_role
-from safe_peft.compare import compare_keys
+from safe_peft._adapter_config import build_peft_config, read_config
+from safe_peft._adapter_files import AdapterFiles, locate_adapter
+from safe_peft._classify import Evidence, classify, lora_role
+from safe_peft._compare import compare_keys
+from safe_peft._legacy import convert_config, convert_shapes, enabled_parts
+from safe_peft._model_view import ExpectedKey, ModelView, expected_keys
+from safe_peft._repairs import repair_config, vocab_target
+from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError
-from safe_peft.legacy import convert_config, convert_shapes, enabled_parts
-from safe_peft.model_view import ExpectedKey, ModelView, expected_keys
-from safe_peft.repairs import repair_config, vocab_target
 from safe_peft.report import Cause, Diagnosis, LoadReport
 from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
-from safe_peft.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,7 +187,7 @@ def _foreign_plan(
     model: nn.Module, files: AdapterFiles, adapter_name: str, remap: object, location: str, warnings: list[Diagnosis]
 ) -> LoadPlan:
     """A weights file without a PEFT config: convert a kohya LoRA (with remap='auto'), refuse anything else."""
-    from safe_peft.foreign import convert_kohya, is_kohya
+    from safe_peft._foreign import convert_kohya, is_kohya
 
     header = read_header(files.weights_path)
     shapes = {k: t.shape for k, t in header.tensors.items()}
@@ -357,7 +357,7 @@ def _convert_for_transformers(
     mapping = key_mapping if key_mapping else getattr(model, "_checkpoint_conversion_mapping", None)
     if mapping and not getattr(config, "is_prompt_learning", False):
         converted = {_map_key(k, mapping): s for k, s in converted.items()}
-    from safe_peft.model_view import _has_weight_conversions
+    from safe_peft._model_view import _has_weight_conversions
 
     if _has_weight_conversions(model):
         import torch
@@ -448,7 +448,7 @@ def _with_layout(causes: list[Diagnosis], plan: RemapPlan) -> list[Diagnosis]:
 
 
 def _init_warning(config: Any) -> list[Diagnosis]:
-    from safe_peft.loader import rewrites_base
+    from safe_peft._loader import rewrites_base
 
     if not rewrites_base(config):
         return []

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft.model_view import PEFT_PREFIX
+from safe_peft._model_view import PEFT_PREFIX
 
 __all__ = ["KohyaConversion", "convert_kohya", "is_kohya"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.classify import Evidence, classify, lora_role
-from safe_peft.compare import compare_keys
+from safe_peft._classify import Evidence, classify, lora_role
+from safe_peft._compare import compare_keys
+from safe_peft._model_view import ExpectedKey, ModelView
 from safe_peft.errors import AdapterLoadError
-from safe_peft.model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport
 from safe_peft.rules import BUILTIN, plan_given, plan_remap, rename_state_dict, to_rules
 

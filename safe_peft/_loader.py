@@ -7,13 +7,13 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.classify import lora_role
+from safe_peft._classify import lora_role
+from safe_peft._model_view import PEFT_PREFIX
+from safe_peft._plan import HUB_KWARGS, LoadPlan, make_plan
+from safe_peft._snapshot import ModuleSnapshot
+from safe_peft._writer import write_weights
 from safe_peft.errors import AdapterLoadError
-from safe_peft.model_view import PEFT_PREFIX
-from safe_peft.plan import HUB_KWARGS, LoadPlan, make_plan
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
-from safe_peft.snapshot import ModuleSnapshot
-from safe_peft.writer import write_weights
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -255,7 +255,7 @@ def _merge(before: LoadReport, after: LoadReport) -> LoadReport:
 def _late_failure(report: LoadReport, exc: Exception) -> LoadReport:
     from dataclasses import replace
 
-    from safe_peft.parse import parse_load_error
+    from safe_peft._parse import parse_load_error
 
     parsed = parse_load_error(exc)
     late = Diagnosis(

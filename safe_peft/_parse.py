@@ -8,9 +8,9 @@ import re
 from functools import partial
 from itertools import repeat
 
-from safe_peft.classify import Evidence, classify
-from safe_peft.compare import KeyDiff
-from safe_peft.model_view import ExpectedKey, ModelView
+from safe_peft._classify import Evidence, classify
+from safe_peft._compare import KeyDiff
+from safe_peft._model_view import ExpectedKey, ModelView
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 from safe_peft.rules import BUILTIN, gc_paused, plan_remap
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from safe_peft.compare import KeyDiff
-from safe_peft.model_view import PEFT_PREFIX, ModelView
+from safe_peft._compare import KeyDiff
+from safe_peft._model_view import PEFT_PREFIX, ModelView
 from safe_peft.report import Cause, Diagnosis
 from safe_peft.rules import RemapPlan
 

@@ -16,11 +16,11 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.adapter_files import SAFETENSORS_NAME
+from safe_peft._adapter_files import SAFETENSORS_NAME
+from safe_peft._plan import LoadPlan, load_pickle, make_plan
+from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
-from safe_peft.plan import LoadPlan, load_pickle, make_plan
 from safe_peft.report import Cause, LoadReport
-from safe_peft.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from torch import nn
@@ -92,7 +92,7 @@ def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
         "safe_peft.renamed": str(len(plan.renames)),
         "safe_peft.dropped": str(len(plan.dropped)),
         "safe_peft.rules": ",".join(plan.rules),
-        "safe_peft.repairs": json.dumps(plan.report.repairs),
+        "safe_peft._repairs": json.dumps(plan.report.repairs),
     }
 
 
@@ -101,7 +101,7 @@ def write_weights(plan: LoadPlan, path: str) -> None:
     if plan.files.weights_format != "safetensors" or plan.legacy is not None:
         from safetensors.torch import load_file, save_file
 
-        from safe_peft.legacy import convert_lora_b
+        from safe_peft._legacy import convert_lora_b
 
         pickled = plan.files.weights_format != "safetensors"
         tensors = load_pickle(plan.files.weights_path) if pickled else load_file(plan.files.weights_path)

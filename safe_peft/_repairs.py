@@ -12,12 +12,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from safe_peft.classify import lora_role, module_of
-from safe_peft.model_view import ModelView
+from safe_peft._classify import lora_role, module_of
+from safe_peft._model_view import ModelView
 
 __all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
 
-KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config", "legacy")  # "legacy": see safe_peft.legacy
+KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config", "legacy")  # "legacy": see safe_peft._legacy
 # "config" (drop config keys the installed peft does not know, refusing meaning-changing ones) is what every
 # load does anyway, since plain peft drops them too; the name is accepted so that asking for it is explicit.
 Shape = tuple[int, ...]

@@ -7,11 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft.adapter_config import AdapterConfig, read_config
-from safe_peft.adapter_files import locate_adapter
-from safe_peft.classify import lora_role, module_of
+from safe_peft._adapter_config import AdapterConfig, read_config
+from safe_peft._adapter_files import locate_adapter
+from safe_peft._classify import lora_role, module_of
+from safe_peft._safetensors_header import read_header
 from safe_peft.report import Diagnosis
-from safe_peft.safetensors_header import read_header
 
 __all__ = ["AdapterManifest", "TensorEntry", "inspect_adapter"]
 
@@ -71,7 +71,7 @@ def inspect_adapter(
         tensors = [TensorEntry(t.name, t.shape, t.dtype) for t in header.tensors.values()]
         total = header.total_bytes
     else:
-        from safe_peft.plan import load_pickle
+        from safe_peft._plan import load_pickle
 
         data = load_pickle(files.weights_path)
         tensors = [TensorEntry(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in data.items()]
