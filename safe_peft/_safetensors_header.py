@@ -84,7 +84,9 @@ class SafetensorsHeader:
 
 
 def sniff_format(first_bytes: bytes) -> str | None:
-    """Name the container a file really is from its first bytes: "pickle", "zip" or None."""
+    """Name the container a file that is *not* a readable safetensors file is, from its first bytes: "pickle",
+    "zip" or None. Only asked once the safetensors reading of the same bytes has failed: a valid header length
+    of 640 bytes is ``80 02 00 ...``, which is also how a protocol-2 pickle starts."""
     if first_bytes[:4] == b"PK\x03\x04":
         return "zip"  # torch.save's default format is a zip archive holding a pickle
     if len(first_bytes) >= 2 and first_bytes[0] == 0x80 and 2 <= first_bytes[1] <= 5:
@@ -106,7 +108,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 raise _fault(
                     path, "truncated_file", f"the file has {file_size} bytes, fewer than the 8-byte header length"
                 )
-            container = sniff_format(prefix)
+            (length,) = struct.unpack("<Q", prefix)
+            opening = f.read(1) if 0 < length <= file_size - 8 else b""
+            container = sniff_format(prefix) if opening != b"{" else None
             if container is not None:
                 raise _fault(
                     path,
@@ -114,7 +118,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                     f"the file is a {container} file (torch.save format), not safetensors",
                     details={"format": container},
                 )
-            (length,) = struct.unpack("<Q", prefix)
+            f.seek(8)
             if length > MAX_HEADER_BYTES:
                 raise _fault(path, "header_too_large", f"the header claims {length} bytes (limit {MAX_HEADER_BYTES})")
             if length > file_size - 8:

@@ -110,6 +110,24 @@ def test_pickle_or_zip_named_safetensors(tmp_path: Any, container: str) -> None:
     assert info.value.report.primary.details["format"] == container
 
 
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])
+def test_header_lengths_that_start_like_a_pickle_are_safetensors(tmp_path: Any, length: int) -> None:
+    """A header of 640 bytes is ``80 02 00 ...``: the first bytes of a protocol-2 pickle. Still safetensors."""
+    path = str(tmp_path / "adapter_model.safetensors")
+    tensors = {"x.lora_A.weight": torch.arange(8.0).reshape(2, 4)}
+    for pad in range(length):  # find the metadata padding that gives exactly this header length
+        save_file(tensors, path, metadata={"format": "pt", "pad": "p" * pad})
+        with open(path, "rb") as f:
+            if struct.unpack("<Q", f.read(8))[0] >= length:
+                break
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    assert struct.unpack("<Q", prefix)[0] == length
+    assert prefix[0] == 0x80 and 2 <= prefix[1] <= 5
+    header = read_header(path)
+    assert list(header.tensors) == ["x.lora_A.weight"] and header.tensors["x.lora_A.weight"].shape == (2, 4)
+
+
 @pytest.mark.property
 @settings(
     max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
