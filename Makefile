@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest docs bench clean
+.PHONY: demo test test-oldest docs bench sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OLD)
+
+# The breadth sweep (issue 10): every architecture that builds tiny x {default targets, all-linear}, and every
+# PeftType on a few architectures; writes docs/sweep.md. A fixed sample runs in `make test` (tests/test_sweep.py).
+sweep: $(STAMP)
+	$(PY) tests/run_sweep.py --methods

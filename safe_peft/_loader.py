@@ -142,7 +142,7 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
     infix, wrapped = f".{adapter_name}.", f".modules_to_save.{adapter_name}."
     tail = f".{adapter_name}"
     tensors = {}
-    for name, param in model.named_parameters():
+    for name, param in model.state_dict(keep_vars=True).items():  # parameters and buffers (saved heads' stats)
         if wrapped in name:
             tensors[name.replace(wrapped, ".")] = param
         elif infix in name or name.endswith(tail):

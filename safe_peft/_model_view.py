@@ -230,9 +230,9 @@ def _analytic(
     if not targeted and cfg.target_modules:
         return {}, _no_target_found(cfg.target_modules)  # peft raises NoMatchingPeftModuleError here
     for name, module in _modules_to_save(model, cfg.modules_to_save or []):
-        for pname, param in module.named_parameters():
+        for pname, tensor in module.state_dict(keep_vars=True).items():  # buffers too (BatchNorm statistics)
             key = f"{PEFT_PREFIX}{name}.{pname}"
-            expected[key] = ExpectedKey(key, tuple(param.shape), name, "modules_to_save")
+            expected[key] = ExpectedKey(key, tuple(tensor.shape), name, "modules_to_save")
     _add_embedding_layers(model, expected, set(targeted))
     return expected, None
 

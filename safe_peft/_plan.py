@@ -121,6 +121,7 @@ def make_plan(
     )
     warnings += converted
     view = expected_keys(model, peft_config, adapter_name)
+    checkpoint = _named_keys_peft_accepts(checkpoint, view.expected, adapter_name)
     diff = compare_keys(checkpoint, view.expected)
     relaxed = _rank_relaxed(view) if "rank" in repair else None
     candidates = BUILTIN + model_rules(view.base_model_prefix)
@@ -382,6 +383,31 @@ def _convert_for_transformers(
             details={"converted": len(changed)},
         )
     ]
+
+
+def _named_keys_peft_accepts(
+    checkpoint: dict[str, Shape], expected: Mapping[str, ExpectedKey], adapter_name: str
+) -> dict[str, Shape]:
+    """Keys saved with the adapter name inside (``lora_A.default.weight``, from a raw ``state_dict()``) that the
+    installed peft loads as they are: since peft maps checkpoint keys onto the model's keys structurally, a key
+    that already *is* a model key passes through. Older peft inserts the name a second time, so only then do
+    these keys stay unexpected (and ``remap='auto'`` offers ``adapter_name_out``)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
+        return checkpoint
+    from peft.tuners.tuners_utils import _remove_adapter_name_from_state_dict_key as remove
+
+    moved = {}
+    for key in checkpoint:
+        if key not in expected and f".{adapter_name}" in key:
+            plain = remove(key, adapter_name)
+            fits = plain in expected and plain not in checkpoint and expected[plain].role != "modules_to_save"
+            if plain != key and fits:
+                moved[key] = plain
+    if not moved:
+        return checkpoint
+    return {moved.get(k, k): s for k, s in checkpoint.items()}
 
 
 def _map_key(key: str, mapping: Mapping[str, str]) -> str:

@@ -1,0 +1,68 @@
+"""No false alarms: adapters that plain peft loads exactly load exactly and quietly with safe_peft, each built from
+a real tiny model and saved by real peft (issue 10's reproduced cases)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+from helpers import build, derive, outputs
+from peft import PeftModel
+
+from safe_peft import diagnose, safe_load_adapter
+
+
+def _plain_loads_exactly(directory: str, trained: torch.Tensor, kind: str = "causal") -> bool:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(build(kind), directory)
+    missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+    return not missing and torch.allclose(outputs(model), trained, atol=1e-6)
+
+
+def _peft_accepts_named_keys() -> bool:
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
+
+
+def test_keys_that_carry_the_adapter_name(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """``...lora_A.default.weight`` (a raw state_dict() saved as the adapter): what the installed peft does with
+    them, safe_peft does (peft >= 0.18 loads them as they are; older peft leaves them unexpected)."""
+    src, trained = adapters["causal"]
+    directory = derive(src, str(tmp_path / "named"), keys=lambda k: re.sub(r"\.(lora_[AB])\.", r".\1.default.", k))
+    report = diagnose(build("causal"), directory)
+    if not _peft_accepts_named_keys():
+        assert not report.ok and not _plain_loads_exactly(directory, trained)
+        return
+    assert _plain_loads_exactly(directory, trained)
+    assert report.ok and not report.warnings and not report.causes
+    model, loaded = safe_load_adapter(build("causal"), directory, output_loading_info=True)
+    assert loaded.ok and not loaded.warnings and not loaded.renames
+    assert torch.allclose(outputs(model), trained, atol=1e-6)
+
+
+def test_keys_with_another_adapter_name_still_need_the_opt_in(adapters: dict[str, Any], tmp_path: Any) -> None:
+    src, trained = adapters["causal"]
+    directory = derive(src, str(tmp_path / "other"), keys=lambda k: re.sub(r"\.(lora_[AB])\.", r".\1.other.", k))
+    assert not _plain_loads_exactly(directory, trained)
+    report = diagnose(build("causal"), directory)
+    assert not report.ok and report.primary is not None and report.primary.remap == "auto"
+    model = safe_load_adapter(build("causal"), directory, remap="auto")
+    assert torch.allclose(outputs(model), trained, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "class_name"),
+    [("levit", "LevitForImageClassification"), ("swiftformer", "SwiftFormerForImageClassification")],
+)
+def test_saved_heads_with_batchnorm_buffers(model_type: str, class_name: str) -> None:
+    """modules_to_save holding BatchNorm (running_mean, running_var, num_batches_tracked) loads exactly."""
+    import sweep
+
+    result = sweep.run_case(sweep.Case(model_type, class_name, "image_cls", "LORA", "all-linear"))
+    assert result.outcome == sweep.EXACT, result.detail
