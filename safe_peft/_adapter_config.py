@@ -19,7 +19,15 @@ from safe_peft.report import Cause, Diagnosis
 if TYPE_CHECKING:
     from peft import PeftConfig
 
-__all__ = ["HARMLESS_KEYS", "MEANING_KEYS", "AdapterConfig", "build_peft_config", "changes_meaning", "read_config"]
+__all__ = [
+    "HARMLESS_KEYS",
+    "MEANING_KEYS",
+    "AdapterConfig",
+    "BuiltConfig",
+    "build_peft_config",
+    "changes_meaning",
+    "read_config",
+]
 
 # Config keys whose non-default value changes what an adapter computes: ignoring them is not safe.
 # key -> the values that are harmless to ignore (the defaults).
@@ -121,10 +129,25 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     return AdapterConfig(path=path, data=data, warnings=warnings)
 
 
-def build_peft_config(
-    config: AdapterConfig, *, adapter: str = "", repair: tuple[str, ...] = ()
-) -> tuple[PeftConfig, list[Diagnosis]]:
-    """Instantiate the installed peft's config class; return it with the findings about dropped keys."""
+@dataclass(frozen=True)
+class BuiltConfig:
+    """The installed peft's config object, with what was found while building it: warnings (keys dropped
+    harmlessly, a newer saving peft), causes (keys whose dropping changes the adapter) and applied repairs."""
+
+    config: PeftConfig
+    warnings: list[Diagnosis] = field(default_factory=list)
+    causes: list[Diagnosis] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+
+
+def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple[str, ...] = ()) -> BuiltConfig:
+    """Instantiate the installed peft's config class from the raw JSON.
+
+    Keys the installed peft does not know are dropped (as plain peft drops them). When dropping one changes what
+    the adapter computes, that is a cause (``meaning_changing_config_key``), unless ``repair=("config",)`` asks to
+    drop it anyway; the config object is built without those keys in either case.
+    """
+    import peft
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     configs: dict[Any, Any] = dict(PEFT_TYPE_TO_CONFIG_MAPPING)
@@ -154,26 +177,56 @@ def build_peft_config(
             )
         data, _ = convert_config(config.data)
         config = AdapterConfig(path=config.path, data=data, warnings=config.warnings)
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    known = known_fields(config_cls)
     unknown = sorted(k for k in config.data if k not in known)
     kwargs = {k: v for k, v in config.data.items() if k in known}
     meaning = [k for k in unknown if changes_meaning(k, config.data[k])]
-    if meaning:
-        raise AdapterFormatError.of(
-            Cause.VERSION_SKEW,
-            "meaning_changing_config_key",
-            f"{config.path}: the installed peft does not know "
-            f"{', '.join(f'{k} (peft {introduced_in(k)})' if introduced_in(k) else k for k in meaning)}; ignoring "
-            f"{'it' if len(meaning) == 1 else 'them'} would change what the adapter computes",
-            fix=f"upgrade peft to the version that saved the adapter (peft_version={config.peft_version!r}).",
-            adapter=adapter,
-            details={"keys": meaning, "peft_version": config.peft_version},
+    causes: list[Diagnosis] = []
+    repairs: list[str] = []
+    if meaning and "config" in repair:
+        repairs.append(
+            f"config: dropped {', '.join(meaning)}, unknown to the installed peft {peft.__version__}; the adapter runs "
+            "without what they set"
         )
+    elif meaning:
+        causes.append(_meaning_changing(config, meaning, peft.__version__))
     try:
         peft_config = config_cls.from_peft_type(**config_cls.check_kwargs(**kwargs))
     except (TypeError, ValueError) as exc:
         raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
-    return peft_config, _skew_findings(config, unknown)
+    harmless = [k for k in unknown if k not in meaning]
+    return BuiltConfig(peft_config, _skew_findings(config, harmless), causes, repairs)
+
+
+def known_fields(config_cls: Any) -> set[str]:
+    """The config keys the installed peft's config class accepts."""
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
+def _meaning_changing(config: AdapterConfig, keys: list[str], installed: str) -> Diagnosis:
+    """Unknown keys whose value matters: upgrade peft when a newer one saved them, else they were never peft's."""
+    named = ", ".join(f"{k} (peft {introduced_in(k)})" if introduced_in(k) else k for k in keys)
+    anyway = "repair=('config',) drops them and loads the adapter without them (so does strict=False)"
+    if is_newer(config.peft_version, installed) or any(introduced_in(k) for k in keys):
+        saved = config.peft_version or "the version that saved the adapter"
+        fix = f"upgrade peft to {saved} or later (installed: {installed}); or, knowing the outputs change, {anyway}."
+        why = "a newer peft"
+    else:
+        fix = (
+            f"{'it is' if len(keys) == 1 else 'they are'} not in the config peft {installed} writes (the adapter says "
+            f"peft_version={config.peft_version!r}): remove {'it' if len(keys) == 1 else 'them'} from "
+            f"adapter_config.json if added by hand; or {anyway}."
+        )
+        why = "not the installed peft"
+    return Diagnosis(
+        Cause.VERSION_SKEW,
+        "meaning_changing_config_key",
+        f"{config.path}: the installed peft {installed} does not know {named}; ignoring "
+        f"{'it' if len(keys) == 1 else 'them'} would change what the adapter computes (written by {why})",
+        fix=fix,
+        repair=("config",),
+        details={"keys": keys, "peft_version": config.peft_version, "installed_peft": installed},
+    )
 
 
 def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]:

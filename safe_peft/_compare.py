@@ -8,9 +8,17 @@ from dataclasses import dataclass
 from safe_peft._model_view import ExpectedKey
 from safe_peft.report import MissingKey, SizeMismatch, UnexpectedKey
 
-__all__ = ["KeyDiff", "compare_keys"]
+__all__ = ["ANY", "KeyDiff", "compare_keys", "shape_fits"]
 
 Shape = tuple[int, ...]
+ANY = -1  # an expected dimension that depends on the base weights' values, unknown on a meta-device model
+
+
+def shape_fits(have: Shape, want: Shape) -> bool:
+    """The checkpoint's shape is the expected one (dimensions marked ``ANY`` match any size)."""
+    if have == want:
+        return True
+    return len(have) == len(want) and all(w == ANY or h == w for h, w in zip(have, want, strict=True))
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ def compare_keys(checkpoint: Mapping[str, Shape], expected: Mapping[str, Expecte
         want = expected.get(key)
         if want is None:
             unexpected.append(UnexpectedKey(key, tuple(shape)))
-        elif tuple(shape) != want.shape:
+        elif not shape_fits(tuple(shape), want.shape):
             mismatches.append(SizeMismatch(key, tuple(shape), want.shape))
     missing = [MissingKey(k, e.shape) for k, e in expected.items() if e.required and k not in checkpoint]
     return KeyDiff(missing, unexpected, mismatches)

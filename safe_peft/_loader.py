@@ -87,32 +87,36 @@ def _execute(
         report = _verify(model, plan, adapter_name)
         if not report.ok and strict:
             raise AdapterLoadError(report)
-        return model, (report if report.ok else _merge(plan.report, report))
+        return model, (report if report.ok and plan.report.ok else _merge(plan.report, report))
     except AdapterLoadError:
         snapshot.restore()
         raise
     except Exception as exc:
         snapshot.restore()
         raise AdapterLoadError(_late_failure(plan.report, exc)) from exc
+    except BaseException:  # KeyboardInterrupt, SystemExit, GeneratorExit: undo, then let it through unchanged
+        snapshot.restore()
+        raise
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
-    """Base-model tensors the load writes in place: base embedding weights saved with the adapter, and the
-    targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ)."""
-    if plan.view is None:
-        return []
-    params = dict(model.named_parameters())
+    """Base-model tensors the load writes in place: every checkpoint entry that names a tensor the base already has
+    (biases saved by ``bias="all"`` / ``"lora_only"``, base embedding weights saved with the adapter, ...), and
+    the targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ)."""
+    tensors: dict[str, Any] = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
     names = set()
     for key in plan.checkpoint:
-        want = plan.view.expected.get(key)
-        if want is not None and want.role == "embedding_base":
-            names.add(key[len(PEFT_PREFIX) :].replace(".base_layer.", "."))
-    if rewrites_base(plan.peft_config):
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        name = name.replace(".base_layer.", ".")
+        if name in tensors:
+            names.add(name)
+    if plan.view is not None and rewrites_base(plan.peft_config):
         names |= {f"{e.module}.weight" for e in plan.view.expected.values() if e.role == "lora_A"}
-    return [params[name] for name in sorted(names) if name in params]
+    return [tensors[name] for name in sorted(names) if name in tensors]
 
 
 def rewrites_base(config: Any) -> bool:
@@ -187,7 +191,9 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
                 details={"keys": non_finite[:20]},
             )
         )
-    if (missing or unexpected or mismatches) and not causes:
+    predicted = {m.key for m in plan.report.missing} | {u.key for u in plan.report.unexpected}
+    unpredicted = [k for k in (*(m.key for m in missing), *(u.key for u in unexpected)) if k not in predicted]
+    if (unpredicted or mismatches) and not causes:
         causes.append(
             Diagnosis(
                 Cause.UNKNOWN,

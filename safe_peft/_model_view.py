@@ -35,6 +35,8 @@ _TASK_HEADS = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+# Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
+_KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
 # Config features the analytic path does not model; any of them sends the computation to injection.
 _INJECTION_ONLY = (
     "target_parameters",
@@ -110,7 +112,7 @@ def _prompt_dimensions(model: nn.Module, config: Any) -> Diagnosis | None:
     embeddings = getter() if callable(getter) else None
     hidden = getattr(embeddings, "embedding_dim", None) or getattr(model_config, "hidden_size", None)
     widths = {hidden}
-    if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING") and hidden:
+    if str(getattr(config, "peft_type", "")).split(".")[-1] in _KV_PROMPTS and hidden:
         heads = getattr(model_config, "num_attention_heads", None)
         kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
         if heads:  # prefix tuning stores the key/value width: head_dim x the KV heads
@@ -284,27 +286,39 @@ def _no_target_found(target_modules: Any) -> Diagnosis:
     )
 
 
-def meta_skeleton(model: nn.Module) -> nn.Module:
+def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: int = 0) -> nn.Module:
     """A structural copy of ``model`` whose parameters and buffers are meta tensors.
 
     No tensor data is copied, and the original (its parameters' ``requires_grad`` included)
-    is never touched. Accelerate hooks are left out.
+    is never touched. Accelerate hooks are left out. The modules named in ``real`` get real
+    CPU tensors instead: a clone of their values (random values of a fixed seed when the
+    model itself is on meta), for peft methods whose initialisation reads the base weights.
     """
     import torch
 
     memo: dict[int, Any] = {}
-    for module in model.modules():
+    generator = torch.Generator().manual_seed(seed)
+
+    def stand_in(tensor: torch.Tensor, materialize: bool) -> torch.Tensor:
+        if not materialize:
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if tensor.device.type != "meta":
+            return tensor.detach().to("cpu", copy=True)
+        if tensor.is_floating_point():
+            return torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
+    for name, module in model.named_modules():
         hook = module.__dict__.get("_hf_hook")
         if hook is not None:
             memo[id(hook)] = None
+        materialize = name in real
         for param in module._parameters.values():
             if param is not None and id(param) not in memo:
-                memo[id(param)] = torch.nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=param.requires_grad
-                )
+                memo[id(param)] = torch.nn.Parameter(stand_in(param, materialize), requires_grad=param.requires_grad)
         for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
-                memo[id(buf)] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+                memo[id(buf)] = stand_in(buf, materialize)
     return copy.deepcopy(model, memo)
 
 
@@ -315,16 +329,32 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    skeleton = meta_skeleton(model)
-    cfg = copy.deepcopy(config)
-    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(cfg.task_type or ""), PeftModel)
-    try:
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
+
+    def inject(real: frozenset[str], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+        skeleton = meta_skeleton(model, real, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peft_model = peft_cls(skeleton, cfg, adapter_name, low_cpu_mem_usage=True)
-            state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+            # with real targets, the adapter's own (small) tensors are real too: some methods index them on save
+            peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=not real)
+            return skeleton, get_peft_model_state_dict(
+                peft_model, adapter_name=adapter_name, save_embedding_layers=False
+            )
+
+    try:
+        skeleton, state = inject(frozenset())
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
-        return {}, _injection_error(exc, config, model)
+        # Methods whose initialisation computes from the base weights (SHiRA's mask, FRoD / AdaMSS decompositions,
+        # AdaLoRA's pruned ranks) cannot run on meta tensors: again, with the targeted modules' weights real.
+        targets = _targeted(model, config)
+        if not targets:
+            return {}, _injection_error(exc, config, model)
+        try:
+            skeleton, state = inject(targets)
+            if _on_meta(model, targets):  # random stand-in values: find the dimensions that depend on them
+                state = _value_free_shapes(state, inject(targets, seed=1)[1])
+        except Exception as again:  # noqa: BLE001 - as above
+            return {}, _injection_error(again, config, model)
     expected = {}
     for key, tensor in state.items():
         module = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
@@ -333,6 +363,52 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     targeted = {n.removeprefix("base_model.model.") for n in targeted}
     _add_embedding_layers(model, expected, targeted)
     return expected, None
+
+
+def _on_meta(model: nn.Module, names: frozenset[str]) -> bool:
+    return any(
+        p.device.type == "meta" for name, m in model.named_modules() if name in names for p in m.parameters(False)
+    )
+
+
+def _value_free_shapes(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Shapes from two injections with different stand-in values: a dimension that differs depends on the
+    weights' values (AdaMSS' subspaces), so it becomes ``ANY``; what agrees is checked as usual."""
+    from safe_peft._compare import ANY
+
+    shapes = {}
+    for key, tensor in first.items():
+        other = second.get(key)
+        have = tuple(tensor.shape)
+        if other is not None and len(other.shape) == len(have):
+            have = tuple(a if a == b else ANY for a, b in zip(have, tuple(other.shape), strict=True))
+        shapes[key] = _Shaped(have)
+    return shapes
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    shape: tuple[int, ...]
+
+
+def _targeted(model: nn.Module, config: Any) -> frozenset[str]:
+    """The modules peft's own matcher targets with ``config`` (all leaf layers when the config names none)."""
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    names = set()
+    for name, module in model.named_modules():
+        if not name or next(module.children(), None) is not None:
+            continue
+        if getattr(config, "target_modules", None) is None:
+            names.add(name)
+            continue
+        try:
+            found = check_target_module_exists(config, name)
+        except Exception:  # noqa: BLE001 - a config peft's matcher cannot read: injection reports it
+            return frozenset()
+        if found and not isinstance(found, _ExcludedModule):
+            names.add(name)
+    return frozenset(names)
 
 
 def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis:

@@ -105,12 +105,15 @@ def make_plan(
         return _foreign_plan(model, files, adapter_name, remap, location, warnings)
     raw = read_config(files.config_path, adapter=location)
     warnings += raw.warnings
+    config_causes: list[Diagnosis] = []
+    config_repairs: list[str] = []
     if kwargs.get("config") is not None:
         peft_config = copy.deepcopy(kwargs["config"])
         config_data = peft_config.to_dict()
     else:
-        peft_config, skew = build_peft_config(raw, adapter=location, repair=tuple(repair))
-        warnings += skew
+        built = build_peft_config(raw, adapter=location, repair=tuple(repair))
+        peft_config, config_causes, config_repairs = built.config, built.causes, built.repairs
+        warnings += built.warnings
         config_data = raw.data
     original = read_checkpoint_shapes(files)
     legacy = enabled_parts(raw.data) if "legacy" in repair and kwargs.get("config") is None else None
@@ -144,6 +147,7 @@ def make_plan(
         diff = compare_keys(checkpoint, view.expected)
         plan = None
     repairs: list[str] = [convert_config(raw.data)[1]] if legacy is not None else []
+    repairs += config_repairs
     vocab_size = None
     if repair:
         peft_config, repaired = repair_config(peft_config, tuple(repair), checkpoint, view.module_names)
@@ -167,7 +171,7 @@ def make_plan(
         causes = _with_layout(classify(evidence), plan) + findings
     else:
         causes = classify(evidence) + findings  # the real cause first
-    warnings += _init_warning(peft_config)
+    causes = config_causes + causes
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
@@ -471,25 +475,6 @@ def _with_layout(causes: list[Diagnosis], plan: RemapPlan) -> list[Diagnosis]:
         combined = replace(first, remap="auto", fix=f"{first.fix} The keys also need remap='auto' (applies {names}).")
         return [combined, *causes[1:], layout]
     return [*causes, layout]
-
-
-def _init_warning(config: Any) -> list[Diagnosis]:
-    from safe_peft._loader import rewrites_base
-
-    if not rewrites_base(config):
-        return []
-    init = getattr(config, "init_lora_weights", None)
-    return [
-        Diagnosis(
-            Cause.CONFIG_MISMATCH,
-            "base_rewriting_init",
-            f"init_lora_weights={init!r}: loading re-runs this initialisation, which rewrites the targeted base "
-            "weights (as plain peft does); the outputs are only right on the residual base it was trained with",
-            fix="save such adapters with path_initial_model_for_weight_conversion (peft converts them to plain "
-            "LoRA), or load onto the saved residual base model.",
-            details={"init_lora_weights": init},
-        )
-    ]
 
 
 def _only_shapes_differ(plan: RemapPlan, checkpoint: Mapping[str, Shape], view: ModelView) -> bool:

@@ -1,10 +1,16 @@
-"""Take a model's structure back to how it was: the undo behind atomic loading.
+"""Take a model back to how it was: the undo behind atomic loading.
 
-peft injects adapters by replacing submodules, adding attributes (``peft_config``), freezing
-parameters and registering hooks. All of that lives in module ``__dict__``s and in the
-dicts inside them, so a shallow record of those (no tensor data) is enough to undo it.
-Parameter values a load overwrites in place (base embedding weights saved with the adapter)
-are cloned first with :meth:`ModuleSnapshot.protect`.
+peft injects adapters by replacing submodules, adding attributes (``peft_config``), freezing parameters and
+registering hooks. All of that lives in module ``__dict__``s and in the dicts inside them, so a shallow record of
+those (no tensor data) is enough to undo it. Tensors can also change under an unchanged module tree:
+
+* their ``.data`` swapped (PiSSA / OLoRA re-initialisation, ``resize_token_embeddings``): the record keeps each
+  parameter's and buffer's data *by reference* (no copy), and puts it back;
+* written in place (base biases and embeddings saved with the adapter, loaded by ``copy_``): those tensors are
+  cloned first with :meth:`ModuleSnapshot.protect`.
+
+:meth:`ModuleSnapshot.restore` is idempotent and finishes even when a second ``KeyboardInterrupt`` arrives while it
+runs (the interrupt is re-raised once everything is back).
 """
 
 from __future__ import annotations
@@ -19,14 +25,20 @@ __all__ = ["ModuleSnapshot"]
 
 
 class ModuleSnapshot:
-    """A record of every module's attributes, the parameters' ``requires_grad`` and the config."""
+    """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config."""
 
     def __init__(self, model: nn.Module) -> None:
         self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[dict[Any, Any], dict[Any, Any]]]]] = []
+        self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
         for module in model.modules():
             state = module.__dict__
             nested = [(value, dict(value)) for value in state.values() if isinstance(value, dict)]
             self._modules.append((module, dict(state), nested))
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    self._data.append((tensor, tensor.data))
         self._grads = [(p, p.requires_grad) for p in model.parameters()]
         config = getattr(model, "config", None)
         self._config = (config, dict(config.__dict__)) if hasattr(config, "__dict__") else None
@@ -37,7 +49,18 @@ class ModuleSnapshot:
         self._values.extend((t, t.detach().clone()) for t in tensors if t.device.type != "meta")
 
     def restore(self) -> None:
-        """Put every recorded attribute, dict, flag and protected value back."""
+        """Put every recorded attribute, dict, tensor, flag and protected value back (interrupt-proof)."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._restore()
+                break
+            except KeyboardInterrupt as exc:  # a second Ctrl-C while undoing: finish the undo first
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _restore(self) -> None:
         import torch
 
         for module, state, nested in self._modules:
@@ -46,12 +69,16 @@ class ModuleSnapshot:
                 original.update(items)
             module.__dict__.clear()
             module.__dict__.update(state)
+        with torch.no_grad():
+            for tensor, data in self._data:
+                now = tensor.data
+                if now.shape != data.shape or now.dtype != data.dtype or now.data_ptr() != data.data_ptr():
+                    tensor.data = data
+            for tensor, saved in self._values:
+                tensor.copy_(saved)
         for param, requires_grad in self._grads:
             param.requires_grad_(requires_grad)
         if self._config is not None:
             config, state = self._config
             config.__dict__.clear()
             config.__dict__.update(state)
-        with torch.no_grad():
-            for tensor, saved in self._values:
-                tensor.copy_(saved)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from safe_peft._compare import shape_fits
 from safe_peft._model_view import ExpectedKey
 from safe_peft.report import Cause
 
@@ -225,7 +226,7 @@ def check_exact(
             problems.append(f"{new!r} is not a key of the model")
             continue
         have = tuple(checkpoint[old])
-        if have != want.shape and (same_shape is None or not same_shape(new, have, want.shape)):
+        if not shape_fits(have, want.shape) and (same_shape is None or not same_shape(new, have, want.shape)):
             problems.append(f"{new!r} has shape {list(have)}, the model expects {list(want.shape)}")
     problems.extend(
         f"{key!r} is still missing" for key, want in expected.items() if want.required and key not in landed

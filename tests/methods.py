@@ -47,7 +47,7 @@ def _adalora_prune(model: Any) -> None:
     from sweep import make_inputs
 
     inputs = make_inputs(model)
-    labels = inputs.get("input_ids")
+    labels = torch.tensor([1]) if "SEQ_CLS" in str(model.peft_config["default"].task_type) else inputs.get("input_ids")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     model.train()
     for step in range(8):

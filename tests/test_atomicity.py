@@ -138,8 +138,7 @@ def test_base_rewriting_init_is_restored_after_a_failed_load(init: str, tmp_path
         str(tmp_path / "nan"),
         tensors=lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.q_proj.lora_B" in k else v,
     )
-    predicted = diagnose_warnings(bad)
-    assert predicted == ["base_rewriting_init"]
+    assert diagnose_warnings(bad) == []  # plain peft re-runs the init on the original base: that load is exact
     base = build("causal")
     before = fingerprint(base)
     with warnings.catch_warnings():

@@ -162,7 +162,7 @@ def test_unknown_key_with_a_value_that_may_matter_is_refused(tmp_path: Any) -> N
 
     from peft import LoraConfig
 
-    from safe_peft import AdapterFormatError
+    from safe_peft import AdapterLoadError
 
     directory = str(tmp_path / "tying")
     shutil.copytree(os.path.join(FIXTURES, "peft-0.21.2", "default"), directory)
@@ -175,7 +175,12 @@ def test_unknown_key_with_a_value_that_may_matter_is_refused(tmp_path: Any) -> N
     if "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)}:
         assert diagnose(base_model(), directory).ok
     else:
-        with pytest.raises(AdapterFormatError) as info:
+        with pytest.raises(AdapterLoadError) as info:
             safe_load_adapter(base_model(), directory)
-        assert info.value.code == "meaning_changing_config_key"
-        assert "ensure_weight_tying" in str(info.value)
+        primary = info.value.report.primary
+        assert primary is not None and primary.code == "meaning_changing_config_key"
+        assert "ensure_weight_tying" in str(info.value) and "upgrade peft to 0.21.2" in primary.fix
+        assert primary.repair == ("config",)
+        # the named way past it, executed: the key is dropped and the adapter loads (and says so)
+        _, report = safe_load_adapter(base_model(), directory, repair=primary.repair, output_loading_info=True)
+        assert report.ok and any("ensure_weight_tying" in r for r in report.repairs)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
+from helpers import assert_unchanged, build, derive, fingerprint, outputs
 from peft import LoraConfig, get_peft_model
 
-from safe_peft import AdapterFormatError, Cause, diagnose, inspect_adapter, safe_load_adapter
+from safe_peft import AdapterFormatError, AdapterLoadError, Cause, diagnose, inspect_adapter, safe_load_adapter
 
 
 def _code(exc: pytest.ExceptionInfo[AdapterFormatError]) -> tuple[Cause, str]:
@@ -110,18 +110,52 @@ def test_newer_peft_version_is_a_warning_naming_both_versions(adapters: dict[str
 
 
 def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_path: Any, monkeypatch: Any) -> None:
-    """When the installed peft lacks a field whose value changes the adapter, ignoring it is refused."""
+    """When the installed peft lacks a field whose value changes the adapter, ignoring it is refused; the fix names
+    a newer peft and the opt-ins that load it anyway, and both opt-ins work."""
+    import peft
+
     from safe_peft import _adapter_config as adapter_config
 
-    directory = derive(adapters["causal"][0], str(tmp_path / "meaning"), config=lambda c: c.update(use_dora=True))
-    # Simulate an older peft that does not know `use_dora` by hiding the field from the known set.
-    real_fields = adapter_config.dataclasses.fields
-    monkeypatch.setattr(
-        adapter_config.dataclasses, "fields", lambda cls: tuple(f for f in real_fields(cls) if f.name != "use_dora")
+    directory = derive(
+        adapters["causal"][0],
+        str(tmp_path / "meaning"),
+        config=lambda c: c.update(use_dora=True, peft_version="9.1.0"),
     )
-    with pytest.raises(AdapterFormatError) as info:
-        safe_load_adapter(build("causal"), directory)
-    assert _code(info) == (Cause.VERSION_SKEW, "meaning_changing_config_key")
+    # Simulate an older peft that does not know `use_dora` by hiding the field from the known set.
+    real_fields = adapter_config.known_fields
+    monkeypatch.setattr(adapter_config, "known_fields", lambda cls: real_fields(cls) - {"use_dora"})
+    base = build("causal")
+    before = fingerprint(base)
+    assert diagnose(base, directory).primary.code == "meaning_changing_config_key"  # type: ignore[union-attr]
+    with pytest.raises(AdapterLoadError) as info:
+        safe_load_adapter(base, directory)
+    primary = info.value.report.primary
+    assert primary is not None and (primary.cause, primary.code) == (Cause.VERSION_SKEW, "meaning_changing_config_key")
+    assert "upgrade peft to 9.1.0" in primary.fix and primary.repair == ("config",)
+    assert f"installed: {peft.__version__}" in primary.fix
+    assert_unchanged(before, base)
+    model, report = safe_load_adapter(base, directory, repair=("config",), output_loading_info=True)
+    assert report.ok and report.repairs and "use_dora" in report.repairs[0]
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-6)  # use_dora was never real here
+    _, lenient = safe_load_adapter(build("causal"), directory, strict=False, output_loading_info=True)
+    assert [d.code for d in lenient.causes] == ["meaning_changing_config_key"]
+
+
+def test_unknown_key_not_written_by_any_peft_is_not_told_to_upgrade(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """A hand-added key in an adapter saved by the installed peft: remove it (not "upgrade peft to <installed>")."""
+    import peft
+
+    directory = derive(
+        adapters["causal"][0],
+        str(tmp_path / "hand"),
+        config=lambda c: c.update(lora_dtype="bfloat16", peft_version=peft.__version__),
+    )
+    report = diagnose(build("causal"), directory)
+    primary = report.primary
+    assert primary is not None and primary.code == "meaning_changing_config_key"
+    assert "upgrade" not in primary.fix and "remove it from adapter_config.json" in primary.fix
+    model = safe_load_adapter(build("causal"), directory, repair=primary.repair)
+    assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-6)
 
 
 def test_stray_pickle_beside_safetensors_is_reported(adapters: dict[str, Any], tmp_path: Any) -> None:

@@ -102,7 +102,7 @@ SCENARIOS = [
         Cause.KEY_FORMAT,
         "adapter_name_out",
         {"remap": "auto"},
-        {"keys": lambda k: re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)},
+        {"keys": lambda k: re.sub(r"\.(lora_[AB])\.weight$", r".\1.other.weight", k)},
     ),
     Scenario(
         "no_peft_prefix",
