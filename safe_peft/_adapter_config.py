@@ -11,10 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._catalog import finding
 from safe_peft._legacy import convert_config, enabled_parts
 from safe_peft._versions import introduced_in, is_newer
 from safe_peft.errors import AdapterFormatError
-from safe_peft.report import Cause, Diagnosis
+from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -113,10 +114,8 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     if "peft_type" not in data:
         if "architectures" in data or "model_type" in data:
             raise AdapterFormatError.of(
-                Cause.FOREIGN_FORMAT,
-                "model_config_as_adapter_config",
+            "model_config_as_adapter_config",
                 f"{path}: is a model's config.json (it has 'architectures'/'model_type'), not a PEFT adapter config",
-                fix="use the adapter_config.json that peft's save_pretrained() wrote next to the adapter weights.",
                 adapter=adapter,
             )
         raise _bad(path, adapter, "config_missing_peft_type", "has no 'peft_type' key")
@@ -124,7 +123,7 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     if "runtime_config" in data:
         data = {k: v for k, v in data.items() if k != "runtime_config"}
         warnings.append(
-            Diagnosis(Cause.VERSION_SKEW, "runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load")
+            finding("runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load")
         )
     return AdapterConfig(path=path, data=data, warnings=warnings)
 
@@ -154,26 +153,20 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
     config_cls = configs.get(config.peft_type)
     if config_cls is None:
         raise AdapterFormatError.of(
-            Cause.VERSION_SKEW,
             "unknown_peft_type",
             f"{config.path}: peft_type {config.peft_type!r} is unknown to the installed peft",
-            fix="upgrade peft to the version that saved the adapter "
-            f"(peft_version={config.peft_version!r} in the config).",
+            peft_version=config.peft_version,
             adapter=adapter,
         )
     parts = enabled_parts(config.data)
     if parts is not None:
         if "legacy" not in repair:
             raise AdapterFormatError.of(
-                Cause.VERSION_SKEW,
-                "legacy_merged_linear",
+            "legacy_merged_linear",
                 f"{config.path}: a peft <= 0.2 adapter for fused projections (enable_lora={list(parts)}, "
                 "MergedLinear), a layout no installable peft loads any more",
-                fix="pass repair=('legacy',) to convert it to plain LoRA (block-diagonal lora_B, r and lora_alpha "
-                "scaled together so the scaling is unchanged).",
                 adapter=adapter,
                 details={"enable_lora": list(parts)},
-                repair=("legacy",),
             )
         data, _ = convert_config(config.data)
         config = AdapterConfig(path=config.path, data=data, warnings=config.warnings)
@@ -218,14 +211,12 @@ def _meaning_changing(config: AdapterConfig, keys: list[str], installed: str) ->
             f"adapter_config.json if added by hand; or {anyway}."
         )
         why = "not the installed peft"
-    return Diagnosis(
-        Cause.VERSION_SKEW,
+    return finding(
         "meaning_changing_config_key",
         f"{config.path}: the installed peft {installed} does not know {named}; ignoring "
         f"{'it' if len(keys) == 1 else 'them'} would change what the adapter computes (written by {why})",
-        fix=fix,
-        repair=("config",),
         details={"keys": keys, "peft_version": config.peft_version, "installed_peft": installed},
+        advice=fix,
     )
 
 
@@ -238,8 +229,7 @@ def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]
         since = {k: introduced_in(k) for k in unknown}
         needs = [f"{k} (peft {v})" if v else k for k, v in since.items()]
         findings.append(
-            Diagnosis(
-                Cause.VERSION_SKEW,
+            finding(
                 "unknown_config_keys",
                 f"{config.path}: keys unknown to the installed peft {peft.__version__} were ignored: "
                 f"{', '.join(needs)} (none changes what the adapter computes)",
@@ -253,11 +243,9 @@ def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]
         )
     if is_newer(config.peft_version, peft.__version__):
         findings.append(
-            Diagnosis(
-                Cause.VERSION_SKEW,
+            finding(
                 "newer_peft_version",
                 f"{config.path}: saved by peft {config.peft_version}, newer than the installed {peft.__version__}",
-                fix=f"if the load misbehaves, upgrade peft to {config.peft_version} or later.",
                 details={"peft_version": config.peft_version, "installed_peft": peft.__version__},
             )
         )
@@ -265,10 +253,4 @@ def _skew_findings(config: AdapterConfig, unknown: list[str]) -> list[Diagnosis]
 
 
 def _bad(path: str, adapter: str, code: str, what: str) -> AdapterFormatError:
-    return AdapterFormatError.of(
-        Cause.CORRUPT_CHECKPOINT,
-        code,
-        f"{path}: {what}",
-        fix="save the adapter again with save_pretrained(), or restore adapter_config.json from its source.",
-        adapter=adapter,
-    )
+    return AdapterFormatError.of(code, f"{path}: {what}", adapter=adapter)

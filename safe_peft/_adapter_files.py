@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from safe_peft._catalog import finding
 from safe_peft.errors import AdapterFormatError
-from safe_peft.report import Cause, Diagnosis
+from safe_peft.report import Diagnosis
 
 __all__ = ["CONFIG_NAME", "PICKLE_NAME", "SAFETENSORS_NAME", "AdapterFiles", "locate_adapter"]
 
@@ -64,22 +65,16 @@ def locate_adapter(
     if os.path.isfile(pickle_path):
         if not allow_pickle:
             raise AdapterFormatError.of(
-                Cause.UNSAFE_FORMAT,
-                "pickle_refused",
+            "pickle_refused",
                 f"{pickle_path}: the adapter is only saved as a pickle (adapter_model.bin, the default of peft "
                 "0.3-0.6); unpickling a file from an untrusted source can run code",
-                fix="if you trust its source, pass allow_pickle=True (it is then read with "
-                "torch.load(weights_only=True), which runs no code), or convert it once with "
-                "`safe-peft fix` to adapter_model.safetensors.",
                 adapter=location,
                 details={"file": pickle_path},
             )
         return AdapterFiles(location, directory, config_path, pickle_path, "pickle", warnings)
     raise AdapterFormatError.of(
-        Cause.CORRUPT_CHECKPOINT,
-        "missing_weights",
+            "missing_weights",
         f"{directory}: has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {PICKLE_NAME}",
-        fix="save the adapter again with save_pretrained(), or copy its weights file into the directory.",
         adapter=location,
         details={"directory": directory, "files": _listdir(directory)[:20]},
     )
@@ -90,19 +85,16 @@ def _check_directory(location: str) -> str:
         os.stat(location)
     except OSError as exc:
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "unreadable_path",
             f"{location}: cannot be read ({exc.strerror or exc})",
-            fix="check the path: it may be a broken symbolic link, a link loop or not readable by this user.",
             adapter=location,
         ) from None
     if not os.path.isdir(location):
         parent = os.path.dirname(os.path.abspath(location))
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "not_a_directory",
             f"{location}: is a file; an adapter is a directory holding {CONFIG_NAME} and its weights",
-            fix=f"pass the directory instead: {parent!r}.",
+            parent=parent,
             adapter=location,
         )
     return location
@@ -115,18 +107,15 @@ def _join_subfolder(base: str, subfolder: str | None, location: str) -> str:
     root = os.path.realpath(base)
     if os.path.isabs(subfolder) or os.path.commonpath([root, os.path.realpath(directory)]) != root:
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "subfolder_escapes",
             f"subfolder={subfolder!r} points outside the adapter directory {base!r}",
-            fix="pass a subfolder inside the adapter directory, or the other directory itself as model_id.",
             adapter=location,
         )
     if not os.path.isdir(directory):
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "missing_subfolder",
             f"{directory}: subfolder {subfolder!r} does not exist",
-            fix="check the subfolder name; " + _subfolder_hint(base),
+            hint=_subfolder_hint(base),
             adapter=location,
         )
     return directory
@@ -151,8 +140,7 @@ def _missing_config(location: str, directory: str) -> AdapterFormatError:
         what = f"{directory}: has no {CONFIG_NAME}"
         fix = hint or "save the adapter with peft's save_pretrained(), which writes the config beside the weights."
     return AdapterFormatError.of(
-        Cause.CORRUPT_CHECKPOINT,
-        "missing_config",
+            "missing_config",
         what,
         fix=fix,
         adapter=location,
@@ -187,11 +175,9 @@ def _stray_files(directory: str) -> list[Diagnosis]:
     if not stray:
         return []
     return [
-        Diagnosis(
-            Cause.UNSAFE_FORMAT,
+        finding(
             "stray_code_files",
             f"{directory}: holds pickle or executable files that safe_peft does not read: {', '.join(stray[:10])}",
-            fix="delete them unless you know what they are; they are not part of a PEFT adapter.",
             details={"files": stray},
         )
     ]
@@ -206,10 +192,8 @@ def _download(repo_id: str, subfolder: str | None, allow_pickle: bool, hub_kwarg
         config_file = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **allowed)
     except Exception as exc:  # noqa: BLE001 - the hub client raises many types; all mean "not available"
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "not_found",
             f"{repo_id!r}: no such local directory, and the hub did not provide {CONFIG_NAME} ({type(exc).__name__})",
-            fix="check the path or the repository id (and network access, revision and token).",
             adapter=repo_id,
         ) from None
     for name in (SAFETENSORS_NAME, PICKLE_NAME) if allow_pickle else (SAFETENSORS_NAME,):

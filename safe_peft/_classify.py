@@ -1,33 +1,30 @@
 """Classify a key comparison into ranked causes. Pure: reasons from keys, shapes and config data.
 
-Every finding is a :class:`Diagnosis` with a stable ``code``. Ranking puts unreadable or
-foreign data first, then the finding that explains the most disagreeing keys.
+Each detector looks at the :class:`Evidence` and returns what it found (the finding, how many keys it explains,
+and which keys it accounts for, so that later detectors do not explain them again). Findings are built from the
+catalog (:mod:`safe_peft._catalog`), which also ranks them. Adding a cause: a catalog entry and a detector
+appended to :data:`DETECTORS` (or given to :func:`register_detector`).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from safe_peft._catalog import finding, rank
 from safe_peft._compare import KeyDiff
-from safe_peft._model_view import PEFT_PREFIX, ModelView
+from safe_peft._keys import Role, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
+from safe_peft._model_view import ModelView
+from safe_peft._versions import TASK_CLASS
 from safe_peft.report import Cause, Diagnosis
 from safe_peft.rules import RemapPlan
 
-__all__ = ["Evidence", "classify", "lora_role", "module_of"]
+__all__ = ["DETECTORS", "Evidence", "Found", "classify", "register_detector"]
 
 Shape = tuple[int, ...]
-_SUFFIXES = (
-    (".lora_A.weight", "lora_A"),
-    (".lora_B.weight", "lora_B"),
-    (".lora_B.bias", "lora_bias"),
-    (".lora_embedding_A", "lora_embedding_A"),
-    (".lora_embedding_B", "lora_embedding_B"),
-    (".lora_magnitude_vector", "magnitude"),
-)
 _FOREIGN = (  # most specific first: LyCORIS files use kohya-style module names too
     (re.compile(r"(^|[._])(hada_w\d_[ab]|lokr_w\d)"), "lycoris", "a LyCORIS (LoHa / LoKr) adapter"),
     (
@@ -37,31 +34,6 @@ _FOREIGN = (  # most specific first: LyCORIS files use kohya-style module names 
     ),
     (re.compile(r"\.processor\.|^(unet|transformer|text_encoder)\.[^.]+.*lora"), "diffusers", "a diffusers LoRA"),
 )
-_TASK_CLASS = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
-def lora_role(key: str) -> str | None:
-    """The LoRA tensor a key holds ("lora_A", "lora_B", ...), or None for other keys."""
-    for suffix, role in _SUFFIXES:
-        if key.endswith(suffix):
-            return role
-    return None
-
-
-def module_of(key: str) -> str:
-    """The module path a checkpoint key belongs to, without peft's prefix and the LoRA suffix."""
-    path = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-    for suffix, _ in _SUFFIXES:
-        if path.endswith(suffix):
-            return path[: -len(suffix)]
-    return path.rsplit(".", 1)[0] if "." in path else path
 
 
 @dataclass(frozen=True)
@@ -75,124 +47,126 @@ class Evidence:
     plan: RemapPlan | None = None
     adapter: bool = True  # False for plain state dicts: "no adapter tensors" is then normal
 
+    @property
+    def base(self) -> Any:
+        return self.config.get("base_model_name_or_path")
+
+
+@dataclass(frozen=True)
+class Found:
+    """A detector's finding: ``weight`` keys it explains; ``explains`` the keys no later detector should explain."""
+
+    diagnosis: Diagnosis
+    weight: int
+    explains: frozenset[str] = field(default_factory=frozenset)
+
+
+Detector = Callable[[Evidence, frozenset[str]], list[Found]]
+
 
 def classify(ev: Evidence) -> list[Diagnosis]:
     """All findings for ``ev``, most likely first. Empty when the checkpoint fits."""
     if ev.diff.ok and ev.view.error is None:
         return []  # corrupt and foreign checkpoints always show up in the key comparison
-    ranked: list[tuple[int, int, Diagnosis]] = []  # (tier, -weight, finding)
-
-    def add(tier: int, weight: int, diagnosis: Diagnosis) -> None:
-        ranked.append((tier, -weight, diagnosis))
-
-    for weight, d in _corrupt(ev.checkpoint):
-        add(0, weight, d)
-    if ev.adapter and not any(key in ev.view.expected for key in ev.checkpoint):
-        for weight, d in _foreign(ev.checkpoint, ev.view):  # a PEFT method's own keys are never "foreign"
-            add(0, weight, d)
-    if ev.view.error is not None:
-        add(1, len(ev.checkpoint), ev.view.error)
-    explained: set[str] = set()
-    if (ev.plan is not None and ev.plan.renames) or (ev.plan is not None and ev.plan.dropped):
-        found = _layout(ev)
-        if found is not None:
-            weight, d, keys = found
-            explained |= keys
-            add(1, weight, d)
-    if not ev.diff.ok:
-        for weight, d in _shapes(ev):
-            add(2, weight, d)
-        for weight, d in _unexpected(ev, explained):
-            add(2, weight, d)
-        for weight, d in _missing(ev, explained):
-            add(3, weight, d)
-    if not ranked and not ev.diff.ok:
-        add(
-            9,
-            0,
-            Diagnosis(
-                Cause.UNKNOWN,
-                "unexplained",
-                "the checkpoint and the model disagree in a way no known cause explains",
-                fix="compare base_model_name_or_path in adapter_config.json with the model you load.",
-            ),
-        )
-    ranked.sort(key=lambda t: (t[0], t[1]))
-    return [d for _, _, d in ranked]
+    found: list[Found] = []
+    explained: frozenset[str] = frozenset()
+    for detect in DETECTORS:
+        new = detect(ev, explained)
+        found += new
+        for f in new:
+            explained |= f.explains
+    if not found and not ev.diff.ok:
+        found.append(Found(finding("unexplained", "the checkpoint and the model disagree in a way no known cause "
+                                   "explains"), 0))
+    ordered = sorted(enumerate(found), key=lambda t: (rank(t[1].diagnosis), -t[1].weight, t[0]))
+    return [f.diagnosis for _, f in ordered]
 
 
-def _corrupt(checkpoint: Mapping[str, Shape]) -> list[tuple[int, Diagnosis]]:
+def register_detector(detector: Detector) -> Detector:
+    """Add a detector (run after the built-in ones); returns it, so it can decorate."""
+    DETECTORS.append(detector)
+    return detector
+
+
+# -- the data itself -------------------------------------------------------------------------------------------
+
+
+def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
     findings = []
-    empty = [k for k, s in checkpoint.items() if lora_role(k) in {"lora_A", "lora_B"} and (len(s) < 2 or 0 in s)]
+    checkpoint = ev.checkpoint
+    empty = [k for k, s in checkpoint.items() if role_of(k) in (Role.A, Role.B) and (len(s) < 2 or 0 in s)]
     if empty:
         findings.append(
-            (
-                len(empty),
-                Diagnosis(
-                    Cause.CORRUPT_CHECKPOINT,
+            Found(
+                finding(
                     "zero3_empty_tensors",
                     f"{len(empty)} LoRA tensors are empty or flat (e.g. {empty[0]!r} has shape "
                     f"{list(checkpoint[empty[0]])}): a DeepSpeed ZeRO-3 / FSDP save of sharded parameters",
-                    fix="save again with the parameters gathered (DeepSpeed: zero3 gathered 16-bit weights / "
-                    "GatheredParameters; FSDP: FULL_STATE_DICT), or with accelerator.get_state_dict(model).",
                     details={"keys": empty[:20], "count": len(empty)},
                 ),
+                len(empty),
             )
         )
-    by_module: dict[str, set[str]] = defaultdict(set)
+    by_module: dict[str, set[Role]] = defaultdict(set)
     for key in checkpoint:
-        role = lora_role(key)
-        if role in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
-            by_module[module_of(key)].add(role[-1])
-    unpaired = sorted(m for m, halves in by_module.items() if halves != {"A", "B"})
+        role = role_of(key)
+        if role in (Role.A, Role.B):
+            by_module[module_of(key)].add(role)
+    unpaired = sorted(m for m, halves in by_module.items() if len(halves) != 2)
     if unpaired:
         findings.append(
-            (
-                len(unpaired),
-                Diagnosis(
-                    Cause.CORRUPT_CHECKPOINT,
+            Found(
+                finding(
                     "unpaired_lora",
                     f"{len(unpaired)} modules have lora_A without lora_B or the reverse (e.g. {unpaired[0]!r}): "
                     "the checkpoint is incomplete",
-                    fix="save the adapter again; a partial file cannot be loaded correctly.",
                     details={"modules": unpaired[:20], "count": len(unpaired)},
                 ),
+                len(unpaired),
             )
         )
     return findings
 
 
-def _foreign(checkpoint: Mapping[str, Shape], view: ModelView) -> list[tuple[int, Diagnosis]]:
+def _own_method_keys(ev: Evidence) -> bool:
+    """Whether the checkpoint holds tensors of the method its config names (peft's LoHa keys are LoHa's)."""
+    from safe_peft._keys import is_method_key
+
+    peft_type = ev.config.get("peft_type")
+    return bool(peft_type) and any(is_method_key(k, str(peft_type)) for k in ev.checkpoint)
+
+
+def _foreign(ev: Evidence, _: frozenset[str]) -> list[Found]:
+    if not ev.adapter or any(key in ev.view.expected for key in ev.checkpoint) or _own_method_keys(ev):
+        return []  # a PEFT method's own keys are never "foreign"
+    checkpoint = ev.checkpoint
     for regex, code, what in _FOREIGN:
         hits = [k for k in checkpoint if regex.search(k)]
-        if hits and not any(lora_role(k) for k in checkpoint):
+        if hits and not any(role_of(k) for k in checkpoint):
             return [
-                (
-                    len(hits),
-                    Diagnosis(
-                        Cause.FOREIGN_FORMAT,
+                Found(
+                    finding(
                         code,
                         f"the weights are {what}, not a PEFT adapter (e.g. {hits[0]!r})",
-                        fix="load it with the tool that wrote it (diffusers' load_lora_weights for image models), "
-                        "or convert it to PEFT's layout first.",
                         details={"format": code, "keys": hits[:10]},
+                        advice="load it with the tool that wrote it (diffusers' load_lora_weights for image models), "
+                        "or convert it to PEFT's layout first.",
                     ),
+                    len(hits),
                 )
             ]
-    plain = [k for k in checkpoint if _is_base_weight(k, view)]
+    plain = [k for k in checkpoint if _is_base_weight(k, ev.view)]
     if len(checkpoint) > 4 and len(plain) * 2 > len(checkpoint):
         sample = next(iter(checkpoint))
         return [
-            (
-                len(checkpoint),
-                Diagnosis(
-                    Cause.FOREIGN_FORMAT,
+            Found(
+                finding(
                     "merged_checkpoint",
                     f"the file holds no adapter tensors, only {len(checkpoint)} plain weights (e.g. {sample!r}): "
                     "a merged or full model checkpoint",
-                    fix="load it as a model with from_pretrained(); it needs no adapter loading.",
                     details={"format": "full_checkpoint"},
                 ),
+                len(checkpoint),
             )
         ]
     return []
@@ -200,14 +174,21 @@ def _foreign(checkpoint: Mapping[str, Shape], view: ModelView) -> list[tuple[int
 
 def _is_base_weight(key: str, view: ModelView) -> bool:
     """``model.layers.0.mlp.up_proj.weight`` (optionally under peft's prefix): a parameter of a module the base has."""
-    path = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-    module, _, name = path.rpartition(".")
+    module, _, name = strip_prefix(key).rpartition(".")
     return name in {"weight", "bias"} and module in view.module_names
 
 
-def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
+def _view_error(ev: Evidence, _: frozenset[str]) -> list[Found]:
+    return [] if ev.view.error is None else [Found(ev.view.error, len(ev.checkpoint))]
+
+
+# -- layout: the keys would fit after renames ------------------------------------------------------------------
+
+
+def _layout(ev: Evidence, _: frozenset[str]) -> list[Found]:
     plan = ev.plan
-    assert plan is not None
+    if plan is None or not (plan.renames or plan.dropped):
+        return []
     names = [r.name for r in plan.rules]
     causes = [r.cause for r in plan.rules]
     cause = (
@@ -221,10 +202,10 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
     steps = "; ".join(r.description for r in plan.rules)
     sample = next(iter(plan.renames.items()), None)
     example = f" (e.g. {sample[0]!r} -> {sample[1]!r})" if sample else ""
+    task = str(ev.config.get("task_type") or "").upper()
     if plan.exact:
         message = f"the checkpoint's keys are laid out differently from the model's: {steps}{example}"
-        fix = f"pass remap='auto' (applies {', '.join(names)}); every key then matches exactly."
-        task = str(ev.config.get("task_type") or "").upper()
+        fix = None
         if lead.name == "head_prefix_remove":
             message = (
                 f"the adapter was trained on a model with a task head{f' (task_type={task})' if task else ''}, "
@@ -233,7 +214,7 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
                 f"returns), so no key matches{example}"
             )
             fix = (
-                f"load the base model with {_TASK_CLASS.get(task, 'the task class the adapter was trained with')}, "
+                f"load the base model with {TASK_CLASS.get(task, 'the task class the adapter was trained with')}, "
                 f"or pass remap='auto' to load it into this {ev.view.model_class} (applies {', '.join(names)})."
             )
         elif lead.name == "head_prefix_add":
@@ -241,46 +222,51 @@ def _layout(ev: Evidence) -> tuple[int, Diagnosis, set[str]] | None:
                 f"the adapter was trained on the bare model (no task head), but {ev.view.model_class} nests its "
                 f"layers under `{ev.view.base_model_prefix}.`, so no key matches{example}"
             )
-        diagnosis = Diagnosis(
-            cause,
+        diagnosis = finding(
             lead.name,
             message,
             fix=fix,
-            remap="auto",
             details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped)},
+            rules=", ".join(names),
         )
-        return len(plan.renames) + len(plan.dropped), diagnosis, set(plan.renames) | set(plan.dropped)
+        return [Found(diagnosis, len(plan.renames) + len(plan.dropped), frozenset(plan.renames) | set(plan.dropped))]
     if cause is not Cause.MODEL_CLASS_MISMATCH:
-        return None
+        return []
     left = [k for k in ev.checkpoint if plan.renames.get(k, k) not in ev.view.expected]
-    if not left or any(lora_role(k) for k in left) or len(left) * 4 > len(ev.checkpoint):
-        return None  # only plain head weights may be left over: anything else is not a class mismatch
+    if not left or any(role_of(k) for k in left) or len(left) * 4 > len(ev.checkpoint):
+        return []  # only plain head weights may be left over: anything else is not a class mismatch
     heads = sorted({module_of(k) for k in left})
-    task = str(ev.config.get("task_type") or "").upper()
-    wanted = _TASK_CLASS.get(task, "the class the adapter was trained with")
-    diagnosis = Diagnosis(
-        Cause.MODEL_CLASS_MISMATCH,
+    return [Found(_missing_head(ev, heads, task, example, names), len(ev.checkpoint), frozenset(ev.checkpoint))]
+
+
+def _missing_head(ev: Evidence, heads: list[str], task: str, example: str, rules: list[str]) -> Diagnosis:
+    wanted = TASK_CLASS.get(task, "the class the adapter was trained with")
+    return finding(
         "missing_task_head",
         f"the adapter was trained on a model with a task head (task_type={task or None}; trained "
         f"module(s) {', '.join(heads[:5])}), but {ev.view.model_class} has no such module{example}",
-        fix=f"load the base model with {wanted}.from_pretrained(...) and pass that model.",
-        details={"task_type": task or None, "heads": heads, "rules": names},
+        details={"task_type": task or None, "heads": heads, "rules": rules},
+        wanted=wanted,
     )
-    return len(ev.checkpoint), diagnosis, set(ev.checkpoint)
+
+
+# -- shapes ----------------------------------------------------------------------------------------------------
 
 
 def _axis(key: str, dim: int) -> str:
-    role = lora_role(key)
-    if role in {"lora_A", "lora_embedding_A"}:
-        return "rank" if dim == 0 else ("vocab" if role == "lora_embedding_A" else "in_features")
-    if role in {"lora_B", "lora_embedding_B"}:
-        return "rank" if dim == 1 else "out_features"
-    if role in {"lora_bias", "magnitude"}:
+    role = role_of(key)
+    if rank_axis(role) == dim:
+        return "rank"
+    if role is Role.A:
+        return "vocab" if is_embedding_part(key) else "in_features"
+    if role is Role.B:
+        return "out_features"
+    if role in (Role.BIAS, Role.MAGNITUDE):
         return "out_features"
     return "rows" if dim == 0 else "columns"
 
 
-def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
+def _shapes(ev: Evidence, _: frozenset[str]) -> list[Found]:
     rank_keys, vocab_keys, other = [], [], []
     for mm in ev.diff.size_mismatches:
         if len(mm.checkpoint_shape) != len(mm.model_shape):
@@ -302,68 +288,55 @@ def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
             other.append((mm, "/".join(sorted(axes))))
     findings = []
     if rank_keys:
-        ranks = Counter(
-            mm.checkpoint_shape[0] if lora_role(mm.key) in {"lora_A", "lora_embedding_A"} else mm.checkpoint_shape[1]
-            for mm in rank_keys
-        )
+        ranks = Counter(mm.checkpoint_shape[rank_axis(role_of(mm.key)) or 0] for mm in rank_keys)
         configured = ev.config.get("r")
         pattern = ev.config.get("rank_pattern") or {}
         stored = ", ".join(f"{r} ({n} tensors)" for r, n in sorted(ranks.items()))
         findings.append(
-            (
-                len(rank_keys),
-                Diagnosis(
-                    Cause.CONFIG_MISMATCH,
+            Found(
+                finding(
                     "rank_mismatch",
                     f"adapter_config.json says r={configured}"
                     + (f" with rank_pattern {pattern}" if pattern else "")
                     + f", but the weights were saved with rank {stored}",
-                    fix="pass repair=('rank',) to rebuild r / rank_pattern from the weights' shapes "
-                    "(lora_alpha is kept), or restore the adapter_config.json that was saved with these weights.",
-                    repair=("rank",),
                     details={"config_r": configured, "checkpoint_ranks": dict(ranks)},
                 ),
+                len(rank_keys),
             )
         )
     if vocab_keys:
         sizes = _vocab_sizes(vocab_keys)
         findings.append(
-            (
-                len(vocab_keys),
-                Diagnosis(
-                    Cause.VOCAB_SIZE_MISMATCH,
+            Found(
+                finding(
                     "resized_embeddings",
                     f"the checkpoint's vocabulary has {sizes[0]} rows, the model's {sizes[1]}: the adapter was "
                     f"trained after resize_token_embeddings({sizes[0]})",
-                    fix=f"call model.resize_token_embeddings({sizes[0]}) before loading (with the tokenizer the "
-                    "adapter was trained with), or pass repair=('vocab',) to do it as part of the load.",
-                    repair=("vocab",),
                     details={"checkpoint_vocab": sizes[0], "model_vocab": sizes[1]},
+                    vocab=sizes[0],
                 ),
+                len(vocab_keys),
             )
         )
     if other:
         first, axis_names = other[0]
         module = module_of(first.key)
         findings.append(
-            (
-                len(other) * 2,
-                Diagnosis(
-                    Cause.WRONG_BASE_MODEL,
+            Found(
+                finding(
                     "dimension_mismatch",
                     f"{len(other)} tensors differ in a model dimension, not the rank: {module} has "
-                    f"{axis_names} {_dims(first, axis_names)}; the adapter was trained on a different base model "
+                    f"{axis_names} {_dims(first)}; the adapter was trained on a different base model "
                     "(other hidden or intermediate size)",
-                    fix="load the adapter into the base model it was trained on (base_model_name_or_path="
-                    f"{ev.config.get('base_model_name_or_path')!r} in adapter_config.json); no rename or "
-                    "repair can make these weights fit.",
                     details={
                         "module": module,
                         "axes": axis_names,
                         "count": len(other),
-                        "base_model_name_or_path": ev.config.get("base_model_name_or_path"),
+                        "base_model_name_or_path": ev.base,
                     },
+                    base=ev.base,
                 ),
+                len(other) * 2,
             )
         )
     return findings
@@ -373,52 +346,50 @@ def _is_vocab_module(ev: Evidence, module: str, is_embedding: bool) -> bool:
     if is_embedding:
         return True
     roles = {e.role for e in ev.view.expected.values() if e.module == module}
-    return bool(roles & {"embedding_base"}) or module.split(".")[-1] in {"lm_head", "embed_out", "output"}
+    return bool(roles & {Role.BASE_EMBEDDING}) or module.split(".")[-1] in {"lm_head", "embed_out", "output"}
 
 
 def _vocab_sizes(keys: list[Any]) -> tuple[int, int]:
     mm = keys[0]
-    dim = 1 if lora_role(mm.key) == "lora_embedding_A" else 0
+    dim = 1 if is_embedding_part(mm.key) and role_of(mm.key) is Role.A else 0
     return mm.checkpoint_shape[dim], mm.model_shape[dim]
 
 
-def _dims(mm: Any, axes: str) -> str:
+def _dims(mm: Any) -> str:
     return f"{list(mm.model_shape)} in the model but {list(mm.checkpoint_shape)} in the checkpoint"
 
 
-def _unexpected(ev: Evidence, explained: set[str]) -> list[tuple[int, Diagnosis]]:
+# -- keys the model does not take ------------------------------------------------------------------------------
+
+
+def _unexpected(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     keys = [u.key for u in ev.diff.unexpected if u.key not in explained]
     if not keys:
         return []
     findings = []
-    magnitude = [k for k in keys if lora_role(k) == "magnitude"]
+    magnitude = [k for k in keys if role_of(k) is Role.MAGNITUDE]
     if magnitude and not ev.config.get("use_dora"):
         findings.append(
-            (
-                len(magnitude),
-                Diagnosis(
-                    Cause.CONFIG_MISMATCH,
+            Found(
+                finding(
                     "dora_flag",
                     f"the checkpoint holds {len(magnitude)} DoRA magnitude vectors but adapter_config.json has "
                     "use_dora=false: plain peft drops them and runs the adapter as plain LoRA",
-                    fix="pass repair=('dora',) to set use_dora=true, or set it in adapter_config.json.",
-                    repair=("dora",),
                     details={"count": len(magnitude)},
                 ),
+                len(magnitude),
             )
         )
-    biases = [k for k in keys if lora_role(k) == "lora_bias"]
+    biases = [k for k in keys if role_of(k) is Role.BIAS]
     if biases and not ev.config.get("lora_bias"):
         findings.append(
-            (
-                len(biases),
-                Diagnosis(
-                    Cause.CONFIG_MISMATCH,
+            Found(
+                finding(
                     "lora_bias_flag",
                     f"the checkpoint holds {len(biases)} lora_B biases but adapter_config.json has lora_bias=false",
-                    fix="set lora_bias=true in adapter_config.json.",
                     details={"count": len(biases)},
                 ),
+                len(biases),
             )
         )
     rest = [k for k in keys if k not in magnitude and k not in biases]
@@ -426,52 +397,65 @@ def _unexpected(ev: Evidence, explained: set[str]) -> list[tuple[int, Diagnosis]
     if beyond:
         have, want = beyond
         findings.append(
-            (
-                len(rest),
-                Diagnosis(
-                    Cause.WRONG_BASE_MODEL,
+            Found(
+                finding(
                     "fewer_layers",
                     f"the checkpoint has adapter weights for layers up to {want}, the model only has layers up to "
                     f"{have}: it was trained on a deeper model",
-                    fix="load the adapter into the base model it was trained on (base_model_name_or_path="
-                    f"{ev.config.get('base_model_name_or_path')!r}).",
                     details={"checkpoint_max_layer": want, "model_max_layer": have},
+                    base=ev.base,
                 ),
+                len(rest),
             )
         )
     elif untargeted:
         modules = sorted({module_of(k) for k in untargeted})
         findings.append(
-            (
-                len(untargeted),
-                Diagnosis(
-                    Cause.CONFIG_MISMATCH,
+            Found(
+                finding(
                     "untargeted_modules",
                     f"the checkpoint has weights for {len(modules)} modules that adapter_config.json's target_modules "
                     f"does not name (e.g. {modules[0]}): plain peft silently drops them",
-                    fix="add them to target_modules in adapter_config.json (or pass repair=('targets',)).",
-                    repair=("targets",),
                     details={"modules": modules[:20]},
                 ),
+                len(untargeted),
             )
         )
     elif absent:
         modules = sorted({module_of(k) for k in absent})
-        findings.append(
-            (
-                len(absent),
-                Diagnosis(
-                    Cause.WRONG_BASE_MODEL,
-                    "unknown_modules",
-                    f"{len(modules)} modules of the checkpoint do not exist in {ev.view.model_class} "
-                    f"(e.g. {modules[0]})",
-                    fix="check that the base model is the one the adapter was trained on (base_model_name_or_path="
-                    f"{ev.config.get('base_model_name_or_path')!r}).",
-                    details={"modules": modules[:20]},
-                ),
+        heads = _saved_heads(ev)
+        if heads and set(modules) <= heads and not any(role_of(k) for k in absent):
+            task = str(ev.config.get("task_type") or "").upper()
+            findings.append(Found(_missing_head(ev, modules, task, "", []), len(absent), frozenset(absent)))
+        else:
+            findings.append(
+                Found(
+                    finding(
+                        "unknown_modules",
+                        f"{len(modules)} modules of the checkpoint do not exist in {ev.view.model_class} "
+                        f"(e.g. {modules[0]})",
+                        details={"modules": modules[:20]},
+                        base=ev.base,
+                    ),
+                    len(absent),
+                )
             )
-        )
     return findings
+
+
+def _saved_heads(ev: Evidence) -> set[str]:
+    """The modules the adapter saved whole as its task head: its modules_to_save, and the heads peft adds by
+    itself for the config's task type."""
+    from safe_peft._versions import TASK_HEADS
+
+    saved = ev.config.get("modules_to_save") or []
+    names = {str(m) for m in saved} if isinstance(saved, (list, tuple, set)) else set()
+    names |= set(TASK_HEADS.get(str(ev.config.get("task_type") or "").upper(), ()))
+    return {m for name in names for m in _matching_modules(ev, name)}
+
+
+def _matching_modules(ev: Evidence, name: str) -> set[str]:
+    return {module_of(k) for k in ev.checkpoint if module_of(k) == name or module_of(k).endswith("." + name)} | {name}
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -497,54 +481,90 @@ def _max_layer(names: Any) -> int | None:
     return best
 
 
-def _missing(ev: Evidence, explained: set[str]) -> list[tuple[int, Diagnosis]]:
+# -- keys the checkpoint lacks ---------------------------------------------------------------------------------
+
+
+def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     missing = [m.key for m in ev.diff.missing]
     if not missing or explained:
         return []
     present = {module_of(k) for k in ev.checkpoint}
     roles = {ev.view.expected[k].role for k in missing if k in ev.view.expected}
-    if roles == {"modules_to_save"}:
+    if roles == {Role.SAVED_MODULE}:
         modules = sorted({ev.view.expected[k].module for k in missing})
         return [
-            (
-                len(missing),
-                Diagnosis(
-                    Cause.CONFIG_MISMATCH,
+            Found(
+                finding(
                     "missing_modules_to_save",
                     f"adapter_config.json lists modules_to_save {modules} but the checkpoint has no weights for "
                     "them (plain peft fails with a bare KeyError)",
-                    fix="remove them from modules_to_save if they were never trained, or save the adapter again.",
                     details={"modules": modules},
                 ),
+                len(missing),
             )
         ]
     partial = [k for k in missing if ev.view.expected[k].module in present]
     if partial:
         return [
-            (
-                len(partial),
-                Diagnosis(
-                    Cause.CORRUPT_CHECKPOINT,
+            Found(
+                finding(
                     "incomplete_checkpoint",
                     f"{len(partial)} adapter tensors are missing for modules the checkpoint does have "
                     f"(e.g. {partial[0]!r})",
-                    fix="save the adapter again; the file is incomplete.",
                     details={"count": len(partial)},
                 ),
+                len(partial),
+            )
+        ]
+    deeper = _trailing_layers(ev, missing)
+    if deeper is not None:
+        have, want = deeper
+        return [
+            Found(
+                finding(
+                    "more_layers",
+                    f"the checkpoint has adapter weights for layers 0 to {have} only, but the model's targeted layers "
+                    f"go up to {want}: it was trained on a shallower model of the same width",
+                    details={"checkpoint_max_layer": have, "model_max_layer": want},
+                    base=ev.base,
+                ),
+                len(missing),
             )
         ]
     modules = sorted({ev.view.expected[k].module for k in missing})
     return [
-        (
-            len(missing),
-            Diagnosis(
-                Cause.CONFIG_MISMATCH,
+        Found(
+            finding(
                 "targets_without_weights",
                 f"adapter_config.json targets {len(modules)} modules the checkpoint has no weights for "
                 f"(e.g. {modules[0]}): they would run with lora_B at its initial value",
-                fix="make target_modules match the weights (repair=('targets',)), or save the adapter again.",
-                repair=("targets",),
                 details={"modules": modules[:20]},
             ),
+            len(missing),
         )
     ]
+
+
+def _trailing_layers(ev: Evidence, missing: list[str]) -> tuple[int, int] | None:
+    """(checkpoint's last layer, model's last layer) when every missing key sits in a layer past the
+    checkpoint's last one, and the checkpoint covers layers 0 to its last: a shallower model's adapter."""
+    have = _layers(module_of(k) for k in ev.checkpoint if role_of(k) is not None or k in ev.view.expected)
+    lacking = _layers(ev.view.expected[k].module for k in missing if k in ev.view.expected)
+    if not have or not lacking or None in lacking or len(lacking) != len(missing):
+        return None
+    top = max(h for h in have if h is not None)
+    layers = sorted({h for h in have if h is not None})
+    if layers != list(range(top + 1)) or min(lacking) <= top:  # type: ignore[type-var,operator]
+        return None
+    return top, max(lacking)  # type: ignore[type-var,return-value]
+
+
+def _layers(modules: Any) -> list[int | None]:
+    found = []
+    for name in modules:
+        m = _LAYER_INDEX.search(f".{name}.")
+        found.append(int(m.group(1)) if m else None)
+    return found
+
+
+DETECTORS: list[Detector] = [_corrupt, _foreign, _view_error, _layout, _shapes, _unexpected, _missing]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft._model_view import PEFT_PREFIX
+from safe_peft._keys import lora_key
 
 __all__ = ["KohyaConversion", "convert_kohya", "is_kohya"]
 
@@ -70,10 +70,10 @@ def convert_kohya(
             dropped.append(key)
             alphas[module] = read_scalar(key)
         elif part == "lora_down.weight":
-            renames[key] = f"{PEFT_PREFIX}{module}.lora_A.weight"
+            renames[key] = lora_key(module, "lora_A")
             ranks[module] = shape[0]
         else:
-            renames[key] = f"{PEFT_PREFIX}{module}.lora_B.weight"
+            renames[key] = lora_key(module, "lora_B")
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 0
     for module, rank in ranks.items():
         alphas.setdefault(module, float(rank))  # kohya's default: no alpha means alpha = rank (scale 1)

@@ -7,13 +7,13 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._classify import lora_role
-from safe_peft._model_view import PEFT_PREFIX
+from safe_peft._catalog import fatal, finding
+from safe_peft._keys import Role, base_tensor_name, role_of
 from safe_peft._plan import HUB_KWARGS, LoadPlan, make_plan
 from safe_peft._snapshot import ModuleSnapshot
 from safe_peft._writer import write_weights
 from safe_peft.errors import AdapterLoadError
-from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
+from safe_peft.report import LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -59,11 +59,8 @@ def safe_load_adapter(
 
 
 def _fatal(report: LoadReport) -> bool:
-    """Failures even lenient loading cannot get past: unreadable data, no target, shape mismatches."""
-    return bool(report.size_mismatches) or any(
-        d.cause in {Cause.CORRUPT_CHECKPOINT, Cause.FOREIGN_FORMAT, Cause.WRONG_BASE_MODEL} and d.code != "fewer_layers"
-        for d in report.causes
-    )
+    """Failures even lenient loading cannot get past (the catalog says which), and shape mismatches."""
+    return bool(report.size_mismatches) or any(fatal(d) for d in report.causes)
 
 
 def _execute(
@@ -110,12 +107,11 @@ def _overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
     tensors.update(model.named_buffers())
     names = set()
     for key in plan.checkpoint:
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        name = name.replace(".base_layer.", ".")
+        name = base_tensor_name(key)
         if name in tensors:
             names.add(name)
     if plan.view is not None and rewrites_base(plan.peft_config):
-        names |= {f"{e.module}.weight" for e in plan.view.expected.values() if e.role == "lora_A"}
+        names |= {f"{e.module}.weight" for e in plan.view.expected.values() if e.role is Role.A}
     return [tensors[name] for name in sorted(names) if name in tensors]
 
 
@@ -171,23 +167,19 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
     on_meta = [k for k, t in state.items() if t.device.type == "meta"]
     if on_meta:
         causes.append(
-            Diagnosis(
-                Cause.CORRUPT_CHECKPOINT,
+            finding(
                 "left_on_meta",
                 f"{len(on_meta)} adapter tensors were never loaded and are still on the meta device",
-                fix="save the adapter again; it lacks these tensors.",
                 details={"keys": on_meta[:20]},
             )
         )
     non_finite, zero_b = _scan_values(state)
     if non_finite:
         causes.append(
-            Diagnosis(
-                Cause.CORRUPT_CHECKPOINT,
+            finding(
                 "non_finite_values",
                 f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r}): "
                 "training diverged or the file is damaged",
-                fix="use an earlier checkpoint of the adapter, or train again with a lower learning rate.",
                 details={"keys": non_finite[:20]},
             )
         )
@@ -195,23 +187,13 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
     unpredicted = [k for k in (*(m.key for m in missing), *(u.key for u in unexpected)) if k not in predicted]
     if (unpredicted or mismatches) and not causes:
         causes.append(
-            Diagnosis(
-                Cause.UNKNOWN,
-                "verification_failed",
-                "after loading, the adapter tensors in the model do not match the checkpoint",
-                fix="report this to safe_peft with the adapter's config; the pre-check missed it.",
-            )
+            finding("verification_failed", "after loading, the adapter tensors in the model differ from the checkpoint")
         )
     warnings = list(plan.report.warnings)
-    lora_b = [k for k in state if lora_role(k) in {"lora_B", "lora_embedding_B"}]
+    lora_b = [k for k in state if role_of(k) is Role.B]
     if lora_b and len(zero_b) == len(lora_b):
         warnings.append(
-            Diagnosis(
-                Cause.CORRUPT_CHECKPOINT,
-                "all_zero_lora_B",
-                "every lora_B tensor is zero: the adapter changes nothing (saved before training?)",
-                fix="check that the adapter was saved after training.",
-            )
+            finding("all_zero_lora_B", "every lora_B tensor is zero: the adapter changes nothing (saved untrained?)")
         )
     return LoadReport(
         ok=not causes,
@@ -247,7 +229,7 @@ def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
                 if norm != norm or norm in (float("inf"), float("-inf")):
                     if not bool(torch.isfinite(state[key]).all()):
                         non_finite.append(key)
-                elif norm == 0.0 and lora_role(key) in {"lora_B", "lora_embedding_B"}:
+                elif norm == 0.0 and role_of(key) is Role.B:
                     zero.append(key)
     return non_finite, zero
 
@@ -264,11 +246,9 @@ def _late_failure(report: LoadReport, exc: Exception) -> LoadReport:
     from safe_peft._parse import parse_load_error
 
     parsed = parse_load_error(exc)
-    late = Diagnosis(
-        Cause.UNKNOWN,
+    late = finding(
         "load_failed",
         f"peft failed while loading: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-        fix="see the causes above; the base model was restored.",
     )
     return replace(
         report,

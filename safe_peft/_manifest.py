@@ -9,7 +9,7 @@ from typing import Any
 
 from safe_peft._adapter_config import AdapterConfig, read_config
 from safe_peft._adapter_files import locate_adapter
-from safe_peft._classify import lora_role, module_of
+from safe_peft._keys import Role, module_of, role_of
 from safe_peft._safetensors_header import read_header
 from safe_peft.report import Diagnosis
 
@@ -77,7 +77,7 @@ def inspect_adapter(
         tensors = [TensorEntry(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in data.items()]
         total = sum(v.numel() * v.element_size() for v in data.values())
     ranks = {
-        module_of(t.key): t.shape[0] for t in tensors if lora_role(t.key) in {"lora_A", "lora_embedding_A"} and t.shape
+        module_of(t.key): t.shape[0] for t in tensors if role_of(t.key) is Role.A and t.shape
     }
     cfg = config.data
     pattern = cfg.get("rank_pattern") or {}

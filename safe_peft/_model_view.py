@@ -21,20 +21,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.report import Cause, Diagnosis
+from safe_peft._catalog import finding
+from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of, strip_prefix
+from safe_peft._versions import TASK_HEADS
+from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PEFT_PREFIX", "ExpectedKey", "ModelView", "expected_keys", "meta_skeleton"]
+__all__ = ["ExpectedKey", "ModelView", "expected_keys", "meta_skeleton"]
 
-PEFT_PREFIX = "base_model.model."
-# Heads that peft's task-specific PeftModel classes add to modules_to_save by themselves.
-_TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
 # Config features the analytic path does not model; any of them sends the computation to injection.
@@ -58,7 +54,7 @@ class ExpectedKey:
     key: str
     shape: tuple[int, ...]
     module: str
-    role: str
+    role: Role
     required: bool = True
 
 
@@ -93,7 +89,7 @@ def expected_keys(model: nn.Module, config: Any, adapter_name: str = "default") 
         "layers": layers,
         "module_names": names,
         "base_model_prefix": str(getattr(model, "base_model_prefix", "") or ""),
-        "task_heads": _TASK_HEADS.get(str(getattr(config, "task_type", None) or "").split(".")[-1], ()),
+        "task_heads": TASK_HEADS.get(str(getattr(config, "task_type", None) or "").split(".")[-1], ()),
     }
     analytic = _analytic(model, config, common["task_heads"]) if _analytic_applies(model, config) else None
     if analytic is not None:
@@ -122,14 +118,12 @@ def _prompt_dimensions(model: nn.Module, config: Any) -> Diagnosis | None:
     for name, (actual, allowed) in sizes.items():
         saved = getattr(config, name, None)
         if saved is not None and actual is not None and saved not in allowed:
-            return Diagnosis(
-                Cause.WRONG_BASE_MODEL,
+            return finding(
                 "dimension_mismatch",
                 f"the adapter was trained with {name}={saved}, but {type(model).__name__} has {actual}: its virtual "
                 "tokens cannot be fed to this model",
-                fix="load the adapter into the base model it was trained on (base_model_name_or_path="
-                f"{getattr(config, 'base_model_name_or_path', None)!r}).",
                 details={"field": name, "adapter": saved, "model": actual},
+                base=getattr(config, "base_model_name_or_path", None),
             )
     return None
 
@@ -205,36 +199,38 @@ def _analytic(
         if not found or isinstance(found, _ExcludedModule):
             continue
         rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r)
-        prefix = f"{PEFT_PREFIX}{name}."
         if isinstance(module, (nn.Linear, Conv1D)):
             if isinstance(module, Conv1D):
                 in_f, out_f = (int(d) for d in module.weight.shape)
             else:
                 in_f, out_f = module.in_features, module.out_features
-            keys: list[tuple[str, tuple[int, ...], str]] = [
-                ("lora_A.weight", (rank, in_f), "lora_A"),
-                ("lora_B.weight", (out_f, rank), "lora_B"),
+            keys: list[tuple[str, tuple[int, ...]]] = [
+                (lora_key(name, "lora_A"), (rank, in_f)),
+                (lora_key(name, "lora_B"), (out_f, rank)),
             ]
             if lora_bias:
-                keys.append(("lora_B.bias", (out_f,), "lora_bias"))
+                keys.append((lora_key(name, "lora_B", "bias"), (out_f,)))
         elif isinstance(module, nn.Embedding):
             in_f, out_f = module.num_embeddings, module.embedding_dim
-            keys = [("lora_embedding_A", (rank, in_f), "lora_A"), ("lora_embedding_B", (out_f, rank), "lora_B")]
+            keys = [
+                (lora_key(name, "lora_embedding_A"), (rank, in_f)),
+                (lora_key(name, "lora_embedding_B"), (out_f, rank)),
+            ]
             if lora_bias:
                 return None
         else:
             return None  # a layer type this path does not model (conv, quantized, custom): use injection
         if use_dora:
-            keys.append(("lora_magnitude_vector", (out_f,), "magnitude"))
-        for suffix, shape, role in keys:
-            expected[prefix + suffix] = ExpectedKey(prefix + suffix, tuple(shape), name, role)
+            keys.append((lora_key(name, "lora_magnitude_vector"), (out_f,)))
+        for key, shape in keys:
+            expected[key] = ExpectedKey(key, tuple(shape), name, role_of(key) or Role.OTHER)
         targeted.append(name)
     if not targeted and cfg.target_modules:
         return {}, _no_target_found(cfg.target_modules)  # peft raises NoMatchingPeftModuleError here
     for name, module in _modules_to_save(model, cfg.modules_to_save or []):
         for pname, tensor in module.state_dict(keep_vars=True).items():  # buffers too (BatchNorm statistics)
             key = f"{PEFT_PREFIX}{name}.{pname}"
-            expected[key] = ExpectedKey(key, tuple(tensor.shape), name, "modules_to_save")
+            expected[key] = ExpectedKey(key, tuple(tensor.shape), name, Role.SAVED_MODULE)
     _add_embedding_layers(model, expected, set(targeted))
     return expected, None
 
@@ -271,17 +267,14 @@ def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], ta
         for pname, param in module.named_parameters():
             key = f"{PEFT_PREFIX}{name}.{inner}{pname}"
             if key not in expected:
-                expected[key] = ExpectedKey(key, tuple(param.shape), name, "embedding_base", required=False)
+                expected[key] = ExpectedKey(key, tuple(param.shape), name, Role.BASE_EMBEDDING, required=False)
 
 
 def _no_target_found(target_modules: Any) -> Diagnosis:
     targets = sorted(target_modules) if isinstance(target_modules, (set, list, tuple)) else [str(target_modules)]
-    return Diagnosis(
-        Cause.WRONG_BASE_MODEL,
+    return finding(
         "target_modules_not_found",
         f"none of the adapter's target modules ({', '.join(map(str, targets[:10]))}) exists in the model",
-        fix="load the adapter into the base model it was trained on (see base_model_name_or_path in "
-        "adapter_config.json).",
         details={"target_modules": targets},
     )
 
@@ -355,12 +348,12 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
                 state = _value_free_shapes(state, inject(targets, seed=1)[1])
         except Exception as again:  # noqa: BLE001 - as above
             return {}, _injection_error(again, config, model)
+    from safe_peft._keys import module_of
+
     expected = {}
     for key, tensor in state.items():
-        module = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        expected[key] = ExpectedKey(key, tuple(tensor.shape), module.rsplit(".", 2)[0], _role(key))
-    targeted = {n for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
-    targeted = {n.removeprefix("base_model.model.") for n in targeted}
+        expected[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), role_of(key) or Role.OTHER)
+    targeted = {strip_prefix(n) for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
     _add_embedding_layers(model, expected, targeted)
     return expected, None
 
@@ -374,7 +367,7 @@ def _on_meta(model: nn.Module, names: frozenset[str]) -> bool:
 def _value_free_shapes(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """Shapes from two injections with different stand-in values: a dimension that differs depends on the
     weights' values (AdaMSS' subspaces), so it becomes ``ANY``; what agrees is checked as usual."""
-    from safe_peft._compare import ANY
+    from safe_peft._keys import ANY
 
     shapes = {}
     for key, tensor in first.items():
@@ -418,23 +411,7 @@ def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis
     targets = getattr(config, "target_modules", None)
     if targets and not any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
         return _no_target_found(targets)
-    return Diagnosis(
-        Cause.CONFIG_MISMATCH,
+    return finding(
         "injection_rejected",
         f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",
-        fix="check target_modules and the layer types they name against the base model.",
     )
-
-
-def _role(key: str) -> str:
-    for marker, role in (
-        (".lora_A", "lora_A"),
-        (".lora_B.bias", "lora_bias"),
-        (".lora_B", "lora_B"),
-        (".lora_embedding_A", "lora_A"),
-        (".lora_embedding_B", "lora_B"),
-        (".lora_magnitude_vector", "magnitude"),
-    ):
-        if marker in key:
-            return role
-    return "other"

@@ -8,10 +8,12 @@ import re
 from functools import partial
 from itertools import repeat
 
+from safe_peft._catalog import finding
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import KeyDiff
+from safe_peft._keys import Role, is_adapter_key, without_adapter_name
 from safe_peft._model_view import ExpectedKey, ModelView
-from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
+from safe_peft.report import Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 from safe_peft.rules import BUILTIN, gc_paused, plan_remap
 
 __all__ = ["parse_load_error"]
@@ -102,36 +104,21 @@ def _shape(body: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
 
 
-_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
-
-
-def _plain(key: str) -> str:
-    """Drop peft's adapter-name infix: ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
-    head, _, last = key.rpartition(".")
-    if last in ("weight", "bias"):
-        stem, _, _name = head.rpartition(".")
-        if stem.rpartition(".")[2] in _ADAPTER_PARTS:
-            return f"{stem}.{last}"
-    elif head.rpartition(".")[2] in _ADAPTER_PARTS:
-        return head
-    return key
-
-
 def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: list[SizeMismatch]) -> list[Diagnosis]:
     missing_keys = missing_keys[:CLASSIFY_SAMPLE]
     unexpected_keys = unexpected_keys[:CLASSIFY_SAMPLE]
     mismatches = mismatches[:CLASSIFY_SAMPLE]
-    lora_missing = [k for k in missing_keys if ".lora_" in k]
-    lora_unexpected = [k for k in unexpected_keys if ".lora_" in k]
+    lora_missing = [k for k in missing_keys if is_adapter_key(k)]
+    lora_unexpected = [k for k in unexpected_keys if is_adapter_key(k)]
     if unexpected_keys and len(lora_unexpected) == len(unexpected_keys) and len(lora_missing) < len(missing_keys):
-        return [_wrong_loader("the checkpoint holds only LoRA adapter keys, but the model has no adapter layers")]
+        return [_wrong_loader("the checkpoint holds only adapter keys, but the model has no adapter layers")]
     if lora_missing and not lora_unexpected and unexpected_keys and len(lora_missing) == len(missing_keys):
         return [_wrong_loader("the model has adapter layers, but the checkpoint holds plain base-model weights")]
-    missing = [_plain(k) for k in missing_keys]
-    unexpected = [_plain(k) for k in unexpected_keys]
-    sized = [SizeMismatch(_plain(s.key), s.checkpoint_shape, s.model_shape) for s in mismatches]
-    expected = {k: ExpectedKey(k, (), "", "other") for k in missing}
-    expected.update({s.key: ExpectedKey(s.key, s.model_shape, "", "other") for s in sized})
+    missing = [without_adapter_name(k) for k in missing_keys]
+    unexpected = [without_adapter_name(k) for k in unexpected_keys]
+    sized = [SizeMismatch(without_adapter_name(s.key), s.checkpoint_shape, s.model_shape) for s in mismatches]
+    expected = {k: ExpectedKey(k, (), "", Role.OTHER) for k in missing}
+    expected.update({s.key: ExpectedKey(s.key, s.model_shape, "", Role.OTHER) for s in sized})
     checkpoint: dict[str, tuple[int, ...]] = dict.fromkeys(unexpected, ())
     checkpoint.update({s.key: s.checkpoint_shape for s in sized})
     view = ModelView("", expected, {}, frozenset(), "", (), "parsed")
@@ -145,10 +132,4 @@ def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: l
 
 
 def _wrong_loader(what: str) -> Diagnosis:
-    return Diagnosis(
-        Cause.WRONG_LOADER,
-        "adapter_into_base_model",
-        f"{what}: the adapter was loaded with the wrong function",
-        fix="use safe_load_adapter(base_model, adapter_dir) (or PeftModel.from_pretrained) instead of "
-        "model.load_state_dict(...).",
-    )
+    return finding("adapter_into_base_model", f"{what}: the adapter was loaded with the wrong function")

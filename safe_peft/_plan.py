@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter_config import build_peft_config, read_config
 from safe_peft._adapter_files import AdapterFiles, locate_adapter
-from safe_peft._classify import Evidence, classify, lora_role
+from safe_peft._catalog import finding
+from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
+from safe_peft._keys import rank_axis, role_of
 from safe_peft._legacy import convert_config, convert_shapes, enabled_parts
 from safe_peft._model_view import ExpectedKey, ModelView, expected_keys
 from safe_peft._repairs import repair_config, vocab_target
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError
-from safe_peft.report import Cause, Diagnosis, LoadReport
+from safe_peft.report import Diagnosis, LoadReport
 from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
 
 if TYPE_CHECKING:
@@ -168,7 +170,7 @@ def make_plan(
         # the keys line up after the closest renames: the shapes are what is wrong, so classify those
         moved = {plan.renames.get(k, k): s for k, s in checkpoint.items() if k not in set(plan.dropped)}
         evidence = Evidence(compare_keys(moved, view.expected), moved, view, config_data, None)
-        causes = _with_layout(classify(evidence), plan) + findings
+        causes = _with_layout(classify(evidence), plan, given=remap is not None and remap != "auto") + findings
     else:
         causes = classify(evidence) + findings  # the real cause first
     causes = config_causes + causes
@@ -198,7 +200,6 @@ def _foreign_plan(
     shapes = {k: t.shape for k, t in header.tensors.items()}
     if not is_kohya(shapes):
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "missing_config",
             f"{files.directory}: has no adapter_config.json, and {os.path.basename(files.weights_path)} is not a "
             "LoRA layout safe_peft can convert",
@@ -215,8 +216,7 @@ def _foreign_plan(
     view = expected_keys(model, peft_config, adapter_name)
     diff = compare_keys(moved, view.expected)
     exact = not conversion.unresolved and diff.ok and view.error is None
-    finding = Diagnosis(
-        Cause.FOREIGN_FORMAT,
+    kohya = finding(
         "kohya",
         f"{files.weights_path}: a kohya-ss LoRA ({len(conversion.renames) // 2} modules, no adapter_config.json), "
         + (
@@ -224,16 +224,16 @@ def _foreign_plan(
             if exact
             else f"which does not map onto {type(model).__name__} ({len(conversion.unresolved)} names unresolved)"
         ),
-        fix="pass remap='auto' to convert it (lora_down -> lora_A, lora_up -> lora_B, alpha -> alpha_pattern)"
-        if exact
-        else "load it with the tool that wrote it (diffusers' load_lora_weights for image models).",
         remap="auto" if exact else None,
         details={"format": "kohya", "unresolved": conversion.unresolved[:20], "config": conversion.config},
+        advice="pass remap='auto' to convert it (lora_down -> lora_A, lora_up -> lora_B, alpha -> alpha_pattern)"
+        if exact
+        else "load it with the tool that wrote it (diffusers' load_lora_weights for image models).",
     )
     converted = remap == "auto" and exact
     report = LoadReport(
         ok=converted,
-        causes=[] if converted else [finding],
+        causes=[] if converted else [kohya],
         warnings=warnings,
         renames=dict(conversion.renames) if converted else {},
         repairs=[f"config: synthesized from the kohya file: {conversion.config}"] if converted else [],
@@ -261,7 +261,7 @@ def _read_scalar(header: Any, key: str) -> float:
         return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
     if info.dtype not in formats or len(raw) != struct.calcsize(formats[info.dtype]):
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT, "bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path
+            "bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path
         )
     return float(struct.unpack(formats[info.dtype], raw)[0])
 
@@ -285,27 +285,21 @@ def load_pickle(path: str) -> dict[str, Any]:
         foreign = _pickle_globals(path)
         if not foreign and not isinstance(exc, pickle.UnpicklingError):
             raise AdapterFormatError.of(
-                Cause.CORRUPT_CHECKPOINT,
-                "unreadable_pickle",
+            "unreadable_pickle",
                 f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
-                fix="download or save the adapter again.",
                 adapter=path,
             ) from None
         raise AdapterFormatError.of(
-            Cause.UNSAFE_FORMAT,
             "pickle_payload_refused",
             f"{path}: the pickle asks to run code or build objects that are not tensors; it was refused "
             f"without running ({str(exc).splitlines()[0][:200]})",
-            fix="do not load this file: it is not a plain adapter state dict.",
             adapter=path,
             details={"globals": foreign[:20]},
         ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and hasattr(v, "shape") for k, v in data.items()):
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "not_a_state_dict",
             f"{path}: does not hold a dict of tensors",
-            fix="save the adapter with peft's save_pretrained().",
             adapter=path,
         )
     return data
@@ -379,8 +373,7 @@ def _convert_for_transformers(
         return converted, []
     new = next(k for k in converted if k not in checkpoint)
     return converted, [
-        Diagnosis(
-            Cause.VERSION_SKEW,
+        finding(
             "converted_layout",
             f"{len(changed)} keys were saved in an older transformers layout and are converted by peft on load "
             f"(e.g. {changed[0]!r} -> {new!r})",
@@ -438,10 +431,9 @@ def _rank_relaxed(view: ModelView) -> Any:
     def same(key: str, have: Shape, want: Shape) -> bool:
         if have == want:
             return True
-        role = lora_role(key)
-        if len(have) != len(want) or role not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
+        rank_dim = rank_axis(role_of(key))
+        if len(have) != len(want) or rank_dim is None:
             return False
-        rank_dim = 0 if role.endswith("A") else 1
         return all(a == b for i, (a, b) in enumerate(zip(have, want, strict=False)) if i != rank_dim)
 
     return same
@@ -449,30 +441,29 @@ def _rank_relaxed(view: ModelView) -> Any:
 
 def _remap_refused(plan: RemapPlan, what: str) -> Diagnosis:
     closest = ", ".join(r.name for r in plan.rules) or "none"
-    return Diagnosis(
-        Cause.KEY_FORMAT,
+    return finding(
         "remap_not_exact",
         f"{what} makes every key match exactly, so nothing was renamed; closest: {closest}, "
         f"{plan.remaining} problems left (e.g. {plan.problems[0] if plan.problems else '-'})",
-        fix="see the other causes below; a rename cannot fix them.",
         details={"closest_rules": [r.name for r in plan.rules], "problems": list(plan.problems)},
     )
 
 
-def _with_layout(causes: list[Diagnosis], plan: RemapPlan) -> list[Diagnosis]:
-    """The shape findings of renamed keys, plus the renames they need: one fix naming both opt-ins."""
+def _with_layout(causes: list[Diagnosis], plan: RemapPlan, given: bool) -> list[Diagnosis]:
+    """The shape findings of renamed keys, plus the renames they need: one fix naming both opt-ins. The
+    renames are the caller's own rules (``given``) or built-in ones (then ``remap='auto'`` applies them)."""
     names = ", ".join(r.name for r in plan.rules)
-    layout = Diagnosis(
-        plan.rules[0].cause,
-        plan.rules[0].name,
+    how = "the same remap= rules" if given else f"remap='auto' (applies {names})"
+    layout = finding(
+        "user_remap" if given else plan.rules[0].name,
         f"the keys are also laid out differently: {'; '.join(r.description for r in plan.rules)}",
-        fix=f"pass remap='auto' (applies {names}) together with the fix above.",
-        remap="auto",
+        fix=f"pass {how} together with the fix above.",
+        remap=None if given else "auto",
         details={"rules": [r.name for r in plan.rules], "renamed": len(plan.renames)},
     )
     if causes and causes[0].repair:
         first = causes[0]
-        combined = replace(first, remap="auto", fix=f"{first.fix} The keys also need remap='auto' (applies {names}).")
+        combined = replace(first, remap=layout.remap, fix=f"{first.fix} The keys also need {how}.")
         return [combined, *causes[1:], layout]
     return [*causes, layout]
 

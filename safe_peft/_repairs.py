@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from safe_peft._classify import lora_role, module_of
+from safe_peft._keys import Role, module_of, role_of
 from safe_peft._model_view import ModelView
 
 __all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
@@ -33,19 +33,19 @@ def repair_config(
     new = copy.deepcopy(config)
     done: list[str] = []
     if "targets" in names:
-        modules = sorted({module_of(k) for k in checkpoint if lora_role(k) in {"lora_A", "lora_embedding_A"}})
+        modules = sorted({module_of(k) for k in checkpoint if role_of(k) is Role.A})
         if modules and set(modules) != set(_as_list(new.target_modules)):
             done.append(f"targets: target_modules {_show(new.target_modules)} -> {modules}")
             new.target_modules = modules
         heads = sorted(
-            {m for k in checkpoint if lora_role(k) is None and (m := module_of(k)) in module_names} - set(modules)
+            {m for k in checkpoint if role_of(k) is None and (m := module_of(k)) in module_names} - set(modules)
         )
         if heads and set(heads) != set(_as_list(new.modules_to_save)):
             done.append(f"targets: modules_to_save {_show(new.modules_to_save)} -> {heads}")
             new.modules_to_save = heads
     if "rank" in names:
         ranks = {
-            module_of(k): s[0] for k, s in checkpoint.items() if lora_role(k) in {"lora_A", "lora_embedding_A"} and s
+            module_of(k): s[0] for k, s in checkpoint.items() if role_of(k) is Role.A and s
         }
         if ranks:
             r = Counter(ranks.values()).most_common(1)[0][0]
@@ -53,7 +53,7 @@ def repair_config(
             if r != new.r or pattern != dict(new.rank_pattern or {}):
                 done.append(f"rank: r {new.r} -> {r}, rank_pattern {dict(new.rank_pattern or {})} -> {pattern}")
                 new.r, new.rank_pattern = r, pattern
-    has_magnitudes = any(lora_role(k) == "magnitude" for k in checkpoint)
+    has_magnitudes = any(role_of(k) is Role.MAGNITUDE for k in checkpoint)
     if "dora" in names and not getattr(new, "use_dora", False) and has_magnitudes:
         done.append("dora: use_dora False -> True (the checkpoint holds DoRA magnitude vectors)")
         new.use_dora = True
@@ -67,9 +67,9 @@ def vocab_target(view: ModelView, checkpoint: Mapping[str, Shape]) -> int | None
         if have is None or have == want.shape or len(have) != len(want.shape):
             continue
         layer = view.layers.get(want.module)
-        if want.role == "lora_A" and layer is not None and layer.kind == "embedding":
+        if want.role is Role.A and layer is not None and layer.kind == "embedding":
             return have[1]
-        if want.role in {"embedding_base", "modules_to_save"} and have[1:] == want.shape[1:]:
+        if want.role in (Role.BASE_EMBEDDING, Role.SAVED_MODULE) and have[1:] == want.shape[1:]:
             return have[0]
     return None
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from safe_peft.errors import AdapterFormatError
-from safe_peft.report import Cause
 
 __all__ = ["DTYPE_SIZES", "MAX_HEADER_BYTES", "SafetensorsHeader", "TensorInfo", "read_header", "sniff_format"]
 
@@ -128,7 +127,6 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raw = f.read(length)
     except OSError as exc:
         raise AdapterFormatError.of(
-            Cause.CORRUPT_CHECKPOINT,
             "unreadable_file",
             f"{path}: cannot read the file ({exc.strerror or exc})",
             adapter=path,
@@ -253,10 +251,4 @@ def _fault(
     facts: dict[str, Any] = {"file": path, **(details or {})}
     if tensor is not None:
         facts["tensor"] = tensor
-    fix = {
-        "truncated_file": "download or copy the adapter again; the file is incomplete.",
-        "not_safetensors": "rename it to adapter_model.bin and load with allow_pickle=True if you trust its source.",
-    }.get(code, "save the adapter again with peft's save_pretrained(); this file is malformed.")
-    return AdapterFormatError.of(
-        Cause.CORRUPT_CHECKPOINT, code, f"{path}: {what}", fix=fix, adapter=path, details=facts
-    )
+    return AdapterFormatError.of(code, f"{path}: {what}", adapter=path, details=facts)

@@ -10,7 +10,38 @@ from dataclasses import dataclass
 
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["CONFIG_KEY_SINCE", "KNOWN_CHANGES", "KnownChange", "introduced_in", "is_newer"]
+__all__ = [
+    "CONFIG_KEY_SINCE",
+    "KNOWN_CHANGES",
+    "TASK_CLASS",
+    "TASK_HEADS",
+    "TASK_NEEDS",
+    "KnownChange",
+    "introduced_in",
+    "is_newer",
+]
+
+# peft task_type -> the transformers Auto class a model of that task is loaded with
+TASK_CLASS: dict[str, str] = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+# peft task_type -> the heads its PeftModel class adds to modules_to_save by itself
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+# peft task_type -> what its PeftModel class takes from the base model when it wraps it (peft_model.py: the
+# PeftModelForCausalLM / ForSeq2SeqLM constructors read these attributes, so a model without them cannot be wrapped)
+TASK_NEEDS: dict[str, tuple[str, ...]] = {
+    "CAUSAL_LM": ("prepare_inputs_for_generation",),
+    "SEQ_2_SEQ_LM": ("prepare_inputs_for_generation", "_prepare_encoder_decoder_kwargs_for_generation"),
+}
 
 # LoraConfig keys and the peft releases that accept them (older peft raises TypeError on them or drops them).
 # Exact releases where checked against peft's history; "> 0.17.1" where all that is verified (by this project's

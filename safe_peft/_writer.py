@@ -20,7 +20,7 @@ from safe_peft._adapter_files import SAFETENSORS_NAME
 from safe_peft._plan import LoadPlan, load_pickle, make_plan
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
-from safe_peft.report import Cause, LoadReport
+from safe_peft.report import LoadReport
 
 if TYPE_CHECKING:
     from torch import nn
@@ -160,6 +160,7 @@ def _copy(src: Any, dst: Any, count: int) -> None:
     while count > 0:
         chunk = src.read(min(_CHUNK, count))
         if not chunk:
-            raise AdapterFormatError.of(Cause.CORRUPT_CHECKPOINT, "truncated_file", f"{src.name}: ended early")
+            raise AdapterFormatError.of(
+            "truncated_file", f"{src.name}: ended early")
         dst.write(chunk)
         count -= len(chunk)

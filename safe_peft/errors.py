@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from safe_peft.report import Cause, Diagnosis, LoadReport
+from safe_peft.report import LoadReport
 
 __all__ = ["AdapterFormatError", "AdapterLoadError"]
 
@@ -29,17 +29,19 @@ class AdapterFormatError(AdapterLoadError):
     @classmethod
     def of(
         cls,
-        cause: Cause,
         code: str,
         message: str,
         *,
-        fix: str = "",
+        fix: str | None = None,
         adapter: str = "",
         details: dict[str, Any] | None = None,
-        repair: tuple[str, ...] = (),
+        **fill: Any,
     ) -> AdapterFormatError:
-        """Build the error for a single finding about a file."""
-        diagnosis = Diagnosis(cause=cause, code=code, message=message, fix=fix, details=details or {}, repair=repair)
+        """The error for a single finding about a file: cause, fix and opt-in come from the catalog entry of
+        ``code`` (``fix`` overrides; ``fill`` fills the entry's fix template)."""
+        from safe_peft._catalog import finding
+
+        diagnosis = finding(code, message, fix=fix, details=details, **fill)
         return cls(LoadReport(ok=False, causes=[diagnosis], adapter=adapter))
 
     @property

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from safe_peft._catalog import CATALOG, layout_entry, register
 from safe_peft._compare import shape_fits
+from safe_peft._keys import adapter_parts_pattern
 from safe_peft._model_view import ExpectedKey
 from safe_peft.report import Cause
 
@@ -64,7 +66,6 @@ class RemapRule:
         return self.regex.sub(self.replacement, key)
 
 
-_ADAPTER_PARTS = r"(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
 
 BUILTIN: tuple[RemapRule, ...] = (
     RemapRule("strip_orig_mod", r"(^|\.)_orig_mod\.", r"\1", "drop the `_orig_mod.` segment torch.compile adds"),
@@ -80,7 +81,7 @@ BUILTIN: tuple[RemapRule, ...] = (
     ),
     RemapRule(
         "adapter_name_out",
-        _ADAPTER_PARTS + r"\.[A-Za-z0-9_\-]+(\.weight|\.bias)?$",
+        adapter_parts_pattern() + r"\.[A-Za-z0-9_\-]+(\.weight|\.bias)?$",
         r"\1\2",
         "remove an adapter name saved inside the keys (`lora_A.default.weight` -> `lora_A.weight`)",
     ),
@@ -138,6 +139,13 @@ BUILTIN: tuple[RemapRule, ...] = (
 )
 
 
+def _register_layout_codes() -> None:
+    """Each built-in rule's name is a finding code (the keys need that rename): one catalog entry per rule."""
+    for rule in (*BUILTIN, *model_rules("model")):
+        if rule.name not in CATALOG:
+            register(layout_entry(rule.name, rule.cause))
+
+
 def model_rules(base_model_prefix: str) -> tuple[RemapRule, ...]:
     """Task-head shift rules derived from the model's own ``base_model_prefix`` (model, transformer, bert...)."""
     if not base_model_prefix or not re.fullmatch(r"[A-Za-z0-9_]+", base_model_prefix):
@@ -159,6 +167,9 @@ def model_rules(base_model_prefix: str) -> tuple[RemapRule, ...]:
             cause=Cause.MODEL_CLASS_MISMATCH,
         ),
     )
+
+
+_register_layout_codes()
 
 
 def to_rules(remap: object) -> tuple[RemapRule, ...]:

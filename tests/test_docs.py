@@ -9,23 +9,24 @@ import re
 import pytest
 
 from safe_peft import Cause
-from safe_peft.rules import BUILTIN, model_rules
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-def _emitted_codes() -> set[tuple[str, str]]:
-    found = set()
-    for path in glob.glob(os.path.join(ROOT, "safe_peft", "*.py")):
-        with open(path) as f:
-            text = f.read()
-        for match in re.finditer(r"Cause\.([A-Z_]+),\s*\n?\s*\"([a-z0-9_]+)\"", text):
-            found.add((match.group(1).lower(), match.group(2)))
-        if path.endswith("safetensors_header.py"):
-            for match in re.finditer(r"_fault\(\s*path,\s*\"([a-z_]+)\"", text):
-                found.add(("corrupt_checkpoint", match.group(1)))
-    for rule in BUILTIN + model_rules("model"):
-        found.add((rule.cause.value, rule.name))
+def _catalog() -> dict[str, str]:
+    """code -> cause page, for every finding the library can report (built-in rename rules included)."""
+    import safe_peft.rules  # noqa: F401 - registers the rename rules' codes
+    from safe_peft._catalog import CATALOG
+
+    return {code: entry.cause.value for code, entry in CATALOG.items()}
+
+
+def _sections() -> dict[str, set[str]]:
+    """cause page -> the codes it has a ``### `code``` section for."""
+    found = {}
+    for cause in Cause:
+        with open(os.path.join(ROOT, "docs", "causes", f"{cause.value}.md")) as f:
+            found[cause.value] = set(re.findall(r"^### `([A-Za-z0-9_]+)`", f.read(), re.M))
     return found
 
 
@@ -35,13 +36,28 @@ def test_every_cause_has_a_page(cause: Cause) -> None:
 
 
 def test_every_code_is_documented_under_its_cause() -> None:
-    missing = []
-    for cause, code in sorted(_emitted_codes()):
-        with open(os.path.join(ROOT, "docs", "causes", f"{cause}.md")) as f:
-            if f"### `{code}`" not in f.read():
-                missing.append(f"{cause}/{code}")
+    sections = _sections()
+    missing = [f"{cause}/{code}" for code, cause in sorted(_catalog().items()) if code not in sections[cause]]
     assert not missing, missing
-    assert len(_emitted_codes()) > 50
+    assert len(_catalog()) > 60
+
+
+def test_no_section_documents_a_code_the_catalog_lacks() -> None:
+    catalog = _catalog()
+    stale = [f"{cause}/{code}" for cause, codes in _sections().items() for code in codes if catalog.get(code) != cause]
+    assert not stale, stale
+
+
+def test_every_finding_the_code_builds_is_in_the_catalog() -> None:
+    """Findings are built only through the catalog: no module constructs a Diagnosis by hand."""
+    offenders = []
+    for path in glob.glob(os.path.join(ROOT, "safe_peft", "*.py")):
+        if path.endswith(("_catalog.py", "report.py")):
+            continue
+        with open(path) as f:
+            if re.search(r"\bDiagnosis\(", f.read()):
+                offenders.append(os.path.basename(path))
+    assert not offenders, offenders
 
 
 def _python_examples() -> dict[str, list[str]]:

@@ -1,0 +1,232 @@
+"""The catalog of findings: every code safe_peft can report, with its cause, rank, fatality, fix and opt-in.
+
+A finding is built from its entry (:func:`finding`), so the cause, the fix text and the opt-in that fixes it are
+written once, here. Classification ranks findings by :attr:`Entry.rank`; lenient loading (``strict=False``) stops
+only at :attr:`Entry.fatal` ones; the docs have a section per code under its cause's page, and their test
+iterates this catalog. Adding a cause: one entry here and one detector (see ``_classify.DETECTORS``).
+
+Ranks: 0 the data cannot be read or is not a PEFT adapter; 1 the model or the layout is the problem (wrong class,
+wrong wrapper, keys laid out differently); 2 shapes and keys the model does not take; 3 keys the checkpoint lacks;
+9 nothing known explains it. Within a rank, the finding that explains more keys comes first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from safe_peft.report import Cause, Diagnosis
+
+__all__ = ["CATALOG", "Entry", "entry", "finding", "register"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One finding code. ``fix`` is a ``str.format`` template over the finding's details."""
+
+    code: str
+    cause: Cause
+    rank: int
+    fatal: bool = False
+    fix: str = ""
+    remap: str | None = None
+    repair: tuple[str, ...] = ()
+    warning: bool = False  # reported in LoadReport.warnings, never a cause
+
+
+_C = Cause
+_REINSTALL = "save the adapter again with save_pretrained(), or restore adapter_config.json from its source."
+_SAVE_AGAIN = "save the adapter again with peft's save_pretrained(); this file is malformed."
+_TRAINED_BASE = "load the adapter into the base model it was trained on (base_model_name_or_path={base!r})."
+
+_ENTRIES: tuple[Entry, ...] = (
+    # -- files: where the adapter is and whether it can be read (rank 0, fatal) ---------------------------------
+    Entry("not_found", _C.CORRUPT_CHECKPOINT, 0, True, "check the path or the repository id (and network access, "
+          "revision and token)."),
+    Entry("unreadable_path", _C.CORRUPT_CHECKPOINT, 0, True, "check the path: it may be a broken symbolic link, "
+          "a link loop or not readable by this user."),
+    Entry("not_a_directory", _C.CORRUPT_CHECKPOINT, 0, True, "pass the directory instead: {parent!r}."),
+    Entry("subfolder_escapes", _C.CORRUPT_CHECKPOINT, 0, True, "pass a subfolder inside the adapter directory, or "
+          "the other directory itself as model_id."),
+    Entry("missing_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "check the subfolder name; {hint}"),
+    Entry("missing_config", _C.CORRUPT_CHECKPOINT, 0, True, "{hint}"),
+    Entry("missing_weights", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again with save_pretrained(), or "
+          "copy its weights file into the directory."),
+    Entry("pickle_refused", _C.UNSAFE_FORMAT, 0, True, "if you trust its source, pass allow_pickle=True (it is then "
+          "read with torch.load(weights_only=True), which runs no code), or convert it once with `safe-peft fix` "
+          "to adapter_model.safetensors."),
+    Entry("pickle_payload_refused", _C.UNSAFE_FORMAT, 0, True, "do not load this file: it is not a plain adapter "
+          "state dict."),
+    Entry("stray_code_files", _C.UNSAFE_FORMAT, 0, False, "delete them unless you know what they are; they are not "
+          "part of a PEFT adapter.", warning=True),
+    Entry("unreadable_pickle", _C.CORRUPT_CHECKPOINT, 0, True, "download or save the adapter again."),
+    Entry("not_a_state_dict", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter with peft's save_pretrained()."),
+    # -- adapter_config.json ---------------------------------------------------------------------------------------
+    Entry("unreadable_config", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
+    Entry("bad_config_json", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
+    Entry("config_missing_peft_type", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
+    Entry("invalid_config", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
+    Entry("model_config_as_adapter_config", _C.FOREIGN_FORMAT, 0, True, "use the adapter_config.json that peft's "
+          "save_pretrained() wrote next to the adapter weights."),
+    Entry("runtime_config_ignored", _C.VERSION_SKEW, 0, False, warning=True),
+    Entry("unknown_peft_type", _C.VERSION_SKEW, 0, True, "upgrade peft to the version that saved the adapter "
+          "(peft_version={peft_version!r} in the config)."),
+    Entry("legacy_merged_linear", _C.VERSION_SKEW, 0, True, "pass repair=('legacy',) to convert it to plain LoRA "
+          "(block-diagonal lora_B, r and lora_alpha scaled together so the scaling is unchanged).",
+          repair=("legacy",)),
+    Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
+    Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
+    Entry("newer_peft_version", _C.VERSION_SKEW, 0, False, "if the load misbehaves, upgrade peft to {peft_version} "
+          "or later.", warning=True),
+    # -- safetensors header ----------------------------------------------------------------------------------------
+    Entry("truncated_file", _C.CORRUPT_CHECKPOINT, 0, True, "download or copy the adapter again; the file is "
+          "incomplete."),
+    Entry("not_safetensors", _C.CORRUPT_CHECKPOINT, 0, True, "rename it to adapter_model.bin and load with "
+          "allow_pickle=True if you trust its source."),
+    *(
+        Entry(code, _C.CORRUPT_CHECKPOINT, 0, True, _SAVE_AGAIN)
+        for code in (
+            "header_too_large",
+            "bad_json",
+            "duplicate_header_key",
+            "bad_metadata",
+            "bad_entry",
+            "bad_dtype",
+            "bad_shape",
+            "bad_offsets",
+            "trailing_bytes",
+            "unreadable_file",
+        )
+    ),
+    # -- formats that are not a PEFT adapter (rank 0) --------------------------------------------------------------
+    Entry("kohya", _C.FOREIGN_FORMAT, 0, True, "{advice}"),
+    *(
+        Entry(code, _C.FOREIGN_FORMAT, 0, True, "load it with the tool that wrote it (diffusers' load_lora_weights "
+              "for image models), or convert it to PEFT's layout first.")
+        for code in ("lycoris", "diffusers")
+    ),
+    Entry("merged_checkpoint", _C.FOREIGN_FORMAT, 0, True, "load it as a model with from_pretrained(); it needs no "
+          "adapter loading."),
+    Entry("zero3_empty_tensors", _C.CORRUPT_CHECKPOINT, 0, True, "save again with the parameters gathered "
+          "(DeepSpeed: zero3 gathered 16-bit weights / GatheredParameters; FSDP: FULL_STATE_DICT), or with "
+          "accelerator.get_state_dict(model)."),
+    Entry("unpaired_lora", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again; a partial file cannot be "
+          "loaded correctly."),
+    # -- the model, its class, its wrapper (rank 1) ----------------------------------------------------------------
+    Entry("target_modules_not_found", _C.WRONG_BASE_MODEL, 1, True, "load the adapter into the base model it was "
+          "trained on (see base_model_name_or_path in adapter_config.json)."),
+    Entry("injection_rejected", _C.CONFIG_MISMATCH, 1, False, "check target_modules and the layer types they name "
+          "against the base model."),
+    Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
+          "(...) and pass that model."),
+    Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),
+    Entry("remap_not_exact", _C.KEY_FORMAT, 1, False, "see the other causes below; a rename cannot fix them."),
+    Entry("user_remap", _C.KEY_FORMAT, 1, False, "pass the same remap= rules together with the fix above."),
+    # -- shapes and keys (ranks 2, 3) ------------------------------------------------------------------------------
+    Entry("rank_mismatch", _C.CONFIG_MISMATCH, 2, True, "pass repair=('rank',) to rebuild r / rank_pattern from the "
+          "weights' shapes (lora_alpha is kept), or restore the adapter_config.json that was saved with these "
+          "weights.", repair=("rank",)),
+    Entry("resized_embeddings", _C.VOCAB_SIZE_MISMATCH, 2, True, "call model.resize_token_embeddings({vocab}) before "
+          "loading (with the tokenizer the adapter was trained with), or pass repair=('vocab',) to do it as part of "
+          "the load.", repair=("vocab",)),
+    Entry("dimension_mismatch", _C.WRONG_BASE_MODEL, 2, True, _TRAINED_BASE[:-1] + "; no rename or repair can make "
+          "these weights fit."),
+    Entry("dora_flag", _C.CONFIG_MISMATCH, 2, False, "pass repair=('dora',) to set use_dora=true, or set it in "
+          "adapter_config.json.", repair=("dora",)),
+    Entry("lora_bias_flag", _C.CONFIG_MISMATCH, 2, False, "set lora_bias=true in adapter_config.json."),
+    Entry("fewer_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
+    Entry("more_layers", _C.WRONG_BASE_MODEL, 2, True, _TRAINED_BASE),
+    Entry("untargeted_modules", _C.CONFIG_MISMATCH, 2, False, "add them to target_modules in adapter_config.json (or "
+          "pass repair=('targets',)).", repair=("targets",)),
+    Entry("unknown_modules", _C.WRONG_BASE_MODEL, 2, True, "check that the base model is the one the adapter was "
+          "trained on (base_model_name_or_path={base!r})."),
+    Entry("missing_modules_to_save", _C.CONFIG_MISMATCH, 3, False, "remove them from modules_to_save if they were "
+          "never trained, or save the adapter again."),
+    Entry("incomplete_checkpoint", _C.CORRUPT_CHECKPOINT, 3, True, "save the adapter again; the file is incomplete."),
+    Entry("targets_without_weights", _C.CONFIG_MISMATCH, 3, False, "make target_modules match the weights "
+          "(repair=('targets',)), or save the adapter again.", repair=("targets",)),
+    Entry("unexplained", _C.UNKNOWN, 9, False, "compare base_model_name_or_path in adapter_config.json with the model "
+          "you load."),
+    # -- after loading (the loader's verification) -----------------------------------------------------------------
+    Entry("left_on_meta", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again; it lacks these tensors."),
+    Entry("non_finite_values", _C.CORRUPT_CHECKPOINT, 0, True, "use an earlier checkpoint of the adapter, or train "
+          "again with a lower learning rate."),
+    Entry("all_zero_lora_B", _C.CORRUPT_CHECKPOINT, 0, False, "check that the adapter was saved after training.",
+          warning=True),
+    Entry("verification_failed", _C.UNKNOWN, 9, True, "report this to safe_peft with the adapter's config; the "
+          "pre-check missed it."),
+    Entry("load_failed", _C.UNKNOWN, 9, True, "see the causes above; the base model was restored."),
+    # -- state dicts given to the wrong loader ---------------------------------------------------------------------
+    Entry("adapter_into_base_model", _C.WRONG_LOADER, 0, True, "use safe_load_adapter(base_model, adapter_dir) (or "
+          "PeftModel.from_pretrained) with the directory peft saved, not model.load_state_dict(...)."),
+    Entry("base_weights_into_peft_model", _C.WRONG_LOADER, 0, True, "load base weights into the base model before "
+          "wrapping it (or use peft_model.get_base_model().load_state_dict(...)); load adapters with "
+          "safe_load_adapter."),
+)
+
+CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
+
+
+def register(new: Entry) -> Entry:
+    """Add an entry (a new cause); codes are unique."""
+    if new.code in CATALOG:
+        raise ValueError(f"finding code {new.code!r} is already in the catalog")
+    CATALOG[new.code] = new
+    return new
+
+
+def layout_entry(rule_name: str, cause: Cause) -> Entry:
+    """The entry of a built-in rename rule: its name is the code of the finding "the keys need this rename"."""
+    return Entry(rule_name, cause, 1, False, "pass remap='auto' (applies {rules}); every key then matches exactly.",
+                 remap="auto")
+
+
+def entry(code: str) -> Entry:
+    """The entry of ``code`` (built-in rename rules register theirs when :mod:`safe_peft.rules` is imported)."""
+    found = CATALOG.get(code)
+    if found is None:
+        raise KeyError(f"finding code {code!r} is not in the catalog")
+    return found
+
+
+def finding(
+    code: str,
+    message: str,
+    *,
+    fix: str | None = None,
+    details: Mapping[str, Any] | None = None,
+    remap: str | None = None,
+    repair: tuple[str, ...] | None = None,
+    **fill: Any,
+) -> Diagnosis:
+    """The :class:`Diagnosis` of ``code``: cause, opt-in and fix from the catalog (the fix template is filled with
+    ``fill`` and ``details``); ``fix`` / ``remap`` / ``repair`` override the entry where a finding knows better."""
+    e = entry(code)
+    facts = dict(details or {})
+    text = fix if fix is not None else e.fix.format(**{**facts, **fill}) if e.fix else ""
+    return Diagnosis(
+        cause=e.cause,
+        code=code,
+        message=message,
+        fix=text,
+        remap=e.remap if remap is None else remap,
+        repair=e.repair if repair is None else repair,
+        details=facts,
+    )
+
+
+def rank(diagnosis: Diagnosis) -> int:
+    """Where a finding sorts (lower first)."""
+    try:
+        return entry(diagnosis.code).rank
+    except KeyError:
+        return 9
+
+
+def fatal(diagnosis: Diagnosis) -> bool:
+    """Whether even lenient loading (``strict=False``) cannot get past this finding."""
+    try:
+        return entry(diagnosis.code).fatal
+    except KeyError:
+        return True

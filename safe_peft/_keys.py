@@ -1,0 +1,191 @@
+"""The grammar of adapter keys: the one place that says what a checkpoint key names.
+
+A key of a saved PEFT adapter is ``base_model.model.<module>.<part>[.<param>]``:
+
+* ``base_model.model.`` is peft's prefix (:data:`PEFT_PREFIX`);
+* ``<module>`` is the path of the base layer the adapter sits on (``model.layers.0.self_attn.q_proj``);
+* ``<part>`` is a tensor or submodule of the tuner layer, named with its method's prefix (``lora_A``,
+  ``lora_embedding_B``, ``hada_w1_a``, ``ia3_l``, ...);
+* ``<param>`` is ``weight`` / ``bias`` when the part is a submodule.
+
+Inside the model, the adapter name follows the part (``lora_A.default.weight``); saved files leave it out.
+The LoRA parts are listed here (:class:`Role`, with their rank axis); the prefixes of every other method come from
+the installed peft's own tuner table, so a new peft method needs no edit here.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+from typing import Any
+
+__all__ = [
+    "ANY",
+    "PEFT_PREFIX",
+    "PROMPT_KEY",
+    "Role",
+    "adapter_parts_pattern",
+    "adapter_prefixes",
+    "base_tensor_name",
+    "is_adapter_key",
+    "is_embedding_part",
+    "is_method_key",
+    "lora_key",
+    "module_of",
+    "rank_axis",
+    "role_of",
+    "strip_prefix",
+    "without_adapter_name",
+]
+
+PEFT_PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"  # the one tensor prompt-learning methods save
+ANY = -1  # an expected dimension that depends on the base weights' values (unknown on a meta-device model)
+
+
+class Role(str, enum.Enum):
+    """What a key holds. LoRA's own tensors have their own roles; the rest are told apart by where they sit."""
+
+    A = "lora_A"  # the down projection, [rank, in] (an embedding's: [rank, vocab])
+    B = "lora_B"  # the up projection, [out, rank]
+    BIAS = "lora_bias"  # lora_B's bias (lora_bias=True), [out]
+    MAGNITUDE = "magnitude"  # DoRA's magnitude vector, [out]
+    SAVED_MODULE = "modules_to_save"  # a whole module trained and saved (a task head)
+    BASE_EMBEDDING = "embedding_base"  # base embedding weights peft saves beside an embedding adapter
+    OTHER = "other"  # another method's tensor, or a plain weight
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# LoRA part -> (role, whether the part is a parameter of its own rather than a submodule with .weight)
+_LORA_PARTS: dict[str, tuple[Role, bool]] = {
+    "lora_A": (Role.A, False),
+    "lora_B": (Role.B, False),
+    "lora_embedding_A": (Role.A, True),
+    "lora_embedding_B": (Role.B, True),
+    "lora_magnitude_vector": (Role.MAGNITUDE, True),
+}
+_EMBEDDING_PARTS = frozenset({"lora_embedding_A", "lora_embedding_B"})
+
+
+def strip_prefix(key: str) -> str:
+    """``base_model.model.x.y`` -> ``x.y`` (keys without the prefix are returned unchanged)."""
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(module path with prefix, LoRA part, parameter) of a LoRA key, or None."""
+    head, _, last = key.rpartition(".")
+    if last in _LORA_PARTS and _LORA_PARTS[last][1]:
+        return head, last, ""
+    stem, _, part = head.rpartition(".")
+    if part in _LORA_PARTS and not _LORA_PARTS[part][1] and last in ("weight", "bias"):
+        return stem, part, last
+    return None
+
+
+def role_of(key: str) -> Role | None:
+    """The LoRA tensor a key holds (``Role.A``, ``Role.B``, ...), or None for any other key."""
+    parts = _split(key)
+    if parts is None:
+        return None
+    _, part, param = parts
+    if param == "bias":
+        return Role.BIAS if part == "lora_B" else None
+    return _LORA_PARTS[part][0]
+
+
+def is_embedding_part(key: str) -> bool:
+    """A LoRA key of an embedding layer (``lora_embedding_A`` / ``lora_embedding_B``)."""
+    parts = _split(key)
+    return parts is not None and parts[1] in _EMBEDDING_PARTS
+
+
+def rank_axis(role: Role | None) -> int | None:
+    """The dimension that holds the rank: 0 for ``lora_A``, 1 for ``lora_B``; None for other tensors."""
+    return {Role.A: 0, Role.B: 1}.get(role) if role is not None else None
+
+
+def module_of(key: str) -> str:
+    """The module path a key belongs to, without peft's prefix and the adapter part (or the parameter name)."""
+    path = strip_prefix(key)
+    parts = _split(path)
+    if parts is not None:
+        return parts[0]
+    segments = path.split(".")
+    prefixes = adapter_prefixes()
+    for i, segment in enumerate(segments):
+        if i and segment.startswith(prefixes):
+            return ".".join(segments[:i])
+    return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def base_tensor_name(key: str) -> str:
+    """The base model's own name for a checkpoint key of a base tensor (prefix and ``base_layer.`` removed)."""
+    return strip_prefix(key).replace(".base_layer.", ".")
+
+
+def lora_key(module: str, part: str, param: str = "weight") -> str:
+    """The checkpoint key of a LoRA tensor: ``lora_key("m.q", "lora_A")`` -> ``base_model.model.m.q.lora_A.weight``."""
+    own = _LORA_PARTS[part][1]
+    return f"{PEFT_PREFIX}{module}.{part}" if own else f"{PEFT_PREFIX}{module}.{part}.{param}"
+
+
+def without_adapter_name(key: str) -> str:
+    """A model key with peft's adapter-name infix dropped (whatever the name): ``...lora_A.default.weight`` ->
+    ``...lora_A.weight``, ``...lora_embedding_A.default`` -> ``...lora_embedding_A``."""
+    head, _, last = key.rpartition(".")
+    if last in ("weight", "bias"):
+        stem, _, _name = head.rpartition(".")
+        if stem.rpartition(".")[2] in _LORA_PARTS:
+            return f"{stem}.{last}"
+    elif head.rpartition(".")[2] in _LORA_PARTS:
+        return head
+    return key
+
+
+def adapter_parts_pattern() -> str:
+    """A regex group matching any LoRA part name (for rename rules)."""
+    return "(" + "|".join(sorted(_LORA_PARTS, key=len, reverse=True)) + ")"
+
+
+def _prefix_table() -> dict[str, str]:
+    """peft type -> tensor-name prefix, from the installed peft's own table. Read only once peft is imported (by
+    whatever needs it: a load, a diagnosis): reading a message or a header alone never imports torch; until then
+    the grammar knows LoRA's names, which it spells out itself."""
+    if "peft" not in sys.modules:
+        return {"LORA": "lora_"}
+    return _peft_prefix_table()
+
+
+@functools.lru_cache(maxsize=1)
+def _peft_prefix_table() -> dict[str, str]:
+    try:
+        from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    except ImportError:
+        return {"LORA": "lora_"}
+    mapping: dict[Any, Any] = dict(PEFT_TYPE_TO_PREFIX_MAPPING)
+    return {str(k).rsplit(".", 1)[-1]: str(v) for k, v in mapping.items() if v}
+
+
+def adapter_prefixes() -> tuple[str, ...]:
+    """The tensor-name prefixes of every PEFT method the installed peft knows (``lora_``, ``hada_``, ...)."""
+    return tuple(sorted(set(_prefix_table().values())))
+
+
+def is_method_key(key: str, peft_type: str) -> bool:
+    """Whether ``key`` holds a tensor of the PEFT method ``peft_type`` (``LOHA`` keys are ``hada_*``)."""
+    prefix = _prefix_table().get(str(peft_type).rsplit(".", 1)[-1].upper())
+    return prefix is not None and any(s.startswith(prefix) for s in strip_prefix(key).split(".")[1:])
+
+
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a key holds a PEFT method's own tensor (any method the installed peft knows), not a base weight."""
+    if role_of(key) is not None or key.endswith(PROMPT_KEY):
+        return True
+    prefixes = adapter_prefixes()
+    return any(segment.startswith(prefixes) for segment in strip_prefix(key).split(".")[1:])
