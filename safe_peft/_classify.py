@@ -93,6 +93,11 @@ def classify(ev: Evidence) -> list[Diagnosis]:
     if ev.view.error is not None:
         add(1, len(ev.checkpoint), ev.view.error)
     explained: set[str] = set()
+    from safe_peft._shards import shard_findings  # hook: one rank's shards saved as the whole adapter
+
+    for weight, d, keys in shard_findings(ev.diff.size_mismatches):
+        add(0, weight, d)
+        explained |= keys
     if (ev.plan is not None and ev.plan.renames) or (ev.plan is not None and ev.plan.dropped):
         found = _layout(ev)
         if found is not None:
@@ -100,7 +105,7 @@ def classify(ev: Evidence) -> list[Diagnosis]:
             explained |= keys
             add(1, weight, d)
     if not ev.diff.ok:
-        for weight, d in _shapes(ev):
+        for weight, d in _shapes(ev, explained):
             add(2, weight, d)
         for weight, d in _unexpected(ev, explained):
             add(2, weight, d)
@@ -280,9 +285,11 @@ def _axis(key: str, dim: int) -> str:
     return "rows" if dim == 0 else "columns"
 
 
-def _shapes(ev: Evidence) -> list[tuple[int, Diagnosis]]:
+def _shapes(ev: Evidence, explained: set[str] | None = None) -> list[tuple[int, Diagnosis]]:
     rank_keys, vocab_keys, other = [], [], []
     for mm in ev.diff.size_mismatches:
+        if explained and mm.key in explained:
+            continue
         if len(mm.checkpoint_shape) != len(mm.model_shape):
             other.append((mm, "ndim"))
             continue
