@@ -63,7 +63,7 @@ def merge_rank_shards(
             source,
             Diagnosis(Cause.CORRUPT_CHECKPOINT, "shards_incomplete", f"the files of ranks {gaps} are missing"),
         )
-    configs = [_json(f.config_path) for f in files]
+    configs = [_unordered(_json(f.config_path)) for f in files]
     if any(c != configs[0] for c in configs[1:]):
         other = next(f.rank for f, c in zip(files, configs, strict=False) if c != configs[0])
         raise _refusal(
@@ -155,6 +155,15 @@ def _equal(a: Any, b: Any) -> bool:
     import torch
 
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def _unordered(value: Any) -> Any:
+    """JSON with every list sorted: peft writes sets (target_modules) in a per-process order."""
+    if isinstance(value, dict):
+        return {k: _unordered(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return sorted((_unordered(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    return value
 
 
 def _json(path: str) -> Any:

@@ -241,6 +241,8 @@ def sharding_findings(
         reasons.append("trainable_token_indices edits rows of the sharded embeddings")
     if "vocab" in repair:
         reasons.append("repair=('vocab',) would resize sharded embeddings")
+    if getattr(config, "use_dora", False):
+        reasons.append("DoRA computes its magnitude from the full base weight when peft injects it")
     targets = sorted({e.module for e in expected.values() if e.role not in {"modules_to_save", "embedding_base"}})
     for module in targets:
         layer = sharding.layers.get(module)
@@ -277,8 +279,6 @@ def sharding_findings(
 def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool) -> str:
     if not is_lora:
         return "only LoRA adapters are placed on tensor-parallel layers"
-    if getattr(config, "use_dora", False):
-        return "DoRA's magnitude needs the full base weight; it is not placed on tensor-parallel layers"
     if layer.engine == "tp" and layer.style not in {"colwise", "rowwise"}:
         return f"the layer's tensor-parallel style ({layer.style or 'unknown'}) is not one safe_peft places"
     if layer.engine == "tp_transformers":
@@ -342,6 +342,8 @@ def place(model: nn.Module, sharding: Sharding, adapter_name: str) -> list[str]:
             _place_fsdp(module, layer)
         elif layer.engine == "tp":
             _place_tp(module, layer, adapter_name)
+        elif layer.engine == "tp_transformers":
+            _logical_features(module, layer, adapter_name)
         if not _placed(module, layer, adapter_name):
             unplaced.append(path)
     return unplaced
@@ -378,7 +380,21 @@ def _place_tp(module: Any, layer: LayerSharding, adapter_name: str) -> None:
     if _is_dtensor(target.weight):
         return
     mesh = module.get_base_layer().weight.device_mesh
-    parallelize_module(target, mesh, copy.copy(layer.parallel_style))
+    parallelize_module(target, mesh, copy.copy(layer.parallel_style), src_data_rank=None)  # local slices only
+
+
+def _logical_features(module: Any, layer: LayerSharding, adapter_name: str) -> None:
+    """peft (0.21) builds the sharded LoRA half of a tp_plan layer with this rank's local size in
+    ``in_features`` / ``out_features``, while transformers' styles read them as the full sizes when they
+    wrap a local input or output (training only: inference takes a local fast path), and then fail with
+    ``shape '[12, 16]' is invalid``. Set them to the DTensor weight's logical sizes, as the base layer has."""
+    half = {"colwise": "lora_B", "rowwise": "lora_A"}.get(layer.style)
+    parts = getattr(module, half, None) if half else None
+    if parts is None or adapter_name not in parts or not _is_dtensor(parts[adapter_name].weight):
+        return
+    target = parts[adapter_name]
+    out_features, in_features = (int(d) for d in target.weight.shape)
+    target.in_features, target.out_features = in_features, out_features
 
 
 def _placed(module: Any, layer: LayerSharding, adapter_name: str) -> bool:
