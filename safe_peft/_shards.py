@@ -178,8 +178,7 @@ def distributed_save_error(directory: str, location: str) -> AdapterFormatError 
             Cause.CORRUPT_CHECKPOINT,
             "per_rank_shards",
             f"{directory}: holds one adapter file per rank ({len(files)} files, ranks {_span(ranks)}), a per-rank "
-            "save of a sharded adapter, not one adapter"
-            + (f"; ranks {_span(gaps)} are missing" if gaps else ""),
+            "save of a sharded adapter, not one adapter" + (f"; ranks {_span(gaps)} are missing" if gaps else ""),
             fix=(
                 f"merge them into one adapter: {_MERGE.format(dir=directory)}"
                 if not gaps

@@ -9,6 +9,7 @@ the test asserts on those files. A check that raises is recorded as an error, so
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -24,12 +25,14 @@ import torch.distributed as dist
 from torch import nn
 
 DATA, OUT = sys.argv[1], sys.argv[2]
+faulthandler.dump_traceback_later(240, exit=True)  # a hang shows every rank's stack, then ends the launch
 dist.init_process_group("gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 
+from helpers import build  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
@@ -40,6 +43,7 @@ MESH = init_device_mesh("cpu", (WORLD,))
 REF = torch.load(os.path.join(DATA, "ref.pt"), weights_only=True)
 INPUT = REF["input"]
 results: dict[str, Any] = {}
+SILENT_TIMEOUT = float(REF["silent_timeout"])
 
 
 def adapter(name: str) -> str:
@@ -47,7 +51,8 @@ def adapter(name: str) -> str:
 
 
 def base() -> nn.Module:
-    return LlamaForCausalLM.from_pretrained(os.path.join(DATA, "base")).eval()
+    """The tiny Llama the test saved in DATA/base: same builder, same seed, same weights (faster than loading)."""
+    return build("causal", **REF["model"])
 
 
 def fsdp() -> nn.Module:
@@ -287,6 +292,7 @@ def fsdp_extras() -> None:
     @check("fsdp/peak_memory")
     def _() -> dict[str, Any]:
         """Peak resident memory added by the load, against this rank's shard of the base and the adapter."""
+        torch.manual_seed(0)
         big = LlamaForCausalLM(_big_config())
         for layer in big.model.layers:
             fully_shard(layer, mesh=MESH)
@@ -337,9 +343,9 @@ def silent_rank() -> None:
     @check("silent_rank")
     def _() -> dict[str, Any]:
         if RANK == WORLD - 1:
-            time.sleep(4.0)
+            time.sleep(SILENT_TIMEOUT + 1.0)
             return {"skipped": True}
-        return refused(fsdp, adapter("good"), collective_timeout=1.5)
+        return refused(fsdp, adapter("good"), collective_timeout=SILENT_TIMEOUT)
 
 
 available = {"fsdp": True, "tp": True, "tp_plan": bool(REF["tp_plan_supported"])}
