@@ -243,7 +243,10 @@ def sharding_findings(
         reasons.append("repair=('vocab',) would resize sharded embeddings")
     if getattr(config, "use_dora", False):
         reasons.append("DoRA computes its magnitude from the full base weight when peft injects it")
-    targets = sorted({e.module for e in expected.values() if e.role not in {"modules_to_save", "embedding_base"}})
+    owners = {name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    targets = sorted(
+        {_owner(k, owners) for k, e in expected.items() if e.role not in {"modules_to_save", "embedding_base"}} - {""}
+    )
     for module in targets:
         layer = sharding.layers.get(module)
         if layer is None:
@@ -274,6 +277,16 @@ def sharding_findings(
             details={"engines": engines, "reasons": reasons[:20]},
         )
     ]
+
+
+def _owner(key: str, owners: set[str]) -> str:
+    """The base module an adapter key belongs to: the longest prefix of its path that owns parameters."""
+    parts = (key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key).split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in owners:
+            return candidate
+    return ""
 
 
 def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool) -> str:

@@ -89,7 +89,7 @@ def shard_findings(mismatches: Iterable[Any]) -> list[tuple[int, Diagnosis, set[
     example = next(iter(cut))
     dims = sorted(set(cut.values()))
     details = {"world_size": world, "keys": len(cut), "dims": dims, "example": example}
-    if by_role <= {("A", 0), ("B", 0), (None, 0)} and ("B", 0) in by_role:
+    if by_role <= {("A", 0), ("B", 0), (None, 0)} and {("A", 0), ("B", 0)} <= by_role:  # FSDP cuts dim 0 of all
         return [(len(cut), _fsdp(world, len(cut), example, details), keys)]
     if by_role <= {("A", 1), ("B", 0)} and all(len(h) == 1 for h in halves.values()):
         return [(len(cut), _tensor_parallel(world, len(cut), example, details), keys)]

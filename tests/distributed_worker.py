@@ -255,6 +255,16 @@ def fsdp_extras() -> None:
         expected = REF[f"trained_fsdp_{WORLD}"]
         return {"max_diff_vs_single_process": max(diff(weights[k], expected[k]) for k in expected)}
 
+    @check("fsdp/other_layers")
+    def _() -> dict[str, Any]:
+        """Beyond LoRA on linear layers: LoRA on the embeddings, and IA3 (whose view peft computes by injection)."""
+        found = {}
+        for name in ("embedding", "ia3"):
+            loaded = safe_load_adapter(fsdp(), adapter(name), is_trainable=True)
+            kinds = sorted({type(p).__name__ for p in loaded.parameters() if p.requires_grad})
+            found[name] = {"max_diff": diff(logits(loaded), REF[name]), "trainable": kinds}
+        return found
+
     @check("fsdp/load_before_sharding_works")
     def _() -> dict[str, Any]:
         """The fix load_before_sharding names: load into the unsharded model, then shard the PeftModel."""
@@ -337,6 +347,21 @@ def tp_extras() -> None:
         return {}
 
 
+def documented_examples() -> None:
+    """The runnable examples docs/distributed.md shows (examples/distributed_*.py), on this launch's ranks."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from distributed_fsdp import shard_and_load
+    from distributed_tp import parallelize_and_load
+
+    @check("examples/fsdp")
+    def _() -> dict[str, Any]:
+        return {"max_diff": diff(logits(shard_and_load(base(), adapter("good"), MESH)), REF["good"])}
+
+    @check("examples/tp")
+    def _() -> dict[str, Any]:
+        return {"max_diff": diff(logits(parallelize_and_load(base(), adapter("good"), MESH)), REF["good"])}
+
+
 def silent_rank() -> None:
     """Last: one rank never calls safe_load_adapter; the others must raise after the timeout, not hang."""
 
@@ -354,6 +379,7 @@ for engine in ENGINES:
         engine_checks(engine)
 fsdp_extras()
 tp_extras()
+documented_examples()
 silent_rank()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump({"rank": RANK, "world": WORLD, "results": results}, f, indent=1)

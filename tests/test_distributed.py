@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import build, derive, outputs, train_adapter
-from peft import PeftModel
+from peft import IA3Config, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 from safe_peft._sharding import _peft_shards_transformers_tp
@@ -83,6 +83,10 @@ def _workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     derive(good, str(root / "other_values"), tensors=lambda k, v: v * 2 if ".lora_A." in k else v)
     train_adapter(build("causal", **MODEL), str(root / "heads"), target_modules=TARGETS, modules_to_save=["lm_head"])
     train_adapter(build("causal", **MODEL), str(root / "dora"), target_modules=["q_proj", "v_proj"], use_dora=True)
+    train_adapter(build("causal", **MODEL), str(root / "embedding"), target_modules=["embed_tokens", "q_proj"])
+    torch.manual_seed(1)
+    ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    get_peft_model(build("causal", **MODEL), ia3).save_pretrained(root / "ia3")
     torch.manual_seed(0)
     train_adapter(LlamaForCausalLM(LlamaConfig(**BIG)), str(root / "big"), r=16, target_modules=TARGETS)
     data = torch.randint(1, 100, (4, 2, 6), generator=torch.Generator().manual_seed(3))
@@ -95,7 +99,10 @@ def _workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "silent_timeout": SILENT_TIMEOUT,
         "tp_plan_supported": TP_PLAN,
         "good": outputs(safe_load_adapter(build("causal", **MODEL), good)),
-        "heads": outputs(safe_load_adapter(build("causal", **MODEL), str(root / "heads"))),
+        **{
+            name: outputs(safe_load_adapter(build("causal", **MODEL), str(root / name)))
+            for name in ("heads", "embedding", "ia3")
+        },
         "trained_tp": _train(PeftModel.from_pretrained(build("causal", **MODEL), good, is_trainable=True), data[0]),
     }
     for world in (2, 4):  # data parallel: the mean loss over every rank's batch
@@ -215,13 +222,22 @@ def test_a_silent_rank_does_not_hang_the_others(launch: Any) -> None:
     assert results[0]["load_seconds"] >= SILENT_TIMEOUT  # rank 0 waited the whole timeout for the silent rank
 
 
-def test_fsdp_loading_after_a_forward_and_the_documented_way_round(launch: Any) -> None:
+def test_fsdp_after_a_forward_other_layers_and_the_documented_way_round(launch: Any) -> None:
     for rank in _results(launch, "fsdp/load_after_forward"):
         assert rank["max_diff_vs_single_process"] < 1e-5
+    for rank in _results(launch, "fsdp/other_layers"):
+        for name in ("embedding", "ia3"):
+            assert rank[name]["max_diff"] < 1e-5 and rank[name]["trainable"] == ["DTensor"], name
     for rank in _results(launch, "fsdp/load_before_sharding_works"):
         assert rank["max_diff"] < 1e-5
     for rank in _results(launch, "fsdp/plain_peft_diverges"):
         assert not rank["identical_across_ranks"]  # what plain peft does: the test above would catch it
+
+
+def test_the_documented_examples_load_on_every_rank(launch: Any) -> None:
+    for name in ("examples/fsdp", "examples/tp"):
+        for rank in _results(launch, name):
+            assert rank["max_diff"] < 1e-5
 
 
 def test_distributed_saves_are_named_and_per_rank_files_merge(launch: Any, tmp_path: Any) -> None:
