@@ -31,7 +31,7 @@ from safe_peft.report import Cause, Diagnosis, LoadReport
 if TYPE_CHECKING:
     from torch import nn
 
-    from safe_peft.plan import LoadPlan
+    from safe_peft._plan import LoadPlan
 
 __all__ = ["is_sharded", "load_sharded"]
 
@@ -53,9 +53,9 @@ def load_sharded(
     peft_kwargs: dict[str, Any],
 ) -> Any:
     """``safe_load_adapter`` for a model with DTensor parameters; every rank of the job must call it."""
-    from safe_peft.loader import _execute, _fatal, _overwritten_base_tensors, adapter_tensors
-    from safe_peft.plan import make_plan
-    from safe_peft.snapshot import ModuleSnapshot
+    from safe_peft._loader import _execute, _fatal, _overwritten_base_tensors, adapter_tensors
+    from safe_peft._plan import make_plan
+    from safe_peft._snapshot import ModuleSnapshot
 
     collective = Collective.for_job(collective_timeout)
     where = _Where(collective, os.fspath(model_id), type(base_model).__name__, adapter_name)

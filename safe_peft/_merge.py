@@ -42,10 +42,10 @@ def merge_rank_shards(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from safe_peft.adapter_config import build_peft_config, read_config
-    from safe_peft.model_view import expected_keys
-    from safe_peft.plan import diagnose
-    from safe_peft.safetensors_header import read_header
+    from safe_peft._adapter_config import build_peft_config, read_config
+    from safe_peft._model_view import expected_keys
+    from safe_peft._plan import diagnose
+    from safe_peft._safetensors_header import read_header
 
     source = os.fspath(directory)
     files = find_rank_files(source)

@@ -240,8 +240,18 @@ def test_the_documented_examples_load_on_every_rank(launch: Any) -> None:
             assert rank["max_diff"] < 1e-5
 
 
+def test_the_docs_show_the_examples_as_they_are() -> None:
+    import re
+
+    with open(os.path.join(ROOT, "docs", "distributed.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    for name in ("distributed_fsdp.py", "distributed_tp.py"):
+        with open(os.path.join(ROOT, "examples", name)) as f:
+            assert f.read() in blocks, name
+
+
 def test_distributed_saves_are_named_and_per_rank_files_merge(launch: Any, tmp_path: Any) -> None:
-    from safe_peft.cli import main
+    from safe_peft._cli import main
 
     _results(launch, "fsdp/saves")
     _results(launch, "tp/saves")
