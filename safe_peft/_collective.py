@@ -81,6 +81,7 @@ class Collective:
     world_size: int
     timeout: float = DEFAULT_TIMEOUT
     session: int = field(default_factory=lambda: next(_SESSIONS))
+    grace: float = _GRACE
 
     @classmethod
     def for_job(cls, timeout: float | None = None) -> Collective | None:
@@ -134,7 +135,7 @@ class Collective:
 
     def _hear(self, stage: str) -> Outcome:
         key = self._key(stage, "decision")
-        if not _wait(self.store, [key], self.timeout + max(_GRACE, 0.1 * self.timeout)):
+        if not _wait(self.store, [key], self.timeout + max(self.grace, 0.1 * self.timeout)):
             return Outcome(stage, self.world_size, False, silent=(0,), timeout=self.timeout)
         data = json.loads(self.store.get(key))
         return Outcome(

@@ -50,6 +50,7 @@ __all__ = [
 
 PEFT_PREFIX = "base_model.model."
 _TRANSFORMERS_STYLES = ("colwise", "rowwise", "embedding_rowwise")  # what peft shards LoRA for
+_TORCH_STYLES = "torch.distributed.tensor.parallel.style"  # torch's own styles; look-alikes are not rebuilt
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _torch_style(module: nn.Module, weight: Any) -> tuple[str, Any]:
                     value = cell.cell_contents
                 except ValueError:  # an empty cell
                     continue
-                if isinstance(value, functools.partial):
+                if isinstance(value, functools.partial) and getattr(value.func, "__module__", "") == _TORCH_STYLES:
                     owner, _, name = getattr(value.func, "__qualname__", "").rpartition(".")
                     if name == suffix:
                         found.append((owner, tuple(value.args)))
@@ -218,9 +219,14 @@ def _peft_shards_transformers_tp() -> bool:
 
 
 def sharding_findings(
-    model: nn.Module, config: Any, expected: Mapping[str, Any], repair: tuple[str, ...]
+    model: nn.Module,
+    config: Any,
+    expected: Mapping[str, Any],
+    repair: tuple[str, ...],
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> list[Diagnosis]:
-    """Why an adapter with ``config`` cannot be loaded into this sharded ``model`` (empty: it can).
+    """Why an adapter with ``config`` (and the ``checkpoint`` keys) cannot be loaded into this sharded ``model``
+    (empty: it can).
 
     ``expected`` is the model view's expected keys (``ExpectedKey`` with ``module`` and ``role``).
     Pure: reads the model's parameters and hooks, and changes nothing.
@@ -241,6 +247,9 @@ def sharding_findings(
         reasons.append("trainable_token_indices edits rows of the sharded embeddings")
     if "vocab" in repair:
         reasons.append("repair=('vocab',) would resize sharded embeddings")
+    written = sorted(k for k in checkpoint or () if k in expected and expected[k].role == "embedding_base")
+    if written:
+        reasons.append(f"the adapter carries base embedding weights to write into sharded ones (e.g. {written[0]!r})")
     if getattr(config, "use_dora", False):
         reasons.append("DoRA computes its magnitude from the full base weight when peft injects it")
     owners = {name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
@@ -312,11 +321,15 @@ def _load_first_fix(sharding: Sharding, tp_modules: list[tuple[str, str]], adapt
     module, style = tp_modules[0]
     half = "lora_B" if style.startswith("colwise") else "lora_A"
     cls = "ColwiseParallel" if style.startswith("colwise") else "RowwiseParallel"
+    upgrade = (
+        "upgrade peft (0.21 and later shard LoRA by transformers' tp_plan), or "
+        if "tp_transformers" in sharding.engines and not _peft_shards_transformers_tp()
+        else ""
+    )
     return (
-        "load the adapter into the model before parallelizing it, and name the LoRA parts in the plan: "
-        f"{{'{module}.base_layer': {cls}(), '{module}.{half}.{adapter_name}': {cls}()}} "
-        "(column-parallel layers shard lora_B, row-parallel layers shard lora_A), applied to "
-        "model.base_model.model."
+        f"{upgrade}load the adapter into the unsharded model first, then parallelize the PeftModel with a plan "
+        f"that names the LoRA parts: {{'{module}.base_layer': {cls}(), '{module}.{half}.{adapter_name}': {cls}()}} "
+        "(column-parallel layers shard lora_B, row-parallel layers lora_A), applied to model.base_model.model."
     )
 
 

@@ -78,6 +78,7 @@ def transformers_tp() -> nn.Module:
 
 
 ENGINES: dict[str, Callable[[], nn.Module]] = {"fsdp": fsdp, "tp": tensor_parallel, "tp_plan": transformers_tp}
+available = {"fsdp": True, "tp": True, "tp_plan": bool(REF["tp_plan_supported"])}
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -263,6 +264,7 @@ def fsdp_extras() -> None:
             loaded = safe_load_adapter(fsdp(), adapter(name), is_trainable=True)
             kinds = sorted({type(p).__name__ for p in loaded.parameters() if p.requires_grad})
             found[name] = {"max_diff": diff(logits(loaded), REF[name]), "trainable": kinds}
+        found["embedding_with_base"] = refused(fsdp, adapter("embedding_with_base"))
         return found
 
     @check("fsdp/load_before_sharding_works")
@@ -340,6 +342,30 @@ def _rss(field: str) -> int:
 
 
 def tp_extras() -> None:
+    @check("tp/load_before_sharding_works")
+    def _() -> dict[str, Any]:
+        """The fix load_before_sharding names for tensor parallelism: load first, then a plan naming the LoRA parts."""
+        model = safe_load_adapter(base(), adapter("heads"))
+        plan: dict[str, Any] = {}
+        for i in range(len(model.base_model.model.model.layers)):
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+                plan[f"model.layers.{i}.{name}.base_layer"] = ColwiseParallel()
+                plan[f"model.layers.{i}.{name}.lora_B.default"] = ColwiseParallel()
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                plan[f"model.layers.{i}.{name}.base_layer"] = RowwiseParallel()
+                plan[f"model.layers.{i}.{name}.lora_A.default"] = RowwiseParallel()
+        parallelize_module(model.base_model.model, MESH, plan)
+        return {"max_diff": diff(logits(model), REF["heads"])}
+
+    if not available["tp_plan"]:
+
+        @check("tp_plan/refused")
+        def _() -> dict[str, Any]:
+            """An installed peft that cannot shard LoRA by transformers' tp_plan: refused, nothing changed."""
+            result = refused(transformers_tp, adapter("good"))
+            result["fix"] = "upgrade peft" in diagnose(transformers_tp(), adapter("good")).causes[0].fix
+            return result
+
     @check("tp/saves")
     def _() -> dict[str, Any]:
         model = safe_load_adapter(tensor_parallel(), adapter("good"))
@@ -373,7 +399,6 @@ def silent_rank() -> None:
         return refused(fsdp, adapter("good"), collective_timeout=SILENT_TIMEOUT)
 
 
-available = {"fsdp": True, "tp": True, "tp_plan": bool(REF["tp_plan_supported"])}
 for engine in ENGINES:
     if available[engine]:
         engine_checks(engine)

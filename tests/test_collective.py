@@ -46,7 +46,7 @@ def _run(votes: dict[int, Vote | None], world: int, timeout: float = 0.5) -> dic
     store, outcomes = MemoryStore(), {}
 
     def rank(r: int, vote: Vote) -> None:
-        outcomes[r] = Collective(store, r, world, timeout, session=0).agree("plan", vote)
+        outcomes[r] = Collective(store, r, world, timeout, session=0, grace=0.2).agree("plan", vote)
 
     threads = [threading.Thread(target=rank, args=(r, v)) for r, v in votes.items() if v is not None]
     for t in threads:
@@ -87,7 +87,7 @@ def test_a_silent_rank_is_named_after_the_timeout() -> None:
 
 
 def test_a_silent_coordinator_is_named_by_the_others() -> None:
-    outcomes = _run({1: Vote(1, True, "a")}, 2, timeout=0.1)  # the follower waits 5 s more than the timeout
+    outcomes = _run({1: Vote(1, True, "a")}, 2, timeout=0.1)  # the follower waits a grace longer than the timeout
     assert outcomes[1].silent == (0,) and not outcomes[1].ok
 
 

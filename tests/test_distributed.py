@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import build, derive, outputs, train_adapter
-from peft import IA3Config, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 from safe_peft._sharding import _peft_shards_transformers_tp
@@ -83,7 +83,12 @@ def _workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     derive(good, str(root / "other_values"), tensors=lambda k, v: v * 2 if ".lora_A." in k else v)
     train_adapter(build("causal", **MODEL), str(root / "heads"), target_modules=TARGETS, modules_to_save=["lm_head"])
     train_adapter(build("causal", **MODEL), str(root / "dora"), target_modules=["q_proj", "v_proj"], use_dora=True)
-    train_adapter(build("causal", **MODEL), str(root / "embedding"), target_modules=["embed_tokens", "q_proj"])
+    torch.manual_seed(1)
+    embedding = get_peft_model(
+        build("causal", **MODEL), LoraConfig(target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    )
+    embedding.save_pretrained(root / "embedding", save_embedding_layers=False)
+    embedding.save_pretrained(root / "embedding_with_base", save_embedding_layers=True)  # the base rows too
     torch.manual_seed(1)
     ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
     get_peft_model(build("causal", **MODEL), ia3).save_pretrained(root / "ia3")
@@ -228,10 +233,21 @@ def test_fsdp_after_a_forward_other_layers_and_the_documented_way_round(launch: 
     for rank in _results(launch, "fsdp/other_layers"):
         for name in ("embedding", "ia3"):
             assert rank[name]["max_diff"] < 1e-5 and rank[name]["trainable"] == ["DTensor"], name
+        assert rank["embedding_with_base"]["code"] == "load_before_sharding"  # base rows into sharded ones
+        assert rank["embedding_with_base"]["restored"]
     for rank in _results(launch, "fsdp/load_before_sharding_works"):
         assert rank["max_diff"] < 1e-5
     for rank in _results(launch, "fsdp/plain_peft_diverges"):
         assert not rank["identical_across_ranks"]  # what plain peft does: the test above would catch it
+
+
+def test_tensor_parallel_the_documented_way_round_and_an_unsupported_peft(launch: Any) -> None:
+    for rank in _results(launch, "tp/load_before_sharding_works"):
+        assert rank["max_diff"] < 1e-5
+    if not TP_PLAN:  # the oldest supported peft: transformers' tp_plan is refused before anything changes
+        for rank in _results(launch, "tp_plan/refused"):
+            assert rank["raised"] and rank["restored"] and rank["code"] == "load_before_sharding"
+            assert rank["fix"]
 
 
 def test_the_documented_examples_load_on_every_rank(launch: Any) -> None:
