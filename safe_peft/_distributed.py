@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._collective import Collective, Outcome, Vote
 from safe_peft._sharding import content_digest, finish, is_sharded, place, prepare, survey
+from safe_peft._snapshot import ModuleSnapshot
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Cause, Diagnosis, LoadReport
 
@@ -55,7 +56,6 @@ def load_sharded(
     """``safe_load_adapter`` for a model with DTensor parameters; every rank of the job must call it."""
     from safe_peft._loader import _execute, _fatal, _overwritten_base_tensors, adapter_tensors
     from safe_peft._plan import make_plan
-    from safe_peft._snapshot import ModuleSnapshot
 
     collective = Collective.for_job(collective_timeout)
     where = _Where(collective, os.fspath(model_id), type(base_model).__name__, adapter_name)
@@ -81,15 +81,16 @@ def load_sharded(
     where.settle("plan", refusal, _plan_fingerprint(plan, adapter_name), error)
     assert plan is not None  # settle raised otherwise
 
-    sharding = survey(base_model)
-    prepare(base_model)
-    snapshot = ModuleSnapshot(base_model)
-    snapshot.protect(_overwritten_base_tensors(base_model, plan))
+    snapshot: ModuleSnapshot | None = None
     failure: LoadReport | None = None
     digest = ""
     model: Any = None
     report: LoadReport | None = None
-    try:
+    try:  # nothing in here is a collective: a rank that fails still reaches the agreement below
+        sharding = survey(base_model)
+        prepare(base_model)
+        snapshot = ModuleSnapshot(base_model)
+        snapshot.protect(_overwritten_base_tensors(base_model, plan))
         model, report = _execute(base_model, plan, adapter_name, strict, peft_kwargs)
         analytic = plan.view is not None and plan.view.method == "analytic"
         digest = content_digest(adapter_tensors(model, adapter_name, analytic))
@@ -98,23 +99,28 @@ def load_sharded(
             snapshot.restore()
             failure = where.unplaced(plan.report, unplaced)
     except AdapterLoadError as exc:  # _execute restored the model already
-        snapshot.restore()
+        _restore(snapshot)
         failure, error = exc.report, exc
     except Exception as exc:  # noqa: BLE001 - restore, then tell the other ranks
-        snapshot.restore()
+        _restore(snapshot)
         failure, error = where.crashed(exc, "loading", plan.report), exc
     except BaseException:
-        snapshot.restore()  # interrupted: the other ranks will name this one as silent
+        _restore(snapshot)  # interrupted: the other ranks will name this one as silent
         raise
     try:
         where.settle("load", failure, digest, error)
     except AdapterLoadError:
         if failure is None:
-            snapshot.restore()  # this rank loaded, another did not: undo here too
+            _restore(snapshot)  # this rank loaded, another did not: undo here too
         raise
     assert report is not None
     finish(model)
     return (model, report) if output_loading_info else model
+
+
+def _restore(snapshot: ModuleSnapshot | None) -> None:
+    if snapshot is not None:
+        snapshot.restore()
 
 
 def _plan_fingerprint(plan: LoadPlan | None, adapter_name: str) -> str:

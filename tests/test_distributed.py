@@ -28,7 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MODEL = {"num_key_value_heads": 4}  # 4 key/value heads: every projection splits over 4 tensor-parallel ranks
 STEPS = 2
 SILENT_TIMEOUT = 1.0  # seconds the others wait for a rank that never calls
-BIG = dict(  # for the memory measurement: a base of 25 MB, an adapter of 1.5 MB
+BIG = dict(  # for the memory measurement: a base of 24 MB, an adapter of 0.4 MB
     hidden_size=256,
     intermediate_size=1024,
     num_hidden_layers=4,
@@ -93,7 +93,7 @@ def _workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
     get_peft_model(build("causal", **MODEL), ia3).save_pretrained(root / "ia3")
     torch.manual_seed(0)
-    train_adapter(LlamaForCausalLM(LlamaConfig(**BIG)), str(root / "big"), r=16, target_modules=TARGETS)
+    train_adapter(LlamaForCausalLM(LlamaConfig(**BIG)), str(root / "big"), r=4, target_modules=TARGETS)
     data = torch.randint(1, 100, (4, 2, 6), generator=torch.Generator().manual_seed(3))
     ref: dict[str, Any] = {
         "input": torch.tensor([[1, 5, 9, 13, 17, 21]]),
@@ -298,6 +298,5 @@ def test_distributed_saves_are_named_and_per_rank_files_merge(launch: Any, tmp_p
 def test_peak_memory_of_a_load_is_the_adapter_not_the_base(launch: Any) -> None:
     for rank in _results(launch, "fsdp/peak_memory"):
         assert rank["base_shard_bytes"] * launch["nproc"] >= rank["base_bytes"] * 0.99
-        # the load adds the adapter (read whole on every rank, then sharded), never a copy of the base
-        assert rank["load_peak_bytes"] < rank["base_shard_bytes"] / 2
-        assert rank["load_peak_bytes"] < 6 * rank["adapter_bytes"] + 16 * 2**20
+        # the load adds the adapter (read whole on every rank, then sharded), never a copy of the base's shard
+        assert rank["load_peak_bytes"] < 4 * rank["adapter_bytes"] + 2**20 < rank["base_shard_bytes"] / 2
