@@ -74,7 +74,7 @@ def merge_rank_shards(
                 f"rank {other}'s adapter_config.json differs from rank 0's",
             ),
         )
-    peft_config, _ = build_peft_config(read_config(files[0].config_path, adapter=source), adapter=source)
+    peft_config = build_peft_config(read_config(files[0].config_path, adapter=source), adapter=source).config
     expected = {k: tuple(e.shape) for k, e in expected_keys(base_model, peft_config, adapter_name).expected.items()}
     headers = [read_header(f.weights_path) for f in files]
     keys = list(headers[0].tensors)
