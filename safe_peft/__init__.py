@@ -28,6 +28,7 @@ __all__ = [
     "diagnose",
     "fix_adapter",
     "inspect_adapter",
+    "merge_rank_shards",
     "parse_load_error",
     "safe_load_adapter",
     "safe_load_state_dict",
@@ -39,6 +40,7 @@ _LAZY = {
     "diagnose": "safe_peft._plan",
     "inspect_adapter": "safe_peft._manifest",
     "fix_adapter": "safe_peft._writer",
+    "merge_rank_shards": "safe_peft._merge",
     "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
 }
@@ -46,6 +48,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from safe_peft._loader import safe_load_adapter
     from safe_peft._manifest import inspect_adapter
+    from safe_peft._merge import merge_rank_shards
     from safe_peft._parse import parse_load_error
     from safe_peft._plan import diagnose
     from safe_peft._state_dict import safe_load_state_dict

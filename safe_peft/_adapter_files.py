@@ -51,6 +51,11 @@ def locate_adapter(
     else:
         base = _download(location, subfolder, allow_pickle, hub_kwargs or {})
     directory = _join_subfolder(base, subfolder, location)
+    from safe_peft._shards import distributed_save_error  # hook: per-rank files or a DCP directory
+
+    distributed = distributed_save_error(directory, location)
+    if distributed is not None:
+        raise distributed
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         single = _single_foreign_file(directory)

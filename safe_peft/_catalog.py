@@ -157,6 +157,31 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("verification_failed", _C.UNKNOWN, 9, True, "report this to safe_peft with the adapter's config; the "
           "pre-check missed it."),
     Entry("load_failed", _C.UNKNOWN, 9, True, "see the causes above; the base model was restored."),
+    # -- distributed saves and sharded loads ------------------------------------------------------------------------
+    Entry("fsdp_shard_saved", _C.CORRUPT_CHECKPOINT, 0, True, "save again with the tensors gathered (full state "
+          "dict on every rank, save_pretrained on rank 0), or merge the per-rank files: safe-peft fix DIR "
+          "--merge-ranks --out OUT."),
+    Entry("tp_shard_saved", _C.CORRUPT_CHECKPOINT, 0, True, "merge the per-rank files: safe-peft fix DIR "
+          "--merge-ranks --out OUT; or save with full tensors."),
+    Entry("per_rank_shards", _C.CORRUPT_CHECKPOINT, 0, True, "merge them into one adapter: safe-peft fix DIR "
+          "--merge-ranks --out OUT."),
+    Entry("dcp_checkpoint", _C.CORRUPT_CHECKPOINT, 0, True, "convert it to one state dict first, load it into the "
+          "PeftModel and save_pretrained() the adapter."),
+    Entry("shards_incomplete", _C.CORRUPT_CHECKPOINT, 0, True, "find the missing ranks' files; the others alone do "
+          "not hold the whole adapter."),
+    Entry("replicas_differ", _C.CORRUPT_CHECKPOINT, 0, True, "the ranks trained apart: use one rank's adapter, or "
+          "train again with the adapter sharded (load it before sharding the model)."),
+    Entry("shard_configs_differ", _C.CORRUPT_CHECKPOINT, 0, True, "the files come from different runs: merge files "
+          "saved by one run."),
+    Entry("load_before_sharding", _C.DISTRIBUTED, 1, True, "load the adapter into the model before sharding it, then "
+          "shard the PeftModel."),
+    Entry("rank_timeout", _C.DISTRIBUTED, 0, True, "every rank must call safe_load_adapter with the same adapter at "
+          "the same point of the program; if a rank is only slow, pass a larger collective_timeout=."),
+    Entry("ranks_disagree", _C.DISTRIBUTED, 0, True, "give every rank the same adapter (one shared directory, or "
+          "identical copies)."),
+    Entry("rank_failed", _C.DISTRIBUTED, 0, True, "see the error raised on that rank."),
+    Entry("adapter_not_placed", _C.DISTRIBUTED, 1, True, "load the adapter into the model before sharding it, then "
+          "shard the PeftModel."),
     # -- state dicts given to the wrong loader ---------------------------------------------------------------------
     Entry("adapter_into_base_model", _C.WRONG_LOADER, 0, True, "use safe_load_adapter(base_model, adapter_dir) (or "
           "PeftModel.from_pretrained) with the directory peft saved, not model.load_state_dict(...)."),

@@ -178,6 +178,13 @@ def _is_base_weight(key: str, view: ModelView) -> bool:
     return name in {"weight", "bias"} and module in view.module_names
 
 
+def _shard_saves(ev: Evidence, _: frozenset[str]) -> list[Found]:
+    """One rank's shards saved as the whole adapter (FSDP / tensor parallel): the shapes are 1/N of the model's."""
+    from safe_peft._shards import shard_findings
+
+    return [Found(d, weight, frozenset(keys)) for weight, d, keys in shard_findings(ev.diff.size_mismatches)]
+
+
 def _view_error(ev: Evidence, _: frozenset[str]) -> list[Found]:
     return [] if ev.view.error is None else [Found(ev.view.error, len(ev.checkpoint))]
 
@@ -266,9 +273,11 @@ def _axis(key: str, dim: int) -> str:
     return "rows" if dim == 0 else "columns"
 
 
-def _shapes(ev: Evidence, _: frozenset[str]) -> list[Found]:
+def _shapes(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     rank_keys, vocab_keys, other = [], [], []
     for mm in ev.diff.size_mismatches:
+        if mm.key in explained:
+            continue
         if len(mm.checkpoint_shape) != len(mm.model_shape):
             other.append((mm, "ndim"))
             continue
@@ -567,4 +576,4 @@ def _layers(modules: Any) -> list[int | None]:
     return found
 
 
-DETECTORS: list[Detector] = [_corrupt, _foreign, _view_error, _layout, _shapes, _unexpected, _missing]
+DETECTORS: list[Detector] = [_corrupt, _foreign, _shard_saves, _view_error, _layout, _shapes, _unexpected, _missing]

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(fix)
     fix.add_argument("--out", required=True, help="a new (or empty) directory")
     fix.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    fix.add_argument(
+        "--merge-ranks", action="store_true", help="ADAPTER holds one file per rank (rank_0/, ...): merge them"
+    )
     fix.set_defaults(run=_fix)
     return parser
 
@@ -227,6 +230,16 @@ def _fix(args: argparse.Namespace, out: Output) -> int:
 
     model = build_base_model(args.base, args.model_class)
     try:
+        if args.merge_ranks:  # hook: per-rank shards of a sharded save (safe_peft/_merge.py)
+            from safe_peft._merge import merge_rank_shards
+
+            if args.remap or args.repair:
+                raise UsageError("--merge-ranks takes no --remap / --repair: merge first, then fix the merged adapter")
+            report = merge_rank_shards(model, args.adapter, args.out, force=args.force)
+            how = verify_written(args.base, args.model_class, args.out, model)
+            out.write(f"Wrote {args.out}: {report.repairs[0]}.")
+            out.write(out.good(f"Verified: {how}."))
+            return OK
         report = fix_adapter(
             model,
             args.adapter,

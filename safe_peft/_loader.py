@@ -32,6 +32,7 @@ def safe_load_adapter(
     strict: bool = True,
     allow_pickle: bool = False,
     output_loading_info: bool = False,
+    collective_timeout: float | None = None,
     **peft_kwargs: Any,
 ) -> Any:
     """Load a PEFT adapter like ``PeftModel.from_pretrained``, or fail with an explanation.
@@ -41,8 +42,27 @@ def safe_load_adapter(
     a :class:`LoadReport` when the adapter does not fit; ``base_model`` is then left exactly
     as it was given. ``strict=False`` keeps peft's lenient handling of missing keys but still
     reports them. Nothing is renamed or repaired unless ``remap`` / ``repair`` ask for it.
+
+    On a sharded model (FSDP2, tensor parallel) every rank must call it: the ranks agree on one verdict
+    before anything changes, and restore together if any rank fails; ``collective_timeout`` (seconds,
+    default 600) bounds the wait for the other ranks. See docs/distributed.md.
     """
     kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
+    from safe_peft._distributed import is_sharded, load_sharded  # hook: sharded models load collectively
+
+    if is_sharded(base_model):
+        return load_sharded(
+            base_model,
+            model_id,
+            adapter_name,
+            remap=remap,
+            repair=tuple(repair),
+            strict=strict,
+            allow_pickle=allow_pickle,
+            output_loading_info=output_loading_info,
+            collective_timeout=collective_timeout,
+            peft_kwargs=kwargs,
+        )
     plan = make_plan(
         base_model,
         model_id,
@@ -217,17 +237,19 @@ def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
     """
     import torch
 
+    from safe_peft._sharding import local_tensor  # hook: a DTensor's values are scanned on its local shard
+
     groups: dict[tuple[Any, Any], list[str]] = {}
     for key, tensor in state.items():
-        if tensor.device.type != "meta" and tensor.is_floating_point() and tensor.numel():
+        if tensor.device.type != "meta" and tensor.is_floating_point() and local_tensor(tensor).numel():
             groups.setdefault((tensor.device, tensor.dtype), []).append(key)
     non_finite, zero = [], []
     with torch.no_grad():
         for keys in groups.values():
-            norms = torch.stack(torch._foreach_norm([state[k].detach() for k in keys])).float().tolist()
+            norms = torch.stack(torch._foreach_norm([local_tensor(state[k]).detach() for k in keys])).float().tolist()
             for key, norm in zip(keys, norms, strict=False):
                 if norm != norm or norm in (float("inf"), float("-inf")):
-                    if not bool(torch.isfinite(state[key]).all()):
+                    if not bool(torch.isfinite(local_tensor(state[key])).all()):
                         non_finite.append(key)
                 elif norm == 0.0 and role_of(key) is Role.B:
                     zero.append(key)

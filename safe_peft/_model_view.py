@@ -312,7 +312,9 @@ def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: in
         for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
                 memo[id(buf)] = stand_in(buf, materialize)
-    return copy.deepcopy(model, memo)
+    from safe_peft._sharding import is_sharded, sharded_skeleton  # hook: FSDP2 modules refuse deepcopy
+
+    return sharded_skeleton(model, memo) if is_sharded(model) else copy.deepcopy(model, memo)
 
 
 def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:

@@ -174,6 +174,9 @@ def make_plan(
     else:
         causes = classify(evidence) + findings  # the real cause first
     causes = config_causes + causes
+    from safe_peft._sharding import sharding_findings  # hook: layouts a sharded model cannot take
+
+    causes += sharding_findings(model, peft_config, view.expected, tuple(repair), checkpoint)
     report = LoadReport(
         ok=not causes and diff.ok,
         missing=diff.missing,
