@@ -77,6 +77,8 @@ _ENTRIES: tuple[Entry, ...] = (
           repair=("legacy",)),
     Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
     Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
+    Entry("invalid_adapter_name", _C.CONFIG_MISMATCH, 0, True, "pick a non-empty name without '.' that is not a "
+          "torch module attribute, e.g. adapter_name={suggestion!r}."),
     Entry("newer_peft_version", _C.VERSION_SKEW, 0, False, "if the load misbehaves, upgrade peft to {peft_version} "
           "or later.", warning=True),
     # -- safetensors header ----------------------------------------------------------------------------------------
@@ -118,6 +120,9 @@ _ENTRIES: tuple[Entry, ...] = (
           "trained on (see base_model_name_or_path in adapter_config.json)."),
     Entry("injection_rejected", _C.CONFIG_MISMATCH, 1, False, "check target_modules and the layer types they name "
           "against the base model."),
+    Entry("task_type_mismatch", _C.MODEL_CLASS_MISMATCH, 1, True, "{advice}"),
+    Entry("compiled_base", _C.MODEL_CLASS_MISMATCH, 1, True, "pass the uncompiled module (model._orig_mod) and "
+          "compile the PeftModel after loading: torch.compile(safe_load_adapter(model._orig_mod, ...))."),
     Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
           "(...) and pass that model."),
     Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),

@@ -7,11 +7,12 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._adapter import HUB_KWARGS
 from safe_peft._catalog import fatal, finding
 from safe_peft._keys import Role, base_tensor_name, role_of
-from safe_peft._plan import HUB_KWARGS, LoadPlan, make_plan
+from safe_peft._plan import LoadPlan, make_plan
 from safe_peft._snapshot import ModuleSnapshot
-from safe_peft._writer import write_weights
+from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 
@@ -97,7 +98,14 @@ def _execute(
         directory = plan.files.directory
         if plan.renames or plan.dropped or plan.legacy is not None:
             workdir = tempfile.mkdtemp(prefix="safe_peft_")
-            write_weights(plan, os.path.join(workdir, "adapter_model.safetensors"))
+            write_weights(
+                plan.files.weights_path,
+                os.path.join(workdir, "adapter_model.safetensors"),
+                weights_format=plan.files.weights_format,
+                renames=plan.renames,
+                dropped=plan.dropped,
+                legacy=plan.legacy,
+            )
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
         model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=plan.peft_config, **passthrough)
@@ -159,16 +167,42 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
         remove = getattr(tuners.get(config.peft_type), "_remove_adapter_name_from_key", None)
     if remove is None:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
-    infix, wrapped = f".{adapter_name}.", f".modules_to_save.{adapter_name}."
-    tail = f".{adapter_name}"
+    owned = _adapter_tensor_ids(model, adapter_name)
+    wrapped = f".modules_to_save.{adapter_name}."
     tensors = {}
-    for name, param in model.state_dict(keep_vars=True).items():  # parameters and buffers (saved heads' stats)
+    for name, tensor in model.state_dict(keep_vars=True).items():  # parameters and buffers (saved heads' stats)
+        if id(tensor) not in owned:
+            continue
         if wrapped in name:
-            tensors[name.replace(wrapped, ".")] = param
-        elif infix in name or name.endswith(tail):
+            tensors[name.replace(wrapped, ".")] = tensor
+        else:
             key = remove(name, adapter_name)
-            tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = param
+            tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = tensor
     return tensors
+
+
+def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
+    """The tensors that belong to ``adapter_name``, found structurally: the entries under that name in each
+    tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so that any name
+    peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    owned: set[int] = set()
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", ()) if isinstance(module, BaseTunerLayer) else ()
+        if not names and isinstance(getattr(module, "modules_to_save", None), torch.nn.ModuleDict):
+            names = ("modules_to_save",)
+        for attr in names:
+            container = getattr(module, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                owned.add(id(item))
+            else:
+                owned.update(id(t) for t in item.state_dict(keep_vars=True).values())
+    return owned
 
 
 def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:

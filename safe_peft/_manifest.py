@@ -71,7 +71,7 @@ def inspect_adapter(
         tensors = [TensorEntry(t.name, t.shape, t.dtype) for t in header.tensors.values()]
         total = header.total_bytes
     else:
-        from safe_peft._plan import load_pickle
+        from safe_peft._pickle import load_pickle
 
         data = load_pickle(files.weights_path)
         tensors = [TensorEntry(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in data.items()]

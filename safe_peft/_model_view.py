@@ -29,7 +29,7 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ExpectedKey", "ModelView", "expected_keys", "meta_skeleton"]
+__all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions", "meta_skeleton"]
 
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
@@ -156,10 +156,10 @@ def _analytic_applies(model: nn.Module, config: Any) -> bool:
         return False
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return False  # the model already carries adapters: let peft itself work out what is new
-    return not _has_weight_conversions(model)
+    return not has_weight_conversions(model)
 
 
-def _has_weight_conversions(model: nn.Module) -> bool:
+def has_weight_conversions(model: nn.Module) -> bool:
     """Whether transformers 5 registers an architecture-level weight conversion (MoE fusing, VLM moves).
 
     peft then rewrites the config and the checkpoint keys for this model; only injection follows that.

@@ -10,12 +10,24 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from safe_peft._keys import Role, module_of, role_of
-from safe_peft._model_view import ModelView
+from safe_peft._keys import Role, module_of, rank_axis, role_of
+from safe_peft._model_view import ExpectedKey, ModelView
 
-__all__ = ["KNOWN_REPAIRS", "repair_config", "vocab_target"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "KNOWN_REPAIRS",
+    "changed_fields",
+    "rank_relaxed",
+    "repair_config",
+    "resized_view",
+    "vocab_rows",
+    "vocab_target",
+]
 
 KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config", "legacy")  # "legacy": see safe_peft._legacy
 # "config" (drop config keys the installed peft does not know, refusing meaning-changing ones) is what every
@@ -72,6 +84,43 @@ def vocab_target(view: ModelView, checkpoint: Mapping[str, Shape]) -> int | None
         if want.role in (Role.BASE_EMBEDDING, Role.SAVED_MODULE) and have[1:] == want.shape[1:]:
             return have[0]
     return None
+
+
+def rank_relaxed() -> Any:
+    """The shape check of ``repair=("rank",)``: LoRA tensors may differ in their rank dimension only."""
+
+    def same(key: str, have: Shape, want: Shape) -> bool:
+        if have == want:
+            return True
+        rank_dim = rank_axis(role_of(key))
+        if len(have) != len(want) or rank_dim is None:
+            return False
+        return all(a == b for i, (a, b) in enumerate(zip(have, want, strict=False)) if i != rank_dim)
+
+    return same
+
+
+def vocab_rows(model: nn.Module) -> int | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    layer = getter() if callable(getter) else None
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def changed_fields(config: Any) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in ("r", "rank_pattern", "use_dora", "target_modules", "modules_to_save")}
+
+
+def resized_view(view: ModelView, checkpoint: Mapping[str, Shape], vocab: int) -> ModelView:
+    """The view after ``resize_token_embeddings(vocab)``: vocabulary-sized dims take the new size."""
+    expected: dict[str, ExpectedKey] = {}
+    for key, want in view.expected.items():
+        have = checkpoint.get(key)
+        if have is not None and len(have) == len(want.shape) and have != want.shape:
+            dims = [h if (h == vocab and w != h) else w for h, w in zip(have, want.shape, strict=False)]
+            want = replace(want, shape=tuple(dims))
+        expected[key] = want
+    return replace(view, expected=expected)
 
 
 def _as_list(value: Any) -> list[str]:

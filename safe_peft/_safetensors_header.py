@@ -17,7 +17,15 @@ from typing import Any
 
 from safe_peft.errors import AdapterFormatError
 
-__all__ = ["DTYPE_SIZES", "MAX_HEADER_BYTES", "SafetensorsHeader", "TensorInfo", "read_header", "sniff_format"]
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_HEADER_BYTES",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "read_header",
+    "read_scalar",
+    "sniff_format",
+]
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
@@ -137,6 +145,22 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     data_size = file_size - 8 - length
     tensors = _validate_entries(path, entries, data_size)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=8 + length, file_size=file_size)
+
+
+def read_scalar(header: SafetensorsHeader, key: str) -> float:
+    """The value of a one-element tensor (a kohya ``alpha``): a few bytes read at its offset."""
+    info = header.tensors[key]
+    formats = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + info.begin)
+        raw = f.read(info.end - info.begin)
+    if info.dtype == "BF16" and len(raw) == 2:
+        return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
+    if info.dtype not in formats or len(raw) != struct.calcsize(formats[info.dtype]):
+        raise AdapterFormatError.of(
+            "bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path
+        )
+    return float(struct.unpack(formats[info.dtype], raw)[0])
 
 
 def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str, str]]:

@@ -1,33 +1,47 @@
 """Write a fixed adapter: renamed keys, repaired config, safetensors, provenance in ``__metadata__``.
 
-A rename-only fix holds no tensor in memory: the header is rewritten and the data region
-streamed through unchanged (safetensors offsets are relative to the data region). Dropped
-keys are compacted by copying the kept byte ranges. A pickle source (allowed only with
-``allow_pickle=True``) is converted through memory, since it has no header to rewrite.
+The writer never removes or writes anything outside a directory it created itself. The fixed adapter is written
+into a new staging directory beside ``out_dir`` and moved into place in one step; replacing an existing output
+(``force=True``) is allowed only for a directory safe-peft wrote (it carries :data:`MARKER` and nothing but the
+files safe-peft writes), and swaps the two directories atomically (``renameat2(RENAME_EXCHANGE)``) before
+removing the old one, so that a crash at any moment leaves either the old or the new output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._adapter_files import SAFETENSORS_NAME
-from safe_peft._plan import LoadPlan, load_pickle, make_plan
-from safe_peft._safetensors_header import read_header
-from safe_peft.errors import AdapterFormatError, AdapterLoadError
+from safe_peft._adapter_files import CONFIG_NAME, SAFETENSORS_NAME
+from safe_peft._plan import LoadPlan, make_plan
+from safe_peft._weights import write_weights
+from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["fix_adapter", "provenance", "write_weights"]
+__all__ = ["MARKER", "OutputDirError", "fix_adapter", "provenance"]
 
-_CHUNK = 16 * 1024 * 1024
+MARKER = ".safe-peft-fix.json"  # written into every output directory; names its source
+_OWN_FILES = {MARKER, CONFIG_NAME, SAFETENSORS_NAME, "README.md"}
+
+
+class OutputDirError(ValueError):
+    """``out_dir`` cannot be written safely: it is the input (or inside it), a symlink, a filesystem root, or a
+    non-empty directory safe-peft did not write. Nothing was written or removed.
+
+    ``str(err)``: ``"/data/adapters: exists and holds files safe-peft did not write (notes.txt); choose a new
+    directory (force=True only replaces a directory safe-peft wrote)"``
+    """
 
 
 def fix_adapter(
@@ -43,10 +57,11 @@ def fix_adapter(
 ) -> LoadReport:
     """Write the adapter, fixed by the given opt-ins, to ``out_dir`` so plain peft loads it.
 
-    Raises :class:`AdapterLoadError` (writing nothing) when the fixed adapter would still not
-    fit. Never writes into the source directory; refuses a non-empty ``out_dir`` unless
-    ``force``. A ``"vocab"`` repair cannot live in the adapter: the base model must still be
-    resized to the vocabulary the report names before loading the written adapter.
+    Raises :class:`AdapterLoadError` (writing nothing) when the fixed adapter would still not fit, and
+    :class:`OutputDirError` (a ``ValueError``; ``FileExistsError`` for an existing output) when ``out_dir`` is not
+    safe to write. ``force=True`` replaces an output safe-peft wrote earlier, atomically. A ``"vocab"`` repair
+    cannot live in the adapter: the base model must still be resized to the vocabulary the report names before
+    loading the written adapter.
     """
     plan = make_plan(
         base_model, model_id, remap=remap, repair=tuple(repair), allow_pickle=allow_pickle, peft_kwargs=peft_kwargs
@@ -54,29 +69,87 @@ def fix_adapter(
     if not plan.report.ok:
         raise AdapterLoadError(plan.report)
     target = os.path.abspath(os.fspath(out_dir))
-    _check_target(target, plan, force)
-    parent = os.path.dirname(target) or "."
+    replacing = check_output_dir(target, plan.files.directory, force)
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=parent)
     try:
-        write_weights(plan, os.path.join(staging, SAFETENSORS_NAME))
+        write_weights(
+            plan.files.weights_path,
+            os.path.join(staging, SAFETENSORS_NAME),
+            weights_format=plan.files.weights_format,
+            renames=plan.renames,
+            dropped=plan.dropped,
+            legacy=plan.legacy,
+            metadata=lambda keys: provenance(plan, keys),
+        )
         plan.peft_config.save_pretrained(staging)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"source": plan.files.location, "repairs": plan.report.repairs}, f)
+        if replacing:
+            _swap(staging, target)  # staging now holds the old output
+        else:
+            os.rename(staging, target)  # fails if something appeared at target meanwhile: nothing is lost
+            staging = ""
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     return plan.report
 
 
-def _check_target(target: str, plan: LoadPlan, force: bool) -> None:
-    source = os.path.realpath(plan.files.directory)
+def check_output_dir(target: str, source: str, force: bool) -> bool:
+    """Whether ``target`` is an existing safe-peft output to replace (False: a new directory). Raises
+    :class:`OutputDirError` / ``FileExistsError`` for anything unsafe, touching nothing."""
     resolved = os.path.realpath(target)
+    source = os.path.realpath(source)
+    if os.path.islink(target):
+        raise OutputDirError(f"{target}: is a symbolic link; pass the real directory (or a new one)")
+    if resolved == os.path.dirname(resolved) or os.path.ismount(resolved):
+        raise OutputDirError(f"{target}: is a filesystem root or mount point; pass a new directory below it")
     if resolved == source or source.startswith(resolved + os.sep):
-        raise ValueError(f"{target}: is the adapter's own directory (or holds it); write the fix to a new directory")
-    if os.path.isdir(target) and os.listdir(target) and not force:
+        raise OutputDirError(f"{target}: is the adapter's own directory (or holds it); write the fix to a new one")
+    if resolved.startswith(source + os.sep):
+        raise OutputDirError(f"{target}: is inside the adapter directory {source}; write the fix outside it")
+    if not os.path.lexists(target):
+        return False
+    if not os.path.isdir(target):
+        raise OutputDirError(f"{target}: exists and is not a directory")
+    names = set(os.listdir(target))
+    if not names:
+        os.rmdir(target)  # empty: taken as new (renaming onto it is then one step)
+        return False
+    foreign = sorted(names - _OWN_FILES)
+    if MARKER not in names or foreign:
+        what = ", ".join(foreign[:5]) if foreign else "no safe-peft marker"
+        raise FileExistsError(
+            f"{target}: exists and holds files safe-peft did not write ({what}); choose a new directory "
+            "(force=True only replaces a directory safe-peft wrote)"
+        )
+    if not force:
         raise FileExistsError(f"{target}: exists and is not empty; choose a new directory or pass force=True")
+    return True
+
+
+def _swap(staging: str, target: str) -> None:
+    """Exchange two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``), else by two renames."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(staging), at_fdcwd, os.fsencode(target), rename_exchange) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), target)
+    aside = staging + ".old"  # no atomic exchange here: the old output is moved aside first, then replaced
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rename(aside, target)
+        raise
+    os.rename(aside, staging)
 
 
 def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
@@ -92,75 +165,5 @@ def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
         "safe_peft.renamed": str(len(plan.renames)),
         "safe_peft.dropped": str(len(plan.dropped)),
         "safe_peft.rules": ",".join(plan.rules),
-        "safe_peft._repairs": json.dumps(plan.report.repairs),
+        "safe_peft.repairs": json.dumps(plan.report.repairs),
     }
-
-
-def write_weights(plan: LoadPlan, path: str) -> None:
-    """Write the plan's renamed / filtered (/ converted) weights to ``path`` as safetensors."""
-    if plan.files.weights_format != "safetensors" or plan.legacy is not None:
-        from safetensors.torch import load_file, save_file
-
-        from safe_peft._legacy import convert_lora_b
-
-        pickled = plan.files.weights_format != "safetensors"
-        tensors = load_pickle(plan.files.weights_path) if pickled else load_file(plan.files.weights_path)
-        if plan.legacy is not None:  # tensor data changes: the one fix that cannot stream
-            tensors = {
-                k: convert_lora_b(v, plan.legacy) if k.endswith(".lora_B.weight") and v.ndim == 3 else v
-                for k, v in tensors.items()
-            }
-        kept = {plan.renames.get(k, k): v.contiguous() for k, v in tensors.items() if k not in set(plan.dropped)}
-        save_file(kept, path, metadata=provenance(plan, list(tensors)))
-        return
-    header = read_header(plan.files.weights_path)
-    dropped = set(plan.dropped)
-    missing = [k for k in plan.renames if k not in header.tensors]
-    if missing:
-        raise ValueError(
-            f"{plan.files.weights_path}: the renames refer to keys the file does not hold (e.g. {missing[0]!r}): "
-            "this model converts adapter keys on load, so a rewritten file would not round-trip; "
-            "load with safe_load_adapter(..., remap=...) instead"
-        )
-    ranges: list[tuple[int, int]] = []
-    entries: dict[str, Any] = {"__metadata__": {**header.metadata, **provenance(plan, list(header.tensors))}}
-    position = 0
-    for info in sorted(header.tensors.values(), key=lambda t: t.begin):
-        if info.name in dropped:
-            continue
-        size = info.end - info.begin
-        entries[plan.renames.get(info.name, info.name)] = {
-            "dtype": info.dtype,
-            "shape": list(info.shape),
-            "data_offsets": [position, position + size],
-        }
-        ranges.append((info.begin, info.end))
-        position += size
-    body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)  # safetensors aligns the data region to 8 bytes
-    with open(plan.files.weights_path, "rb") as src, open(path, "wb") as dst:
-        dst.write(struct.pack("<Q", len(body)) + body)
-        for begin, end in _merge(ranges):
-            src.seek(header.data_start + begin)
-            _copy(src, dst, end - begin)
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent byte ranges as one (a rename-only fix is a single range: the whole data region)."""
-    merged: list[tuple[int, int]] = []
-    for begin, end in ranges:
-        if merged and merged[-1][1] == begin:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((begin, end))
-    return merged
-
-
-def _copy(src: Any, dst: Any, count: int) -> None:
-    while count > 0:
-        chunk = src.read(min(_CHUNK, count))
-        if not chunk:
-            raise AdapterFormatError.of(
-            "truncated_file", f"{src.name}: ended early")
-        dst.write(chunk)
-        count -= len(chunk)

@@ -407,7 +407,7 @@ def test_written_fix_loads_in_plain_peft_without_warning(
         meta = f.metadata()
     assert bool(meta["safe_peft.rules"]) == bool(report.renames)
     assert meta["safe_peft.renamed"] == str(len(report.renames))
-    assert json.loads(meta["safe_peft._repairs"]) == report.repairs
+    assert json.loads(meta["safe_peft.repairs"]) == report.repairs
     assert len(meta["safe_peft.source_keys_sha256"]) == 64
     assert {n: open_bytes(directory, n) for n in os.listdir(directory)} == source
 
@@ -448,8 +448,13 @@ def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], t
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
     with pytest.raises(ValueError, match="own directory"):
         fix_adapter(build("causal"), bad, bad, repair=("rank",))
-    fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",), force=True)
-    assert not (tmp_path / "busy" / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match="did not write"):  # force replaces only what safe-peft wrote
+        fix_adapter(build("causal"), bad, str(tmp_path / "busy"), repair=("rank",), force=True)
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+    fix_adapter(build("causal"), bad, str(tmp_path / "ours"), repair=("rank",))
+    fix_adapter(build("causal"), bad, str(tmp_path / "ours"), repair=("rank",), force=True)
+    assert sorted(os.listdir(tmp_path / "ours")) == [".safe-peft-fix.json", "adapter_config.json",
+                                                      "adapter_model.safetensors"]
 
 
 def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any], tmp_path: Any) -> None:

@@ -66,3 +66,36 @@ def test_saved_heads_with_batchnorm_buffers(model_type: str, class_name: str) ->
 
     result = sweep.run_case(sweep.Case(model_type, class_name, "image_cls", "LORA", "all-linear"))
     assert result.outcome == sweep.EXACT, result.detail
+
+
+@pytest.mark.parametrize("name", ["weight", "base_layer", "lora", "a", "q_proj", "x-y", "modules_to_save", "B"])
+def test_any_adapter_name_peft_accepts_loads(adapters: dict[str, Any], name: str) -> None:
+    """peft accepts these names; so does safe_peft, with the trained outputs (verification finds the adapter's
+    tensors structurally, never by matching the name inside tensor names)."""
+    directory, trained = adapters["causal"]
+    assert diagnose(build("causal"), directory, adapter_name=name).ok
+    model, report = safe_load_adapter(build("causal"), directory, adapter_name=name, output_loading_info=True)
+    assert report.ok and not report.warnings
+    model.set_adapter(name)
+    assert torch.allclose(outputs(model), trained, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "../evil", "training", "keys", "forward", 5, "x" * 300])
+def test_adapter_names_peft_cannot_use_are_refused_up_front(adapters: dict[str, Any], name: Any) -> None:
+    from helpers import assert_unchanged, fingerprint
+
+    from safe_peft import AdapterLoadError, Cause
+
+    directory, _ = adapters["causal"]
+    predicted = diagnose(build("causal"), directory, adapter_name=name)
+    assert predicted.primary is not None
+    assert (predicted.primary.cause, predicted.primary.code) == (Cause.CONFIG_MISMATCH, "invalid_adapter_name")
+    suggestion = predicted.primary.fix.split("adapter_name=")[1].rstrip(".")
+    base = build("causal")
+    before = fingerprint(base)
+    with pytest.raises(AdapterLoadError) as info:
+        safe_load_adapter(base, directory, adapter_name=name)
+    assert info.value.report.primary.code == "invalid_adapter_name"  # type: ignore[union-attr]
+    assert_unchanged(before, base)
+    assert len(str(info.value)) < 2000
+    safe_load_adapter(build("causal"), directory, adapter_name=eval(suggestion))  # the suggested name works

@@ -1,0 +1,95 @@
+"""Checks on the arguments and on the model itself, before any key is compared.
+
+Each returns findings (never raises): an adapter name peft cannot use, a ``torch.compile``d base, and a model
+that the PeftModel class of the config's task type cannot wrap (a ``CAUSAL_LM`` adapter needs a model that
+generates). They are the same in :func:`~safe_peft.diagnose` and in the load, so both agree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from safe_peft._catalog import finding
+from safe_peft._versions import TASK_CLASS, TASK_NEEDS
+from safe_peft.report import Diagnosis
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["adapter_name_findings", "model_findings", "wrapper_findings", "wrapper_needs"]
+
+MAX_NAME = 256
+
+
+def adapter_name_findings(adapter_name: Any) -> list[Diagnosis]:
+    """peft's rule for an adapter name: it becomes a key of the tuner layers' ``nn.ModuleDict``s, so it is a
+    non-empty string without ``.`` that is not an attribute of ``nn.ModuleDict`` (``training``, ``keys``, ...)."""
+    from torch import nn
+
+    name = adapter_name
+    why = None
+    if not isinstance(name, str):
+        why = f"is a {type(name).__name__}, not a string"
+    elif not name:
+        why = "is empty"
+    elif len(name) > MAX_NAME:
+        why = f"has {len(name)} characters (at most {MAX_NAME})"
+    elif "." in name:
+        why = "contains '.', which separates module names"
+    elif hasattr(nn.ModuleDict(), name):
+        why = f"is an attribute of every torch module dict ({name!r})"
+    if why is None:
+        return []
+    shown = repr(name)[:80]
+    suggestion = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name))[:40].strip("_") or "adapter"
+    if hasattr(nn.ModuleDict(), suggestion):
+        suggestion = f"{suggestion}_adapter"
+    return [
+        finding(
+            "invalid_adapter_name",
+            f"adapter_name={shown} {why}: peft keeps each adapter under its name in the layers' module dicts",
+            details={"adapter_name": shown},
+            suggestion=suggestion,
+        )
+    ]
+
+
+def model_findings(model: nn.Module) -> list[Diagnosis]:
+    """What is wrong with the base model as given, whatever the adapter: a compiled module."""
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        inner = type(model._orig_mod).__name__
+        return [
+            finding(
+                "compiled_base",
+                f"the base model is torch.compile's wrapper (OptimizedModule around {inner}): its modules are named "
+                "`_orig_mod.*`, so no adapter key names them, and peft would inject into the wrapper",
+                details={"wrapped": inner},
+            )
+        ]
+    return []
+
+
+def wrapper_needs(model: nn.Module, task_type: Any) -> list[str]:
+    """The attributes the PeftModel class of ``task_type`` takes from the model that this model lacks."""
+    task = str(task_type or "").rsplit(".", 1)[-1].upper()
+    return [name for name in TASK_NEEDS.get(task, ()) if not callable(getattr(model, name, None))]
+
+
+def wrapper_findings(model: nn.Module, task_type: Any) -> list[Diagnosis]:
+    """A config whose task type's PeftModel class cannot wrap this model (plain peft fails with AttributeError)."""
+    lacking = wrapper_needs(model, task_type)
+    if not lacking:
+        return []
+    task = str(task_type).rsplit(".", 1)[-1].upper()
+    wanted = TASK_CLASS.get(task, "the class the adapter was trained with")
+    cls = type(model).__name__
+    return [
+        finding(
+            "task_type_mismatch",
+            f"the adapter was saved with task_type={task}, so peft wraps the model in the PeftModel class for that "
+            f"task, which needs {', '.join(lacking)}; {cls} has no such method (it is not a {wanted} model)",
+            details={"task_type": task, "lacking": lacking, "model_class": cls},
+            advice=f"load the base model with {wanted}.from_pretrained(...) and pass that model.",
+        )
+    ]

@@ -1,0 +1,103 @@
+"""The key conversions peft itself applies to a checkpoint on load, mirrored so that the prediction follows peft.
+
+These are not safe_peft's renames (those are opt-in, see :mod:`safe_peft.rules`): whatever the installed peft and
+transformers do to keys when they load an adapter happens here too, and a plain load that works stays quiet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from safe_peft._catalog import finding
+from safe_peft._keys import PEFT_PREFIX, Role
+from safe_peft._model_view import ExpectedKey, has_weight_conversions
+from safe_peft.report import Diagnosis
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["named_keys_peft_accepts", "peft_conversions"]
+
+Shape = tuple[int, ...]
+
+
+def peft_conversions(
+    model: nn.Module, config: Any, checkpoint: dict[str, Shape], adapter_name: str, key_mapping: Any = None
+) -> tuple[dict[str, Shape], list[Diagnosis]]:
+    """Apply the key conversions peft itself applies on load, so the prediction follows peft.
+
+    transformers 4.52-4.x: the model's ``_checkpoint_conversion_mapping`` (or the caller's ``key_mapping``),
+    first matching pattern per key, under the ``base_model.model.`` prefix, as ``load_peft_weights`` does;
+    transformers 5: peft's own conversion for architectures with a registered weight conversion.
+    """
+    converted = dict(checkpoint)
+    mapping = key_mapping if key_mapping else getattr(model, "_checkpoint_conversion_mapping", None)
+    if mapping and not getattr(config, "is_prompt_learning", False):
+        converted = {_map_key(k, mapping): s for k, s in converted.items()}
+    if has_weight_conversions(model):
+        import torch
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+        fake = {k: torch.empty(s, device="meta") for k, s in converted.items()}
+        try:
+            result = convert_peft_adapter_state_dict_for_transformers(model, config, fake, adapter_name)
+            converted = {k: tuple(v.shape) for k, v in result.items()}
+        except Exception:  # noqa: BLE001 - the real load will raise with context if conversion fails
+            pass
+    changed = [k for k in checkpoint if k not in converted]
+    if not changed:
+        return converted, []
+    new = next(k for k in converted if k not in checkpoint)
+    return converted, [
+        finding(
+            "converted_layout",
+            f"{len(changed)} keys were saved in an older transformers layout and are converted by peft on load "
+            f"(e.g. {changed[0]!r} -> {new!r})",
+            details={"converted": len(changed)},
+        )
+    ]
+
+
+def named_keys_peft_accepts(
+    checkpoint: dict[str, Shape], expected: Mapping[str, ExpectedKey], adapter_name: str
+) -> dict[str, Shape]:
+    """Keys saved with the adapter name inside (``lora_A.default.weight``, from a raw ``state_dict()``) that the
+    installed peft loads as they are: since peft maps checkpoint keys onto the model's keys structurally, a key
+    that already *is* a model key passes through. Older peft inserts the name a second time, so only then do
+    these keys stay unexpected (and ``remap='auto'`` offers ``adapter_name_out``)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
+        return checkpoint
+    from peft.tuners.tuners_utils import _remove_adapter_name_from_state_dict_key as remove
+
+    moved = {}
+    for key in checkpoint:
+        if key not in expected and f".{adapter_name}" in key:
+            plain = remove(key, adapter_name)
+            fits = plain in expected and plain not in checkpoint and expected[plain].role is not Role.SAVED_MODULE
+            if plain != key and fits:
+                moved[key] = plain
+    if not moved:
+        return checkpoint
+    return {moved.get(k, k): s for k, s in checkpoint.items()}
+
+
+def _map_key(key: str, mapping: Mapping[str, str]) -> str:
+    prefix = (
+        PEFT_PREFIX
+        if key.startswith(PEFT_PREFIX)
+        else "base_model."
+        if key.startswith("base_model.")
+        else ""
+    )
+    if not prefix:
+        return key
+    rest = key[len(prefix) :]
+    for pattern, replacement in mapping.items():
+        new, count = re.subn(pattern, replacement, rest)
+        if count:
+            return prefix + new
+    return key
