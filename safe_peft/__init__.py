@@ -25,6 +25,7 @@ __all__ = [
     "SizeMismatch",
     "UnexpectedKey",
     "__version__",
+    "check_target",
     "diagnose",
     "fix_adapter",
     "inspect_adapter",
@@ -43,9 +44,11 @@ _LAZY = {
     "merge_rank_shards": "safe_peft._merge",
     "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
+    "check_target": "safe_peft._engines",
 }
 
 if TYPE_CHECKING:
+    from safe_peft._engines import check_target
     from safe_peft._loader import safe_load_adapter
     from safe_peft._manifest import inspect_adapter
     from safe_peft._merge import merge_rank_shards

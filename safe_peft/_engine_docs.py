@@ -1,0 +1,123 @@
+"""The generated parts of docs/serving.md and docs/causes/engine_incompatible.md, from the engine rule data.
+
+``python -m safe_peft._engine_docs`` rewrites both between their ``<!-- generated -->`` markers; a test checks
+that the committed pages are current.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from safe_peft._engine_rules import CONVERSIONS, FEATURES, RULE_SETS, EngineRule, RuleSet
+
+__all__ = ["render_codes", "render_table", "update"]
+
+BEGIN, END = "<!-- generated: do not edit by hand -->", "<!-- end generated -->"
+
+_CELL = {"serves": "serves", "serves_wrong": "**serves wrong**", "refuses": "**refuses**"}
+
+
+def _cell(rule: EngineRule | None) -> str:
+    if rule is None:
+        return "no rule (unknown)"
+    text = _CELL[rule.behaviour]
+    if rule.kills_engine:
+        text += ", kills the engine"
+    if rule.conversion:
+        text += f"; fix: `{rule.conversion}`"
+    if rule.verified != "engine run":
+        text += " (read, not run)"
+    return text
+
+
+def _rank_cell(rules: RuleSet) -> str:
+    limit = rules.rank_limit
+    if limit is None:
+        return "any (scale uses the tensor's rank)" if rules.scaling == "global_alpha_over_tensor_rank" else "any"
+    return f"<= `{limit.flag}` (default {limit.default}; one of {', '.join(map(str, limit.allowed))}); above: **refuses**"
+
+
+def _scaling_cell(rules: RuleSet) -> str:
+    return {
+        "peft": "as peft (alpha_m / r_m, rsLoRA, patterns)",
+        "global_alpha_over_tensor_rank": "global lora_alpha / the tensor's rank",
+        "global_alpha_over_r": "global lora_alpha / r",
+    }[rules.scaling]
+
+
+def render_table() -> str:
+    """The engines x features table, then each engine's rules with their sources."""
+    head = "| feature | " + " | ".join(f"{s.title} {s.version}" for s in RULE_SETS) + " |"
+    lines = [head, "|---|" + "---|" * len(RULE_SETS)]
+    lines.append("| LoRA scale | " + " | ".join(_scaling_cell(s) for s in RULE_SETS) + " |")
+    lines.append("| rank | " + " | ".join(_rank_cell(s) for s in RULE_SETS) + " |")
+    for feature, what in FEATURES.items():
+        if feature == "rank":
+            continue
+        lines.append(f"| {what} | " + " | ".join(_cell(s.rule_for(feature)) for s in RULE_SETS) + " |")
+    lines.append("")
+    lines.append("Conversions (`safe-peft fix --target ENGINE`), each exact:")
+    lines.append("")
+    lines.extend(f"- `{name}`: {what}." for name, what in CONVERSIONS.items())
+    for s in RULE_SETS:
+        lines += ["", f"### {s.title} {s.version}", "", f"How it was run: {s.how_tested}.", ""]
+        lines.append(f"- scale: {_scaling_cell(s)} ({s.scaling_source.cite()})")
+        if s.rank_limit is not None:
+            lines.append(f"- rank: {_rank_cell(s)} ({s.rank_limit.source.cite()})")
+        for r in s.rules:
+            lines.append(f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {r.rule}. Source: {r.source.cite()}.")
+    return "\n".join(lines)
+
+
+def render_codes() -> str:
+    """One section per finding code, for docs/causes/engine_incompatible.md."""
+    lines = []
+    codes: dict[str, list[tuple[RuleSet, EngineRule]]] = {}
+    for s in RULE_SETS:
+        for r in s.rules:
+            if r.behaviour != "serves":
+                codes.setdefault(r.code, []).append((s, r))
+    for s in RULE_SETS:
+        if s.rank_limit is not None:
+            lines += [f"### `{s.engine}_max_lora_rank`", f"{s.title}: the adapter's rank is above `{s.rank_limit.flag}`."
+                      f" Start the engine with a larger value (the check says which). Source: "
+                      f"{s.rank_limit.source.cite()}.", ""]
+        lines += [f"### `{s.engine}_scaling`", f"{s.title} scales the LoRA product differently from peft for some "
+                  f"modules; `safe-peft fix --target {s.engine}` folds peft's scale into lora_B.", ""]
+        lines += [f"### `{s.engine}_unverified_feature`", f"No rule for this feature on {s.title} {s.version}: the "
+                  "verdict is `unknown`, never `serves`.", ""]
+        lines += [f"### `{s.engine}_not_lora`", f"{s.title} serves LoRA adapters only.", ""]
+    for code, entries in codes.items():
+        s, r = entries[0]
+        lines += [f"### `{code}`", f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {r.rule}.",
+                  f"Fix: {r.fix}.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _replace(text: str, generated: str) -> str:
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[:start] + "\n" + generated.rstrip() + "\n" + text[end:]
+
+
+def update(root: str, *, check: bool = False) -> list[str]:
+    """Rewrite the generated parts of both pages under ``root``; return the pages that changed (or would)."""
+    changed = []
+    for page, generated in (
+        (os.path.join(root, "docs", "serving.md"), render_table()),
+        (os.path.join(root, "docs", "causes", "engine_incompatible.md"), render_codes()),
+    ):
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        new = _replace(text, generated)
+        if new != text:
+            changed.append(page)
+            if not check:
+                with open(page, "w", encoding="utf-8") as f:
+                    f.write(new)
+    return changed
+
+
+if __name__ == "__main__":
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("\n".join(update(here, check="--check" in sys.argv)) or "up to date")
