@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from safe_peft._engine_rules import CONVERSIONS, FEATURES, RULE_SETS, EngineRule, RuleSet
+from safe_peft._engine_rules import CONVERSIONS, FEATURES, RULE_SETS, SCALING_MODELS, EngineRule, RuleSet
 
 __all__ = ["render_codes", "render_table", "update"]
 
@@ -39,11 +39,7 @@ def _rank_cell(rules: RuleSet) -> str:
 
 
 def _scaling_cell(rules: RuleSet) -> str:
-    return {
-        "peft": "as peft (alpha_m / r_m, rsLoRA, patterns)",
-        "global_alpha_over_tensor_rank": "global lora_alpha / the tensor's rank",
-        "global_alpha_over_r": "global lora_alpha / r",
-    }[rules.scaling]
+    return SCALING_MODELS[rules.scaling] + ("" if rules.scaling_verified == "engine run" else " (read, not run)")
 
 
 def render_table() -> str:
@@ -66,8 +62,26 @@ def render_table() -> str:
         if s.rank_limit is not None:
             lines.append(f"- rank: {_rank_cell(s)} ({s.rank_limit.source.cite()})")
         for r in s.rules:
-            lines.append(f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {r.rule}. Source: {r.source.cite()}.")
+            lines.append(f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {_sentence(r.rule)} Source: "
+                         f"{r.source.cite()}{_quote(r)}; {r.verified}.")
+        if s.architectures is not None:
+            lines.append(f"- adapters only for {', '.join(s.architectures)} bases ({_cite(s.architectures_source)})")
+        if not s.reads_peft:
+            lines.append(f"- reads no PEFT adapter: its own format only; every PEFT adapter is refused "
+                         f"({_cite(s.reads_peft_source)})")
     return "\n".join(lines)
+
+
+def _sentence(text: str) -> str:
+    return text.rstrip(".") + "."
+
+
+def _quote(rule: EngineRule) -> str:
+    return f" (`{rule.source.quote}`)" if rule.source.quote and not rule.source.line else ""
+
+
+def _cite(source: object) -> str:
+    return source.cite() if hasattr(source, "cite") else ""
 
 
 def render_codes() -> str:
@@ -90,8 +104,15 @@ def render_codes() -> str:
         lines += [f"### `{s.engine}_not_lora`", f"{s.title} serves LoRA adapters only.", ""]
     for code, entries in codes.items():
         s, r = entries[0]
-        lines += [f"### `{code}`", f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {r.rule}.",
-                  f"Fix: {r.fix}.", ""]
+        lines += [f"### `{code}`", f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {_sentence(r.rule)}",
+                  f"Fix: {_sentence(r.fix)}", ""]
+    for s in RULE_SETS:
+        if s.architectures is not None:
+            lines += [f"### `{s.engine}_unsupported_architecture`", f"{s.title} takes adapters for "
+                      f"{', '.join(s.architectures)} bases only.", "", f"### `{s.engine}_architecture_unknown`",
+                      f"{s.title} takes adapters for some bases only: pass `base=` to decide.", ""]
+        if not s.reads_peft:
+            lines += [f"### `{s.engine}_no_peft_adapters`", f"{s.title} loads adapters in its own format only.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

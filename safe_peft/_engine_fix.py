@@ -142,6 +142,9 @@ def _convert(
     from safe_peft._engines import _pattern
 
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    one_rank = scaling == "global_alpha_over_r"  # one scale alpha / r for every module: pad all to one rank
+    if one_rank:
+        pad_rank_to = max([pad_rank_to or 0] + [int(t.shape[0]) for k, t in tensors.items() if _role(k) == "A"])
     new_ranks: dict[str, int] = {}
     factors: dict[str, float] = {}
     for key in sorted(tensors):
@@ -156,10 +159,8 @@ def _convert(
         a_m = alpha if a_m is None else float(a_m)
         peft = a_m / math.sqrt(r_m) if cfg.get("use_rslora") else a_m / r_m
         target_rank = max(rank, pad_rank_to or 0)
-        if scaling == "global_alpha_over_r":
-            engine = alpha / max(r, pad_rank_to or 0)
-        else:  # "peft" and "global_alpha_over_tensor_rank" agree once patterns are folded: alpha / the module's rank
-            engine = alpha / target_rank if alpha else 1.0
+        # Once rsLoRA and alpha_pattern are folded, every scaling model gives alpha / the module's (padded) rank.
+        engine = alpha / target_rank if alpha else 1.0
         factor = peft / engine
         b = tensors[key]
         work = b.to(torch.float64) * factor
@@ -173,9 +174,7 @@ def _convert(
         tensors[a_key] = a.to(dtype).contiguous()
         factors[module] = factor
         new_ranks[name] = target_rank
-    base_rank = max(r, pad_rank_to or 0) if scaling == "global_alpha_over_r" else r
-    if pad_rank_to is not None:
-        base_rank = max(base_rank, pad_rank_to)
+    base_rank = pad_rank_to if one_rank and pad_rank_to else max(r, pad_rank_to or 0)
     cfg["r"] = base_rank
     cfg["use_rslora"] = False
     cfg["alpha_pattern"] = {}

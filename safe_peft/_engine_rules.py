@@ -22,6 +22,7 @@ __all__ = [
     "EngineRule",
     "RankLimit",
     "RuleSet",
+    "SCALING_MODELS",
     "Source",
     "rule_set",
 ]
@@ -51,6 +52,17 @@ FEATURES: dict[str, str] = {
     "moe_router_lora": "LoRA on the MoE router (mlp.gate)",
     "vlm_text_layout": "a text-model LoRA served on a vision-language wrapper (layers under another prefix)",
     "half_precision": "adapter weights stored in float16 / bfloat16",
+}
+# Findings about the adapter as a whole, not one of FEATURES: "peft_layout" (the engine reads no PEFT adapter),
+# "architecture" (the engine takes adapters for some bases only).
+
+# how an engine scales module m's LoRA product (peft: alpha_m / r_m, or alpha_m / sqrt(r_m) with rsLoRA)
+SCALING_MODELS: dict[str, str] = {
+    "peft": "as peft (alpha_m / r_m, rsLoRA, patterns)",
+    "global_alpha_over_tensor_rank": "global lora_alpha / the tensor's rank (no rsLoRA, no alpha_pattern)",
+    "global_alpha_over_tensor_rank_rslora": "global lora_alpha / the tensor's rank, or / its square root with "
+    "use_rslora (no alpha_pattern)",
+    "global_alpha_over_r": "global lora_alpha / r (no rsLoRA, rank_pattern or alpha_pattern)",
 }
 
 # conversion -> what `safe-peft fix --target` does (exact: outputs equal before and after)
@@ -118,12 +130,18 @@ class RuleSet:
     engine: str
     version: str
     title: str
-    scaling: str  # "peft" (alpha_m / r_m, rsLoRA, patterns) | "global_alpha_over_tensor_rank" | "global_alpha_over_r"
+    scaling: str  # a key of SCALING_MODELS
     scaling_source: Source
     rules: tuple[EngineRule, ...]
     rank_limit: RankLimit | None = None
     scaling_verified: str = "engine run"
     how_tested: str = ""
+    # The base architectures (config.json model_type) the engine takes adapters for; None: any it serves.
+    architectures: tuple[str, ...] | None = None
+    architectures_source: Source | None = None
+    # An engine that does not read PEFT adapters at all (its own adapter format): every PEFT adapter is refused.
+    reads_peft: bool = True
+    reads_peft_source: Source | None = None
 
     def rule_for(self, feature: str) -> EngineRule | None:
         return next((r for r in self.rules if r.feature == feature), None)
@@ -443,12 +461,184 @@ LLAMACPP_0C1E570 = RuleSet(
     ),
 )
 
-RULE_SETS: tuple[RuleSet, ...] = (VLLM_0_32, LLAMACPP_0C1E570)
+_SGL = "sglang 0.5.23 (PyPI wheel)"
+_TRT = "TensorRT-LLM 007e181"
+_OLL = "ollama fb30760"
+_MLX = "mlx-lm d78bf58"
+
+
+def _s(file: str, line: int, quote: str = "") -> Source:
+    return Source(f"sglang/srt/lora/{file}", line, _SGL, quote)
+
+
+def _t(line: int | None, quote: str) -> Source:
+    return Source("tensorrt_llm/lora_manager.py", line, _TRT, quote)
+
+
+def _o(file: str, line: int, quote: str = "") -> Source:
+    return Source(f"convert/{file}", line, _OLL, quote)
+
+
+def _read(feature: str, behaviour: str, code: str, rule: str, fix: str, source: Source, **kw: object) -> EngineRule:
+    return EngineRule(feature, behaviour, code, rule, fix, source, verified="source", **kw)  # type: ignore[arg-type]
+
+
+_MERGE = "merge the adapter with peft (merge_and_unload) and serve the merged model"
+
+SGLANG_0_5_23 = RuleSet(
+    engine="sglang",
+    version="0.5.23",
+    title="SGLang",
+    scaling="global_alpha_over_r",
+    scaling_source=_s("lora.py", 71, "self.scaling: float = self.config.lora_alpha / self.config.r"),
+    scaling_verified="source",
+    how_tested="read from the sglang 0.5.23 wheel (not run here: it needs a GPU); tested against hand-built cases",
+    rules=(
+        _read("dora", "refuses", "sglang_dora", "LoRA serving currently doesn't support DoRA adapters", _MERGE,
+              _s("lora_manager.py", 349, "if lora_config.use_dora:"), refuses_when="load_lora_adapter"),
+        _read("rslora", "serves_wrong", "sglang_rslora", "one scale per adapter, lora_alpha / r: use_rslora is "
+              "not read", "safe-peft fix --target sglang folds the rsLoRA scale into lora_B",
+              _s("lora.py", 71), conversion="fold_scaling"),
+        _read("alpha_pattern", "serves_wrong", "sglang_alpha_pattern", "one scale per adapter, lora_alpha / r: "
+              "alpha_pattern only gates admission", "safe-peft fix --target sglang folds each module's scale into "
+              "lora_B", _s("lora.py", 71), conversion="fold_scaling"),
+        _read("rank_pattern", "serves_wrong", "sglang_rank_pattern", "one scale per adapter, lora_alpha / r, "
+              "whatever the module's rank", "safe-peft fix --target sglang folds each module's scale into lora_B "
+              "(and pads every module to one rank)", _s("lora.py", 71), conversion="fold_scaling"),
+        _read("saved_module", "serves_wrong", "sglang_modules_to_save_skipped", "weights that match no target "
+              "module are skipped with a warning (an error only with --lora-strict-loading)", _MERGE,
+              _s("mem_pool.py", 951, "if self.strict_loading:")),
+        _read("saved_norm", "serves_wrong", "sglang_norm_skipped", "weights that match no target module are "
+              "skipped with a warning (an error only with --lora-strict-loading)", _MERGE,
+              _s("mem_pool.py", 951, "if self.strict_loading:")),
+        _read("trainable_tokens", "serves_wrong", "sglang_trainable_tokens_skipped", "an embed_tokens weight "
+              "outside target_modules is skipped", _MERGE, _s("lora.py", 179)),
+        _read("half_precision", "serves", "sglang_half_precision", "weights are cast to the model dtype", "",
+              _s("mem_pool.py", 153)),
+    ),
+)
+
+TRTLLM_007E181 = RuleSet(
+    engine="tensorrt-llm",
+    version="007e181",
+    title="TensorRT-LLM",
+    scaling="global_alpha_over_tensor_rank_rslora",
+    scaling_source=_t(None, 'scale = float(hf_config["lora_alpha"]) / np.sqrt(effective_rank)'),
+    scaling_verified="source",
+    how_tested="read from tensorrt_llm/lora_manager.py at 007e181 (not run here: it needs a GPU); tested against "
+    "hand-built cases",
+    rank_limit=RankLimit(
+        allowed=tuple(range(1, 1025)),
+        default=64,
+        setting="max_lora_rank",
+        flag="--max_lora_rank",
+        source=_t(None, "max_lora_rank: int = 64"),
+        verified="source",
+    ),
+    rules=(
+        _read("dora", "serves", "trtllm_dora", "lora_magnitude_vector is read and normalised (not for MoE)", "",
+              _t(None, "def norm_dora_magnitude(")),
+        _read("rslora", "serves", "trtllm_rslora", "use_rslora: lora_alpha / sqrt(rank)", "",
+              _t(None, 'rs_lora = bool(hf_config.get("use_rslora", False))')),
+        _read("rank_pattern", "serves", "trtllm_rank_pattern", "the scale uses each module's own rank "
+              "(effective_rank = the tensor's)", "", _t(None, "effective_rank = t_in.shape[rank_dim]")),
+        _read("alpha_pattern", "serves_wrong", "trtllm_alpha_pattern", "the global lora_alpha only",
+              "safe-peft fix --target tensorrt-llm folds each module's alpha into lora_B",
+              _t(None, 'scale = float(hf_config["lora_alpha"]) / effective_rank'), conversion="fold_scaling"),
+        _read("saved_module", "serves", "trtllm_modules_to_save_head", "modules_to_save lm_head / embed_tokens "
+              "replace the engine's head or embedding (at build time, for every request)", "",
+              _t(None, 'if "lm_head" in adapter_config["modules_to_save"]:')),
+        _read("saved_norm", "refuses", "trtllm_unsupported_key", "unsupported key ... from HF LoRA weights "
+              "(KeyError: only lora_A/B and magnitude keys of numbered layers)", _MERGE,
+              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
+        _read("lora_bias", "refuses", "trtllm_lora_bias", "unsupported key ...lora_B.bias (KeyError)", _MERGE,
+              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
+        _read("base_bias", "refuses", "trtllm_bias", "unsupported key ...bias (KeyError)", _MERGE,
+              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
+        _read("embedding_lora", "serves_wrong", "trtllm_embedding_lora_skipped", "keys with embed_tokens that are "
+              "not layer LoRA keys are skipped without a word", _MERGE,
+              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
+        _read("lm_head_lora", "serves_wrong", "trtllm_lm_head_lora_skipped", "keys with lm_head that are not layer "
+              "LoRA keys are skipped without a word", _MERGE,
+              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
+        _read("tied_lm_head_lora", "serves_wrong", "trtllm_tied_lm_head_lora_skipped", "keys with lm_head that are "
+              "not layer LoRA keys are skipped without a word", _MERGE,
+              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
+        _read("trainable_tokens", "serves_wrong", "trtllm_trainable_tokens_skipped", "embed_tokens.token_adapter "
+              "keys are skipped without a word", _MERGE,
+              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
+        _read("moe_target_parameters", "refuses", "trtllm_moe_target_parameters", "experts.base_layer is not in "
+              "the supported module list (AssertionError); per-expert experts.N.w1/w2/w3 are", _MERGE,
+              _t(None, "assert hf_module in hf_modules")),
+        _read("half_precision", "serves", "trtllm_half_precision", "weights are cast to the model dtype", "",
+              _t(None, "t_in = t_in.to(str_dtype_to_torch(model_config.dtype))")),
+    ),
+)
+
+OLLAMA_FB30760 = RuleSet(
+    engine="ollama",
+    version="fb30760",
+    title="Ollama",
+    scaling="global_alpha_over_tensor_rank",
+    scaling_source=_o("convert.go", 171, '"adapter.lora.alpha": alpha'),
+    scaling_verified="source",
+    how_tested="read from ollama's convert/ at fb30760 (ADAPTER in a Modelfile; runs on llama.cpp's adapter "
+    "loader); tested against hand-built cases",
+    architectures=("llama", "gemma2"),
+    architectures_source=_o("convert.go", 264, 'return errors.New("unsupported architecture")'),
+    rules=(
+        _read("dora", "refuses", "ollama_dora", "tensors other than lora_a / lora_b are written as they are, and "
+              "llama.cpp refuses them: LoRA tensor ... has unexpected suffix", _MERGE,
+              _o("convert.go", 267, "ts, err := parseTensors(fsys, strings.NewReplacer(conv.Replacements()...))")),
+        _read("saved_module", "refuses", "ollama_modules_to_save", "a full head is written as it is; llama.cpp: "
+              "LoRA tensor ... has unexpected suffix", _MERGE, _o("convert.go", 267)),
+        _read("saved_norm", "refuses", "ollama_saved_norm", "norm weights keep their Hugging Face names; "
+              "llama.cpp: LoRA tensor ... has unexpected suffix", _MERGE, _o("convert.go", 267)),
+        _read("lora_bias", "refuses", "ollama_lora_bias", "a lora_B.bias is written as it is; llama.cpp: "
+              "unexpected suffix", _MERGE, _o("convert.go", 267)),
+        _read("base_bias", "refuses", "ollama_bias", "a bias is written as it is; llama.cpp: unexpected suffix",
+              _MERGE, _o("convert.go", 267)),
+        _read("trainable_tokens", "refuses", "ollama_trainable_tokens", "written as it is; llama.cpp: unexpected "
+              "suffix", _MERGE, _o("convert.go", 267)),
+        _read("rslora", "serves_wrong", "ollama_rslora", "only lora_alpha is written (adapter.lora.alpha); "
+              "llama.cpp scales by alpha / rank", "safe-peft fix --target ollama folds the rsLoRA scale into "
+              "lora_B", _o("convert.go", 171), conversion="fold_scaling"),
+        _read("alpha_pattern", "serves_wrong", "ollama_alpha_pattern", "only lora_alpha is written",
+              "safe-peft fix --target ollama folds each module's alpha into lora_B", _o("convert.go", 171),
+              conversion="fold_scaling"),
+        _read("rank_pattern", "serves", "ollama_rank_pattern", "llama.cpp's scale uses each tensor's rank", "",
+              _l("src/llama-adapter.h", 54)),
+        _read("half_precision", "serves", "ollama_half_precision", "tensors are repacked to float32 / float16",
+              "", _o("convert_llama_adapter.go", 40)),
+    ),
+)
+
+MLXLM_D78BF58 = RuleSet(
+    engine="mlx-lm",
+    version="d78bf58",
+    title="MLX-LM",
+    scaling="peft",
+    scaling_source=Source("mlx_lm/tuner/lora.py", 98, _MLX, "return y + (self.scale * z).astype(x.dtype)"),
+    scaling_verified="source",
+    how_tested="read from mlx_lm/tuner/utils.py at d78bf58 (Apple silicon only); tested against hand-built cases",
+    reads_peft=False,
+    reads_peft_source=Source(
+        "mlx_lm/tuner/utils.py", 134, _MLX, 'config.num_layers, config.lora_parameters ... "adapters.safetensors"'
+    ),
+    rules=(),
+)
+
+RULE_SETS: tuple[RuleSet, ...] = (VLLM_0_32, LLAMACPP_0C1E570, SGLANG_0_5_23, TRTLLM_007E181, OLLAMA_FB30760,
+                                  MLXLM_D78BF58)
 
 # engine name -> aliases accepted on the command line
 ENGINES: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm",),
     "llamacpp": ("llamacpp", "llama.cpp", "llama-cpp", "gguf"),
+    "sglang": ("sglang",),
+    "tensorrt-llm": ("tensorrt-llm", "trtllm", "tensorrt_llm"),
+    "ollama": ("ollama",),
+    "mlx-lm": ("mlx-lm", "mlx", "mlx_lm"),
 }
 
 

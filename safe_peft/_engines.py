@@ -219,6 +219,18 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
     """The pure part of ``check_target``: facts and rules in, verdict out."""
     findings: list[Diagnosis] = []
     notes: list[str] = []
+    if not rules.reads_peft:
+        source = rules.reads_peft_source
+        rule = EngineRule("peft_layout", "refuses", f"{rules.engine}_no_peft_adapters", f"{rules.title} loads "
+                          "adapters in its own format only (not adapter_config.json + adapter_model.safetensors)",
+                          _MERGE_FIX, source if source is not None else rules.scaling_source, "source",
+                          refuses_when="load")
+        findings.append(_from_rule(rules, rule, Feature("peft_layout")))
+        return TargetReport(facts.path, rules.engine, rules.version, "refuses", tuple(findings))
+    if rules.architectures is not None:
+        arch = _architecture(rules, base)
+        if arch is not None:
+            findings.append(arch)
     if facts.peft_type.upper() != "LORA":
         findings.append(
             _finding(
@@ -267,6 +279,27 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
         command=command,
         conversions=conversions,
     )
+
+
+_MERGE_FIX = "merge the adapter with peft (merge_and_unload) and serve the merged model"
+
+
+def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
+    allowed = rules.architectures or ()
+    source = rules.architectures_source or rules.scaling_source
+    if base is None or not base.model_type:
+        rule = EngineRule("architecture", "unknown", f"{rules.engine}_architecture_unknown", f"adapters only for "
+                          f"{', '.join(allowed)} bases", "pass base= so the check can see the architecture", source,
+                          "source")
+        d = _from_rule(rules, rule, Feature("architecture"))
+        return Diagnosis(d.cause, d.code, f"{rules.title} takes adapters for {', '.join(allowed)} bases only; "
+                         "without base= the architecture is unknown", d.fix, details=d.details)
+    if base.model_type in allowed:
+        return None
+    rule = EngineRule("architecture", "refuses", f"{rules.engine}_unsupported_architecture", f"adapters only for "
+                      f"{', '.join(allowed)} bases (unsupported architecture)", _MERGE_FIX, source, "source",
+                      refuses_when="conversion")
+    return _from_rule(rules, rule, Feature("architecture", detail=f"the base is {base.model_type!r}"))
 
 
 # --- features ------------------------------------------------------------------------------------------------
@@ -398,6 +431,8 @@ def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, f
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     out = {}
     for m in facts.modules:
+        if _is_fused_expert(m.name):  # stored as rank r * experts; judged by the moe_target_parameters rule
+            continue
         rank = _pattern(rank_pattern, m.name) or r
         a = _pattern(alpha_pattern, m.name)
         a = alpha if a is None else a
@@ -406,6 +441,8 @@ def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, f
             engine = peft
         elif scaling == "global_alpha_over_tensor_rank":
             engine = alpha / m.rank if alpha else 1.0
+        elif scaling == "global_alpha_over_tensor_rank_rslora":
+            engine = alpha / (math.sqrt(m.rank) if cfg.get("use_rslora") else m.rank)
         elif scaling == "global_alpha_over_r":
             engine = alpha / r
         else:
@@ -516,6 +553,7 @@ def _from_rule(rules: RuleSet, rule: EngineRule, feature: Feature) -> Diagnosis:
         "refuses": f"{rules.title} refuses it"
         + (", and the error kills the engine for every user" if rule.kills_engine else ""),
         "serves_wrong": f"{rules.title} loads it without an error and serves outputs that differ from peft's",
+        "unknown": f"{rules.title} may refuse it",
     }[rule.behaviour]
     where = (
         f" ({', '.join(feature.evidence[:3])}{', ...' if len(feature.evidence) > 3 else ''})"

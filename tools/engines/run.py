@@ -11,11 +11,14 @@ outputs differ), ``refuses`` (an error; whether it killed the engine). Nothing h
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import zlib
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,14 +73,31 @@ def run_vllm(python: str, work: str, built: dict[str, Any]) -> dict[str, Any]:
         job = {"model": built["models"][model], "engine_args": engine_args, "prompts": corpus.PROMPTS,
                "new_tokens": corpus.NEW_TOKENS,
                "adapters": [{"id": e["id"], "path": e["path"]} for e in entries]}
-        tag = f"vllm-{model}-{abs(hash(args)) % 10000}"
+        tag = f"vllm-{model}-{zlib.crc32(args.encode()) % 10000}"
         results = _run_engine(python, "run_vllm.py", work, tag, job)
         starts = results.get("engine_starts", 0)
+        _root_causes(results)
         by_id = {r["id"]: r for r in results["results"]}
         for e in entries:
             out[(e["id"], "vllm")] = {**by_id.get(e["id"], {"status": "missing"}), "engine_args": engine_args,
                                       "base": by_id.get("<base>"), "engine_starts": starts}
     return out
+
+
+def _root_causes(results: dict[str, Any]) -> None:
+    """vLLM's EngineDeadError hides the worker's error; it is in the engine's log, one per death, in order."""
+    log = results.get("log", "")
+    if not log or not os.path.exists(log):
+        return
+    with open(log, errors="replace") as f:
+        found = re.findall(r"Worker failed with error '(.*?)', please check", f.read())
+    causes: list[str] = []
+    for cause in found:  # the engine logs each error several times in a row
+        if not causes or causes[-1] != cause:
+            causes.append(cause)
+    died = [r for r in results["results"] if r.get("engine_died")]
+    for result, cause in zip(died, causes):
+        result["error"] = f"{result.get('error', '')} (worker: {cause})"
 
 
 def run_llamacpp(python: str, llama_dir: str, work: str, built: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +113,20 @@ def run_llamacpp(python: str, llama_dir: str, work: str, built: dict[str, Any]) 
                                     "base": by_id.get(f"<base:{e['model']}>")} for e in entries}
 
 
+REUSE = False  # --reuse: score the engines' saved outputs again instead of running them
+
+
 def _run_engine(python: str, script: str, work: str, tag: str, job: dict[str, Any]) -> dict[str, Any]:
+    if REUSE:
+        for old in sorted(glob.glob(os.path.join(work, "job-*.json"))):
+            with open(old) as f:
+                same = json.load(f) == json.loads(json.dumps(job))
+            out = old.replace("job-", "out-")
+            if same and os.path.exists(out):
+                with open(out) as f:
+                    result: dict[str, Any] = json.load(f)
+                result["log"] = old.replace("job-", "log-").replace(".json", ".txt")
+                return result
     jpath, opath = os.path.join(work, f"job-{tag}.json"), os.path.join(work, f"out-{tag}.json")
     with open(jpath, "w") as f:
         json.dump(job, f)
@@ -107,7 +140,8 @@ def _run_engine(python: str, script: str, work: str, tag: str, job: dict[str, An
     if not os.path.exists(opath):
         raise RuntimeError(f"{script} wrote no result; see {log}")
     with open(opath) as f:
-        result: dict[str, Any] = json.load(f)
+        result = json.load(f)
+    result["log"] = log
     return result
 
 
@@ -146,7 +180,10 @@ def main() -> None:
     parser.add_argument("--llamacpp-dir", default=os.path.join(ROOT, ".engines-src", "llama.cpp"))
     parser.add_argument("--engines", default="vllm,llamacpp")
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--reuse", action="store_true", help="score saved engine outputs in --work again")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     names = [n for n in args.cases.split(",") if n] or [c.name for c in corpus.CASES]
     engines = args.engines.split(",")
     os.makedirs(args.work, exist_ok=True)

@@ -68,8 +68,15 @@ def main() -> None:
         starts += 1
         print(f"engine start {starts}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if not base_done:
-            results.append({"id": "<base>", **_run(llm, job, None, 0)})
             base_done = True
+            try:
+                results.append({"id": "<base>", **_run(llm, job, None, 0)})
+            except Exception as exc:  # the base model itself fails with enable_lora: every adapter will too
+                results.append({"id": "<base>", "status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                "engine_died": True})
+                print(f"<base>: {exc} (engine died)", file=sys.stderr, flush=True)
+                del llm
+                continue
         while pending:
             adapter = pending.pop(0)
             index = len(results)
