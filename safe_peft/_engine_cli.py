@@ -125,7 +125,10 @@ def run_fix_target(args: argparse.Namespace, out: _Output) -> int:
         out.write(out.bad("Nothing was written: no exact conversion makes this adapter serve right."))
         return INCOMPATIBLE
     if not report.conversions:
-        out.write(f"{args.adapter}: {report.before.engine} already serves it as peft does; wrote an unchanged copy.")
+        out.write(
+            f"{args.adapter}: {report.before.engine} already serves it as peft does; wrote it with its scales "
+            f"folded into lora_B ({len(report.factors)} modules), which gives the same outputs."
+        )
     else:
         out.write(f"Wrote {args.out}: {', '.join(report.conversions)} ({len(report.factors)} modules).")
     out.write(

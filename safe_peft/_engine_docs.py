@@ -35,7 +35,9 @@ def _rank_cell(rules: RuleSet) -> str:
     limit = rules.rank_limit
     if limit is None:
         return "any (scale uses the tensor's rank)" if rules.scaling == "global_alpha_over_tensor_rank" else "any"
-    return f"<= `{limit.flag}` (default {limit.default}; one of {', '.join(map(str, limit.allowed))}); above: **refuses**"
+    return (
+        f"<= `{limit.flag}` (default {limit.default}; one of {', '.join(map(str, limit.allowed))}); above: **refuses**"
+    )
 
 
 def _scaling_cell(rules: RuleSet) -> str:
@@ -62,13 +64,17 @@ def render_table() -> str:
         if s.rank_limit is not None:
             lines.append(f"- rank: {_rank_cell(s)} ({s.rank_limit.source.cite()})")
         for r in s.rules:
-            lines.append(f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {_sentence(r.rule)} Source: "
-                         f"{r.source.cite()}{_quote(r)}; {r.verified}.")
+            lines.append(
+                f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {_sentence(r.rule)} Source: "
+                f"{r.source.cite()}{_quote(r)}; {r.verified}."
+            )
         if s.architectures is not None:
             lines.append(f"- adapters only for {', '.join(s.architectures)} bases ({_cite(s.architectures_source)})")
         if not s.reads_peft:
-            lines.append(f"- reads no PEFT adapter: its own format only; every PEFT adapter is refused "
-                         f"({_cite(s.reads_peft_source)})")
+            lines.append(
+                f"- reads no PEFT adapter: its own format only; every PEFT adapter is refused "
+                f"({_cite(s.reads_peft_source)})"
+            )
     return "\n".join(lines)
 
 
@@ -94,23 +100,43 @@ def render_codes() -> str:
                 codes.setdefault(r.code, []).append((s, r))
     for s in RULE_SETS:
         if s.rank_limit is not None:
-            lines += [f"### `{s.engine}_max_lora_rank`", f"{s.title}: the adapter's rank is above `{s.rank_limit.flag}`."
-                      f" Start the engine with a larger value (the check says which). Source: "
-                      f"{s.rank_limit.source.cite()}.", ""]
-        lines += [f"### `{s.engine}_scaling`", f"{s.title} scales the LoRA product differently from peft for some "
-                  f"modules; `safe-peft fix --target {s.engine}` folds peft's scale into lora_B.", ""]
-        lines += [f"### `{s.engine}_unverified_feature`", f"No rule for this feature on {s.title} {s.version}: the "
-                  "verdict is `unknown`, never `serves`.", ""]
+            lines += [
+                f"### `{s.engine}_max_lora_rank`",
+                f"{s.title}: the adapter's rank is above `{s.rank_limit.flag}`."
+                f" Start the engine with a larger value (the check says which). Source: "
+                f"{s.rank_limit.source.cite()}.",
+                "",
+            ]
+        lines += [
+            f"### `{s.engine}_scaling`",
+            f"{s.title} scales the LoRA product differently from peft for some "
+            f"modules; `safe-peft fix --target {s.engine}` folds peft's scale into lora_B.",
+            "",
+        ]
+        lines += [
+            f"### `{s.engine}_unverified_feature`",
+            f"No rule for this feature on {s.title} {s.version}: the verdict is `unknown`, never `serves`.",
+            "",
+        ]
         lines += [f"### `{s.engine}_not_lora`", f"{s.title} serves LoRA adapters only.", ""]
     for code, entries in codes.items():
         s, r = entries[0]
-        lines += [f"### `{code}`", f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {_sentence(r.rule)}",
-                  f"Fix: {_sentence(r.fix)}", ""]
+        lines += [
+            f"### `{code}`",
+            f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {_sentence(r.rule)}",
+            f"Fix: {_sentence(r.fix)}",
+            "",
+        ]
     for s in RULE_SETS:
         if s.architectures is not None:
-            lines += [f"### `{s.engine}_unsupported_architecture`", f"{s.title} takes adapters for "
-                      f"{', '.join(s.architectures)} bases only.", "", f"### `{s.engine}_architecture_unknown`",
-                      f"{s.title} takes adapters for some bases only: pass `base=` to decide.", ""]
+            lines += [
+                f"### `{s.engine}_unsupported_architecture`",
+                f"{s.title} takes adapters for {', '.join(s.architectures)} bases only.",
+                "",
+                f"### `{s.engine}_architecture_unknown`",
+                f"{s.title} takes adapters for some bases only: pass `base=` to decide.",
+                "",
+            ]
         if not s.reads_peft:
             lines += [f"### `{s.engine}_no_peft_adapters`", f"{s.title} loads adapters in its own format only.", ""]
     return "\n".join(lines).rstrip() + "\n"

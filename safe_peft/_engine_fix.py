@@ -97,6 +97,8 @@ def fix_for_target(
 
     rules = rule_set(target, version)
     tensors, config, factors = _convert(facts, rules.scaling, pad_rank_to)
+    if "vlm_prefix" in conversions:
+        tensors = _vlm_prefix(tensors)
     _write(out, tensors, config, facts, conversions)
     after = check_target(out, target, base, version)
     if not after.ok:
@@ -182,6 +184,21 @@ def _convert(
     if not alpha:
         cfg["lora_alpha"] = 0
     return tensors, cfg, factors
+
+
+_TEXT_PREFIX = "base_model.model.model."
+_WRAPPER_PARTS = ("language_model.", "vision_tower.", "multi_modal_projector.", "visual.")
+
+
+def _vlm_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Text-model keys (``model.layers.*``) to the vision-language wrapper's layout (``model.language_model.*``,
+    transformers >= 4.52, which the engines map); keys already in the wrapper's layout and lm_head stay."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(_TEXT_PREFIX) and not key[len(_TEXT_PREFIX) :].startswith(_WRAPPER_PARTS):
+            key = _TEXT_PREFIX + "language_model." + key[len(_TEXT_PREFIX) :]
+        out[key] = value
+    return out
 
 
 def _pattern_name(module: str) -> str:

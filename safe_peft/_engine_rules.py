@@ -19,10 +19,10 @@ __all__ = [
     "CONVERSIONS",
     "ENGINES",
     "FEATURES",
+    "SCALING_MODELS",
     "EngineRule",
     "RankLimit",
     "RuleSet",
-    "SCALING_MODELS",
     "Source",
     "rule_set",
 ]
@@ -51,6 +51,7 @@ FEATURES: dict[str, str] = {
     "moe_target_parameters": "MoE expert weights via target_parameters (3-D fused experts)",
     "moe_router_lora": "LoRA on the MoE router (mlp.gate)",
     "vlm_text_layout": "a text-model LoRA served on a vision-language wrapper (layers under another prefix)",
+    "moe_base": "a mixture-of-experts base model (any adapter)",
     "half_precision": "adapter weights stored in float16 / bfloat16",
 }
 # Findings about the adapter as a whole, not one of FEATURES: "peft_layout" (the engine reads no PEFT adapter),
@@ -285,6 +286,63 @@ VLLM_0_32 = RuleSet(
             _v("lora/peft_helper.py", 150),
         ),
         EngineRule(
+            "embedding_lora",
+            "serves",
+            "vllm_embedding",
+            "embed_tokens is one of the model's embedding_modules: lora_embedding_A/B are applied",
+            "",
+            _v("model_executor/models/llama.py", 479, '"embed_tokens": "input_embeddings"'),
+        ),
+        EngineRule(
+            "tied_embedding_lora",
+            "serves",
+            "vllm_tied_embedding",
+            "an embedding LoRA on a tied base is applied to the input side only, as peft does",
+            "",
+            _v("model_executor/models/llama.py", 479, '"embed_tokens": "input_embeddings"'),
+        ),
+        EngineRule(
+            "lm_head_lora",
+            "serves",
+            "vllm_lm_head",
+            "lm_head is wrapped by LogitsProcessorWithLoRA",
+            "",
+            _v("lora/model_manager.py", 567, 'if "lm_head" in module_name:'),
+        ),
+        EngineRule(
+            "tied_lm_head_lora",
+            "serves",
+            "vllm_tied_lm_head",
+            "lm_head is wrapped by LogitsProcessorWithLoRA even when tied to the embeddings (the LoRA applies "
+            "to the output side only, as peft does)",
+            "",
+            _v("lora/model_manager.py", 518, 'if existing_wrapper is not None and "lm_head" not in module_name:'),
+        ),
+        EngineRule(
+            "vlm_text_layout",
+            "serves_wrong",
+            "vllm_vlm_text_layout",
+            "LoRA names go through the model's hf_to_vllm_mapper (model.language_model. -> language_model.model.); "
+            "a text-model layout (model.layers.) maps to no module of the wrapper, and vLLM applies LoRA only to "
+            "the modules it finds ('Requests may use the base model', a debug-level log): it serves the base",
+            "safe-peft fix --target vllm renames the layers under model.language_model.",
+            _v("model_executor/models/llava.py", 505, '"model.language_model.": "language_model.model."'),
+            verified="source",
+            conversion="vlm_prefix",
+        ),
+        EngineRule(
+            "moe_base",
+            "refuses",
+            "vllm_cpu_moe_lora",
+            "with enable_lora, the CPU build's fused-MoE LoRA path calls Triton, which the CPU build lacks: "
+            "\"module 'triton.language' has no attribute 'float32'\"; the first request kills the engine, with "
+            "or without an adapter (the CUDA build has the kernels)",
+            "serve a MoE base with LoRA on a GPU build of vLLM, or merge the adapter (merge_and_unload)",
+            _v("model_executor/layers/fused_moe/experts/triton_moe.py", 322),
+            kills_engine=True,
+            refuses_when="first request (even without an adapter)",
+        ),
+        EngineRule(
             "half_precision",
             "serves",
             "vllm_half_precision",
@@ -494,27 +552,74 @@ SGLANG_0_5_23 = RuleSet(
     scaling_verified="source",
     how_tested="read from the sglang 0.5.23 wheel (not run here: it needs a GPU); tested against hand-built cases",
     rules=(
-        _read("dora", "refuses", "sglang_dora", "LoRA serving currently doesn't support DoRA adapters", _MERGE,
-              _s("lora_manager.py", 349, "if lora_config.use_dora:"), refuses_when="load_lora_adapter"),
-        _read("rslora", "serves_wrong", "sglang_rslora", "one scale per adapter, lora_alpha / r: use_rslora is "
-              "not read", "safe-peft fix --target sglang folds the rsLoRA scale into lora_B",
-              _s("lora.py", 71), conversion="fold_scaling"),
-        _read("alpha_pattern", "serves_wrong", "sglang_alpha_pattern", "one scale per adapter, lora_alpha / r: "
-              "alpha_pattern only gates admission", "safe-peft fix --target sglang folds each module's scale into "
-              "lora_B", _s("lora.py", 71), conversion="fold_scaling"),
-        _read("rank_pattern", "serves_wrong", "sglang_rank_pattern", "one scale per adapter, lora_alpha / r, "
-              "whatever the module's rank", "safe-peft fix --target sglang folds each module's scale into lora_B "
-              "(and pads every module to one rank)", _s("lora.py", 71), conversion="fold_scaling"),
-        _read("saved_module", "serves_wrong", "sglang_modules_to_save_skipped", "weights that match no target "
-              "module are skipped with a warning (an error only with --lora-strict-loading)", _MERGE,
-              _s("mem_pool.py", 951, "if self.strict_loading:")),
-        _read("saved_norm", "serves_wrong", "sglang_norm_skipped", "weights that match no target module are "
-              "skipped with a warning (an error only with --lora-strict-loading)", _MERGE,
-              _s("mem_pool.py", 951, "if self.strict_loading:")),
-        _read("trainable_tokens", "serves_wrong", "sglang_trainable_tokens_skipped", "an embed_tokens weight "
-              "outside target_modules is skipped", _MERGE, _s("lora.py", 179)),
-        _read("half_precision", "serves", "sglang_half_precision", "weights are cast to the model dtype", "",
-              _s("mem_pool.py", 153)),
+        _read(
+            "dora",
+            "refuses",
+            "sglang_dora",
+            "LoRA serving currently doesn't support DoRA adapters",
+            _MERGE,
+            _s("lora_manager.py", 349, "if lora_config.use_dora:"),
+            refuses_when="load_lora_adapter",
+        ),
+        _read(
+            "rslora",
+            "serves_wrong",
+            "sglang_rslora",
+            "one scale per adapter, lora_alpha / r: use_rslora is not read",
+            "safe-peft fix --target sglang folds the rsLoRA scale into lora_B",
+            _s("lora.py", 71),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "alpha_pattern",
+            "serves_wrong",
+            "sglang_alpha_pattern",
+            "one scale per adapter, lora_alpha / r: alpha_pattern only gates admission",
+            "safe-peft fix --target sglang folds each module's scale into lora_B",
+            _s("lora.py", 71),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "rank_pattern",
+            "serves_wrong",
+            "sglang_rank_pattern",
+            "one scale per adapter, lora_alpha / r, whatever the module's rank",
+            "safe-peft fix --target sglang folds each module's scale into lora_B (and pads every module to one rank)",
+            _s("lora.py", 71),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "saved_module",
+            "serves_wrong",
+            "sglang_modules_to_save_skipped",
+            "weights that match no target module are skipped with a warning (an error only with --lora-strict-loading)",
+            _MERGE,
+            _s("mem_pool.py", 951, "if self.strict_loading:"),
+        ),
+        _read(
+            "saved_norm",
+            "serves_wrong",
+            "sglang_norm_skipped",
+            "weights that match no target module are skipped with a warning (an error only with --lora-strict-loading)",
+            _MERGE,
+            _s("mem_pool.py", 951, "if self.strict_loading:"),
+        ),
+        _read(
+            "trainable_tokens",
+            "serves_wrong",
+            "sglang_trainable_tokens_skipped",
+            "an embed_tokens weight outside target_modules is skipped",
+            _MERGE,
+            _s("lora.py", 179),
+        ),
+        _read(
+            "half_precision",
+            "serves",
+            "sglang_half_precision",
+            "weights are cast to the model dtype",
+            "",
+            _s("mem_pool.py", 153),
+        ),
     ),
 )
 
@@ -536,42 +641,121 @@ TRTLLM_007E181 = RuleSet(
         verified="source",
     ),
     rules=(
-        _read("dora", "serves", "trtllm_dora", "lora_magnitude_vector is read and normalised (not for MoE)", "",
-              _t(None, "def norm_dora_magnitude(")),
-        _read("rslora", "serves", "trtllm_rslora", "use_rslora: lora_alpha / sqrt(rank)", "",
-              _t(None, 'rs_lora = bool(hf_config.get("use_rslora", False))')),
-        _read("rank_pattern", "serves", "trtllm_rank_pattern", "the scale uses each module's own rank "
-              "(effective_rank = the tensor's)", "", _t(None, "effective_rank = t_in.shape[rank_dim]")),
-        _read("alpha_pattern", "serves_wrong", "trtllm_alpha_pattern", "the global lora_alpha only",
-              "safe-peft fix --target tensorrt-llm folds each module's alpha into lora_B",
-              _t(None, 'scale = float(hf_config["lora_alpha"]) / effective_rank'), conversion="fold_scaling"),
-        _read("saved_module", "serves", "trtllm_modules_to_save_head", "modules_to_save lm_head / embed_tokens "
-              "replace the engine's head or embedding (at build time, for every request)", "",
-              _t(None, 'if "lm_head" in adapter_config["modules_to_save"]:')),
-        _read("saved_norm", "refuses", "trtllm_unsupported_key", "unsupported key ... from HF LoRA weights "
-              "(KeyError: only lora_A/B and magnitude keys of numbered layers)", _MERGE,
-              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
-        _read("lora_bias", "refuses", "trtllm_lora_bias", "unsupported key ...lora_B.bias (KeyError)", _MERGE,
-              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
-        _read("base_bias", "refuses", "trtllm_bias", "unsupported key ...bias (KeyError)", _MERGE,
-              _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")')),
-        _read("embedding_lora", "serves_wrong", "trtllm_embedding_lora_skipped", "keys with embed_tokens that are "
-              "not layer LoRA keys are skipped without a word", _MERGE,
-              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
-        _read("lm_head_lora", "serves_wrong", "trtllm_lm_head_lora_skipped", "keys with lm_head that are not layer "
-              "LoRA keys are skipped without a word", _MERGE,
-              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
-        _read("tied_lm_head_lora", "serves_wrong", "trtllm_tied_lm_head_lora_skipped", "keys with lm_head that are "
-              "not layer LoRA keys are skipped without a word", _MERGE,
-              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
-        _read("trainable_tokens", "serves_wrong", "trtllm_trainable_tokens_skipped", "embed_tokens.token_adapter "
-              "keys are skipped without a word", _MERGE,
-              _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:')),
-        _read("moe_target_parameters", "refuses", "trtllm_moe_target_parameters", "experts.base_layer is not in "
-              "the supported module list (AssertionError); per-expert experts.N.w1/w2/w3 are", _MERGE,
-              _t(None, "assert hf_module in hf_modules")),
-        _read("half_precision", "serves", "trtllm_half_precision", "weights are cast to the model dtype", "",
-              _t(None, "t_in = t_in.to(str_dtype_to_torch(model_config.dtype))")),
+        _read(
+            "dora",
+            "serves",
+            "trtllm_dora",
+            "lora_magnitude_vector is read and normalised (not for MoE)",
+            "",
+            _t(None, "def norm_dora_magnitude("),
+        ),
+        _read(
+            "rslora",
+            "serves",
+            "trtllm_rslora",
+            "use_rslora: lora_alpha / sqrt(rank)",
+            "",
+            _t(None, 'rs_lora = bool(hf_config.get("use_rslora", False))'),
+        ),
+        _read(
+            "rank_pattern",
+            "serves",
+            "trtllm_rank_pattern",
+            "the scale uses each module's own rank (effective_rank = the tensor's)",
+            "",
+            _t(None, "effective_rank = t_in.shape[rank_dim]"),
+        ),
+        _read(
+            "alpha_pattern",
+            "serves_wrong",
+            "trtllm_alpha_pattern",
+            "the global lora_alpha only",
+            "safe-peft fix --target tensorrt-llm folds each module's alpha into lora_B",
+            _t(None, 'scale = float(hf_config["lora_alpha"]) / effective_rank'),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "saved_module",
+            "serves",
+            "trtllm_modules_to_save_head",
+            "modules_to_save lm_head / embed_tokens "
+            "replace the engine's head or embedding (at build time, for every request)",
+            "",
+            _t(None, 'if "lm_head" in adapter_config["modules_to_save"]:'),
+        ),
+        _read(
+            "saved_norm",
+            "refuses",
+            "trtllm_unsupported_key",
+            "unsupported key ... from HF LoRA weights (KeyError: only lora_A/B and magnitude keys of numbered layers)",
+            _MERGE,
+            _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")'),
+        ),
+        _read(
+            "lora_bias",
+            "refuses",
+            "trtllm_lora_bias",
+            "unsupported key ...lora_B.bias (KeyError)",
+            _MERGE,
+            _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")'),
+        ),
+        _read(
+            "base_bias",
+            "refuses",
+            "trtllm_bias",
+            "unsupported key ...bias (KeyError)",
+            _MERGE,
+            _t(None, 'raise KeyError(f"unsupported key {key} from HF LoRA weights")'),
+        ),
+        _read(
+            "embedding_lora",
+            "serves_wrong",
+            "trtllm_embedding_lora_skipped",
+            "keys with embed_tokens that are not layer LoRA keys are skipped without a word",
+            _MERGE,
+            _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:'),
+        ),
+        _read(
+            "lm_head_lora",
+            "serves_wrong",
+            "trtllm_lm_head_lora_skipped",
+            "keys with lm_head that are not layer LoRA keys are skipped without a word",
+            _MERGE,
+            _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:'),
+        ),
+        _read(
+            "tied_lm_head_lora",
+            "serves_wrong",
+            "trtllm_tied_lm_head_lora_skipped",
+            "keys with lm_head that are not layer LoRA keys are skipped without a word",
+            _MERGE,
+            _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:'),
+        ),
+        _read(
+            "trainable_tokens",
+            "serves_wrong",
+            "trtllm_trainable_tokens_skipped",
+            "embed_tokens.token_adapter keys are skipped without a word",
+            _MERGE,
+            _t(None, 'if "lm_head" not in key and "embed_tokens" not in key:'),
+        ),
+        _read(
+            "moe_target_parameters",
+            "refuses",
+            "trtllm_moe_target_parameters",
+            "experts.base_layer is not in "
+            "the supported module list (AssertionError); per-expert experts.N.w1/w2/w3 are",
+            _MERGE,
+            _t(None, "assert hf_module in hf_modules"),
+        ),
+        _read(
+            "half_precision",
+            "serves",
+            "trtllm_half_precision",
+            "weights are cast to the model dtype",
+            "",
+            _t(None, "t_in = t_in.to(str_dtype_to_torch(model_config.dtype))"),
+        ),
     ),
 )
 
@@ -587,29 +771,89 @@ OLLAMA_FB30760 = RuleSet(
     architectures=("llama", "gemma2"),
     architectures_source=_o("convert.go", 264, 'return errors.New("unsupported architecture")'),
     rules=(
-        _read("dora", "refuses", "ollama_dora", "tensors other than lora_a / lora_b are written as they are, and "
-              "llama.cpp refuses them: LoRA tensor ... has unexpected suffix", _MERGE,
-              _o("convert.go", 267, "ts, err := parseTensors(fsys, strings.NewReplacer(conv.Replacements()...))")),
-        _read("saved_module", "refuses", "ollama_modules_to_save", "a full head is written as it is; llama.cpp: "
-              "LoRA tensor ... has unexpected suffix", _MERGE, _o("convert.go", 267)),
-        _read("saved_norm", "refuses", "ollama_saved_norm", "norm weights keep their Hugging Face names; "
-              "llama.cpp: LoRA tensor ... has unexpected suffix", _MERGE, _o("convert.go", 267)),
-        _read("lora_bias", "refuses", "ollama_lora_bias", "a lora_B.bias is written as it is; llama.cpp: "
-              "unexpected suffix", _MERGE, _o("convert.go", 267)),
-        _read("base_bias", "refuses", "ollama_bias", "a bias is written as it is; llama.cpp: unexpected suffix",
-              _MERGE, _o("convert.go", 267)),
-        _read("trainable_tokens", "refuses", "ollama_trainable_tokens", "written as it is; llama.cpp: unexpected "
-              "suffix", _MERGE, _o("convert.go", 267)),
-        _read("rslora", "serves_wrong", "ollama_rslora", "only lora_alpha is written (adapter.lora.alpha); "
-              "llama.cpp scales by alpha / rank", "safe-peft fix --target ollama folds the rsLoRA scale into "
-              "lora_B", _o("convert.go", 171), conversion="fold_scaling"),
-        _read("alpha_pattern", "serves_wrong", "ollama_alpha_pattern", "only lora_alpha is written",
-              "safe-peft fix --target ollama folds each module's alpha into lora_B", _o("convert.go", 171),
-              conversion="fold_scaling"),
-        _read("rank_pattern", "serves", "ollama_rank_pattern", "llama.cpp's scale uses each tensor's rank", "",
-              _l("src/llama-adapter.h", 54)),
-        _read("half_precision", "serves", "ollama_half_precision", "tensors are repacked to float32 / float16",
-              "", _o("convert_llama_adapter.go", 40)),
+        _read(
+            "dora",
+            "refuses",
+            "ollama_dora",
+            "tensors other than lora_a / lora_b are written as they are, and "
+            "llama.cpp refuses them: LoRA tensor ... has unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267, "ts, err := parseTensors(fsys, strings.NewReplacer(conv.Replacements()...))"),
+        ),
+        _read(
+            "saved_module",
+            "refuses",
+            "ollama_modules_to_save",
+            "a full head is written as it is; llama.cpp: LoRA tensor ... has unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267),
+        ),
+        _read(
+            "saved_norm",
+            "refuses",
+            "ollama_saved_norm",
+            "norm weights keep their Hugging Face names; llama.cpp: LoRA tensor ... has unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267),
+        ),
+        _read(
+            "lora_bias",
+            "refuses",
+            "ollama_lora_bias",
+            "a lora_B.bias is written as it is; llama.cpp: unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267),
+        ),
+        _read(
+            "base_bias",
+            "refuses",
+            "ollama_bias",
+            "a bias is written as it is; llama.cpp: unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267),
+        ),
+        _read(
+            "trainable_tokens",
+            "refuses",
+            "ollama_trainable_tokens",
+            "written as it is; llama.cpp: unexpected suffix",
+            _MERGE,
+            _o("convert.go", 267),
+        ),
+        _read(
+            "rslora",
+            "serves_wrong",
+            "ollama_rslora",
+            "only lora_alpha is written (adapter.lora.alpha); llama.cpp scales by alpha / rank",
+            "safe-peft fix --target ollama folds the rsLoRA scale into lora_B",
+            _o("convert.go", 171),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "alpha_pattern",
+            "serves_wrong",
+            "ollama_alpha_pattern",
+            "only lora_alpha is written",
+            "safe-peft fix --target ollama folds each module's alpha into lora_B",
+            _o("convert.go", 171),
+            conversion="fold_scaling",
+        ),
+        _read(
+            "rank_pattern",
+            "serves",
+            "ollama_rank_pattern",
+            "llama.cpp's scale uses each tensor's rank",
+            "",
+            _l("src/llama-adapter.h", 54),
+        ),
+        _read(
+            "half_precision",
+            "serves",
+            "ollama_half_precision",
+            "tensors are repacked to float32 / float16",
+            "",
+            _o("convert_llama_adapter.go", 40),
+        ),
     ),
 )
 
@@ -628,8 +872,14 @@ MLXLM_D78BF58 = RuleSet(
     rules=(),
 )
 
-RULE_SETS: tuple[RuleSet, ...] = (VLLM_0_32, LLAMACPP_0C1E570, SGLANG_0_5_23, TRTLLM_007E181, OLLAMA_FB30760,
-                                  MLXLM_D78BF58)
+RULE_SETS: tuple[RuleSet, ...] = (
+    VLLM_0_32,
+    LLAMACPP_0C1E570,
+    SGLANG_0_5_23,
+    TRTLLM_007E181,
+    OLLAMA_FB30760,
+    MLXLM_D78BF58,
+)
 
 # engine name -> aliases accepted on the command line
 ENGINES: dict[str, tuple[str, ...]] = {

@@ -221,10 +221,17 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
     notes: list[str] = []
     if not rules.reads_peft:
         source = rules.reads_peft_source
-        rule = EngineRule("peft_layout", "refuses", f"{rules.engine}_no_peft_adapters", f"{rules.title} loads "
-                          "adapters in its own format only (not adapter_config.json + adapter_model.safetensors)",
-                          _MERGE_FIX, source if source is not None else rules.scaling_source, "source",
-                          refuses_when="load")
+        rule = EngineRule(
+            "peft_layout",
+            "refuses",
+            f"{rules.engine}_no_peft_adapters",
+            f"{rules.title} loads "
+            "adapters in its own format only (not adapter_config.json + adapter_model.safetensors)",
+            _MERGE_FIX,
+            source if source is not None else rules.scaling_source,
+            "source",
+            refuses_when="load",
+        )
         findings.append(_from_rule(rules, rule, Feature("peft_layout")))
         return TargetReport(facts.path, rules.engine, rules.version, "refuses", tuple(findings))
     if rules.architectures is not None:
@@ -255,13 +262,13 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
                 )
                 notes.append("pass base= (the model directory) to tell tied embeddings from untied ones")
     for feature in features:
-        rule = rules.rule_for(feature.name)
-        if rule is None:
+        found = rules.rule_for(feature.name)
+        if found is None:
             findings.append(_unknown(rules, feature))
-        elif rule.behaviour == "serves":
-            notes.append(f"{FEATURES[feature.name]}: {rule.rule}")
+        elif found.behaviour == "serves":
+            notes.append(f"{FEATURES[feature.name]}: {found.rule}")
         else:
-            findings.append(_from_rule(rules, rule, feature))
+            findings.append(_from_rule(rules, found, feature))
     findings.extend(_scaling(facts, rules))
     args, command, rank_finding = _rank(facts, rules, engine_args)
     if rank_finding is not None:
@@ -288,17 +295,36 @@ def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
     allowed = rules.architectures or ()
     source = rules.architectures_source or rules.scaling_source
     if base is None or not base.model_type:
-        rule = EngineRule("architecture", "unknown", f"{rules.engine}_architecture_unknown", f"adapters only for "
-                          f"{', '.join(allowed)} bases", "pass base= so the check can see the architecture", source,
-                          "source")
+        rule = EngineRule(
+            "architecture",
+            "unknown",
+            f"{rules.engine}_architecture_unknown",
+            f"adapters only for {', '.join(allowed)} bases",
+            "pass base= so the check can see the architecture",
+            source,
+            "source",
+        )
         d = _from_rule(rules, rule, Feature("architecture"))
-        return Diagnosis(d.cause, d.code, f"{rules.title} takes adapters for {', '.join(allowed)} bases only; "
-                         "without base= the architecture is unknown", d.fix, details=d.details)
+        return Diagnosis(
+            d.cause,
+            d.code,
+            f"{rules.title} takes adapters for {', '.join(allowed)} bases only; "
+            "without base= the architecture is unknown",
+            d.fix,
+            details=d.details,
+        )
     if base.model_type in allowed:
         return None
-    rule = EngineRule("architecture", "refuses", f"{rules.engine}_unsupported_architecture", f"adapters only for "
-                      f"{', '.join(allowed)} bases (unsupported architecture)", _MERGE_FIX, source, "source",
-                      refuses_when="conversion")
+    rule = EngineRule(
+        "architecture",
+        "refuses",
+        f"{rules.engine}_unsupported_architecture",
+        f"adapters only for {', '.join(allowed)} bases (unsupported architecture)",
+        _MERGE_FIX,
+        source,
+        "source",
+        refuses_when="conversion",
+    )
     return _from_rule(rules, rule, Feature("architecture", detail=f"the base is {base.model_type!r}"))
 
 
@@ -359,6 +385,8 @@ def detect_features(facts: AdapterFacts, base: BaseFacts | None) -> list[Feature
     routers = [m.name for m in facts.modules if re.search(r"\.(mlp|block_sparse_moe)\.(gate|router)$", m.name)]
     if routers and (base is None or base.num_experts):
         add("moe_router_lora", routers)
+    if base is not None and base.num_experts:
+        add("moe_base", detail=f"{base.num_experts} experts")
     if base is not None and base.vision_language:
         text = [m.name for m in facts.modules if ".layers." in m.name and "language_model" not in m.name]
         if text:

@@ -85,19 +85,23 @@ def run_vllm(python: str, work: str, built: dict[str, Any]) -> dict[str, Any]:
 
 
 def _root_causes(results: dict[str, Any]) -> None:
-    """vLLM's EngineDeadError hides the worker's error; it is in the engine's log, one per death, in order."""
+    """vLLM's EngineDeadError hides the worker's error. The engine's log has it before the runner's line for that
+    adapter (``<id>: ... (engine died: True)``): read the log in order and give each death the error before it."""
     log = results.get("log", "")
     if not log or not os.path.exists(log):
         return
+    by_id = {r["id"]: r for r in results["results"]}
+    cause = ""
     with open(log, errors="replace") as f:
-        found = re.findall(r"Worker failed with error '(.*?)', please check", f.read())
-    causes: list[str] = []
-    for cause in found:  # the engine logs each error several times in a row
-        if not causes or causes[-1] != cause:
-            causes.append(cause)
-    died = [r for r in results["results"] if r.get("engine_died")]
-    for result, cause in zip(died, causes):
-        result["error"] = f"{result.get('error', '')} (worker: {cause})"
+        for line in f:
+            found = re.search(r"Worker failed with error '(.*?)', please check", line)
+            if found:
+                cause = found.group(1)
+                continue
+            ident, sep, rest = line.partition(": ")
+            if sep and ident in by_id and "engine died" in rest and cause:
+                by_id[ident]["error"] = f"{by_id[ident].get('error', '')} (worker: {cause})"
+                cause = ""
 
 
 def run_llamacpp(python: str, llama_dir: str, work: str, built: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +164,8 @@ def verdict(result: dict[str, Any], ref: dict[str, Any], engine: str) -> dict[st
 
 
 def _headline(error: str) -> str:
+    if "(worker: " in error:
+        return error.rsplit("(worker: ", 1)[1].rstrip(")")[:300]
     for line in error.splitlines():
         if "GGML_ASSERT" in line or "Can not map tensor" in line:
             return line.strip()[:300]

@@ -83,8 +83,9 @@ def generate(base_gguf: str, lora_gguf: str | None, job: dict[str, Any]) -> dict
     import numpy as np
     from llama_cpp import Llama
 
+    # type_k / type_v 0 = GGML_TYPE_F32: a float32 KV cache (the default F16 one rounds, ~5e-3 in log-probabilities)
     kwargs: dict[str, Any] = {"model_path": base_gguf, "n_ctx": 64, "logits_all": True, "verbose": False,
-                              "n_threads": 2, "seed": 0}
+                              "n_threads": 2, "seed": 0, "type_k": 0, "type_v": 0}
     if lora_gguf is not None:
         kwargs["lora_path"] = lora_gguf
     llm = Llama(**kwargs)
