@@ -71,9 +71,7 @@ CONVERSIONS: dict[str, str] = {
     "fold_scaling": "fold each module's peft scale into lora_B so that the engine's global-alpha scale gives the "
     "same product (rsLoRA, alpha_pattern, rank_pattern)",
     "pad_rank": "pad lora_A with zero rows and lora_B with zero columns up to an allowed rank, scale folded",
-    "vlm_prefix": "rename the layers to the vision-language wrapper's language-model prefix",
-    "moe_per_expert": "split fused target_parameters expert LoRAs into per-expert gate/up/down LoRAs "
-    "(exact only when the adapter's rank is shared across experts: rank r*E, block layout)",
+    "vlm_prefix": "rename the layers to the vision-language wrapper's language-model prefix (model.language_model.)",
 }
 
 
@@ -464,6 +462,14 @@ LLAMACPP_0C1E570 = RuleSet(
             "merge the adapter with peft (merge_and_unload) and convert the merged model",
             _l("convert_lora_to_gguf.py", 463, "base_name = get_base_tensor_name(name)"),
             refuses_when="conversion (convert_lora_to_gguf.py raises ValueError)",
+        ),
+        EngineRule(
+            "moe_base",
+            "serves",
+            "llamacpp_moe_base",
+            "a mixture-of-experts base (Mixtral) with an attention or router LoRA",
+            "",
+            _l("convert_lora_to_gguf.py", 501, "def modify_tensors(self, data_torch, name, bid)"),
         ),
         EngineRule(
             "moe_router_lora",

@@ -380,8 +380,10 @@ def detect_features(facts: AdapterFacts, base: BaseFacts | None) -> list[Feature
     if cfg.get("layer_replication"):
         add("layer_replication")
     experts = [m.name for m in facts.modules if _is_fused_expert(m.name)]
-    if cfg.get("target_parameters") or experts:
-        add("moe_target_parameters", experts or list(cfg.get("target_parameters") or []))
+    expert_params = [p for p in cfg.get("target_parameters") or [] if "expert" in str(p)]
+    if experts or expert_params:
+        add("moe_target_parameters", experts or expert_params)
+    # A router LoRA: peft targets MixtralTopKRouter-style routers through target_parameters ("gate.weight").
     routers = [m.name for m in facts.modules if re.search(r"\.(mlp|block_sparse_moe)\.(gate|router)$", m.name)]
     if routers and (base is None or base.num_experts):
         add("moe_router_lora", routers)

@@ -69,6 +69,7 @@ class Case:
     engines: tuple[str, ...] = ENGINES
     engine_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     fixes: tuple[str, ...] = ()  # engines for which `fix --target` must produce an adapter that serves exactly
+    pad_rank: int | None = None  # the fix also pads every module to this rank (`--pad-rank`)
     note: str = ""
 
 
@@ -78,7 +79,14 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 CASES: tuple[Case, ...] = (
     Case("plain_r8_qv", "llama", {"r": 8, "lora_alpha": 16, "target_modules": QV}),
     Case("all_linear_r16", "llama", {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR}),
-    Case("rank12", "llama", {"r": 12, "lora_alpha": 24, "target_modules": QV}, note="a rank between vLLM's ranks"),
+    Case(
+        "rank12",
+        "llama",
+        {"r": 12, "lora_alpha": 24, "target_modules": QV},
+        fixes=ENGINES,
+        pad_rank=16,
+        note="a rank between vLLM's ranks; the fix pads it to 16 with zeros",
+    ),
     Case("rank64", "llama", {"r": 64, "lora_alpha": 64, "target_modules": QV}),
     Case(
         "rank64_default_max",

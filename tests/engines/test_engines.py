@@ -115,10 +115,12 @@ def test_fix_output_serves_exactly(case: corpus.Case, engine: str, built: Any, t
     assert real["verdict"] == "serves" and real["tokens_equal"] and real["peft_equal"], real
     base, adapter = built(case)
     before = check_target(adapter, engine, base=base)
-    fixed = fix_for_target(adapter, engine, tmp_path / "fixed", base=base)
+    fixed = fix_for_target(adapter, engine, tmp_path / "fixed", base=base, pad_rank_to=case.pad_rank)
     assert fixed.after.ok
     if RECORDED["cases"][case.name][engine]["verdict"] != "serves":  # a fix was needed: the fold made it
         assert not before.ok and fixed.conversions == ("fold_scaling",)
+    if case.pad_rank:
+        assert "pad_rank" in fixed.conversions and fixed.after.engine_args.get("max_lora_rank", 16) >= case.pad_rank
     with open(tmp_path / "fixed" / "adapter_config.json") as f:
         config = json.load(f)
     assert not config["use_rslora"] and not config["alpha_pattern"]
