@@ -203,13 +203,16 @@ def build_model(name: str, directory: str | None = None) -> Any:
 def build_adapter(case: Case, directory: str, model: Any = None) -> Any:
     """Create ``case``'s adapter with peft (random, non-zero weights from a fixed seed) and save it."""
     import copy
+    import warnings
 
     import torch
     from peft import LoraConfig, get_peft_model
 
     base = copy.deepcopy(model) if model is not None else build_model(case.model)
     config = LoraConfig(**case.lora)
-    peft_model = get_peft_model(base, config)
+    with warnings.catch_warnings():  # peft's notices about the very features a case exercises (lora_bias, tied heads)
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(sum(map(ord, case.name)))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -219,7 +222,9 @@ def build_adapter(case: Case, directory: str, model: Any = None) -> Any:
                 param.mul_(1 + 0.3 * torch.rand(param.shape, generator=gen))
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * _std(name, param))
-    peft_model.save_pretrained(directory)
+    with warnings.catch_warnings():  # peft's save-time notices (embedding layers saved, 1-D lora_B.bias "shards")
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(directory)
     _cast_saved(directory, getattr(torch, case.dtype), case.name)
     return peft_model
 

@@ -100,8 +100,9 @@ def test_prediction_matches_the_real_engine(case: corpus.Case, engine: str, buil
         assert report.findings and not report.ok
     for finding in report.findings:
         assert finding.cause.value == "engine_incompatible"
-        assert finding.details["source"], finding.code
-        assert finding.details["behaviour"] in ("refuses", "serves_wrong")
+        assert finding.details["behaviour"] in ("refuses", "serves_wrong", "unknown")
+        if finding.details["behaviour"] != "unknown":  # an unknown feature has no rule, hence no source
+            assert finding.details["source"], finding.code
     if real.get("kills_engine"):
         assert any(d.details["kills_engine"] for d in report.findings)
     if engine == "vllm" and real["verdict"] == "serves":  # the settings the real run used suffice
