@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check safe_peft tests benchmarks examples
+	$(VENV)/bin/ruff check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) docs

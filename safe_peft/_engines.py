@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
 from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter
+from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
+from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Cause, Diagnosis, _json_safe
-from safe_peft._safetensors_header import read_header
 
 __all__ = ["AdapterFacts", "BaseFacts", "TargetReport", "check_target", "detect_features", "module_scales"]
 

@@ -238,23 +238,12 @@ def _std(name: str, param: Any) -> float:
 
 
 def _cast_saved(directory: str, dtype: Any, name: str) -> None:
-    """Store the weights in ``dtype``, with the case's name in the metadata.
-
-    The metadata is padded when the header length would start with the bytes 0x80 0x02..0x05: safe_peft's
-    safetensors reader (``sniff_format``) takes such a file for a pickle (a false alarm reported to the lead).
-    """
+    """Store the weights in ``dtype``, with the case's name in the metadata."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(directory, "adapter_model.safetensors")
     tensors = {k: v.to(dtype).contiguous() for k, v in load_file(path).items()}
-    pad = ""
-    while True:
-        save_file(tensors, path, metadata={"format": "pt", "safe_peft_case": name + pad})
-        with open(path, "rb") as f:
-            first = f.read(2)
-        if not (first[0] == 0x80 and 2 <= first[1] <= 5):
-            break
-        pad += " "
+    save_file(tensors, path, metadata={"format": "pt", "safe_peft_case": name})
 
 
 def reference_outputs(base_dir: str, adapter_dir: str | None) -> dict[str, Any]:

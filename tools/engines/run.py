@@ -48,9 +48,11 @@ def build(work: str, names: list[str]) -> dict[str, Any]:
         adir = os.path.join(work, "adapters", case.name)
         corpus.build_adapter(case, adir, models[case.model])
         refs[case.name] = corpus.reference_outputs(mdir, adir)
-        for engine in case.engines:
-            entries.append({"id": case.name, "case": case.name, "engine": engine, "path": adir, "model": case.model,
-                            "args": case.engine_args.get(engine, {})})
+        entries.extend(
+            {"id": case.name, "case": case.name, "engine": engine, "path": adir, "model": case.model,
+             "args": case.engine_args.get(engine, {})}
+            for engine in case.engines
+        )
         for engine in case.fixes:
             fdir = os.path.join(work, "fixed", engine, case.name)
             fix_for_target(adir, engine, fdir, base=mdir, force=True, pad_rank_to=case.pad_rank)
@@ -155,7 +157,8 @@ def verdict(result: dict[str, Any], ref: dict[str, Any], engine: str) -> dict[st
         error = str(result.get("error", result.get("status")))
         return {"verdict": "refuses", "error": _headline(error), "stage": result.get("stage", "request"),
                 "kills_engine": bool(result.get("engine_died", False))}
-    diff = max(abs(a - b) for ra, rb in zip(result["logprobs"], ref["logprobs"]) for a, b in zip(ra, rb))
+    diff = max(abs(a - b) for ra, rb in zip(result["logprobs"], ref["logprobs"], strict=True)
+               for a, b in zip(ra, rb, strict=True))
     same = result["tokens"] == ref["tokens"]
     base = result.get("base") or {}
     out = {"verdict": "serves" if same and diff <= TOLERANCE[engine] else "serves_wrong", "tokens_equal": same,

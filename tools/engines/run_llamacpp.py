@@ -127,7 +127,8 @@ def main() -> None:
             request = json.load(f)
         print(json.dumps(generate(request["base"], request["lora"], request["job"])))
         return
-    job = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
     os.makedirs(job["work"], exist_ok=True)
     results: list[dict[str, Any]] = []
     bases: dict[str, str] = {}
@@ -148,7 +149,8 @@ def main() -> None:
             continue
         results.append({"id": adapter["id"], "status": "served", "conversion_log": log[-600:], **outputs})
         print(f"{adapter['id']}: served", file=sys.stderr)
-    json.dump({"results": results}, open(sys.argv[2], "w"), indent=1)
+    with open(sys.argv[2], "w") as f:
+        json.dump({"results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

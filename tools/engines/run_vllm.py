@@ -50,14 +50,16 @@ def _run(llm: Any, job: dict[str, Any], adapter: dict[str, Any] | None, index: i
     prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in job["prompts"]]
     outs = llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    logprobs = [
-        [float(step[t].logprob) for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs
-    ]
+    logprobs = []
+    for o in outs:
+        steps = zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+        logprobs.append([float(step[t].logprob) for step, t in steps])
     return {"status": "served", "tokens": tokens, "logprobs": logprobs}
 
 
 def main() -> None:
-    job = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
     results: list[dict[str, Any]] = []
     pending = list(job["adapters"])
     base_done = False
@@ -101,7 +103,8 @@ def main() -> None:
         import gc
 
         gc.collect()
-    json.dump({"results": results, "engine_starts": starts}, open(sys.argv[2], "w"), indent=1)
+    with open(sys.argv[2], "w") as f:
+        json.dump({"results": results, "engine_starts": starts}, f, indent=1)
 
 
 def _dead(llm: Any, job: dict[str, Any]) -> bool:
