@@ -28,6 +28,7 @@ __all__ = [
     "check_target",
     "diagnose",
     "fix_adapter",
+    "fix_for_target",
     "inspect_adapter",
     "merge_rank_shards",
     "parse_load_error",
@@ -45,9 +46,11 @@ _LAZY = {
     "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
     "check_target": "safe_peft._engines",
+    "fix_for_target": "safe_peft._engine_fix",
 }
 
 if TYPE_CHECKING:
+    from safe_peft._engine_fix import fix_for_target
     from safe_peft._engines import check_target
     from safe_peft._loader import safe_load_adapter
     from safe_peft._manifest import inspect_adapter

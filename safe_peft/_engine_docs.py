@@ -44,6 +44,15 @@ def _scaling_cell(rules: RuleSet) -> str:
     return SCALING_MODELS[rules.scaling] + ("" if rules.scaling_verified == "engine run" else " (read, not run)")
 
 
+def _applies(rules: RuleSet, feature: str) -> bool:
+    return feature != "deploy_target_modules" or rules.target_filter is not None
+
+
+def _all_rules(rules: RuleSet) -> tuple[EngineRule, ...]:
+    extra = (rules.target_filter_rule,) if rules.target_filter_rule is not None else ()
+    return rules.rules + extra
+
+
 def render_table() -> str:
     """The engines x features table, then each engine's rules with their sources."""
     head = "| feature | " + " | ".join(f"{s.title} {s.version}" for s in RULE_SETS) + " |"
@@ -53,7 +62,8 @@ def render_table() -> str:
     for feature, what in FEATURES.items():
         if feature == "rank":
             continue
-        lines.append(f"| {what} | " + " | ".join(_cell(s.rule_for(feature)) for s in RULE_SETS) + " |")
+        cells = [_cell(s.rule_for(feature)) if _applies(s, feature) else "no such setting" for s in RULE_SETS]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Conversions (`safe-peft fix --target ENGINE`), each exact:")
     lines.append("")
@@ -63,7 +73,7 @@ def render_table() -> str:
         lines.append(f"- scale: {_scaling_cell(s)} ({s.scaling_source.cite()})")
         if s.rank_limit is not None:
             lines.append(f"- rank: {_rank_cell(s)} ({s.rank_limit.source.cite()})")
-        for r in s.rules:
+        for r in _all_rules(s):
             lines.append(
                 f"- `{r.code}` ({r.feature}): {_CELL[r.behaviour]}. {_sentence(r.rule)} Source: "
                 f"{r.source.cite()}{_quote(r)}; {r.verified}."
@@ -95,7 +105,7 @@ def render_codes() -> str:
     lines = []
     codes: dict[str, list[tuple[RuleSet, EngineRule]]] = {}
     for s in RULE_SETS:
-        for r in s.rules:
+        for r in _all_rules(s):
             if r.behaviour != "serves":
                 codes.setdefault(r.code, []).append((s, r))
     for s in RULE_SETS:

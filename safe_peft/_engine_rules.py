@@ -52,6 +52,7 @@ FEATURES: dict[str, str] = {
     "moe_router_lora": "LoRA on the MoE router (mlp.gate)",
     "vlm_text_layout": "a text-model LoRA served on a vision-language wrapper (layers under another prefix)",
     "moe_base": "a mixture-of-experts base model (any adapter)",
+    "deploy_target_modules": "adapter modules left out by the engine's deployment-time target filter",
     "half_precision": "adapter weights stored in float16 / bfloat16",
 }
 # Findings about the adapter as a whole, not one of FEATURES: "peft_layout" (the engine reads no PEFT adapter),
@@ -141,8 +142,15 @@ class RuleSet:
     # An engine that does not read PEFT adapters at all (its own adapter format): every PEFT adapter is refused.
     reads_peft: bool = True
     reads_peft_source: Source | None = None
+    # A deployment-time filter of the modules that get LoRA (vLLM's --lora-target-modules): its setting name, the
+    # rule it follows, and the fused ("packed") runtime modules a filter entry may name for their children.
+    target_filter: str | None = None
+    target_filter_rule: EngineRule | None = None
+    packed_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def rule_for(self, feature: str) -> EngineRule | None:
+        if feature == "deploy_target_modules":
+            return self.target_filter_rule
         return next((r for r in self.rules if r.feature == feature), None)
 
 
@@ -162,6 +170,18 @@ VLLM_0_32 = RuleSet(
     engine="vllm",
     version="0.32.0",
     title="vLLM",
+    target_filter="lora_target_modules",
+    target_filter_rule=EngineRule(
+        "deploy_target_modules",
+        "serves_wrong",
+        "vllm_lora_target_modules",
+        "with --lora-target-modules, only modules whose suffix (or packed parent, qkv_proj / gate_up_proj) is "
+        "listed get LoRA layers; the adapter's other modules are dropped without a word, and an adapter disjoint "
+        "from the list serves the base model",
+        "start the engine with --lora-target-modules covering every module of the adapter, or without it",
+        _v("lora/utils.py", 285, "def is_in_target_modules("),
+    ),
+    packed_modules=(("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))),
     scaling="peft",
     scaling_source=_v("lora/peft_helper.py", 131, "def get_rank_and_scaling(self, module_name)"),
     how_tested="offline LLM(enable_lora=True, dtype=float32) on CPU, greedy tokens and their log-probabilities "

@@ -270,6 +270,7 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
         else:
             findings.append(_from_rule(rules, found, feature))
     findings.extend(_scaling(facts, rules))
+    findings.extend(_deploy_targets(facts, rules, engine_args))
     args, command, rank_finding = _rank(facts, rules, engine_args)
     if rank_finding is not None:
         findings.append(rank_finding)
@@ -513,6 +514,32 @@ def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
     return [
         Diagnosis(d.cause, d.code, message, d.fix, details={**d.details, "scales": {m: list(wrong[m]) for m in sample}})
     ]
+
+
+# --- deployment-time target filter ---------------------------------------------------------------------------
+
+
+def _deploy_targets(facts: AdapterFacts, rules: RuleSet, engine_args: Mapping[str, Any]) -> list[Diagnosis]:
+    """Modules a deployment-time filter (vLLM's --lora-target-modules) leaves without their LoRA."""
+    rule, setting = rules.target_filter_rule, rules.target_filter
+    if rule is None or setting is None or engine_args.get(setting) is None:
+        return []
+    listed = set(engine_args[setting])
+    parent = {child: p for p, children in rules.packed_modules for child in children}
+    children = dict(rules.packed_modules)
+
+    def kept(module: str) -> bool:
+        suffix = module.rsplit(".", 1)[-1]
+        runtime = parent.get(suffix, suffix)
+        return suffix in listed or runtime in listed or any(c in listed for c in children.get(runtime, ()))
+
+    dropped = sorted({m.name.rsplit(".", 1)[-1] for m in facts.modules if not kept(m.name)})
+    if not dropped:
+        return []
+    everything = all(not kept(m.name) for m in facts.modules)
+    what = "the base model (no module of the adapter is listed)" if everything else "the adapter without them"
+    feature = Feature("deploy_target_modules", tuple(dropped), f"{setting}={sorted(listed)}: serves {what}")
+    return [_from_rule(rules, rule, feature)]
 
 
 # --- rank ----------------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def verdict(result: dict[str, Any], ref: dict[str, Any], engine: str) -> dict[st
     if result.get("status") != "served":
         error = str(result.get("error", result.get("status")))
         return {"verdict": "refuses", "error": _headline(error), "stage": result.get("stage", "request"),
-                "kills_engine": bool(result.get("engine_died", False))}
+                "kills_engine": bool(result.get("engine_died", False)) or "killed by signal" in error}
     diff = max(abs(a - b) for ra, rb in zip(result["logprobs"], ref["logprobs"], strict=True)
                for a, b in zip(ra, rb, strict=True))
     same = result["tokens"] == ref["tokens"]
