@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from safe_peft._engine_rules import CONVERSIONS, FEATURES, RULE_SETS, SCALING_MODELS, EngineRule, RuleSet
+from safe_peft._engine_rules import CONVERSIONS, FEATURES, RULE_SETS, SCALING_MODELS, EngineRule, RuleSet, engine_codes
 
 __all__ = ["render_codes", "render_table", "update"]
 
@@ -101,55 +101,11 @@ def _cite(source: object) -> str:
 
 
 def render_codes() -> str:
-    """One section per finding code, for docs/causes/engine_incompatible.md."""
+    """One section per finding code (the catalog's engine_incompatible entries), for the causes page."""
     lines = []
-    codes: dict[str, list[tuple[RuleSet, EngineRule]]] = {}
-    for s in RULE_SETS:
-        for r in _all_rules(s):
-            if r.behaviour != "serves":
-                codes.setdefault(r.code, []).append((s, r))
-    for s in RULE_SETS:
-        if s.rank_limit is not None:
-            lines += [
-                f"### `{s.engine}_max_lora_rank`",
-                f"{s.title}: the adapter's rank is above `{s.rank_limit.flag}`."
-                f" Start the engine with a larger value (the check says which). Source: "
-                f"{s.rank_limit.source.cite()}.",
-                "",
-            ]
-        lines += [
-            f"### `{s.engine}_scaling`",
-            f"{s.title} scales the LoRA product differently from peft for some "
-            f"modules; `safe-peft fix --target {s.engine}` folds peft's scale into lora_B.",
-            "",
-        ]
-        lines += [
-            f"### `{s.engine}_unverified_feature`",
-            f"No rule for this feature on {s.title} {s.version}: the verdict is `unknown`, never `serves`.",
-            "",
-        ]
-        lines += [f"### `{s.engine}_not_lora`", f"{s.title} serves LoRA adapters only.", ""]
-    for code, entries in codes.items():
-        s, r = entries[0]
-        lines += [
-            f"### `{code}`",
-            f"{s.title} {s.version}, {r.feature}: {_CELL[r.behaviour]}. {_sentence(r.rule)}",
-            f"Fix: {_sentence(r.fix)}",
-            "",
-        ]
-    for s in RULE_SETS:
-        if s.architectures is not None:
-            lines += [
-                f"### `{s.engine}_unsupported_architecture`",
-                f"{s.title} takes adapters for {', '.join(s.architectures)} bases only.",
-                "",
-                f"### `{s.engine}_architecture_unknown`",
-                f"{s.title} takes adapters for some bases only: pass `base=` to decide.",
-                "",
-            ]
-        if not s.reads_peft:
-            lines += [f"### `{s.engine}_no_peft_adapters`", f"{s.title} loads adapters in its own format only.", ""]
-    return "\n".join(lines).rstrip() + "\n"
+    for code, (what, fix) in engine_codes().items():
+        lines += [f"### `{code}`", _sentence(what), f"Fix: {_sentence(fix)}" if fix else "", ""]
+    return "\n".join(line for line in lines).rstrip() + "\n"
 
 
 def _replace(text: str, generated: str) -> str:

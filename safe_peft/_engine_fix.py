@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from safe_peft._catalog import finding
 from safe_peft._engines import AdapterFacts, TargetReport, _module, _role, check_target
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
@@ -111,13 +112,7 @@ def _refusal(report: TargetReport, findings: list[Diagnosis]) -> LoadReport:
     for d in findings:
         why = _NOT_EXACT.get(str(d.details.get("feature")), "no exact conversion is known")
         causes.append(
-            Diagnosis(
-                d.cause,
-                d.code,
-                f"{d.message}. Not converted: {why}.",
-                d.fix,
-                details={**d.details, "not_exact": why},
-            )
+            finding(d.code, f"{d.message}. Not converted: {why}.", fix=d.fix, details={**d.details, "not_exact": why})
         )
     return LoadReport(ok=False, causes=causes, adapter=report.adapter, model_class=f"{report.engine} {report.version}")
 

@@ -24,6 +24,7 @@ __all__ = [
     "RankLimit",
     "RuleSet",
     "Source",
+    "engine_codes",
     "rule_set",
 ]
 
@@ -147,6 +148,67 @@ class RuleSet:
     target_filter: str | None = None
     target_filter_rule: EngineRule | None = None
     packed_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def prefix(self) -> str:
+        """The engine's part of its finding codes (letters, digits and underscores only)."""
+        return {"tensorrt-llm": "trtllm", "mlx-lm": "mlxlm"}.get(self.engine, self.engine)
+
+    def codes(self) -> list[tuple[str, str, str]]:
+        """Every finding code a check against this rule set can emit: (code, what it means, the fix)."""
+        p = self.prefix
+        out = [
+            (r.code, f"{self.title} {self.version}, {r.feature}: {r.behaviour.replace('_', ' ')}. {r.rule}", r.fix)
+            for r in (*self.rules, *((self.target_filter_rule,) if self.target_filter_rule else ()))
+            if r.behaviour != "serves"
+        ]
+        out.append(
+            (
+                f"{p}_scaling",
+                f"{self.title} scales the LoRA product differently from peft for some modules",
+                f"safe-peft fix --target {self.engine} folds peft's scale into lora_B",
+            )
+        )
+        out.append(
+            (
+                f"{p}_unverified_feature",
+                f"a feature with no rule for {self.title} {self.version}: the verdict is unknown, never serves",
+                "test it on the engine before deploying, or serve the merged model",
+            )
+        )
+        out.append((f"{p}_not_lora", f"{self.title} serves LoRA adapters only", "serve the merged model"))
+        if self.rank_limit is not None:
+            out.append(
+                (
+                    f"{p}_max_lora_rank",
+                    f"{self.title}: the adapter's rank is above {self.rank_limit.flag}",
+                    f"start the engine with {self.rank_limit.flag} at least the adapter's rank",
+                )
+            )
+        if self.architectures is not None:
+            out.append(
+                (
+                    f"{p}_unsupported_architecture",
+                    f"{self.title} takes adapters for {', '.join(self.architectures)} bases only",
+                    "serve the merged model",
+                )
+            )
+            out.append(
+                (
+                    f"{p}_architecture_unknown",
+                    f"{self.title} takes adapters for some bases only",
+                    "pass base= so the check can see the architecture",
+                )
+            )
+        if not self.reads_peft:
+            out.append(
+                (
+                    f"{p}_no_peft_adapters",
+                    f"{self.title} loads adapters in its own format only",
+                    "merge the adapter with peft (merge_and_unload) and serve the merged model",
+                )
+            )
+        return out
 
     def rule_for(self, feature: str) -> EngineRule | None:
         if feature == "deploy_target_modules":
@@ -916,6 +978,16 @@ ENGINES: dict[str, tuple[str, ...]] = {
     "ollama": ("ollama",),
     "mlx-lm": ("mlx-lm", "mlx", "mlx_lm"),
 }
+
+
+def engine_codes() -> dict[str, tuple[str, str]]:
+    """code -> (what it means, the fix), for every code an engine check can emit (the findings catalog registers
+    them under ``engine_incompatible``; docs/causes/engine_incompatible.md has a section for each)."""
+    out: dict[str, tuple[str, str]] = {}
+    for s in RULE_SETS:
+        for code, what, fix in s.codes():
+            out.setdefault(code, (what, fix))
+    return out
 
 
 def rule_set(engine: str, version: str | None = None) -> RuleSet:

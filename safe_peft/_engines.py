@@ -20,10 +20,11 @@ from typing import Any
 
 from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter
+from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError
-from safe_peft.report import Cause, Diagnosis, _json_safe
+from safe_peft.report import Diagnosis, _json_safe
 
 __all__ = ["AdapterFacts", "BaseFacts", "TargetReport", "check_target", "detect_features", "module_scales"]
 
@@ -62,7 +63,6 @@ class AdapterFacts:
         files = locate_adapter(adapter)
         if not files.config_path:
             raise AdapterFormatError.of(
-                Cause.FOREIGN_FORMAT,
                 "no_peft_config",
                 f"{files.location}: has no adapter_config.json; serving engines load PEFT adapters",
                 fix="convert it to a PEFT adapter first (safe-peft fix --remap auto).",
@@ -71,7 +71,6 @@ class AdapterFacts:
         config = read_config(files.config_path, adapter=files.location).data
         if files.weights_format != "safetensors":
             raise AdapterFormatError.of(
-                Cause.UNSAFE_FORMAT,
                 "pickle_not_checked",
                 f"{files.weights_path}: engine checks read the safetensors header only",
                 fix="convert the adapter to adapter_model.safetensors with `safe-peft fix` first.",
@@ -224,7 +223,7 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
         rule = EngineRule(
             "peft_layout",
             "refuses",
-            f"{rules.engine}_no_peft_adapters",
+            f"{rules.prefix}_no_peft_adapters",
             f"{rules.title} loads "
             "adapters in its own format only (not adapter_config.json + adapter_model.safetensors)",
             _MERGE_FIX,
@@ -244,7 +243,7 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
                 rules,
                 None,
                 "refuses",
-                f"{rules.engine}_not_lora",
+                f"{rules.prefix}_not_lora",
                 f"peft_type {facts.peft_type!r}: serving engines load LoRA adapters only",
                 "serve the merged model",
             )
@@ -299,19 +298,18 @@ def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
         rule = EngineRule(
             "architecture",
             "unknown",
-            f"{rules.engine}_architecture_unknown",
+            f"{rules.prefix}_architecture_unknown",
             f"adapters only for {', '.join(allowed)} bases",
             "pass base= so the check can see the architecture",
             source,
             "source",
         )
         d = _from_rule(rules, rule, Feature("architecture"))
-        return Diagnosis(
-            d.cause,
+        return finding(
             d.code,
             f"{rules.title} takes adapters for {', '.join(allowed)} bases only; "
             "without base= the architecture is unknown",
-            d.fix,
+            fix=d.fix,
             details=d.details,
         )
     if base.model_type in allowed:
@@ -319,7 +317,7 @@ def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
     rule = EngineRule(
         "architecture",
         "refuses",
-        f"{rules.engine}_unsupported_architecture",
+        f"{rules.prefix}_unsupported_architecture",
         f"adapters only for {', '.join(allowed)} bases (unsupported architecture)",
         _MERGE_FIX,
         source,
@@ -503,7 +501,7 @@ def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
         rule = EngineRule(
             feature,
             "serves_wrong",
-            f"{rules.engine}_scaling",
+            f"{rules.prefix}_scaling",
             f"{rules.engine} scales LoRA products as {rules.scaling}",
             "safe-peft fix --target folds the peft scale into lora_B",
             rules.scaling_source,
@@ -511,9 +509,7 @@ def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
             conversion="fold_scaling",
         )
     d = _from_rule(rules, rule, Feature(feature, tuple(sample)))
-    return [
-        Diagnosis(d.cause, d.code, message, d.fix, details={**d.details, "scales": {m: list(wrong[m]) for m in sample}})
-    ]
+    return [finding(d.code, message, fix=d.fix, details={**d.details, "scales": {m: list(wrong[m]) for m in sample}})]
 
 
 # --- deployment-time target filter ---------------------------------------------------------------------------
@@ -581,7 +577,7 @@ def _rank_finding(rules: RuleSet, rank: int, message: str, fix: str) -> Diagnosi
     rule = EngineRule(
         "rank",
         "refuses",
-        f"{rules.engine}_max_lora_rank",
+        f"{rules.prefix}_max_lora_rank",
         f"rank <= {limit.setting}",
         fix,
         limit.source,
@@ -590,7 +586,7 @@ def _rank_finding(rules: RuleSet, rank: int, message: str, fix: str) -> Diagnosi
         refuses_when="first request with the adapter",
     )
     d = _from_rule(rules, rule, Feature("rank", detail=str(rank)))
-    return Diagnosis(d.cause, d.code, message, fix, details={**d.details, "rank": rank})
+    return finding(d.code, message, fix=fix, details={**d.details, "rank": rank})
 
 
 def _command(rules: RuleSet, args: Mapping[str, Any]) -> tuple[str, ...]:
@@ -620,8 +616,7 @@ def _from_rule(rules: RuleSet, rule: EngineRule, feature: Feature) -> Diagnosis:
     message = f"{FEATURES.get(feature.name, feature.name)}{where}: {what}"
     if feature.detail:
         message += f"; {feature.detail}"
-    return Diagnosis(
-        Cause.ENGINE_INCOMPATIBLE,
+    return finding(
         rule.code,
         message,
         fix=rule.fix,
@@ -643,11 +638,10 @@ def _from_rule(rules: RuleSet, rule: EngineRule, feature: Feature) -> Diagnosis:
 
 
 def _finding(rules: RuleSet, feature: str | None, behaviour: str, code: str, message: str, fix: str) -> Diagnosis:
-    return Diagnosis(
-        Cause.ENGINE_INCOMPATIBLE,
+    return finding(
         code,
         message,
-        fix,
+        fix=fix,
         details={
             "engine": rules.engine,
             "engine_version": rules.version,
@@ -666,7 +660,7 @@ def _unknown(rules: RuleSet, feature: Feature) -> Diagnosis:
         rules,
         feature.name,
         "unknown",
-        f"{rules.engine}_unverified_feature",
+        f"{rules.prefix}_unverified_feature",
         f"{FEATURES.get(feature.name, feature.name)}: no rule for {rules.title} {rules.version} (not run, not read)",
         "test it on the engine before deploying, or serve the merged model",
     )

@@ -156,7 +156,7 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, tuple[int, ...]], Any, str
         EXPERTS,
         {"model_type": "mixtral", "num_local_experts": 4},
         "refuses",
-        {"trtllm_moe_target_parameters", "tensorrt-llm_unverified_feature"},  # the MoE base: no rule
+        {"trtllm_moe_target_parameters", "trtllm_unverified_feature"},  # the MoE base: no rule
     ),
     ("ollama", "plain", {}, lora(), LLAMA, "serves", set()),
     ("ollama", "qwen2 base", {}, lora(), QWEN, "refuses", {"ollama_unsupported_architecture"}),
@@ -172,7 +172,7 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, tuple[int, ...]], Any, str
         "serves",
         set(),
     ),
-    ("mlx-lm", "plain", {}, lora(), LLAMA, "refuses", {"mlx-lm_no_peft_adapters"}),
+    ("mlx-lm", "plain", {}, lora(), LLAMA, "refuses", {"mlxlm_no_peft_adapters"}),
     (
         "llamacpp",
         "alpha 0 (scale 1 in llama.cpp, 0 in peft)",
@@ -224,7 +224,7 @@ def test_tensorrt_llm_build_rank() -> None:
 def test_tensorrt_llm_rank_above_the_build_setting_is_refused(tmp_path: Any) -> None:
     adapter = write_adapter(tmp_path / "a", {"r": 128}, lora(rank=128))
     report = check_target(adapter, "tensorrt-llm", base=LLAMA, engine_args={"max_lora_rank": 64})
-    assert report.verdict == "refuses" and report.findings[0].code == "tensorrt-llm_max_lora_rank"
+    assert report.verdict == "refuses" and report.findings[0].code == "trtllm_max_lora_rank"
     assert check_target(adapter, "tensorrt-llm", base=LLAMA).engine_args == {"max_lora_rank": 128}
 
 
