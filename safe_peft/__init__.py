@@ -25,8 +25,10 @@ __all__ = [
     "SizeMismatch",
     "UnexpectedKey",
     "__version__",
+    "check_target",
     "diagnose",
     "fix_adapter",
+    "fix_for_target",
     "inspect_adapter",
     "merge_rank_shards",
     "parse_load_error",
@@ -43,9 +45,13 @@ _LAZY = {
     "merge_rank_shards": "safe_peft._merge",
     "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
+    "check_target": "safe_peft._engines",
+    "fix_for_target": "safe_peft._engine_fix",
 }
 
 if TYPE_CHECKING:
+    from safe_peft._engine_fix import fix_for_target
+    from safe_peft._engines import check_target
     from safe_peft._loader import safe_load_adapter
     from safe_peft._manifest import inspect_adapter
     from safe_peft._merge import merge_rank_shards

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from safe_peft._engine_cli import add_target_arguments, run_check_target, run_fix_target
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import SCHEMA_VERSION, LoadReport
 
@@ -71,25 +72,30 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="will these adapters load into this base model, and if not, why")
     check.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or glob patterns")
-    _model_args(check)
+    _model_args(check, base_required=False)
     check.add_argument("--json", action="store_true", help="one JSON document (schema in docs/cli.md)")
+    add_target_arguments(check)  # serving engines (docs/serving.md)
     check.set_defaults(run=_check)
 
     fix = sub.add_parser("fix", help="write an adapter that plain peft loads")
     fix.add_argument("adapter")
-    _model_args(fix)
+    _model_args(fix, base_required=False)
     fix.add_argument("--out", required=True, help="a new (or empty) directory")
     fix.add_argument("--force", action="store_true", help="replace a non-empty --out")
     fix.add_argument(
         "--merge-ranks", action="store_true", help="ADAPTER holds one file per rank (rank_0/, ...): merge them"
     )
+    add_target_arguments(fix, fix=True)  # serving engines (docs/serving.md)
     fix.set_defaults(run=_fix)
     return parser
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
+def _model_args(parser: argparse.ArgumentParser, *, base_required: bool = True) -> None:
     parser.add_argument(
-        "--base", required=True, metavar="MODEL", help="model directory (config.json suffices) or hub id"
+        "--base",
+        required=base_required,
+        metavar="MODEL",
+        help="model directory (config.json suffices) or hub id (required unless --target)",
     )
     parser.add_argument(
         "--model-class",
@@ -152,6 +158,10 @@ def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
 
 def _check(args: argparse.Namespace, out: Output) -> int:
     adapters = _expand(args.adapters)
+    if args.target:  # --- serving engines: safe_peft._engine_cli
+        return run_check_target(args, adapters, out)
+    if args.base is None:
+        raise UsageError("check: --base MODEL is required (or --target ENGINE)")
     model = build_base_model(args.base, args.model_class)
     results: list[tuple[str, LoadReport, bool]] = []
     progress = Progress(len(adapters), enabled=len(adapters) >= 20 and sys.stderr.isatty() and not args.json)
@@ -226,6 +236,10 @@ def _verdict(report: LoadReport, unreadable: bool) -> str:
 
 
 def _fix(args: argparse.Namespace, out: Output) -> int:
+    if args.target:  # --- serving engines: safe_peft._engine_cli
+        return run_fix_target(args, out)
+    if args.base is None:
+        raise UsageError("fix: --base MODEL is required (or --target ENGINE)")
     from safe_peft._writer import fix_adapter
 
     model = build_base_model(args.base, args.model_class)

@@ -41,6 +41,7 @@ class Cause(str, enum.Enum):
     UNSAFE_FORMAT = "unsafe_format"
     FOREIGN_FORMAT = "foreign_format"
     DISTRIBUTED = "distributed"  # the ranks of a sharded load disagree, time out, or the layout cannot be placed
+    ENGINE_INCOMPATIBLE = "engine_incompatible"  # a serving engine refuses the adapter or serves it wrong
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:  # same on every Python version (3.11 changed str() of mixed-in enums)

@@ -1,0 +1,218 @@
+"""``safe-peft fix --target ENGINE``: exact, output-preserving conversions of an adapter for a serving engine.
+
+Only conversions that keep peft's outputs exactly (up to float rounding) are made:
+
+- ``fold_scaling``: peft scales module m's product by ``alpha_m / r_m`` (``/ sqrt(r_m)`` with rsLoRA), with
+  ``alpha_pattern`` / ``rank_pattern`` overrides. An engine that knows one global ``lora_alpha`` (llama.cpp) uses
+  another scale; multiplying ``lora_B`` by ``peft_scale / engine_scale`` and writing a config without rsLoRA and
+  alpha_pattern gives the same ``scale * B @ A`` in the engine and in peft.
+- ``pad_rank``: zero rows in ``lora_A`` and zero columns in ``lora_B`` add nothing to ``B @ A``; the scale change
+  (``alpha / r``) is folded into ``lora_B`` as above.
+
+Anything that has no exact LoRA form (DoRA, full ``modules_to_save`` heads, lora_B biases, trained base biases,
+trainable tokens, base-rewriting inits) is refused with the engine's rule and the reason; nothing is approximated.
+torch and safetensors are imported only here, when a fix runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from safe_peft._catalog import finding
+from safe_peft._engines import AdapterFacts, TargetReport, _module, _role, check_target
+from safe_peft.errors import AdapterLoadError
+from safe_peft.report import Diagnosis, LoadReport
+
+__all__ = ["FixReport", "fix_for_target"]
+
+_NOT_EXACT = {
+    "dora": "DoRA rescales every output column by a norm of the merged weight: no LoRA product equals it",
+    "saved_module": "a full saved head or embedding is not a low-rank update of the base weight",
+    "saved_norm": "a full normalisation weight is not a LoRA update",
+    "lora_bias": "a bias on lora_B has no place in an A/B pair",
+    "base_bias": "trained base biases are not a LoRA update",
+    "trainable_tokens": "trainable token rows are not a LoRA update",
+    "base_rewriting_init": "the init rewrote the base weights; converting needs the initial model "
+    "(peft's path_initial_model_for_weight_conversion)",
+    "tied_lm_head_lora": "the engine drops a LoRA on a tied lm_head; no renaming keeps it",
+    "rank": "a rank above the engine's limit cannot be lowered exactly",
+}
+
+
+@dataclass(frozen=True)
+class FixReport:
+    """What ``fix_for_target`` wrote: the conversions applied, per-module factors, and the check of the output."""
+
+    adapter: str
+    out_dir: str
+    engine: str
+    conversions: tuple[str, ...]
+    factors: dict[str, float]
+    before: TargetReport
+    after: TargetReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "out_dir": self.out_dir,
+            "engine": self.engine,
+            "conversions": list(self.conversions),
+            "factors": dict(self.factors),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+        }
+
+
+def fix_for_target(
+    adapter: str | os.PathLike[str],
+    target: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    version: str | None = None,
+    pad_rank_to: int | None = None,
+    force: bool = False,
+) -> FixReport:
+    """Write to ``out_dir`` an adapter that engine ``target`` serves with peft's outputs, or raise.
+
+    Raises :class:`AdapterLoadError` (its report lists the engine findings that no exact conversion fixes, each
+    with the reason) and writes nothing then. ``pad_rank_to`` also pads every module to that rank.
+    """
+    before = check_target(adapter, target, base, version)
+    refused = [d for d in before.findings if not d.details.get("conversion")]
+    if refused:
+        raise AdapterLoadError(_refusal(before, refused))
+    conversions = list(before.conversions)
+    if pad_rank_to is not None:
+        conversions.append("pad_rank")
+    out = os.fspath(out_dir)
+    _prepare(out, force)
+    facts = AdapterFacts.read(adapter)
+    from safe_peft._engine_rules import rule_set
+
+    rules = rule_set(target, version)
+    tensors, config, factors = _convert(facts, rules.scaling, pad_rank_to)
+    if "vlm_prefix" in conversions:
+        tensors = _vlm_prefix(tensors)
+    _write(out, tensors, config, facts, conversions)
+    after = check_target(out, target, base, version)
+    if not after.ok:
+        raise AdapterLoadError(_refusal(after, list(after.findings)))
+    return FixReport(facts.path, out, before.engine, tuple(conversions), factors, before, after)
+
+
+def _refusal(report: TargetReport, findings: list[Diagnosis]) -> LoadReport:
+    causes = []
+    for d in findings:
+        why = _NOT_EXACT.get(str(d.details.get("feature")), "no exact conversion is known")
+        causes.append(
+            finding(d.code, f"{d.message}. Not converted: {why}.", fix=d.fix, details={**d.details, "not_exact": why})
+        )
+    return LoadReport(ok=False, causes=causes, adapter=report.adapter, model_class=f"{report.engine} {report.version}")
+
+
+def _prepare(out: str, force: bool) -> None:
+    if os.path.exists(out) and os.listdir(out):
+        if not force:
+            raise ValueError(f"{out}: exists and is not empty (pass force=True / --force to replace it)")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def _convert(
+    facts: AdapterFacts, scaling: str, pad_rank_to: int | None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    import torch
+    from safetensors.torch import load_file
+
+    from safe_peft._adapter_files import locate_adapter
+
+    tensors = load_file(locate_adapter(facts.path).weights_path)
+    cfg = dict(facts.config)
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    from safe_peft._engines import _pattern
+
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    one_rank = scaling == "global_alpha_over_r"  # one scale alpha / r for every module: pad all to one rank
+    if one_rank:
+        pad_rank_to = max([pad_rank_to or 0] + [int(t.shape[0]) for k, t in tensors.items() if _role(k) == "A"])
+    new_ranks: dict[str, int] = {}
+    factors: dict[str, float] = {}
+    for key in sorted(tensors):
+        if _role(key) != "B":
+            continue
+        module = _module(key)
+        a_key = key.replace(".lora_B.weight", ".lora_A.weight").replace(".lora_embedding_B", ".lora_embedding_A")
+        rank = int(tensors[a_key].shape[0])
+        name = _pattern_name(module)
+        r_m = _pattern(rank_pattern, name) or r
+        a_m = _pattern(alpha_pattern, name)
+        a_m = alpha if a_m is None else float(a_m)
+        peft = a_m / math.sqrt(r_m) if cfg.get("use_rslora") else a_m / r_m
+        target_rank = max(rank, pad_rank_to or 0)
+        # Once rsLoRA and alpha_pattern are folded, every scaling model gives alpha / the module's (padded) rank.
+        engine = alpha / target_rank if alpha else 1.0
+        factor = peft / engine
+        b = tensors[key]
+        work = b.to(torch.float64) * factor
+        a = tensors[a_key]
+        if target_rank > rank:
+            pad = target_rank - rank
+            work = torch.cat([work, work.new_zeros(*work.shape[:-1], pad)], dim=-1)
+            a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])], dim=0)
+        dtype = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype  # no rounding to half
+        tensors[key] = work.to(dtype).contiguous()
+        tensors[a_key] = a.to(dtype).contiguous()
+        factors[module] = factor
+        new_ranks[name] = target_rank
+    base_rank = pad_rank_to if one_rank and pad_rank_to else max(r, pad_rank_to or 0)
+    cfg["r"] = base_rank
+    cfg["use_rslora"] = False
+    cfg["alpha_pattern"] = {}
+    cfg["rank_pattern"] = {name: k for name, k in sorted(new_ranks.items()) if k != base_rank}
+    if not alpha:
+        cfg["lora_alpha"] = 0
+    return tensors, cfg, factors
+
+
+_TEXT_PREFIX = "base_model.model.model."
+_WRAPPER_PARTS = ("language_model.", "vision_tower.", "multi_modal_projector.", "visual.")
+
+
+def _vlm_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Text-model keys (``model.layers.*``) to the vision-language wrapper's layout (``model.language_model.*``,
+    transformers >= 4.52, which the engines map); keys already in the wrapper's layout and lm_head stay."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(_TEXT_PREFIX) and not key[len(_TEXT_PREFIX) :].startswith(_WRAPPER_PARTS):
+            key = _TEXT_PREFIX + "language_model." + key[len(_TEXT_PREFIX) :]
+        out[key] = value
+    return out
+
+
+def _pattern_name(module: str) -> str:
+    if module.endswith(".experts.base_layer"):
+        return module[: -len(".base_layer")] + ".gate_up_proj"
+    if module.endswith(".experts"):
+        return module + ".down_proj"
+    return module
+
+
+def _write(out: str, tensors: dict[str, Any], cfg: dict[str, Any], facts: AdapterFacts, conversions: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": "pt",
+        "safe_peft_fix": ",".join(conversions),
+        "safe_peft_source": os.path.basename(facts.path.rstrip(os.sep)),
+    }
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata=metadata)
+    with open(os.path.join(out, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
