@@ -126,6 +126,7 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
           "(...) and pass that model."),
     Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),
+    Entry("conversion_breaks_keys", _C.VERSION_SKEW, 1, True, "{advice}"),
     Entry("remap_not_exact", _C.KEY_FORMAT, 1, False, "see the other causes below; a rename cannot fix them."),
     Entry("user_remap", _C.KEY_FORMAT, 1, False, "pass the same remap= rules together with the fix above."),
     # -- shapes and keys (ranks 2, 3) ------------------------------------------------------------------------------
@@ -135,6 +136,9 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("resized_embeddings", _C.VOCAB_SIZE_MISMATCH, 2, True, "call model.resize_token_embeddings({vocab}) before "
           "loading (with the tokenizer the adapter was trained with), or pass repair=('vocab',) to do it as part of "
           "the load.", repair=("vocab",)),
+    Entry("token_indices_out_of_range", _C.VOCAB_SIZE_MISMATCH, 1, True, "resize the base model's embeddings to the "
+          "vocabulary the adapter was trained with (model.resize_token_embeddings(len(tokenizer)), with the tokenizer "
+          "saved with the adapter) before loading."),
     Entry("dimension_mismatch", _C.WRONG_BASE_MODEL, 2, True, _TRAINED_BASE[:-1] + "; no rename or repair can make "
           "these weights fit."),
     Entry("dora_flag", _C.CONFIG_MISMATCH, 2, False, "pass repair=('dora',) to set use_dora=true, or set it in "

@@ -17,7 +17,7 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["adapter_name_findings", "model_findings", "wrapper_findings", "wrapper_needs"]
+__all__ = ["adapter_name_findings", "model_findings", "token_index_findings", "wrapper_findings", "wrapper_needs"]
 
 MAX_NAME = 256
 
@@ -93,3 +93,51 @@ def wrapper_findings(model: nn.Module, task_type: Any) -> list[Diagnosis]:
             advice=f"load the base model with {wanted}.from_pretrained(...) and pass that model.",
         )
     ]
+
+
+def token_index_findings(model: nn.Module, config: Any, vocab_size: int | None = None) -> list[Diagnosis]:
+    """Trainable tokens (``trainable_token_indices``, TrainableTokens' ``token_indices``) past the end of the
+    embedding they train: the adapter was trained on a resized vocabulary (plain peft fails with an IndexError).
+    ``vocab_size`` is the size a vocab repair gives the model, if any."""
+    wanted: dict[str, list[int]] = {}
+    indices = getattr(config, "trainable_token_indices", None)
+    if str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1] == "TRAINABLE_TOKENS":
+        targets = getattr(config, "target_modules", None) or []
+        names = [targets] if isinstance(targets, str) else list(targets)
+        wanted = {str(n): list(getattr(config, "token_indices", None) or []) for n in names}
+    elif isinstance(indices, dict):
+        wanted = {str(k): list(v) for k, v in indices.items()}
+    elif isinstance(indices, (list, tuple)):
+        wanted = {"": list(indices)}
+    findings = []
+    for name, tokens in wanted.items():
+        rows = vocab_size if vocab_size is not None else _embedding_rows(model, name)
+        numbers = [t for t in tokens if isinstance(t, int) and not isinstance(t, bool)]
+        if rows is None or not numbers or max(numbers) < rows:
+            continue
+        findings.append(
+            finding(
+                "token_indices_out_of_range",
+                f"the adapter trains tokens up to index {max(numbers)}"
+                + (f" of {name}" if name else "")
+                + f", but the model's embedding has only {rows} rows: it was trained after resize_token_embeddings "
+                f"(to at least {max(numbers) + 1} rows)",
+                details={"module": name or None, "max_index": max(numbers), "model_rows": rows},
+            )
+        )
+    return findings
+
+
+def _embedding_rows(model: nn.Module, name: str) -> int | None:
+    """Rows of the embedding ``name`` (a module name or suffix; "" for the input embeddings)."""
+    layer: Any = None
+    if not name:
+        getter = getattr(model, "get_input_embeddings", None)
+        try:
+            layer = getter() if callable(getter) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+    else:
+        layer = next((m for n, m in model.named_modules() if n == name or n.endswith("." + name)), None)
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if weight is not None and getattr(weight, "ndim", 0) == 2 else None

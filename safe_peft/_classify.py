@@ -286,9 +286,11 @@ def _shapes(ev: Evidence, explained: frozenset[str]) -> list[Found]:
             for i, (a, b) in enumerate(zip(mm.checkpoint_shape, mm.model_shape, strict=False))
             if a != b
         }
-        module = module_of(mm.key)
+        want = ev.view.expected.get(mm.key)
+        module = want.module if want is not None and want.module else module_of(mm.key)
         is_embedding = ev.view.layers.get(module) is not None and ev.view.layers[module].kind == "embedding"
-        vocab_rows = axes == {"rows"} and _is_vocab_module(ev, module, is_embedding)
+        base_rows = want is not None and want.role is Role.BASE_EMBEDDING  # the saved base embedding weights
+        vocab_rows = axes == {"rows"} and (base_rows or _is_vocab_module(ev, module, is_embedding))
         if axes == {"rank"}:
             rank_keys.append(mm)
         elif axes == {"vocab"} or vocab_rows:

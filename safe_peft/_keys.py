@@ -28,6 +28,7 @@ __all__ = [
     "adapter_parts_pattern",
     "adapter_prefixes",
     "base_tensor_name",
+    "checkpoint_key",
     "is_adapter_key",
     "is_embedding_part",
     "is_method_key",
@@ -122,9 +123,13 @@ def module_of(key: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else path
 
 
+_WRAPPERS = frozenset({"base_layer", "token_adapter"})  # segments peft's wrappers put in front of a base tensor
+
+
 def base_tensor_name(key: str) -> str:
-    """The base model's own name for a checkpoint key of a base tensor (prefix and ``base_layer.`` removed)."""
-    return strip_prefix(key).replace(".base_layer.", ".")
+    """The base model's own name for a checkpoint key of a base tensor: the prefix and the segments of peft's
+    wrappers (a tuner layer's ``base_layer.``, trainable tokens' ``token_adapter.``) removed."""
+    return ".".join(s for s in strip_prefix(key).split(".") if s not in _WRAPPERS)
 
 
 def lora_key(module: str, part: str, param: str = "weight") -> str:
@@ -144,6 +149,17 @@ def without_adapter_name(key: str) -> str:
     elif head.rpartition(".")[2] in _LORA_PARTS:
         return head
     return key
+
+
+def checkpoint_key(model_key: str, adapter_name: str) -> str:
+    """The saved key of one of an adapter's own tensors, from its key in the model: the adapter-name segment
+    dropped where peft puts it (last for a parameter entry, ``lora_embedding_A.<name>``; second to last for a
+    module entry, ``lora_A.<name>.weight``). Only for tensors known to belong to the adapter."""
+    head, _, last = model_key.rpartition(".")
+    if last == adapter_name:
+        return head
+    stem, _, name = head.rpartition(".")
+    return f"{stem}.{last}" if name == adapter_name else model_key
 
 
 def adapter_parts_pattern() -> str:

@@ -18,7 +18,7 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["named_keys_peft_accepts", "peft_conversions"]
+__all__ = ["conversion_breaks_keys", "named_keys_peft_accepts", "peft_conversions"]
 
 Shape = tuple[int, ...]
 
@@ -58,6 +58,27 @@ def peft_conversions(
             details={"converted": len(changed)},
         )
     ]
+
+
+def conversion_breaks_keys(
+    model: nn.Module, original: Mapping[str, Shape], converted: Mapping[str, Shape], expected: Mapping[str, ExpectedKey]
+) -> Diagnosis | None:
+    """peft's own load-time conversion renaming keys that already fit this model into keys that do not (an adapter
+    saved in the current layout, converted again): the modules would silently load without their weights."""
+    changed = [k for k in original if k not in converted]
+    new = [k for k in converted if k not in original]
+    if not changed or not all(k in expected for k in changed) or any(k in expected for k in new):
+        return None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return finding(
+        "conversion_breaks_keys",
+        f"{len(changed)} keys already fit {type(model).__name__}, but peft's load-time conversion for model_type "
+        f"{model_type!r} renames them to keys the model does not have (e.g. {changed[0]!r} -> {new[0]!r}): "
+        "plain peft loads those modules without their weights",
+        details={"model_type": model_type, "converted": len(changed), "example": [changed[0], new[0]]},
+        advice="this is peft's conversion, not the adapter: load with a peft / transformers pair whose conversion "
+        "leaves these keys alone, and report it to peft (peft.utils.transformers_weight_conversion).",
+    )
 
 
 def named_keys_peft_accepts(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
 from safe_peft._catalog import fatal, finding
-from safe_peft._keys import Role, base_tensor_name, role_of
+from safe_peft._keys import Role, base_tensor_name, checkpoint_key, role_of
 from safe_peft._plan import LoadPlan, make_plan
 from safe_peft._snapshot import ModuleSnapshot
 from safe_peft._weights import write_weights
@@ -152,20 +152,13 @@ def rewrites_base(config: Any) -> bool:
 def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict[str, Any]:
     """The adapter's tensors in the model, under their checkpoint keys.
 
-    For plain LoRA (the analytic view) the names come from ``named_parameters()`` through peft's own
-    ``_remove_adapter_name_from_key`` (DoRA magnitudes also drop ``.weight``, as peft saves them);
-    otherwise from ``get_peft_model_state_dict``. A test holds the two equal.
+    For plain LoRA (the analytic view) the tensors are those the tuner layers hold under the adapter's name,
+    named by the key grammar (DoRA magnitudes also drop ``.weight``, as peft saves them); otherwise they come
+    from ``get_peft_model_state_dict``. A test holds the two equal.
     """
     from peft import get_peft_model_state_dict
 
-    config: Any = model.peft_config[adapter_name]
-    remove = None
-    if analytic:
-        from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
-        tuners: dict[Any, Any] = dict(PEFT_TYPE_TO_TUNER_MAPPING)
-        remove = getattr(tuners.get(config.peft_type), "_remove_adapter_name_from_key", None)
-    if remove is None:
+    if not analytic:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
     owned = _adapter_tensor_ids(model, adapter_name)
     wrapped = f".modules_to_save.{adapter_name}."
@@ -176,7 +169,7 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
         if wrapped in name:
             tensors[name.replace(wrapped, ".")] = tensor
         else:
-            key = remove(name, adapter_name)
+            key = checkpoint_key(name, adapter_name)
             tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = tensor
     return tensors
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of, strip_prefix
+from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of
 from safe_peft._versions import TASK_HEADS
 from safe_peft.report import Diagnosis
 
@@ -247,8 +247,7 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> Iterator[tuple[str, 
             yield key, module
 
 
-def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], targeted: set[str]) -> None:
-    """peft also saves the base embedding weights when embeddings were targeted or resized."""
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
     getters = [getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)]
     layers = []
     for getter in getters:
@@ -258,16 +257,29 @@ def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], ta
             layer = None
         if layer is not None:
             layers.append(layer)
-    if not layers:
-        return
-    for name, module in model.named_modules():
-        if not any(module is layer for layer in layers):
-            continue
-        inner = "base_layer." if name in targeted else ""
-        for pname, param in module.named_parameters():
-            key = f"{PEFT_PREFIX}{name}.{inner}{pname}"
-            if key not in expected:
-                expected[key] = ExpectedKey(key, tuple(param.shape), name, Role.BASE_EMBEDDING, required=False)
+    return layers
+
+
+def _embedding_parameters(model: nn.Module) -> list[tuple[str, Any]]:
+    """(name, parameter) of the input and output embedding layers' own parameters."""
+    layers = _embedding_layers(model)
+    return [
+        (f"{name}.{pname}", param)
+        for name, module in model.named_modules()
+        if any(module is layer for layer in layers)
+        for pname, param in module.named_parameters()
+    ]
+
+
+def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], targeted: set[str]) -> None:
+    """peft also saves the base embedding weights when embeddings were targeted or resized (a LoRA on an
+    embedding wraps it, so its weight then sits under ``base_layer.``)."""
+    for name, param in _embedding_parameters(model):
+        module, _, pname = name.rpartition(".")
+        inner = "base_layer." if module in targeted else ""
+        key = f"{PEFT_PREFIX}{module}.{inner}{pname}"
+        if key not in expected:
+            expected[key] = ExpectedKey(key, tuple(param.shape), module, Role.BASE_EMBEDDING, required=False)
 
 
 def _no_target_found(target_modules: Any) -> Diagnosis:
@@ -322,9 +334,12 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
 
     from peft import PeftModel, get_peft_model_state_dict
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from safe_peft._keys import module_of
 
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
+
+    embedding_keys: dict[str, ExpectedKey] = {}
 
     def inject(real: frozenset[str], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
         skeleton = meta_skeleton(model, real, seed)
@@ -332,12 +347,20 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
             warnings.simplefilter("ignore")
             # with real targets, the adapter's own (small) tensors are real too: some methods index them on save
             peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=not real)
-            return skeleton, get_peft_model_state_dict(
-                peft_model, adapter_name=adapter_name, save_embedding_layers=False
-            )
+            state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+            # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights
+            # under base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself
+            try:
+                extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+            except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
+                extra = {}
+        for key, tensor in extra.items():
+            if key not in state:
+                embedding_keys[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), Role.BASE_EMBEDDING, False)
+        return skeleton, state
 
     try:
-        skeleton, state = inject(frozenset())
+        _, state = inject(frozenset())
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
         # Methods whose initialisation computes from the base weights (SHiRA's mask, FRoD / AdaMSS decompositions,
         # AdaLoRA's pruned ranks) cannot run on meta tensors: again, with the targeted modules' weights real.
@@ -345,18 +368,16 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
         if not targets:
             return {}, _injection_error(exc, config, model)
         try:
-            skeleton, state = inject(targets)
+            _, state = inject(targets)
             if _on_meta(model, targets):  # random stand-in values: find the dimensions that depend on them
                 state = _value_free_shapes(state, inject(targets, seed=1)[1])
         except Exception as again:  # noqa: BLE001 - as above
             return {}, _injection_error(again, config, model)
-    from safe_peft._keys import module_of
-
     expected = {}
     for key, tensor in state.items():
         expected[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), role_of(key) or Role.OTHER)
-    targeted = {strip_prefix(n) for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
-    _add_embedding_layers(model, expected, targeted)
+    for key, want in embedding_keys.items():
+        expected.setdefault(key, want)
     return expected, None
 
 

@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 from safe_peft._adapter import AdapterSource, read_adapter
 from safe_peft._adapter_files import AdapterFiles
 from safe_peft._catalog import finding
-from safe_peft._checks import adapter_name_findings, model_findings, wrapper_findings, wrapper_needs
+from safe_peft._checks import (
+    adapter_name_findings,
+    model_findings,
+    token_index_findings,
+    wrapper_findings,
+    wrapper_needs,
+)
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
-from safe_peft._layout import named_keys_peft_accepts, peft_conversions
+from safe_peft._keys import PEFT_PREFIX, strip_prefix
+from safe_peft._layout import conversion_breaks_keys, named_keys_peft_accepts, peft_conversions
 from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.errors import AdapterFormatError
@@ -100,8 +107,12 @@ def make_plan(
     if source.raw is None:
         return _foreign_plan(model, source, adapter_name, remap)
     view = expected_keys(model, source.peft_config, adapter_name)
+    if view.error is not None and view.error.code == "target_modules_not_found":
+        source, view = _targets_follow_keys(model, source, view, adapter_name)
     layout = convert_layout(model, source, view, adapter_name, kwargs.get("key_mapping"))
     renaming = choose_renames(layout, view, remap, repair)
+    if not renaming.applied and source.peft_config is not source.raw_config:  # targets renamed, keys were not
+        source, view = replace(source, peft_config=source.raw_config, repairs=source.repairs[:-1]), view
     repaired = apply_repairs(model, source, renaming, view, repair, adapter_name)
     return verdict(model, source, layout, renaming, repaired, adapter_name, remap, repair)
 
@@ -115,13 +126,17 @@ class Layout:
 
     checkpoint: dict[str, Shape]
     warnings: tuple[Diagnosis, ...] = ()
+    causes: tuple[Diagnosis, ...] = ()  # peft's conversion itself breaks keys that fit
 
 
 def convert_layout(
     model: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, key_mapping: Any
 ) -> Layout:
     checkpoint, converted = peft_conversions(model, source.peft_config, source.shapes, adapter_name, key_mapping)
+    broken = conversion_breaks_keys(model, source.shapes, checkpoint, view.expected)
     checkpoint = named_keys_peft_accepts(checkpoint, view.expected, adapter_name)
+    if broken is not None:
+        return Layout(checkpoint, causes=(broken,))
     return Layout(checkpoint, tuple(converted))
 
 
@@ -209,6 +224,32 @@ def apply_repairs(
     return Repaired(peft_config, view, config_data, tuple(repairs), vocab_size)
 
 
+def _targets_follow_keys(
+    model: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str
+) -> tuple[AdapterSource, ModelView]:
+    """``target_modules`` saved as full module paths (peft expands ``all-linear`` that way) name no module of a
+    model whose layers sit under another prefix (a causal LM's adapter on the bare model). When a model-class
+    rename makes them name modules of this model, the renamed targets give the view the keys can be planned
+    against; the rename is kept only if the keys are renamed too (``remap="auto"``)."""
+    targets = getattr(source.peft_config, "target_modules", None)
+    if not isinstance(targets, (list, set, tuple)) or not any("." in str(t) for t in targets):
+        return source, view
+    for rule in (*model_rules(view.base_model_prefix), *BUILTIN):
+        if rule.cause is not Cause.MODEL_CLASS_MISMATCH:
+            continue
+        renamed = sorted({strip_prefix(rule.apply(PEFT_PREFIX + str(t)) or str(t)) for t in targets})
+        if set(renamed) == {str(t) for t in targets}:
+            continue
+        config = replace_config(source.peft_config, target_modules=set(renamed))
+        new_view = expected_keys(model, config, adapter_name)
+        if new_view.error is None:
+            example = f"{sorted(map(str, targets))[0]} -> {renamed[0]}"
+            note = f"targets: target_modules renamed like the keys ({rule.name}), e.g. {example}"
+            moved = replace(source, peft_config=config, raw_config=source.peft_config, repairs=(*source.repairs, note))
+            return moved, new_view
+    return source, view
+
+
 def replace_config(config: Any, **changes: Any) -> Any:
     """A copy of a peft config with fields changed (the caller's object is never modified)."""
     import copy
@@ -246,7 +287,9 @@ def verdict(
     causes += renaming.findings
     if not any(d.cause is Cause.MODEL_CLASS_MISMATCH for d in causes):
         causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None))
-    causes = [*source.causes, *causes]
+    if not any(d.cause is Cause.VOCAB_SIZE_MISMATCH for d in causes):
+        causes += token_index_findings(model, repaired.peft_config, repaired.vocab_size)
+    causes = [*source.causes, *layout.causes, *causes]
     from safe_peft._sharding import sharding_findings  # hook: layouts a sharded model cannot take
 
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)

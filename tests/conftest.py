@@ -30,4 +30,6 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     make("wide", "causal", model={"hidden_size": 128, "intermediate_size": 256})
     make("dora", "causal", use_dora=True)
     make("all_linear", "causal", r=4, target_modules="all-linear")
+    make("causal_task", "causal", task_type="CAUSAL_LM")  # what TRL and most tutorials save
+    make("all_linear_task", "causal", r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     return made

@@ -74,6 +74,25 @@ SCENARIOS = [
         {"remap": "auto"},
     ),
     Scenario("seqcls_adapter_into_bare_model", "seqcls", "bare", Cause.MODEL_CLASS_MISMATCH, "missing_task_head"),
+    Scenario(
+        "causal_lm_task_adapter_into_bare_model",
+        "causal_task",
+        "bare",
+        Cause.MODEL_CLASS_MISMATCH,
+        "head_prefix_remove",
+        {"remap": "auto"},
+    ),
+    Scenario(
+        "all_linear_task_adapter_into_bare_model",
+        "all_linear_task",
+        "bare",
+        Cause.MODEL_CLASS_MISMATCH,
+        "head_prefix_remove",
+        {"remap": "auto"},
+    ),
+    Scenario(
+        "causal_lm_adapter_into_seqcls_model", "causal_task", "seqcls", Cause.MODEL_CLASS_MISMATCH, "task_type_mismatch"
+    ),
     Scenario("other_hidden_size", "wide", "causal", Cause.WRONG_BASE_MODEL, "dimension_mismatch"),
     Scenario("deeper_model", "deep", "causal", Cause.WRONG_BASE_MODEL, "fewer_layers"),
     Scenario("targets_not_in_model", "gpt2", "causal", Cause.WRONG_BASE_MODEL, "target_modules_not_found"),
@@ -199,7 +218,14 @@ def test_opt_in_fix_gives_trained_outputs(s: Scenario, adapters: dict[str, Any],
         assert torch.allclose(outputs(model), adapters[s.adapter][1], atol=1e-5)
 
 
-TRAINED_ON = {"causal": "causal", "bare": "bare", "dora": "causal", "seqcls": "seqcls"}
+TRAINED_ON = {
+    "causal": "causal",
+    "bare": "bare",
+    "dora": "causal",
+    "seqcls": "seqcls",
+    "causal_task": "causal",
+    "all_linear_task": "causal",
+}
 
 
 def backbone(model: Any) -> torch.Tensor:

@@ -44,7 +44,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Any:
             models[case.model] = corpus.build_model(case.model, mdir)
         if case.name not in adapters:
             adapters[case.name] = str(root / "adapters" / case.name)
-            corpus.build_adapter(case, adapters[case.name], models[case.model])
+            try:
+                corpus.build_adapter(case, adapters[case.name], models[case.model])
+            except ValueError as exc:  # e.g. target_parameters on a transformers whose MoE experts are not fused
+                if "target_parameters" not in case.lora:
+                    raise
+                adapters[case.name] = f"unbuildable: {exc}"
+        if adapters[case.name].startswith("unbuildable: "):
+            pytest.skip(f"the installed peft / transformers cannot build this case ({adapters[case.name][13:80]})")
         return mdir, adapters[case.name]
 
     return get
