@@ -183,12 +183,15 @@ def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
 
     owned: set[int] = set()
     for module in model.modules():
-        names = getattr(module, "adapter_layer_names", ()) if isinstance(module, BaseTunerLayer) else ()
-        if not names and isinstance(getattr(module, "modules_to_save", None), torch.nn.ModuleDict):
-            names = ("modules_to_save",)
-        for attr in names:
-            container = getattr(module, attr, None)
-            if container is None or adapter_name not in container:
+        if not isinstance(module, BaseTunerLayer) and not isinstance(
+            getattr(module, "modules_to_save", None), torch.nn.ModuleDict
+        ):
+            continue
+        # every per-adapter container the layer holds (lora_A, lora_magnitude_vector, modules_to_save, ...)
+        for attr, container in module._modules.items():
+            if attr == "base_layer" or not isinstance(container, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+                continue
+            if adapter_name not in container:
                 continue
             item = container[adapter_name]
             if isinstance(item, torch.Tensor):
