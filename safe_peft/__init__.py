@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from safe_peft.errors import AdapterFormatError, AdapterLoadError
+from safe_peft.errors import AdapterFormatError, AdapterLoadError, AdapterNotFoundError
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 
 __version__ = "0.1.0.dev0"
@@ -17,6 +17,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdapterFormatError",
     "AdapterLoadError",
+    "AdapterNotFoundError",
     "Cause",
     "Diagnosis",
     "LoadReport",

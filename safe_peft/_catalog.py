@@ -33,6 +33,7 @@ class Entry:
     remap: str | None = None
     repair: tuple[str, ...] = ()
     warning: bool = False  # reported in LoadReport.warnings, never a cause
+    missing: bool = False  # "the adapter is not there": raised as AdapterNotFoundError (a FileNotFoundError)
 
 
 _C = Cause
@@ -43,16 +44,16 @@ _TRAINED_BASE = "load the adapter into the base model it was trained on (base_mo
 _ENTRIES: tuple[Entry, ...] = (
     # -- files: where the adapter is and whether it can be read (rank 0, fatal) ---------------------------------
     Entry("not_found", _C.CORRUPT_CHECKPOINT, 0, True, "check the path or the repository id (and network access, "
-          "revision and token)."),
+          "revision and token).", missing=True),
     Entry("unreadable_path", _C.CORRUPT_CHECKPOINT, 0, True, "check the path: it may be a broken symbolic link, "
           "a link loop or not readable by this user."),
     Entry("not_a_directory", _C.CORRUPT_CHECKPOINT, 0, True, "pass the directory instead: {parent!r}."),
     Entry("subfolder_escapes", _C.CORRUPT_CHECKPOINT, 0, True, "pass a subfolder inside the adapter directory, or "
           "the other directory itself as model_id."),
-    Entry("missing_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "check the subfolder name; {hint}"),
-    Entry("missing_config", _C.CORRUPT_CHECKPOINT, 0, True, "{hint}"),
+    Entry("missing_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "check the subfolder name; {hint}", missing=True),
+    Entry("missing_config", _C.CORRUPT_CHECKPOINT, 0, True, "{hint}", missing=True),
     Entry("missing_weights", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again with save_pretrained(), or "
-          "copy its weights file into the directory."),
+          "copy its weights file into the directory.", missing=True),
     Entry("pickle_refused", _C.UNSAFE_FORMAT, 0, True, "if you trust its source, pass allow_pickle=True (it is then "
           "read with torch.load(weights_only=True), which runs no code), or convert it once with `safe-peft fix` "
           "to adapter_model.safetensors."),

@@ -55,7 +55,7 @@ def load_sharded(
     peft_kwargs: dict[str, Any],
 ) -> Any:
     """``safe_load_adapter`` for a model with DTensor parameters; every rank of the job must call it."""
-    from safe_peft._loader import _execute, _fatal, _overwritten_base_tensors, adapter_tensors
+    from safe_peft._execute import adapter_tensors, execute, is_fatal, overwritten_base_tensors
     from safe_peft._plan import make_plan
 
     collective = Collective.for_job(collective_timeout)
@@ -73,7 +73,7 @@ def load_sharded(
             allow_pickle=allow_pickle,
             peft_kwargs=peft_kwargs,
         )
-        if not plan.report.ok and (strict or _fatal(plan.report)):
+        if not plan.report.ok and (strict or is_fatal(plan.report)):
             refusal = plan.report
     except AdapterLoadError as exc:
         refusal, error = exc.report, exc
@@ -91,15 +91,15 @@ def load_sharded(
         sharding = survey(base_model)
         prepare(base_model)
         snapshot = ModuleSnapshot(base_model)
-        snapshot.protect(_overwritten_base_tensors(base_model, plan))
-        model, report = _execute(base_model, plan, adapter_name, strict, peft_kwargs)
+        snapshot.protect(overwritten_base_tensors(base_model, plan))
+        model, report = execute(base_model, plan, adapter_name, strict, peft_kwargs)
         analytic = plan.view is not None and plan.view.method == "analytic"
         digest = content_digest(adapter_tensors(model, adapter_name, analytic))
         unplaced = place(model, sharding, adapter_name)
         if unplaced:
             snapshot.restore()
             failure = where.unplaced(plan.report, unplaced)
-    except AdapterLoadError as exc:  # _execute restored the model already
+    except AdapterLoadError as exc:  # execute restored the model already
         _restore(snapshot)
         failure, error = exc.report, exc
     except Exception as exc:  # noqa: BLE001 - restore, then tell the other ranks

@@ -31,7 +31,7 @@ from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, Remap, RemapPlan, Repair, model_rules, plan_given, plan_remap, to_rules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,8 +62,8 @@ def diagnose(
     model_id: str | os.PathLike[str],
     adapter_name: str = "default",
     *,
-    remap: object = None,
-    repair: tuple[str, ...] | list[str] = (),
+    remap: Remap = None,
+    repair: Repair = (),
     allow_pickle: bool = False,
     **peft_kwargs: Any,
 ) -> LoadReport:

@@ -8,8 +8,10 @@ promise about the base model. Per-layer repeats collapse into one line
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from safe_peft.report import LoadReport
+if TYPE_CHECKING:
+    from safe_peft.report import LoadReport
 
 __all__ = ["collapse_keys", "render_report"]
 

@@ -12,7 +12,7 @@ from safe_peft._keys import Role, is_adapter_key
 from safe_peft._model_view import ExpectedKey, ModelView
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, plan_given, plan_remap, rename_state_dict, to_rules
+from safe_peft.rules import BUILTIN, Remap, plan_given, plan_remap, rename_state_dict, to_rules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -21,7 +21,7 @@ __all__ = ["safe_load_state_dict"]
 
 
 def safe_load_state_dict(
-    module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, *, remap: object = None
+    module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, *, remap: Remap = None
 ) -> LoadReport:
     """Load ``state_dict`` into ``module`` like ``module.load_state_dict(state_dict, strict)``.
 

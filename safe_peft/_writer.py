@@ -25,6 +25,7 @@ from safe_peft._plan import LoadPlan, make_plan
 from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
+from safe_peft.rules import Remap, Repair
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,8 +50,8 @@ def fix_adapter(
     model_id: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    remap: object = None,
-    repair: tuple[str, ...] | list[str] = (),
+    remap: Remap = None,
+    repair: Repair = (),
     allow_pickle: bool = False,
     force: bool = False,
     **peft_kwargs: Any,

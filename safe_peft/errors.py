@@ -1,4 +1,9 @@
-"""Exceptions. Each carries the whole :class:`LoadReport`; ``str(err)`` is rendered from it."""
+"""Exceptions. Each carries the whole :class:`LoadReport`; ``str(err)`` is rendered from it.
+
+Each also is the builtin exception callers already catch: ``AdapterLoadError`` is a ``RuntimeError`` (what torch
+raises for a failed ``load_state_dict``), and ``AdapterNotFoundError`` a ``FileNotFoundError`` (what peft raises
+for a missing adapter), so existing ``except`` clauses keep working.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,23 @@ from typing import Any
 
 from safe_peft.report import LoadReport
 
-__all__ = ["AdapterFormatError", "AdapterLoadError"]
+__all__ = ["AdapterFormatError", "AdapterLoadError", "AdapterNotFoundError"]
 
 
 class AdapterLoadError(RuntimeError):
     """An adapter does not fit the model (or could not be loaded). ``.report`` says why.
 
     A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working.
+    ``str(err)`` is the rendered report::
+
+        Cannot load adapter 'out/adapter' into LlamaForCausalLM: 0 missing, 0 unexpected, 8 size-mismatched keys.
+        Most likely cause [config_mismatch/rank_mismatch]: adapter_config.json says r=32, but the weights were
+        saved with rank 64 (8 tensors)
+        Fix: pass repair=('rank',) to rebuild r / rank_pattern from the weights' shapes (lora_alpha is kept), ...
+        Size mismatches (8):
+          base_model.model.model.layers.{0...1}.self_attn.q_proj.lora_A.weight: checkpoint [64, 64], model [32, 64]
+        The base model was left unchanged.
+        Docs: https://github.com/safe-peft/safe-peft/blob/main/docs/causes/config_mismatch.md#rank_mismatch
     """
 
     def __init__(self, report: LoadReport) -> None:
@@ -24,7 +39,16 @@ class AdapterLoadError(RuntimeError):
 
 
 class AdapterFormatError(AdapterLoadError):
-    """An adapter file is unreadable, malformed or unsafe (refused pickle, bad header, bad config)."""
+    """An adapter file is unreadable, malformed or unsafe (refused pickle, bad header, bad config).
+
+    ``str(err)`` names the file and what is wrong with it::
+
+        Cannot load adapter 'out/adapter': 0 missing, 0 unexpected, 0 size-mismatched keys.
+        Most likely cause [corrupt_checkpoint/truncated_file]: out/adapter/adapter_model.safetensors: tensor
+        'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' ends at byte 2048 of the data region,
+        which has only 1024 bytes (an incomplete download or copy?)
+        Fix: download or copy the adapter again; the file is incomplete.
+    """
 
     @classmethod
     def of(
@@ -38,13 +62,31 @@ class AdapterFormatError(AdapterLoadError):
         **fill: Any,
     ) -> AdapterFormatError:
         """The error for a single finding about a file: cause, fix and opt-in come from the catalog entry of
-        ``code`` (``fix`` overrides; ``fill`` fills the entry's fix template)."""
-        from safe_peft._catalog import finding
+        ``code`` (``fix`` overrides; ``fill`` fills the entry's fix template). A code the catalog marks as "the
+        adapter is not there" gives an :class:`AdapterNotFoundError`."""
+        from safe_peft._catalog import entry, finding
 
         diagnosis = finding(code, message, fix=fix, details=details, **fill)
-        return cls(LoadReport(ok=False, causes=[diagnosis], adapter=adapter))
+        kind = AdapterNotFoundError if entry(code).missing and issubclass(AdapterNotFoundError, cls) else cls
+        return kind(LoadReport(ok=False, causes=[diagnosis], adapter=adapter))
 
     @property
     def code(self) -> str:
         primary = self.report.primary
         return primary.code if primary is not None else ""
+
+
+class AdapterNotFoundError(AdapterFormatError, FileNotFoundError):
+    """There is no adapter where ``model_id`` points: no such directory or hub repository, no
+    ``adapter_config.json`` or weights file in it, no such ``subfolder``. Also a ``FileNotFoundError``.
+
+    ``str(err)``::
+
+        Cannot load adapter 'out/missing': 0 missing, 0 unexpected, 0 size-mismatched keys.
+        Most likely cause [corrupt_checkpoint/not_found]: 'out/missing': no such local directory, and the hub did
+        not provide adapter_config.json (LocalEntryNotFoundError)
+        Fix: check the path or the repository id (and network access, revision and token).
+    """
+
+    def __init__(self, report: LoadReport) -> None:
+        AdapterLoadError.__init__(self, report)

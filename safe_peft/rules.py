@@ -14,7 +14,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from safe_peft._catalog import CATALOG, layout_entry, register
 from safe_peft._compare import shape_fits
@@ -24,8 +24,11 @@ from safe_peft.report import Cause
 
 __all__ = [
     "BUILTIN",
+    "Remap",
     "RemapPlan",
     "RemapRule",
+    "Repair",
+    "RepairName",
     "apply_rules",
     "check_exact",
     "model_rules",
@@ -37,6 +40,7 @@ __all__ = [
 
 Shape = tuple[int, ...]
 V = TypeVar("V")
+
 ShapeCheck = Callable[[str, Shape, Shape], bool]  # (new key, checkpoint shape, model shape) -> equal enough
 
 
@@ -66,6 +70,14 @@ class RemapRule:
         return self.regex.sub(self.replacement, key)
 
 
+
+Remap = None | Literal["auto"] | Sequence[RemapRule] | Mapping[str, str]
+"""The ``remap=`` argument: ``None`` (never rename), ``"auto"`` (the built-in rules, only if every key then lands
+exactly), your own :class:`RemapRule` sequence, or a ``{regex: replacement}`` mapping."""
+RepairName = Literal["rank", "dora", "targets", "vocab", "config", "legacy"]
+"""The names ``repair=`` accepts; each is an opt-in change to the config (``"vocab"``: to the base model)."""
+Repair = Sequence[RepairName]
+"""The ``repair=`` argument: a sequence of :data:`RepairName`."""
 
 BUILTIN: tuple[RemapRule, ...] = (
     RemapRule("strip_orig_mod", r"(^|\.)_orig_mod\.", r"\1", "drop the `_orig_mod.` segment torch.compile adds"),

@@ -1,0 +1,112 @@
+"""The package's shape: no import cycles (lazy imports count too), a small public surface, and a new cause added
+through the catalog alone."""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any
+
+import pytest
+
+import safe_peft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "safe_peft")
+
+
+def _imports(path: str) -> set[str]:
+    """The safe_peft modules a module imports anywhere (function bodies included, TYPE_CHECKING blocks not)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("safe_peft"):
+            if node.module == "safe_peft":  # `from safe_peft import __version__` / a lazily exported name
+                found.update(safe_peft._LAZY.get(a.name, "safe_peft") for a in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("safe_peft."))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for name in sorted(os.listdir(PACKAGE)):
+        if name.endswith(".py") and name != "__init__.py":
+            module = f"safe_peft.{name[:-3]}"
+            graph[module] = {m for m in _imports(os.path.join(PACKAGE, name)) if m not in (module, "safe_peft")}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_private_modules_are_marked_and_the_public_surface_is_the_documented_api() -> None:
+    public = {n[:-3] for n in os.listdir(PACKAGE) if n.endswith(".py") and not n.startswith("_")}
+    assert public == {"errors", "report", "rules", "testing", "pytest_plugin"}
+    assert dir(safe_peft) == sorted(safe_peft.__all__)
+    for name in safe_peft.__all__:
+        assert getattr(safe_peft, name) is not None, name
+    with open(os.path.join(ROOT, "docs", "reference.md"), encoding="utf-8") as f:
+        reference = f.read()
+    undocumented = [n for n in safe_peft.__all__ if n != "__version__" and f".{n}\n" not in reference]
+    assert not undocumented, undocumented
+
+
+def test_a_new_cause_needs_one_catalog_entry_and_one_detector(adapters: dict[str, Any]) -> None:
+    """A toy cause, added through the catalog and the detector list only, is reported, ranked and rendered."""
+    from helpers import build
+
+    from safe_peft import Cause, diagnose
+    from safe_peft._catalog import CATALOG, Entry, finding, register
+    from safe_peft._classify import DETECTORS, Found, register_detector
+
+    entry = register(Entry("toy_tiny_rank", Cause.CONFIG_MISMATCH, 0, True, "train with r >= {minimum}."))
+
+    def tiny_rank(ev: Any, _explained: frozenset[str]) -> list[Found]:
+        ranks = [s[0] for k, s in ev.checkpoint.items() if k.endswith("lora_A.weight")]
+        if ranks and min(ranks) < 16:
+            return [Found(finding("toy_tiny_rank", f"rank {min(ranks)} is tiny", minimum=16), len(ranks))]
+        return []
+
+    detector = register_detector(tiny_rank)
+    try:
+        directory, _ = adapters["wide"]  # a real mismatch, so that classification runs
+        report = diagnose(build("causal"), directory)
+        assert report.primary is not None and report.primary.code == "toy_tiny_rank"  # rank 0 sorts first
+        assert report.primary.fix == "train with r >= 16." and report.primary.url.endswith("#toy_tiny_rank")
+        assert "[config_mismatch/toy_tiny_rank]" in str(report)
+    finally:
+        DETECTORS.remove(detector)
+        del CATALOG[entry.code]
+
+
+@pytest.mark.parametrize("error", ["AdapterLoadError", "AdapterFormatError", "AdapterNotFoundError"])
+def test_every_error_class_shows_its_message(error: str) -> None:
+    cls = getattr(safe_peft, error)
+    assert cls.__doc__ and "str(err)" in cls.__doc__
