@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
@@ -57,8 +58,13 @@ def execute(
             )
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
-        model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=plan.peft_config, **passthrough)
-        report = _verify(model, plan, adapter_name)
+        route = load_route(base_model, plan, strict, kwargs)
+        if route == "meta":
+            model = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
+        else:
+            config = plan.peft_config
+            model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
+        report = replace(_verify(model, plan, adapter_name), route=route)
         if not report.ok and strict:
             raise AdapterLoadError(report)
         return model, (report if report.ok and plan.report.ok else _merge(plan.report, report))
@@ -74,6 +80,65 @@ def execute(
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> str:
+    """``"meta"`` when the plan proves the checkpoint complete and exact for a method whose adapter is nothing but
+    weights the checkpoint holds (plain LoRA on linear, embedding and Conv1D layers, DoRA and lora_bias included):
+    the adapter is then created on the meta device and the checkpoint assigned to it, skipping the random
+    initialisation plain peft does and overwrites. ``"initialising"`` (peft's default) otherwise, and whenever the
+    caller chose ``low_cpu_mem_usage`` themselves."""
+    if "low_cpu_mem_usage" in kwargs:  # the caller's choice: peft's own route, as asked
+        return "low_cpu_mem_usage" if kwargs["low_cpu_mem_usage"] else "initialising"
+    view = plan.view
+    exact = plan.report.ok and view is not None and view.method == "analytic" and view.error is None
+    if not exact or not strict or plan.vocab_size is not None or rewrites_base(plan.peft_config):
+        return "initialising"
+    if getattr(base_model, "hf_device_map", None) is not None or _has_meta_tensors(base_model):
+        return "initialising"
+    if set(kwargs) - _META_ROUTE_KWARGS:  # anything else from_pretrained itself interprets: leave it to peft
+        return "initialising"
+    return "meta"
+
+
+_META_ROUTE_KWARGS = frozenset(
+    {"is_trainable", "autocast_adapter_dtype", "torch_device", "key_mapping", *HUB_KWARGS, "config"}
+)
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """What ``PeftModel.from_pretrained`` does, with the adapter's tensors created on the meta device (a
+    thread-local device context: no process-wide patch) and the checkpoint then assigned to them."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    config = copy.deepcopy(config)  # the plan's own config is never changed
+    is_trainable = bool(kwargs.pop("is_trainable", False))
+    autocast = kwargs.pop("autocast_adapter_dtype", True)
+    key_mapping = kwargs.pop("key_mapping", None)
+    if key_mapping is None:
+        key_mapping = getattr(base_model, "_checkpoint_conversion_mapping", {})
+    config.inference_mode = not is_trainable
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
+    with torch.device("meta"):
+        model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
+    model.load_adapter(
+        directory,
+        adapter_name,
+        is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast,
+        low_cpu_mem_usage=True,
+        key_mapping=key_mapping,
+        **kwargs,
+    )
+    return model
 
 
 def overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:

@@ -139,6 +139,7 @@ class LoadReport:
     model_class: str = ""
     adapter_name: str = "default"
     base_model_unchanged: bool = True
+    route: str = ""  # how a load ran: "meta" (adapter created on meta, checkpoint assigned) or "initialising"
 
     @property
     def primary(self) -> Diagnosis | None:
@@ -154,6 +155,7 @@ class LoadReport:
             "model_class": self.model_class,
             "adapter_name": self.adapter_name,
             "base_model_unchanged": self.base_model_unchanged,
+            "route": self.route,
             "missing": [{"key": m.key, "expected_shape": _shape(m.expected_shape)} for m in self.missing],
             "unexpected": [{"key": u.key, "shape": _shape(u.shape)} for u in self.unexpected],
             "size_mismatches": [

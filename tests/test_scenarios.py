@@ -529,3 +529,36 @@ def test_peft_kwargs_are_honoured_and_never_mutated(kwarg: str, adapters: dict[s
     assert kwargs.keys() == snapshot.keys()
     if kwarg == "config":
         assert kwargs["config"].inference_mode is False  # peft sets it on the config it gets: a copy, not the caller's
+
+
+LOADABLE = [s for s in SCENARIOS if s.cause is None] + FIXABLE
+
+
+@pytest.mark.parametrize("s", LOADABLE, ids=lambda s: s.name)
+def test_both_load_routes_give_identical_outputs(s: Scenario, adapters: dict[str, Any], scenario_dir: Any) -> None:
+    """The default route (adapter created on meta, checkpoint assigned: the plan proved it complete) and peft's
+    initialising route (what plain peft does by default) give the very same model."""
+    directory = scenario_dir(s)
+    fast, fast_report = safe_load_adapter(
+        build(s.model, **s.model_overrides), directory, output_loading_info=True, **s.fix
+    )
+    slow, slow_report = safe_load_adapter(
+        build(s.model, **s.model_overrides), directory, output_loading_info=True, low_cpu_mem_usage=False, **s.fix
+    )
+    assert slow_report.route == "initialising"
+    assert fast_report.route in ("meta", "initialising")
+    assert torch.equal(outputs(fast), outputs(slow))
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert fast_state.keys() == slow_state.keys()
+    assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)
+    assert all(p.device.type != "meta" for p in fast.parameters())
+    assert [n for n, p in fast.named_parameters() if p.requires_grad] == [
+        n for n, p in slow.named_parameters() if p.requires_grad
+    ]
+
+
+def test_the_fast_route_is_the_default_for_plain_lora(adapters: dict[str, Any]) -> None:
+    _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
+    assert report.route == "meta" and report.to_dict()["route"] == "meta"
+    _, report = safe_load_adapter(build("causal"), adapters["causal"][0], output_loading_info=True, strict=False)
+    assert report.route == "initialising"  # lenient loads keep peft's own route
