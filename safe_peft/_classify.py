@@ -46,6 +46,7 @@ class Evidence:
     config: Mapping[str, Any]
     plan: RemapPlan | None = None
     adapter: bool = True  # False for plain state dicts: "no adapter tensors" is then normal
+    shapes_known: bool = True  # False for keys read from an error message: shapes are () there, not empty
 
     @property
     def base(self) -> Any:
@@ -94,7 +95,8 @@ def register_detector(detector: Detector) -> Detector:
 def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
     findings = []
     checkpoint = ev.checkpoint
-    empty = [k for k, s in checkpoint.items() if role_of(k) in (Role.A, Role.B) and (len(s) < 2 or 0 in s)]
+    known = ev.shapes_known
+    empty = [k for k, s in checkpoint.items() if known and role_of(k) in (Role.A, Role.B) and (len(s) < 2 or 0 in s)]
     if empty:
         findings.append(
             Found(

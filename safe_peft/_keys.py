@@ -76,6 +76,7 @@ def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _split(key: str) -> tuple[str, str, str] | None:
     """(module path with prefix, LoRA part, parameter) of a LoRA key, or None."""
     head, _, last = key.rpartition(".")

@@ -4,7 +4,6 @@ and never raises on odd input."""
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from itertools import repeat
 
@@ -23,7 +22,6 @@ _UNEXPECTED = "Unexpected key(s) in state_dict:"
 _SIZE = "size mismatch for "
 _PEFT_WARNING = "Found missing adapter keys while loading the checkpoint:"
 _HEADER = "Error(s) in loading state_dict for "
-_SHAPE = re.compile(r"torch\.Size\(\[([0-9, ]{0,200})\]\)")
 
 
 def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
@@ -40,9 +38,9 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
         unexpected_keys = _quoted_after(text, _UNEXPECTED, '"')
         missing = list(map(_new_missing, zip(missing_keys, repeat(None))))
         unexpected = list(map(_new_unexpected, zip(unexpected_keys, repeat(None))))
-    mismatches = _size_mismatches(text)
-    found = bool(missing or unexpected or mismatches)
-    causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
+        mismatches = _size_mismatches(text)
+        found = bool(missing or unexpected or mismatches)
+        causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
     return LoadReport(
         ok=not found,
         missing=missing,
@@ -54,7 +52,7 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
     )
 
 
-CLASSIFY_SAMPLE = 2_000
+CLASSIFY_SAMPLE = 1_000
 _new_missing = partial(tuple.__new__, MissingKey)
 _new_unexpected = partial(tuple.__new__, UnexpectedKey)
 
@@ -90,18 +88,44 @@ def _size_mismatches(text: str) -> list[SizeMismatch]:
         line_end = text.find("\n", start)
         line_end = len(text) if line_end < 0 else line_end
         if 0 <= colon < line_end:
-            shapes = [_shape(m.group(1)) for m in _SHAPE.finditer(text, colon, min(line_end, colon + 1000))]
-            if len(shapes) >= 2:
-                checkpoint, model = shapes[0], shapes[1]
-                if checkpoint is not None and model is not None:
-                    found.append(SizeMismatch(text[start:colon], checkpoint, model))
+            shapes = _two_shapes(text, colon, min(line_end, colon + 1000))
+            if shapes is not None:
+                found.append(SizeMismatch(text[start:colon], *shapes))
         pos = text.find(_SIZE, start)
     return found
 
 
+_OPEN, _CLOSE = "torch.Size([", "])"
+
+
+def _two_shapes(text: str, start: int, end: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The first two ``torch.Size([...])`` between ``start`` and ``end`` (found with str.find, no regex)."""
+    shapes: list[tuple[int, ...]] = []
+    pos = text.find(_OPEN, start, end)
+    while pos >= 0 and len(shapes) < 2:
+        body_start = pos + len(_OPEN)
+        close = text.find(_CLOSE, body_start, min(end, body_start + 200))
+        if close < 0:
+            return None
+        shape = _shape(text[body_start:close])
+        if shape is None:
+            return None
+        shapes.append(shape)
+        pos = text.find(_OPEN, close, end)
+    return (shapes[0], shapes[1]) if len(shapes) == 2 else None
+
+
 def _shape(body: str) -> tuple[int, ...] | None:
-    parts = [p.strip() for p in body.split(",") if p.strip()]
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+    if body.strip(_SHAPE_CHARS):  # anything but digits, commas and spaces
+        return None
+    parts = body.split(",")
+    try:
+        return tuple(map(int, parts)) if body.strip() else ()
+    except ValueError:  # an empty part ("1,,2"): not a shape
+        return None
+
+
+_SHAPE_CHARS = "0123456789, "
 
 
 def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: list[SizeMismatch]) -> list[Diagnosis]:
@@ -128,7 +152,7 @@ def _classify(missing_keys: list[str], unexpected_keys: list[str], mismatches: l
         else None
     )
     diff = KeyDiff([MissingKey(k) for k in missing], [UnexpectedKey(k, ()) for k in unexpected], sized)
-    return classify(Evidence(diff, checkpoint, view, {}, plan))
+    return classify(Evidence(diff, checkpoint, view, {}, plan, shapes_known=False))
 
 
 def _wrong_loader(what: str) -> Diagnosis:
