@@ -37,10 +37,12 @@ TASK_HEADS: dict[str, tuple[str, ...]] = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 # peft task_type -> what its PeftModel class takes from the base model when it wraps it (peft_model.py: the
-# PeftModelForCausalLM / ForSeq2SeqLM constructors read these attributes, so a model without them cannot be wrapped)
+# PeftModelForCausalLM / ForSeq2SeqLM constructors read these attributes, so a model without them cannot be wrapped).
+# peft <= 0.17 also read `_prepare_encoder_decoder_kwargs_for_generation` for Seq2SeqLM, which every transformers 4
+# generating model has; peft >= 0.18 reads only what is listed here, and transformers 5 models lack the other.
 TASK_NEEDS: dict[str, tuple[str, ...]] = {
     "CAUSAL_LM": ("prepare_inputs_for_generation",),
-    "SEQ_2_SEQ_LM": ("prepare_inputs_for_generation", "_prepare_encoder_decoder_kwargs_for_generation"),
+    "SEQ_2_SEQ_LM": ("prepare_inputs_for_generation",),
 }
 
 # LoraConfig keys and the peft releases that accept them (older peft raises TypeError on them or drops them).
