@@ -126,6 +126,7 @@ _ENTRIES: tuple[Entry, ...] = (
           "compile the PeftModel after loading: torch.compile(safe_load_adapter(model._orig_mod, ...))."),
     Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
           "(...) and pass that model."),
+    Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
     Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),
     Entry("conversion_breaks_keys", _C.VERSION_SKEW, 1, True, "{advice}"),
     Entry("remap_not_exact", _C.KEY_FORMAT, 1, False, "see the other causes below; a rename cannot fix them."),

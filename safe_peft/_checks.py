@@ -17,7 +17,31 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["adapter_name_findings", "model_findings", "token_index_findings", "wrapper_findings", "wrapper_needs"]
+__all__ = [
+    "adapter_name_findings",
+    "base_config_findings",
+    "model_findings",
+    "token_index_findings",
+    "wrapper_findings",
+    "wrapper_needs",
+]
+
+# config.json fields that say what a transformer's shape is (depth, width, heads); the vocabulary is left out, since
+# resizing it is normal and has its own cause
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+)
+_MAX_BASE_CONFIG = 4_000_000  # bytes of a base model's config.json read for the comparison
 
 MAX_NAME = 256
 
@@ -141,3 +165,43 @@ def _embedding_rows(model: nn.Module, name: str) -> int | None:
         layer = next((m for n, m in model.named_modules() if n == name or n.endswith("." + name)), None)
     weight = getattr(layer, "weight", None)
     return int(weight.shape[0]) if weight is not None and getattr(weight, "ndim", 0) == 2 else None
+
+
+def base_config_findings(model: nn.Module, config: Any) -> list[Diagnosis]:
+    """When the adapter's ``base_model_name_or_path`` is a local directory with a ``config.json``, the shape
+    fields (depth, width, heads) it names that differ from the model's config: the adapter was trained on another
+    base. Hub ids are not fetched."""
+    import json
+    import os
+
+    path = getattr(config, "base_model_name_or_path", None)
+    model_config = getattr(model, "config", None)
+    if not isinstance(path, str) or model_config is None or len(path) > 4096 or "\x00" in path:
+        return []
+    file = os.path.join(path, "config.json")
+    try:
+        if not os.path.isfile(file) or os.path.getsize(file) > _MAX_BASE_CONFIG:
+            return []
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    differ = {}
+    for name in _SHAPE_FIELDS:
+        theirs, ours = saved.get(name), getattr(model_config, name, None)
+        if theirs is not None and ours is not None and type(theirs) is type(ours) and theirs != ours:
+            differ[name] = (theirs, ours)
+    if not differ:
+        return []
+    shown = ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
+    return [
+        finding(
+            "base_config_differs",
+            f"the adapter was trained on {path} (base_model_name_or_path), whose config.json differs from "
+            f"{type(model).__name__}'s: {shown}",
+            details={"base_model_name_or_path": path, "differ": {k: list(v) for k, v in differ.items()}},
+            base=path,
+        )
+    ]

@@ -18,6 +18,7 @@ from safe_peft._adapter_files import AdapterFiles
 from safe_peft._catalog import finding
 from safe_peft._checks import (
     adapter_name_findings,
+    base_config_findings,
     model_findings,
     token_index_findings,
     wrapper_findings,
@@ -290,16 +291,20 @@ def verdict(
     if not any(d.cause is Cause.VOCAB_SIZE_MISMATCH for d in causes):
         causes += token_index_findings(model, repaired.peft_config, repaired.vocab_size)
     causes = [*source.causes, *layout.causes, *causes]
+    other_base = base_config_findings(model, repaired.peft_config)
     from safe_peft._sharding import sharding_findings  # hook: layouts a sharded model cannot take
 
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)
+    ok = not causes and diff.ok
+    if not ok:  # the config of the base it was trained on says why (ranked before the keys' story)
+        causes = [*other_base, *causes]
     report = LoadReport(
-        ok=not causes and diff.ok,
+        ok=ok,
         missing=diff.missing,
         unexpected=diff.unexpected,
         size_mismatches=diff.size_mismatches,
         causes=causes,
-        warnings=[*source.warnings, *layout.warnings],
+        warnings=[*source.warnings, *layout.warnings, *(other_base if ok else [])],
         renames=dict(renaming.renames),
         repairs=list(repaired.repairs),
         adapter=source.location,

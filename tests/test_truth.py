@@ -99,3 +99,37 @@ def test_adapter_names_peft_cannot_use_are_refused_up_front(adapters: dict[str, 
     assert_unchanged(before, base)
     assert len(str(info.value)) < 2000
     safe_load_adapter(build("causal"), directory, adapter_name=eval(suggestion))  # the suggested name works
+
+
+def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(tmp_path: Any) -> None:
+    """Layers 0..1 trained, the model has 4: wrong_base_model (more_layers), never a `targets` repair that would
+    load a model the adapter was never trained for; with a local base_model_name_or_path, its config says so."""
+    import json
+
+    from helpers import assert_unchanged, fingerprint, train_adapter
+
+    from safe_peft import AdapterLoadError, Cause
+
+    base_dir = str(tmp_path / "base")
+    build("causal").save_pretrained(base_dir)
+    directory = str(tmp_path / "shallow")
+    train_adapter(build("causal"), directory)
+    deep = build("causal", num_hidden_layers=4)
+    report = diagnose(deep, directory)
+    assert report.primary is not None
+    assert (report.primary.cause, report.primary.code) == (Cause.WRONG_BASE_MODEL, "more_layers")
+    assert not any(d.repair for d in report.causes)
+    config_path = f"{directory}/adapter_config.json"
+    with open(config_path) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = base_dir
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    report = diagnose(deep, directory)
+    assert [d.code for d in report.causes][:2] == ["base_config_differs", "more_layers"]
+    assert report.primary.details["differ"] == {"num_hidden_layers": [2, 4]}  # type: ignore[union-attr]
+    before = fingerprint(deep)
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(deep, directory)
+    assert_unchanged(before, deep)
+    assert diagnose(build("causal"), directory).ok  # the base it was trained on: no finding
