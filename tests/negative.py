@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sweep import forward, make_inputs, perturb, same
-from tiny import build_tiny, quiet, tiny_config
+from sweep import make_inputs, perturb, same
+from tiny import quiet, tiny_config
 
 # architecture -> (causal-LM class, bare class, sequence-classification class or None, the config's depth and width
 # attribute names)
@@ -197,7 +197,11 @@ def run(arch: str, scenario: Scenario | None = None, other: str | None = None) -
     with tempfile.TemporaryDirectory() as directory, quiet():
         options = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}
         options.update(scenario.lora if scenario else {})
-        trained = get_peft_model(build(arch, train_kind, **train_opts), LoraConfig(**options))
+        model = build(arch, train_kind, **train_opts)
+        try:
+            trained = get_peft_model(model, LoraConfig(**options))
+        except ValueError:  # peft has no default targets for this architecture: its attention by name
+            trained = get_peft_model(model, LoraConfig(**{**options, "target_modules": ["q_proj", "v_proj"]}))
         perturb(trained)
         trained.eval()
         expected = _backbone(trained)
@@ -249,13 +253,15 @@ def cases() -> list[tuple[str, Scenario | None, str | None]]:
     return out
 
 
-def build_tiny_check(arch: str) -> bool:
-    try:
-        build_tiny(arch, ARCHS[arch][0])
-        return True
-    except Exception:
-        return False
-
-
-Runner = Callable[[str, Scenario | None, str | None], Outcome]
-_ = forward
+def run_all(progress: Callable[[Outcome], None] = lambda _o: None) -> list[Outcome]:
+    """Every negative case, in order (``make sweep``)."""
+    outcomes = []
+    for arch, scenario, other in cases():
+        name = f"{arch}/{scenario.name}" if scenario else f"{arch}->{other}"
+        try:
+            outcome = run(arch, scenario, other)
+        except Exception as exc:  # a crash is a failed case, with its reason
+            outcome = Outcome(name, False, f"raised {type(exc).__name__}: {str(exc)[:200]}")
+        outcomes.append(outcome)
+        progress(outcome)
+    return outcomes

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", action="store_true", help="also every PeftType on a few architectures")
     parser.add_argument("--only-methods", action="store_true", help="only the PeftType sweep")
     parser.add_argument("--only", default="", help="run cases whose name contains this")
+    parser.add_argument("--negative", action="store_true", help="also the negative sweep (tests/negative.py)")
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--json", default=os.path.join(ROOT, "build", "sweep.json"))
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs", "sweep.md"), help="'' to skip")
@@ -57,17 +58,27 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{n}/{len(jobs)}] {result['outcome']}: {result['name']}: {result['detail']}", flush=True)
                 elif n % 50 == 0:
                     print(f"[{n}/{len(jobs)}] {time.perf_counter() - started:.0f} s", flush=True)
+    negatives: list[dict[str, Any]] = []
+    if args.negative:
+        import negative
+
+        def report(outcome: Any) -> None:
+            if not outcome.ok:
+                print(f"negative failed: {outcome.name}: {outcome.detail}", flush=True)
+
+        negatives = [o.to_dict() for o in negative.run_all(report)]
     elapsed = time.perf_counter() - started
     results.sort(key=lambda r: r["name"])
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"seconds": round(elapsed), "results": results}, f, indent=1)
+        json.dump({"seconds": round(elapsed), "results": results, "negative": negatives}, f, indent=1)
     counts = collections.Counter(r["outcome"] for r in results)
     print(f"{len(results)} cases in {elapsed:.0f} s: {dict(counts)}")
     if args.docs and not args.only and not args.mapping:
         with open(args.docs, "w") as f:
-            f.write(render(results, elapsed, args.workers))
-    return 1 if any(r["outcome"] in sweep.FAILURES for r in results) else 0
+            f.write(render(results, elapsed, args.workers, negatives))
+    failed = any(r["outcome"] in sweep.FAILURES for r in results) or any(not n["ok"] for n in negatives)
+    return 1 if failed else 0
 
 
 BATCH = 8
@@ -108,7 +119,9 @@ def worker() -> int:
     return 0
 
 
-def render(results: list[dict[str, Any]], seconds: float, workers: int) -> str:
+def render(
+    results: list[dict[str, Any]], seconds: float, workers: int, negatives: list[dict[str, Any]] | None = None
+) -> str:
     """docs/sweep.md: counts per mapping and method, every failure and every exclusion with its reason."""
     import peft
     import transformers
@@ -149,6 +162,26 @@ def render(results: list[dict[str, Any]], seconds: float, workers: int) -> str:
     lines += ["", "## Plain peft inexact", "", "| case | what happened |", "|---|---|"]
     inexact = [r for r in results if r["outcome"] == sweep.PLAIN_INEXACT]
     lines += [f"| `{r['name']}` | {_cell(r['detail'])} {r['safe_cause']} |" for r in inexact]
+    if negatives:
+        lines += [
+            "",
+            "## The negative sweep",
+            "",
+            "Adapters from another width, depth, task class or architecture, and with broken layouts or configs",
+            "(`tests/negative.py`): the primary cause must be the expected one, the refused load must leave the base",
+            "untouched, and every fix any finding names is executed and must give the trained outputs.",
+            "",
+            f"{sum(1 for n in negatives if n['ok'])} of {len(negatives)} cases pass; fixes executed: "
+            f"{sum(len(n['fixes_run']) for n in negatives)}.",
+            "",
+            "| case | result | fixes executed |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{n['name']}` | {'ok: ' if n['ok'] else '**failed**: '}{_cell(n['detail'])} | "
+            f"{', '.join(f'`{x}`' for x in n['fixes_run']) or '-'} |"
+            for n in negatives
+        ]
     reasons: dict[str, list[str]] = collections.defaultdict(list)
     for r in results:
         if r["outcome"] == sweep.EXCLUDED:
