@@ -127,6 +127,9 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
           "(...) and pass that model."),
     Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
+    Entry("replicated_base", _C.WRONG_BASE_MODEL, 1, False, "build the base model from its original config (e.g. "
+          "from_pretrained(base_model_name_or_path) again, or a config object get_peft_model was not given) and "
+          "load into that; strict=False loads it as plain peft does."),
     Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),
     Entry("conversion_breaks_keys", _C.VERSION_SKEW, 1, True, "{advice}"),
     Entry("remap_not_exact", _C.KEY_FORMAT, 1, False, "see the other causes below; a rename cannot fix them."),

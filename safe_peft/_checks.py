@@ -21,6 +21,7 @@ __all__ = [
     "adapter_name_findings",
     "base_config_findings",
     "model_findings",
+    "replication_findings",
     "token_index_findings",
     "wrapper_findings",
     "wrapper_needs",
@@ -203,5 +204,33 @@ def base_config_findings(model: nn.Module, config: Any) -> list[Diagnosis]:
             f"{type(model).__name__}'s: {shown}",
             details={"base_model_name_or_path": path, "differ": {k: list(v) for k, v in differ.items()}},
             base=path,
+        )
+    ]
+
+
+def replication_findings(model: nn.Module, config: Any) -> list[Diagnosis]:
+    """A ``layer_replication`` adapter on a base that already has the replicated depth. peft's ``get_peft_model``
+    writes the new depth into the config object it was given, so a base built from that config again has the
+    replicated number of layers with fresh weights, and replicating it once more gives another model; plain peft
+    loads it with outputs that are not the trained ones, and says nothing."""
+    layer_map = getattr(config, "layer_replication", None)
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not layer_map or not isinstance(depth, int):
+        return []
+    try:
+        spans = [(int(a), int(b)) for a, b in layer_map]
+    except (TypeError, ValueError):
+        return []
+    replicated, used = sum(b - a for a, b in spans), max((b for _, b in spans), default=0)
+    if depth != replicated or replicated == used:
+        return []
+    return [
+        finding(
+            "replicated_base",
+            f"layer_replication {layer_map} builds {replicated} layers out of the first {used} layers of the base, "
+            f"but {type(model).__name__} already has {replicated} layers: it was built from a config that "
+            "get_peft_model had already changed (peft writes the replicated depth into the config it was given), "
+            "so replicating it again gives another model than the trained one",
+            details={"layer_replication": [list(s) for s in spans], "model_layers": depth, "base_layers": used},
         )
     ]

@@ -20,6 +20,7 @@ from safe_peft._checks import (
     adapter_name_findings,
     base_config_findings,
     model_findings,
+    replication_findings,
     token_index_findings,
     wrapper_findings,
     wrapper_needs,
@@ -290,6 +291,7 @@ def verdict(
         causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None))
     if not any(d.cause is Cause.VOCAB_SIZE_MISMATCH for d in causes):
         causes += token_index_findings(model, repaired.peft_config, repaired.vocab_size)
+    causes += replication_findings(model, repaired.peft_config)
     causes = [*source.causes, *layout.causes, *causes]
     other_base = base_config_findings(model, repaired.peft_config)
     from safe_peft._sharding import sharding_findings  # hook: layouts a sharded model cannot take

@@ -133,3 +133,68 @@ def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(
         safe_load_adapter(deep, directory)
     assert_unchanged(before, deep)
     assert diagnose(build("causal"), directory).ok  # the base it was trained on: no finding
+
+
+def test_layer_replication_on_an_already_replicated_base_is_refused_with_the_reason(tmp_path: Any) -> None:
+    """peft's get_peft_model writes the replicated depth into the config it was given: a base built from that
+    config again has 3 fresh layers, and replicating it once more is another model (plain peft: off by 0.6)."""
+    from helpers import INPUT, llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from safe_peft import AdapterLoadError, Cause
+
+    shared = llama_config()
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]], init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM(shared).eval(), config).eval()
+    with torch.no_grad():
+        trained = model(INPUT).logits
+    directory = str(tmp_path / "replicated")
+    model.save_pretrained(directory)
+    assert shared.num_hidden_layers == 3  # what peft did to the caller's config
+    torch.manual_seed(0)
+    again = LlamaForCausalLM(shared).eval()
+    plain = PeftModel.from_pretrained(LlamaForCausalLM(shared).eval(), directory)
+    with torch.no_grad():
+        assert float((plain(INPUT).logits - trained).abs().max()) > 0.1  # plain peft: silently another model
+    report = diagnose(again, directory)
+    assert report.primary is not None
+    assert (report.primary.cause, report.primary.code) == (Cause.WRONG_BASE_MODEL, "replicated_base")
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(again, directory)
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(llama_config()).eval()  # the fix the report names: the original config
+    loaded = safe_load_adapter(fresh, directory)
+    with torch.no_grad():
+        assert torch.allclose(loaded(INPUT).logits, trained, atol=1e-6)
+
+
+def test_adalora_after_rank_pruning_loads_with_its_pruned_ranks(tmp_path: Any) -> None:
+    """AdaLoRA prunes ranks per module during training; the saved rank_pattern makes peft resize on load."""
+    import methods
+    import sweep
+
+    result = sweep.run_case(
+        sweep.Case("llama", "LlamaForCausalLM", "causal_lm", "ADALORA", "explicit"),
+        methods.method_config,
+        methods.train_hook(sweep.Case("llama", "LlamaForCausalLM", "causal_lm", "ADALORA", "explicit")),
+    )
+    assert result.outcome == sweep.EXACT, result.detail
+
+
+def test_adalora_pruning_really_prunes(tmp_path: Any) -> None:
+    import json
+
+    import methods
+    import sweep
+    from peft import get_peft_model
+
+    case = sweep.Case("llama", "LlamaForCausalLM", "causal_lm", "ADALORA", "explicit")
+    model = get_peft_model(build("causal"), methods.method_config(build("causal"), case))
+    methods.train_hook(case)(model)  # type: ignore[misc]
+    model.save_pretrained(str(tmp_path))
+    with open(tmp_path / "adapter_config.json") as f:
+        pattern = json.load(f)["rank_pattern"]
+    ranks = {sum(mask) for mask in pattern.values()}
+    assert (pattern and len(ranks) > 1) or min(ranks) < 6  # ranks differ per module, or all were cut below init_r
