@@ -150,7 +150,7 @@ _ENTRIES: tuple[Entry, ...] = (
           "adapter_config.json.", repair=("dora",)),
     Entry("lora_bias_flag", _C.CONFIG_MISMATCH, 2, False, "set lora_bias=true in adapter_config.json."),
     Entry("fewer_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
-    Entry("more_layers", _C.WRONG_BASE_MODEL, 2, True, _TRAINED_BASE),
+    Entry("more_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
     Entry("untargeted_modules", _C.CONFIG_MISMATCH, 2, False, "add them to target_modules in adapter_config.json (or "
           "pass repair=('targets',)).", repair=("targets",)),
     Entry("unknown_modules", _C.WRONG_BASE_MODEL, 2, True, "check that the base model is the one the adapter was "

@@ -198,3 +198,50 @@ def test_adalora_pruning_really_prunes(tmp_path: Any) -> None:
         pattern = json.load(f)["rank_pattern"]
     ranks = {sum(mask) for mask in pattern.values()}
     assert (pattern and len(ranks) > 1) or min(ranks) < 6  # ranks differ per module, or all were cut below init_r
+
+
+def test_user_rules_with_a_shape_problem_name_the_same_rules_and_a_real_docs_section(
+    adapters: dict[str, Any], tmp_path: Any
+) -> None:
+    import json
+    import os
+
+    from safe_peft import AdapterLoadError
+
+    src, trained = adapters["causal"]
+    directory = derive(
+        src,
+        str(tmp_path / "compiled_r4"),
+        keys=lambda k: k.replace("base_model.model.", "base_model.model._orig_mod."),
+        config=lambda c: c.update(r=4),
+    )
+    rules = {r"_orig_mod\.": ""}
+    report = diagnose(build("causal"), directory, remap=rules)
+    codes = [d.code for d in report.causes]
+    assert codes[0] == "rank_mismatch" and "user_remap" in codes
+    assert "the same remap= rules" in report.primary.fix and "user_0" not in report.primary.fix  # type: ignore[union-attr]
+    layout = next(d for d in report.causes if d.code == "user_remap")
+    anchor = layout.url.rsplit("#", 1)[1]
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "causes", "key_format.md")) as f:
+        assert f"### `{anchor}`" in f.read()
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(build("causal"), directory, remap=rules)
+    model = safe_load_adapter(build("causal"), directory, remap=rules, repair=("rank",))  # both, as the fix says
+    assert torch.allclose(outputs(model), trained, atol=1e-6)
+    assert json.loads(json.dumps(report.to_dict()))["causes"][0]["code"] == "rank_mismatch"
+
+
+def test_lenient_load_after_a_predicted_mismatch_adds_no_false_verification_failure(
+    adapters: dict[str, Any], tmp_path: Any
+) -> None:
+    src, _ = adapters["causal"]
+    directory = derive(src, str(tmp_path / "half"), keys=lambda k: None if "v_proj" in k else k)
+    predicted = diagnose(build("causal"), directory)
+    assert not predicted.ok
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft's own missing-keys warning: lenient keeps it
+        _, report = safe_load_adapter(build("causal"), directory, strict=False, output_loading_info=True)
+    assert "verification_failed" not in [d.code for d in report.causes]
+    assert [d.code for d in report.causes] == [d.code for d in predicted.causes]
