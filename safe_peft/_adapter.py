@@ -48,11 +48,6 @@ class AdapterSource:
     repairs: tuple[str, ...] = ()
     legacy: tuple[bool, ...] | None = None
     header: SafetensorsHeader | None = field(default=None, repr=False)
-    raw_config: Any = None  # the config as saved, when a later stage plans with a changed copy
-
-    def __post_init__(self) -> None:
-        if self.raw_config is None:
-            object.__setattr__(self, "raw_config", self.peft_config)
 
 
 def read_adapter(

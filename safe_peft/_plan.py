@@ -109,12 +109,13 @@ def make_plan(
     if source.raw is None:
         return _foreign_plan(model, source, adapter_name, remap)
     view = expected_keys(model, source.peft_config, adapter_name)
-    if view.error is not None and view.error.code == "target_modules_not_found":
-        source, view = _targets_follow_keys(model, source, view, adapter_name)
+    retarget = _targets_follow_keys(model, source.peft_config, view, adapter_name)
+    if retarget is not None:  # plan against the renamed targets; keep them only if the keys are renamed too
+        view = retarget.view
     layout = convert_layout(model, source, view, adapter_name, kwargs.get("key_mapping"))
     renaming = choose_renames(layout, view, remap, repair)
-    if not renaming.applied and source.peft_config is not source.raw_config:  # targets renamed, keys were not
-        source, view = replace(source, peft_config=source.raw_config, repairs=source.repairs[:-1]), view
+    if retarget is not None and renaming.applied:
+        source = replace(source, peft_config=retarget.config, repairs=(*source.repairs, retarget.note))
     repaired = apply_repairs(model, source, renaming, view, repair, adapter_name)
     return verdict(model, source, layout, renaming, repaired, adapter_name, remap, repair)
 
@@ -226,30 +227,36 @@ def apply_repairs(
     return Repaired(peft_config, view, config_data, tuple(repairs), vocab_size)
 
 
-def _targets_follow_keys(
-    model: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str
-) -> tuple[AdapterSource, ModelView]:
+@dataclass(frozen=True)
+class _Retarget:
+    config: Any
+    view: ModelView
+    note: str
+
+
+def _targets_follow_keys(model: nn.Module, config: Any, view: ModelView, adapter_name: str) -> _Retarget | None:
     """``target_modules`` saved as full module paths (peft expands ``all-linear`` that way) name no module of a
     model whose layers sit under another prefix (a causal LM's adapter on the bare model). When a model-class
     rename makes them name modules of this model, the renamed targets give the view the keys can be planned
     against; the rename is kept only if the keys are renamed too (``remap="auto"``)."""
-    targets = getattr(source.peft_config, "target_modules", None)
+    if view.error is None or view.error.code != "target_modules_not_found":
+        return None
+    targets = getattr(config, "target_modules", None)
     if not isinstance(targets, (list, set, tuple)) or not any("." in str(t) for t in targets):
-        return source, view
+        return None
     for rule in (*model_rules(view.base_model_prefix), *BUILTIN):
         if rule.cause is not Cause.MODEL_CLASS_MISMATCH:
             continue
         renamed = sorted({strip_prefix(rule.apply(PEFT_PREFIX + str(t)) or str(t)) for t in targets})
         if set(renamed) == {str(t) for t in targets}:
             continue
-        config = replace_config(source.peft_config, target_modules=set(renamed))
-        new_view = expected_keys(model, config, adapter_name)
+        retargeted = replace_config(config, target_modules=set(renamed))
+        new_view = expected_keys(model, retargeted, adapter_name)
         if new_view.error is None:
             example = f"{sorted(map(str, targets))[0]} -> {renamed[0]}"
             note = f"targets: target_modules renamed like the keys ({rule.name}), e.g. {example}"
-            moved = replace(source, peft_config=config, raw_config=source.peft_config, repairs=(*source.repairs, note))
-            return moved, new_view
-    return source, view
+            return _Retarget(retargeted, new_view, note)
+    return None
 
 
 def replace_config(config: Any, **changes: Any) -> Any:
