@@ -28,6 +28,7 @@ def safe_load_adapter(
     model_id: str | os.PathLike[str],
     adapter_name: str = "default",
     *,
+    replace: bool | str = False,
     remap: object = None,
     repair: tuple[str, ...] | list[str] = (),
     strict: bool = True,
@@ -47,8 +48,33 @@ def safe_load_adapter(
     On a sharded model (FSDP2, tensor parallel) every rank must call it: the ranks agree on one verdict
     before anything changes, and restore together if any rank fails; ``collective_timeout`` (seconds,
     default 600) bounds the wait for the other ranks. See docs/distributed.md.
+
+    Given a ``PeftModel``, it loads a further adapter into it, as ``peft_model.load_adapter(model_id,
+    adapter_name)`` does, and returns the same ``PeftModel``; a failure leaves it exactly as it was (its adapters,
+    their weights, the active adapter, ``requires_grad`` flags, ``peft_config``). A name it already has is an error
+    (``adapter_name_taken``) unless ``replace=True`` (the new adapter, config and weights, takes that name, only if
+    it loads; it is active if the old one was) or ``replace="weights"`` (the checkpoint's weights are written into
+    the adapter as it is, as peft and the Trainer's resume do; its config must compute the same way). See
+    docs/routes.md.
     """
     kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
+    from safe_peft._routes import is_peft_model  # hook: further adapters into a PeftModel (issue 12, _carried)
+
+    if is_peft_model(base_model):
+        from safe_peft._carried import load_into
+
+        return load_into(
+            base_model,  # type: ignore[arg-type]
+            model_id,
+            adapter_name,
+            replace=replace,
+            remap=remap,
+            repair=tuple(repair),
+            strict=strict,
+            allow_pickle=allow_pickle,
+            output_loading_info=output_loading_info,
+            peft_kwargs=kwargs,
+        )
     from safe_peft._distributed import is_sharded, load_sharded  # hook: sharded models load collectively
 
     if is_sharded(base_model):
@@ -205,9 +231,11 @@ def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
     return owned
 
 
-def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
-    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values."""
-    state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
+def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:
+    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values.
+    ``state``: the adapter's tensors under their checkpoint keys, when the caller names them (in-place loads)."""
+    if state is None:
+        state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
     checkpoint = plan.checkpoint
     optional = {k for k, e in (plan.view.expected.items() if plan.view else ()) if not e.required}
     missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]

@@ -58,6 +58,8 @@ def diagnose(
     remap: object = None,
     repair: tuple[str, ...] | list[str] = (),
     allow_pickle: bool = False,
+    replace: bool | str = False,
+    inplace: bool = False,
     **peft_kwargs: Any,
 ) -> LoadReport:
     """Predict what ``safe_load_adapter`` with the same arguments would do, without loading.
@@ -66,12 +68,19 @@ def diagnose(
     a model built on the meta device, and never modifies ``base_model``. Data faults that
     only the tensor values show (NaN / Inf, an all-zero lora_B) are found by the load alone.
     Format faults are reported too (not raised), so one call answers for any adapter.
+
+    Given a ``PeftModel`` it predicts a further adapter (``replace=`` as in ``safe_load_adapter``);
+    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route).
     """
+    from safe_peft._routes import plan_for  # hook: the route the arguments name (issue 12)
+
     try:
-        return make_plan(
+        return plan_for(
             base_model,
             model_id,
             adapter_name,
+            replace=replace,
+            inplace=inplace,
             remap=remap,
             repair=tuple(repair),
             allow_pickle=allow_pickle,
