@@ -16,6 +16,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
+from safe_peft._guard import plain_calls
 from safe_peft._loader import _fatal, _late_failure, _merge, _overwritten_base_tensors, _verify, adapter_tensors
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import resolve_route, route_plan, see_through
@@ -102,7 +103,8 @@ def _execute(
             passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
         if route == "replace":
             peft_model.delete_adapter(adapter_name)
-        result = peft_model.load_adapter(directory, adapter_name, **passthrough)
+        with plain_calls():
+            result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
             _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
         report = _verify(peft_model, plan, adapter_name)

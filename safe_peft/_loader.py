@@ -134,7 +134,12 @@ def _execute(
             )
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
-        model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=plan.peft_config, **passthrough)
+        from safe_peft._guard import plain_calls  # hook: under safe_peft.patch(), this call stays plain peft
+
+        with plain_calls():
+            model = PeftModel.from_pretrained(
+                base_model, directory, adapter_name, config=plan.peft_config, **passthrough
+            )
         report = _verify(model, plan, adapter_name)
         if not report.ok and strict:
             raise AdapterLoadError(report)

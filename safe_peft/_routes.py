@@ -59,6 +59,7 @@ __all__ = [
 
 Shape = tuple[int, ...]
 ROUTES = ("from_pretrained", "add", "replace", "reload", "inplace", "hotswap")
+_NO_MAPPING = {r"(?!)": ""}  # a key_mapping that matches nothing: the model's own mapping is not peft's to apply here
 # Codes that do not apply on a route that wraps nothing: the PeftModel class is already chosen (or none is used)
 _NOT_ON_ROUTE = frozenset({"task_type_mismatch"})
 # Config fields a reload may differ in: metadata, initialisation and training-only settings, and fields whose effect
@@ -169,9 +170,11 @@ def route_plan(
     if source.raw is None:
         return _named(_foreign_plan(planning, source, adapter_name, remap), model)
     view = expected_keys(planning, source.peft_config, adapter_name)
-    layout = convert_layout(planning, source, view, adapter_name, kwargs.get("key_mapping"))
-    if route == "inplace":
+    if route == "inplace":  # transformers' key handling instead of peft's from_pretrained's
+        layout = convert_layout(planning, source, view, adapter_name, _NO_MAPPING)
         layout = _inplace_layout(planning, layout, view, kwargs)
+    else:
+        layout = convert_layout(planning, source, view, adapter_name, kwargs.get("key_mapping"))
     renaming = choose_renames(layout, view, remap, repair)
     repaired = apply_repairs(planning, source, renaming, view, repair, adapter_name)
     plan = verdict(planning, source, layout, renaming, repaired, adapter_name, remap, repair)
@@ -254,7 +257,7 @@ def route_findings(
                 )
             )
         return found
-    if not is_peft_model(model) or found:
+    if not is_peft_model(model) or found or route == "hotswap":  # a hot-swap's own checks: safe_peft._hotswap
         return found
     ours = _type_name(config)
     theirs = _type_name(model)
