@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
@@ -102,7 +103,9 @@ def _execute(
         if mapping and "key_mapping" not in passthrough and not getattr(plan.peft_config, "is_prompt_learning", False):
             passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
         if route == "replace":
-            peft_model.delete_adapter(adapter_name)
+            with warnings.catch_warnings():  # "adapter X was active, now Y is": the roles are put back below
+                warnings.simplefilter("ignore")
+                peft_model.delete_adapter(adapter_name)
         with plain_calls():
             result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
