@@ -189,7 +189,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         "buffers": {n: b.detach().clone() for n, b in inner.named_buffers()},
         "attrs": sorted(inner.__dict__),
         "peft_config": {k: v.to_dict() for k, v in configs.items()} if isinstance(configs, dict) else None,
-        "active": list(getattr(inner, "active_adapters", []) or []) if configs is not None else None,
+        "active": _active(inner) if configs is not None else None,
         "targeted": list(getattr(tuner, "targeted_module_names", []) or []),
         "layers": layers,
         "training": [m.training for m in inner.modules()],
@@ -220,3 +220,10 @@ def assert_same_state(before: dict[str, Any], model: nn.Module) -> None:
     assert after["buffers"].keys() == before["buffers"].keys()
     for name, value in before["buffers"].items():
         assert torch.equal(after["buffers"][name], value), name
+
+
+def _active(model: nn.Module) -> list[str]:
+    """A PeftModel's active adapters (a transformers model's are those of its tuner layers, recorded per layer:
+    its own active_adapters() insists on a newer peft than transformers 5.24 loads adapters with)."""
+    active = getattr(model, "active_adapters", [])
+    return [] if callable(active) else list(active)
