@@ -22,7 +22,10 @@ from safe_peft._catalog import finding
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
-__all__ = ["auto_class_for", "from_pretrained"]
+__all__ = ["DEFAULT_IMPORT_ALLOWLIST", "auto_class_for", "from_pretrained"]
+
+# peft >= 0.18's default import allowlist for auto_mapping, applied on older peft too (which imported any library)
+DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
 
 
 def from_pretrained(
@@ -121,8 +124,8 @@ def auto_class_for(data: dict[str, Any], import_allowlist: list[str] | None = No
 
     from peft import auto
 
-    allowlist: Any = auto.get_default_import_allowlist
-    is_allowed: Any = auto.check_import_allowlist
+    allowlist: Any = getattr(auto, "get_default_import_allowlist", lambda: list(DEFAULT_IMPORT_ALLOWLIST))
+    is_allowed: Any = getattr(auto, "check_import_allowlist", _allowed)
 
     task = data.get("task_type")
     if task:
@@ -166,6 +169,11 @@ def auto_class_for(data: dict[str, Any], import_allowlist: list[str] | None = No
         ),
         location,
     )
+
+
+def _allowed(allowlist: list[str], library: str) -> bool:
+    """peft's rule: the library is in the allowlist, or inside a package that is."""
+    return library in allowlist or any(library.startswith(f"{allowed}.") for allowed in allowlist)
 
 
 def _base_location(data: dict[str, Any], directory: str, location: str, inplace: bool) -> tuple[str, str | None]:
