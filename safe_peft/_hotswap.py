@@ -249,7 +249,9 @@ def _execute(
         device = torch_device if torch_device is not None else infer_device()
         weights = load_peft_weights(directory, device=device)  # a local directory: the hub arguments served the plan
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
-        state = _insert_adapter_name_into_state_dict(weights, adapter_name=adapter_name, parameter_prefix=prefix)
+        # peft may swap the tensors it is given into the model (a larger rank): it gets copies, these stay the file's
+        given = {k: v.clone() for k, v in weights.items()}
+        state = _insert_adapter_name_into_state_dict(given, adapter_name=adapter_name, parameter_prefix=prefix)
         hotswap_adapter_from_state_dict(
             model=model, state_dict=state, adapter_name=adapter_name, config=plan.peft_config, parameter_prefix=prefix
         )
@@ -299,13 +301,13 @@ def _verify(peft_model: PeftModel, plan: LoadPlan, adapter_name: str, weights: d
             if have is None:
                 wrong.append(key)
                 continue
-            head = have
-            for axis, size in enumerate(new.shape):
-                head = head.narrow(axis, 0, size)
-            if head.shape != new.shape or not torch.equal(head, new.to(head.device, head.dtype)):
+            if have.dim() != new.dim() or any(h < n for h, n in zip(have.shape, new.shape, strict=True)):
                 wrong.append(key)
-            elif head.numel() != have.numel() and have.abs().sum().item() != head.abs().sum().item():
-                wrong.append(key)  # the padding is not zero
+                continue
+            padded = torch.zeros_like(have)  # peft pads a smaller rank with zeros
+            padded[tuple(slice(0, n) for n in new.shape)] = new.to(have.device, have.dtype)
+            if not torch.equal(have, padded):
+                wrong.append(key)
     non_finite, _ = _scan_values({k: state[k] for k in weights if k in state})
     causes = []
     if non_finite:
