@@ -19,9 +19,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter, safe_load_adapter_inplace
 from safe_peft._routes import _shifts_prefix
 
-# peft's notice whenever transformers injects a second adapter in place: plain behaviour, the same on both routes
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
-
 
 @pytest.fixture(autouse=True)
 def _quiet_transformers() -> Iterator[None]:
