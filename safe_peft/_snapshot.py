@@ -24,11 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModuleSnapshot"]
 
-_CONTAINERS = (dict, list, set)
-
-
-def _shallow(value: Any) -> Any:
-    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else set(value)
+_CONTAINERS = (dict, list, set)  # each has .copy(), shallow and of its own type; an empty one is recorded as None
 
 
 class ModuleSnapshot:
@@ -40,7 +36,7 @@ class ModuleSnapshot:
         seen: set[int] = set()
         for module in model.modules():
             state = module.__dict__
-            nested = [(value, _shallow(value)) for value in state.values() if isinstance(value, _CONTAINERS)]
+            nested = [(v, v.copy() if v else None) for v in state.values() if isinstance(v, _CONTAINERS)]
             self._modules.append((module, dict(state), nested))
             for tensor in (*module._parameters.values(), *module._buffers.values()):
                 if tensor is not None and id(tensor) not in seen:
@@ -72,7 +68,9 @@ class ModuleSnapshot:
 
         for module, state, nested in self._modules:
             for original, items in nested:
-                if isinstance(original, list):
+                if items is None:
+                    original.clear()
+                elif isinstance(original, list):
                     original[:] = items
                 else:
                     original.clear()
