@@ -1,6 +1,6 @@
 """One load in a fresh process; prints its peak RSS (VmHWM, KiB) before and after the load.
 
-Used by run.py: `peak_rss.py plain|safe DIR`. VmHWM belongs to the process's own address space; ru_maxrss
+Used by run.py: `peak_rss.py plain|plain_low_cpu|safe|remap DIR [SIZE]`. VmHWM belongs to the process's own address space; ru_maxrss
 would carry over the parent's peak across exec on Linux.
 """
 
@@ -14,19 +14,17 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     mode, directory = sys.argv[1], sys.argv[2]
-    from peft import PeftModel
-    from run import bench_base
+    size = sys.argv[3] if len(sys.argv) > 3 else "33M"
+    from run import bench_base, load_variant
 
     from safe_peft import safe_load_adapter
 
-    base = bench_base()
+    base = bench_base(size)
     before = _hwm()
-    if mode == "plain" and "compiled" not in directory:
-        PeftModel.from_pretrained(base, directory)
-    elif mode == "remap":
+    if mode == "remap":
         safe_load_adapter(base, directory, remap="auto")
     else:
-        safe_load_adapter(base, directory)
+        load_variant(mode, base, directory)
     after = _hwm()
     print(before, after)
 

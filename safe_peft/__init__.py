@@ -30,17 +30,24 @@ __all__ = [
     "diagnose",
     "fix_adapter",
     "fix_for_target",
+    "from_pretrained",
     "inspect_adapter",
+    "is_patched",
     "merge_rank_shards",
     "parse_load_error",
+    "patch",
+    "patched",
+    "safe_hotswap_adapter",
     "safe_load_adapter",
+    "safe_load_adapter_inplace",
     "safe_load_state_dict",
+    "unpatch",
 ]
 
 _LAZY = {
     "safe_load_adapter": "safe_peft._loader",
     "safe_load_state_dict": "safe_peft._state_dict",
-    "diagnose": "safe_peft._plan",
+    "diagnose": "safe_peft._diagnose",
     "inspect_adapter": "safe_peft._manifest",
     "fix_adapter": "safe_peft._writer",
     "merge_rank_shards": "safe_peft._merge",
@@ -48,16 +55,28 @@ _LAZY = {
     "RemapRule": "safe_peft.rules",
     "check_target": "safe_peft._engines",
     "fix_for_target": "safe_peft._engine_fix",
+    # every route an adapter takes into a model (issue 12)
+    "from_pretrained": "safe_peft._auto",
+    "safe_load_adapter_inplace": "safe_peft._inplace",
+    "safe_hotswap_adapter": "safe_peft._hotswap",
+    "patch": "safe_peft._patch",
+    "unpatch": "safe_peft._patch",
+    "patched": "safe_peft._patch",
+    "is_patched": "safe_peft._patch",
 }
 
 if TYPE_CHECKING:
+    from safe_peft._auto import from_pretrained
+    from safe_peft._diagnose import diagnose
     from safe_peft._engine_fix import fix_for_target
     from safe_peft._engines import check_target
+    from safe_peft._hotswap import safe_hotswap_adapter
+    from safe_peft._inplace import safe_load_adapter_inplace
     from safe_peft._loader import safe_load_adapter
     from safe_peft._manifest import inspect_adapter
     from safe_peft._merge import merge_rank_shards
     from safe_peft._parse import parse_load_error
-    from safe_peft._plan import diagnose
+    from safe_peft._patch import is_patched, patch, patched, unpatch
     from safe_peft._state_dict import safe_load_state_dict
     from safe_peft._writer import fix_adapter
     from safe_peft.rules import RemapRule

@@ -196,6 +196,39 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("rank_failed", _C.DISTRIBUTED, 0, True, "see the error raised on that rank."),
     Entry("adapter_not_placed", _C.DISTRIBUTED, 1, True, "load the adapter into the model before sharding it, then "
           "shard the PeftModel."),
+    # -- routes: further adapters, in-place loads, the Auto entry point, hot-swaps (safe_peft._routes, issue 12) ----
+    Entry("adapter_name_taken", _C.CONFIG_MISMATCH, 0, True, "pass another adapter_name."),
+    Entry("adapter_type_mismatch", _C.CONFIG_MISMATCH, 1, True, "load it into a separate model, or combine methods "
+          "with peft's PeftMixedModel."),
+    Entry("adapter_combination_refused", _C.CONFIG_MISMATCH, 1, True, "{advice}"),
+    Entry("reload_mismatch", _C.CONFIG_MISMATCH, 1, True, "pass replace=True to replace the adapter with this "
+          "checkpoint's own config (done only if it loads), or load it under another adapter_name."),
+    Entry("repair_not_on_route", _C.CONFIG_MISMATCH, 0, True, "resize the embeddings of the base model before any "
+          "adapter is loaded (model.resize_token_embeddings(n)), then load the adapters."),
+    Entry("not_injectable", _C.CONFIG_MISMATCH, 0, True, "load it with safe_load_adapter(model, path), which wraps "
+          "the model in a PeftModel."),
+    Entry("base_model_unknown", _C.BASE_MODEL_UNAVAILABLE, 0, True, "load the base model yourself and pass it: "
+          "safe_load_adapter({auto_class}.from_pretrained(BASE), {adapter!r})."),
+    Entry("base_model_unreachable", _C.BASE_MODEL_UNAVAILABLE, 0, True, "check the name and network access (or "
+          "HF_HUB_OFFLINE), or load the base model yourself and pass it: safe_load_adapter({auto_class}"
+          ".from_pretrained(BASE), {adapter!r})."),
+    Entry("auto_class_unknown", _C.BASE_MODEL_UNAVAILABLE, 0, True, "pass auto_class= (e.g. auto_class="
+          "AutoModelForCausalLM), or load the base model yourself and pass it to safe_load_adapter."),
+    Entry("auto_import_refused", _C.BASE_MODEL_UNAVAILABLE, 0, True, "if you trust that library, pass "
+          "import_allowlist=[{library!r}]."),
+    Entry("hotswap_not_loaded", _C.HOTSWAP_INCOMPATIBLE, 0, True, "load the first adapter under that name "
+          "(safe_load_adapter), then hot-swap; or pass the name of a loaded adapter ({loaded})."),
+    Entry("hotswap_unsupported", _C.HOTSWAP_INCOMPATIBLE, 0, True, "load it as a further adapter "
+          "(safe_load_adapter(model, path, adapter_name=...)) and switch with set_adapter."),
+    Entry("hotswap_merged", _C.HOTSWAP_INCOMPATIBLE, 0, True, "unmerge first (model.unmerge_adapter()), then "
+          "hot-swap."),
+    Entry("hotswap_config_differs", _C.HOTSWAP_INCOMPATIBLE, 1, True, "hot-swap only adapters trained with the same "
+          "{fields}; load this one as a further adapter instead."),
+    Entry("hotswap_new_targets", _C.HOTSWAP_INCOMPATIBLE, 1, True, "hot-swap adapters whose target modules are a "
+          "subset of the loaded one's (train them with the same target_modules), or load it as a further adapter."),
+    Entry("hotswap_rank_too_large", _C.HOTSWAP_INCOMPATIBLE, 2, True, "call peft.utils.hotswap."
+          "prepare_model_for_compiled_hotswap(model, target_rank={rank}) before compiling the model, then hot-swap."),
+    Entry("hotswap_scaling_corrected", _C.HOTSWAP_INCOMPATIBLE, 2, False, warning=True),
     # -- state dicts given to the wrong loader ---------------------------------------------------------------------
     Entry("adapter_into_base_model", _C.WRONG_LOADER, 0, True, "use safe_load_adapter(base_model, adapter_dir) (or "
           "PeftModel.from_pretrained) with the directory peft saved, not model.load_state_dict(...)."),

@@ -281,7 +281,7 @@ def verify_written(base: str, model_class: str, directory: str, meta_model: nn.M
     it from its header (large ones). Raises on any loading warning or mismatch."""
     import warnings
 
-    from safe_peft._plan import diagnose
+    from safe_peft._diagnose import diagnose
 
     report = diagnose(meta_model, directory)
     if not report.ok:

@@ -6,9 +6,11 @@ load; this module is the one place that changes a model, and only after the plan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,19 @@ if TYPE_CHECKING:
 
     from safe_peft._plan import LoadPlan
 
-__all__ = ["adapter_tensors", "execute", "is_fatal", "overwritten_base_tensors"]
+__all__ = [
+    "adapter_tensor_ids",
+    "adapter_tensors",
+    "atomically",
+    "execute",
+    "is_fatal",
+    "late_failure",
+    "merge_reports",
+    "overwritten_base_tensors",
+    "rewrites_base",
+    "scan_values",
+    "verify",
+]
 
 
 def is_fatal(report: LoadReport) -> bool:
@@ -41,13 +55,13 @@ def execute(
 
     snapshot = ModuleSnapshot(base_model)
     snapshot.protect(overwritten_base_tensors(base_model, plan))
-    workdir = None
-    try:
+    with atomically(snapshot, plan.report) as temporary:
         if plan.vocab_size is not None:
             base_model.resize_token_embeddings(plan.vocab_size)  # type: ignore[operator]
         directory = plan.files.directory
         if plan.renames or plan.dropped or plan.legacy is not None:
             workdir = tempfile.mkdtemp(prefix="safe_peft_")
+            temporary.append(workdir)
             write_weights(
                 plan.files.weights_path,
                 os.path.join(workdir, "adapter_model.safetensors"),
@@ -59,27 +73,42 @@ def execute(
             directory = workdir
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
         route = load_route(base_model, plan, strict, kwargs)
-        if route == "meta":
-            model = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
-        else:
-            config = plan.peft_config
-            model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
-        report = replace(_verify(model, plan, adapter_name), route=route)
+        from safe_peft._guard import plain_calls  # hook: under safe_peft.patch(), these calls stay plain peft
+
+        with plain_calls():
+            if route == "meta":
+                model = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
+            else:
+                config = plan.peft_config
+                model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
+        report = replace(verify(model, plan, adapter_name), route=route)
         if not report.ok and strict:
             raise AdapterLoadError(report)
-        return model, (report if report.ok and plan.report.ok else _merge(plan.report, report))
+        return model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report))
+
+
+@contextlib.contextmanager
+def atomically(snapshot: ModuleSnapshot, planned: LoadReport) -> Iterator[list[str | None]]:
+    """The one undo of every route: on any exit by an exception the snapshot is restored; an ``AdapterLoadError``
+    and a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit) go through unchanged, any
+    other error becomes an ``AdapterLoadError`` with the planned report and peft's message. Yields a list for the
+    temporary directories the load writes; they are removed on every exit."""
+    temporary: list[str | None] = []
+    try:
+        yield temporary
     except AdapterLoadError:
         snapshot.restore()
         raise
     except Exception as exc:
         snapshot.restore()
-        raise AdapterLoadError(_late_failure(plan.report, exc)) from exc
+        raise AdapterLoadError(late_failure(planned, exc)) from exc
     except BaseException:  # KeyboardInterrupt, SystemExit, GeneratorExit: undo, then let it through unchanged
         snapshot.restore()
         raise
     finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        for directory in temporary:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> str:
@@ -174,7 +203,7 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
 
     if not analytic:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
-    owned = _adapter_tensor_ids(model, adapter_name)
+    owned = adapter_tensor_ids(model, adapter_name)
     wrapped = f".modules_to_save.{adapter_name}."
     tensors = {}
     for name, tensor in model.state_dict(keep_vars=True).items():  # parameters and buffers (saved heads' stats)
@@ -188,7 +217,7 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
     return tensors
 
 
-def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
+def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
     """The tensors that belong to ``adapter_name``, found structurally: the entries under that name in each
     tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so that any name
     peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
@@ -215,9 +244,11 @@ def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
     return owned
 
 
-def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
-    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values."""
-    state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
+def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:
+    """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values.
+    ``state``: the adapter's tensors under their checkpoint keys, when the caller names them (in-place loads)."""
+    if state is None:
+        state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
     checkpoint = plan.checkpoint
     optional = {k for k, e in (plan.view.expected.items() if plan.view else ()) if not e.required}
     missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]
@@ -237,7 +268,7 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
                 details={"keys": on_meta[:20]},
             )
         )
-    non_finite, zero_b = _scan_values(state)
+    non_finite, zero_b = scan_values(state)
     if non_finite:
         causes.append(
             finding(
@@ -274,7 +305,7 @@ def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str) -> LoadReport:
     )
 
 
-def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
+def scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Keys of tensors holding NaN/Inf, and of all-zero lora_B tensors: one fused norm per device and dtype.
 
     A norm is non-finite when any element is (or, rarely, when it overflows: such tensors get an exact check).
@@ -300,13 +331,13 @@ def _scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
     return non_finite, zero
 
 
-def _merge(before: LoadReport, after: LoadReport) -> LoadReport:
+def merge_reports(before: LoadReport, after: LoadReport) -> LoadReport:
     from dataclasses import replace
 
     return replace(before, causes=before.causes + after.causes, warnings=after.warnings, ok=False)
 
 
-def _late_failure(report: LoadReport, exc: Exception) -> LoadReport:
+def late_failure(report: LoadReport, exc: Exception) -> LoadReport:
     from dataclasses import replace
 
     from safe_peft._parse import parse_load_error

@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from safe_peft._execute import execute, is_fatal
 from safe_peft._plan import make_plan
 from safe_peft.errors import AdapterLoadError
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from torch import nn
 
+    from safe_peft.report import LoadReport
+    from safe_peft.rules import Remap, Repair
+
 __all__ = ["safe_load_adapter"]
+
+
+@overload
+def safe_load_adapter(
+    base_model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = ...,
+    *,
+    replace: bool | Literal["weights"] = ...,
+    remap: Remap = ...,
+    repair: Repair = ...,
+    strict: bool = ...,
+    allow_pickle: bool = ...,
+    output_loading_info: Literal[False] = ...,
+    collective_timeout: float | None = ...,
+    **peft_kwargs: Any,
+) -> PeftModel: ...
+
+
+@overload
+def safe_load_adapter(
+    base_model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = ...,
+    *,
+    replace: bool | Literal["weights"] = ...,
+    remap: Remap = ...,
+    repair: Repair = ...,
+    strict: bool = ...,
+    allow_pickle: bool = ...,
+    output_loading_info: Literal[True],
+    collective_timeout: float | None = ...,
+    **peft_kwargs: Any,
+) -> tuple[PeftModel, LoadReport]: ...
 
 
 def safe_load_adapter(
@@ -20,8 +58,9 @@ def safe_load_adapter(
     model_id: str | os.PathLike[str],
     adapter_name: str = "default",
     *,
-    remap: object = None,
-    repair: tuple[str, ...] | list[str] = (),
+    replace: bool | Literal["weights"] = False,
+    remap: Remap = None,
+    repair: Repair = (),
     strict: bool = True,
     allow_pickle: bool = False,
     output_loading_info: bool = False,
@@ -39,8 +78,33 @@ def safe_load_adapter(
     On a sharded model (FSDP2, tensor parallel) every rank must call it: the ranks agree on one verdict
     before anything changes, and restore together if any rank fails; ``collective_timeout`` (seconds,
     default 600) bounds the wait for the other ranks. See docs/distributed.md.
+
+    Given a ``PeftModel``, it loads a further adapter into it, as ``peft_model.load_adapter(model_id,
+    adapter_name)`` does, and returns the same ``PeftModel``; a failure leaves it exactly as it was (its adapters,
+    their weights, the active adapter, ``requires_grad`` flags, ``peft_config``). A name it already has is an error
+    (``adapter_name_taken``) unless ``replace=True`` (the new adapter, config and weights, takes that name, only if
+    it loads; it is active if the old one was) or ``replace="weights"`` (the checkpoint's weights are written into
+    the adapter as it is, as peft and the Trainer's resume do; its config must compute the same way). See
+    docs/routes.md.
     """
     kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
+    from safe_peft._routes import is_peft_model  # hook: further adapters into a PeftModel (issue 12, _carried)
+
+    if is_peft_model(base_model):
+        from safe_peft._carried import load_into
+
+        return load_into(
+            base_model,  # type: ignore[arg-type]
+            model_id,
+            adapter_name,
+            replace=replace,
+            remap=remap,
+            repair=tuple(repair),
+            strict=strict,
+            allow_pickle=allow_pickle,
+            output_loading_info=output_loading_info,
+            peft_kwargs=kwargs,
+        )
     from safe_peft._distributed import is_sharded, load_sharded  # hook: sharded models load collectively
 
     if is_sharded(base_model):

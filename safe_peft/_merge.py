@@ -44,8 +44,8 @@ def merge_rank_shards(
     from safetensors.torch import save_file
 
     from safe_peft._adapter_config import build_peft_config, read_config
+    from safe_peft._diagnose import diagnose
     from safe_peft._model_view import expected_keys
-    from safe_peft._plan import diagnose
     from safe_peft._safetensors_header import read_header
 
     source = os.fspath(directory)

@@ -33,12 +33,12 @@ from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, Remap, RemapPlan, Repair, model_rules, plan_given, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LoadPlan", "diagnose", "make_plan"]
+__all__ = ["LoadPlan", "make_plan"]
 
 Shape = tuple[int, ...]
 
@@ -57,37 +57,6 @@ class LoadPlan:
     view: ModelView | None = None
     rules: tuple[str, ...] = ()  # names of the remap rules applied
     legacy: tuple[bool, ...] | None = None  # MergedLinear parts converted (repair="legacy")
-
-
-def diagnose(
-    base_model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str = "default",
-    *,
-    remap: Remap = None,
-    repair: Repair = (),
-    allow_pickle: bool = False,
-    **peft_kwargs: Any,
-) -> LoadReport:
-    """Predict what ``safe_load_adapter`` with the same arguments would do, without loading.
-
-    Reads ``adapter_config.json`` and the safetensors header only (no tensor data), works on
-    a model built on the meta device, and never modifies ``base_model``. Data faults that
-    only the tensor values show (NaN / Inf, an all-zero lora_B) are found by the load alone.
-    Format faults are reported too (not raised), so one call answers for any adapter.
-    """
-    try:
-        return make_plan(
-            base_model,
-            model_id,
-            adapter_name,
-            remap=remap,
-            repair=tuple(repair),
-            allow_pickle=allow_pickle,
-            peft_kwargs=peft_kwargs,
-        ).report
-    except AdapterFormatError as exc:
-        return exc.report
 
 
 def make_plan(

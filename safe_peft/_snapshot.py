@@ -1,8 +1,9 @@
 """Take a model back to how it was: the undo behind atomic loading.
 
 peft injects adapters by replacing submodules, adding attributes (``peft_config``), freezing parameters and
-registering hooks. All of that lives in module ``__dict__``s and in the dicts inside them, so a shallow record of
-those (no tensor data) is enough to undo it. Tensors can also change under an unchanged module tree:
+registering hooks. All of that lives in module ``__dict__``s and in the dicts, lists and sets inside them (a tuner's
+``targeted_module_names`` grows in place when a further adapter is added), so a shallow record of those (no tensor
+data) is enough to undo it. Tensors can also change under an unchanged module tree:
 
 * their ``.data`` swapped (PiSSA / OLoRA re-initialisation, ``resize_token_embeddings``): the record keeps each
   parameter's and buffer's data *by reference* (no copy), and puts it back;
@@ -23,17 +24,19 @@ if TYPE_CHECKING:
 
 __all__ = ["ModuleSnapshot"]
 
+_CONTAINERS = (dict, list, set)  # each has .copy(), shallow and of its own type; an empty one is recorded as None
+
 
 class ModuleSnapshot:
     """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[dict[Any, Any], dict[Any, Any]]]]] = []
+        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
         seen: set[int] = set()
         for module in model.modules():
             state = module.__dict__
-            nested = [(value, dict(value)) for value in state.values() if isinstance(value, dict)]
+            nested = [(v, v.copy() if v else None) for v in state.values() if isinstance(v, _CONTAINERS)]
             self._modules.append((module, dict(state), nested))
             for tensor in (*module._parameters.values(), *module._buffers.values()):
                 if tensor is not None and id(tensor) not in seen:
@@ -65,8 +68,13 @@ class ModuleSnapshot:
 
         for module, state, nested in self._modules:
             for original, items in nested:
-                original.clear()
-                original.update(items)
+                if items is None:
+                    original.clear()
+                elif isinstance(original, list):
+                    original[:] = items
+                else:
+                    original.clear()
+                    original.update(items)
             module.__dict__.clear()
             module.__dict__.update(state)
         with torch.no_grad():

@@ -42,6 +42,8 @@ class Cause(str, enum.Enum):
     FOREIGN_FORMAT = "foreign_format"
     DISTRIBUTED = "distributed"  # the ranks of a sharded load disagree, time out, or the layout cannot be placed
     ENGINE_INCOMPATIBLE = "engine_incompatible"  # a serving engine refuses the adapter or serves it wrong
+    BASE_MODEL_UNAVAILABLE = "base_model_unavailable"  # the Auto route cannot build the base model the adapter names
+    HOTSWAP_INCOMPATIBLE = "hotswap_incompatible"  # the new adapter cannot take the loaded one's place in a hot-swap
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:  # same on every Python version (3.11 changed str() of mixed-in enums)

@@ -158,3 +158,72 @@ def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
         if value.device.type != "meta":
             assert torch.equal(now, value), name
         assert after["params"][name][1] == grad, name
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed load must leave as it was, for any model: a bare base, a PeftModel (its adapters, their
+    weights and configs, the active adapter, trainable flags) or a transformers model carrying adapters in place."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = getattr(model, "_orig_mod", model)
+    configs = getattr(inner, "peft_config", None)
+    layers = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            layers[name] = {
+                "active": copy.copy(module.active_adapters),
+                "merged": list(module.merged_adapters),
+                "scaling": {
+                    k: (v.detach().clone() if torch.is_tensor(v) else float(v))
+                    for k, v in getattr(module, "scaling", {}).items()
+                },
+                "r": dict(getattr(module, "r", {})),
+                "disabled": module.disable_adapters,
+            }
+    tuner = getattr(inner, "base_model", None)
+    return {
+        "types": [(n, type(m).__name__) for n, m in inner.named_modules()],
+        "params": {n: (p.detach().clone(), p.requires_grad, p.dtype, p.device) for n, p in inner.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in inner.named_buffers()},
+        "attrs": sorted(inner.__dict__),
+        "peft_config": {k: v.to_dict() for k, v in configs.items()} if isinstance(configs, dict) else None,
+        "active": _active(inner) if configs is not None else None,
+        "targeted": list(getattr(tuner, "targeted_module_names", []) or []),
+        "layers": layers,
+        "training": [m.training for m in inner.modules()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in inner.modules()],
+        "hf_loaded": inner.__dict__.get("_hf_peft_config_loaded"),
+    }
+
+
+def assert_same_state(before: dict[str, Any], model: nn.Module) -> None:
+    """``model`` is as ``before`` recorded it (see :func:`model_state`), tensor values included."""
+    after = model_state(model)
+    for key in ("types", "attrs", "peft_config", "active", "targeted", "training", "hooks", "hf_loaded"):
+        assert after[key] == before[key], key
+    assert after["layers"].keys() == before["layers"].keys()
+    for name, layer in before["layers"].items():
+        now = after["layers"][name]
+        plain = [k for k in layer if k != "scaling"]
+        assert [now[k] for k in plain] == [layer[k] for k in plain], name
+        assert now["scaling"].keys() == layer["scaling"].keys(), name
+        for k, v in layer["scaling"].items():
+            assert (torch.equal(now["scaling"][k], v) if torch.is_tensor(v) else now["scaling"][k] == v), (name, k)
+    assert after["params"].keys() == before["params"].keys()
+    for name, (value, grad, dtype, device) in before["params"].items():
+        now, now_grad, now_dtype, now_device = after["params"][name]
+        assert (now_grad, now_dtype, now_device, now.shape) == (grad, dtype, device, value.shape), name
+        if value.device.type != "meta":
+            assert torch.equal(now, value), name
+    assert after["buffers"].keys() == before["buffers"].keys()
+    for name, value in before["buffers"].items():
+        assert torch.equal(after["buffers"][name], value), name
+
+
+def _active(model: nn.Module) -> list[str]:
+    """A PeftModel's active adapters (a transformers model's are those of its tuner layers, recorded per layer:
+    its own active_adapters() insists on a newer peft than transformers 5.24 loads adapters with)."""
+    active = getattr(model, "active_adapters", [])
+    return [] if callable(active) else list(active)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from typing import Any
 
 import pytest
 
@@ -98,7 +99,26 @@ def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, 
     model = build("causal")
     model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(root / "path" / "to" / "model")
+    _route_files(root / "path" / "to", good)
     return str(root)
+
+
+def _route_files(where: Any, good: str) -> None:
+    """docs/routes.md: a second adapter, a retrained copy, a broken copy, a saved base and an adapter naming it."""
+    import json
+    import shutil
+
+    from helpers import build, derive, train_adapter
+
+    train_adapter(build("causal"), str(where / "second"), seed=2, r=4, target_modules=["q_proj", "k_proj", "o_proj"])
+    train_adapter(build("causal"), str(where / "retrained"), seed=3)
+    derive(good, str(where / "broken"), keys=lambda k: None if "v_proj" in k else k)
+    build("causal").save_pretrained(where / "base")
+    shutil.copytree(good, where / "auto-adapter")
+    config = where / "auto-adapter" / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data.update(base_model_name_or_path="path/to/base", task_type="CAUSAL_LM")
+    config.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("page", sorted(_python_examples()))

@@ -1,0 +1,173 @@
+"""Loading into a PeftModel that already carries adapters: a further adapter, a replacement, a reload.
+
+The safe counterpart of ``peft_model.load_adapter(path, adapter_name)``. The plan comes from
+:func:`safe_peft._routes.route_plan`; the load is peft's own ``load_adapter`` on a directory holding exactly the
+config that was checked (and the weights, linked, or renamed when an opt-in asked), with the whole PeftModel recorded
+first (:class:`~safe_peft._snapshot.ModuleSnapshot`): the adapters already there, their weights (cloned when a reload
+writes into them), the active adapter, every ``requires_grad`` flag and the ``peft_config`` dict come back exactly as
+they were whenever anything fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from safe_peft._adapter import HUB_KWARGS
+from safe_peft._execute import (
+    adapter_tensors,
+    atomically,
+    is_fatal,
+    merge_reports,
+    overwritten_base_tensors,
+    verify,
+)
+from safe_peft._guard import plain_calls
+from safe_peft._plan import LoadPlan
+from safe_peft._routes import resolve_route, route_plan, see_through
+from safe_peft._snapshot import ModuleSnapshot
+from safe_peft._weights import write_weights
+from safe_peft.errors import AdapterLoadError
+from safe_peft.report import LoadReport
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+__all__ = ["load_into", "run_load"]
+
+
+def load_into(
+    peft_model: PeftModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    replace: object = False,
+    remap: object = None,
+    repair: tuple[str, ...] = (),
+    strict: bool = True,
+    allow_pickle: bool = False,
+    output_loading_info: bool = False,
+    peft_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """``safe_load_adapter`` on a PeftModel: add ``adapter_name``, or replace / reload it (``replace=``)."""
+    model, report, _ = run_load(
+        peft_model,
+        model_id,
+        adapter_name,
+        route=resolve_route(peft_model, adapter_name, replace, False),
+        remap=remap,
+        repair=repair,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        peft_kwargs=peft_kwargs,
+    )
+    return (model, report) if output_loading_info else model
+
+
+def run_load(
+    peft_model: PeftModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    route: str,
+    remap: object = None,
+    repair: tuple[str, ...] = (),
+    strict: bool = True,
+    allow_pickle: bool = False,
+    peft_kwargs: dict[str, Any] | None = None,
+) -> tuple[PeftModel, LoadReport, Any]:
+    """Plan and execute ``route`` (add | replace | reload); returns the model, the report and peft's load result."""
+    kwargs = dict(peft_kwargs or {})  # never mutate the caller's kwargs
+    plan = route_plan(
+        peft_model,
+        model_id,
+        adapter_name,
+        route=route,
+        remap=remap,
+        repair=repair,
+        allow_pickle=allow_pickle,
+        peft_kwargs=kwargs,
+    )
+    if not plan.report.ok and (strict or is_fatal(plan.report)):
+        raise AdapterLoadError(plan.report)
+    return _execute(peft_model, plan, adapter_name, route, strict, kwargs)
+
+
+def _execute(
+    peft_model: PeftModel, plan: LoadPlan, adapter_name: str, route: str, strict: bool, kwargs: dict[str, Any]
+) -> tuple[PeftModel, LoadReport, Any]:
+    inner = peft_model.get_base_model()
+    analytic = plan.view is not None and plan.view.method == "analytic"
+    snapshot = ModuleSnapshot(peft_model)
+    protected = overwritten_base_tensors(see_through(inner), plan)
+    if route == "reload":  # the checkpoint is written into the adapter's own tensors, in place
+        protected += list(adapter_tensors(peft_model, adapter_name, analytic).values())
+    snapshot.protect(protected)
+    active = list(peft_model.active_adapters)
+    flags = {id(p): p.requires_grad for p in peft_model.parameters()}
+    with atomically(snapshot, plan.report) as temporary:
+        directory, workdir = _directory(plan, with_config=route != "reload")
+        temporary.append(workdir)
+        passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
+        mapping = getattr(inner, "_checkpoint_conversion_mapping", None)
+        if mapping and "key_mapping" not in passthrough and not getattr(plan.peft_config, "is_prompt_learning", False):
+            passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
+        if route == "replace":
+            with warnings.catch_warnings():  # "adapter X was active, now Y is": the roles are put back below
+                warnings.simplefilter("ignore")
+                peft_model.delete_adapter(adapter_name)
+        with plain_calls():
+            result = peft_model.load_adapter(directory, adapter_name, **passthrough)
+        if route == "replace":
+            _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
+        report = verify(peft_model, plan, adapter_name)
+        if not report.ok and strict:
+            raise AdapterLoadError(report)
+        return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
+
+
+def _directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
+    """The directory peft loads from: the adapter's own, or a temporary one holding the checked config and the
+    weights (linked, or rewritten when keys are renamed). Returns it and the temporary directory to remove."""
+    renamed = bool(plan.renames or plan.dropped or plan.legacy is not None)
+    if not (renamed or with_config):
+        return plan.files.directory, None
+    workdir = tempfile.mkdtemp(prefix="safe_peft_")
+    if renamed:
+        write_weights(
+            plan.files.weights_path,
+            os.path.join(workdir, "adapter_model.safetensors"),
+            weights_format=plan.files.weights_format,
+            renames=plan.renames,
+            dropped=plan.dropped,
+            legacy=plan.legacy,
+        )
+    else:
+        target = os.path.join(workdir, os.path.basename(plan.files.weights_path))
+        try:
+            os.symlink(os.path.abspath(plan.files.weights_path), target)
+        except OSError:  # no symbolic links here: copy
+            shutil.copyfile(plan.files.weights_path, target)
+    if with_config:
+        plan.peft_config.save_pretrained(workdir)
+    return workdir, workdir
+
+
+def _keep_roles(
+    peft_model: PeftModel, adapter_name: str, active: list[str], flags: dict[int, bool], trainable: bool
+) -> None:
+    """After a replacement: the new adapter is active if the old one was; every other flag is as it was."""
+    from safe_peft._execute import adapter_tensor_ids
+
+    if adapter_name in active:
+        tuner: Any = peft_model.base_model
+        tuner.set_adapter(active if len(active) > 1 else active[0])
+    own = adapter_tensor_ids(peft_model, adapter_name)
+    for param in peft_model.parameters():
+        if id(param) in own:
+            param.requires_grad_(trainable)
+        elif id(param) in flags:
+            param.requires_grad_(flags[id(param)])

@@ -1,0 +1,158 @@
+"""Hot-swapping: safe_hotswap_adapter as peft.utils.hotswap.hotswap_adapter, with every restriction checked before a
+tensor is touched, scalings as a fresh load of the new adapter gives them, and nothing half-swapped on failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
+from peft import IA3Config, PeftModel, get_peft_model
+from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+from safe_peft import AdapterLoadError, safe_hotswap_adapter
+
+
+@pytest.fixture(scope="module")
+def swaps(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Any]) -> dict[str, str]:
+    """Adapters to swap into the tiny causal Llama carrying adapters['causal'] (r=8 on q_proj and v_proj)."""
+    root = tmp_path_factory.mktemp("hotswap")
+    made = {"loaded": adapters["causal"][0], "wide": adapters["wide"][0], "dora": adapters["dora"][0]}
+
+    def make(name: str, **lora: Any) -> None:
+        made[name] = str(root / name)
+        train_adapter(build("causal"), made[name], **lora)
+
+    make("same", seed=2)
+    make("smaller", seed=3, r=4)
+    make("larger", seed=4, r=16)
+    make("pattern", seed=5, rank_pattern={"q_proj": 4}, lora_alpha=16)
+    make("subset", seed=6, target_modules=["q_proj"])
+    make("rslora", seed=7, use_rslora=True)
+    make("more_targets", seed=8, target_modules=["q_proj", "v_proj", "k_proj"])
+    make("head", seed=9, modules_to_save=["lm_head"])
+    make("dora_subset", seed=10, use_dora=True, target_modules=["q_proj"])
+    made["ia3"] = str(root / "ia3")
+    get_peft_model(build("causal"), IA3Config(target_modules=["v_proj"], feedforward_modules=[])).save_pretrained(
+        made["ia3"]
+    )
+    nan = lambda k, v: v.fill_(float("nan")) if "layers.1.self_attn.v_proj.lora_B" in k else v  # noqa: E731
+    made["nan"] = derive(made["same"], str(root / "nan"), tensors=nan)
+    return made
+
+
+def _loaded(swaps: dict[str, str], which: str = "loaded") -> PeftModel:
+    return PeftModel.from_pretrained(build("causal"), swaps[which])
+
+
+def _fresh(swaps: dict[str, str], which: str) -> torch.Tensor:
+    return outputs(PeftModel.from_pretrained(build("causal"), swaps[which]))
+
+
+@pytest.mark.parametrize("which", ["same", "smaller", "larger", "subset"])
+def test_a_fitting_swap_equals_peft_s_and_a_fresh_load(which: str, swaps: dict[str, str]) -> None:
+    plain = _loaded(swaps)
+    hotswap_adapter(plain, swaps[which], "default")
+    ours = _loaded(swaps)
+    report = safe_hotswap_adapter(ours, swaps[which], "default")
+    assert report.ok and not report.warnings
+    assert torch.equal(outputs(ours), outputs(plain))
+    a, b = ours.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.allclose(outputs(ours), _fresh(swaps, which), atol=1e-5)
+
+
+def test_a_rank_pattern_gets_the_scaling_a_fresh_load_gives(swaps: dict[str, str]) -> None:
+    """peft's hot-swap looks rank_pattern up with parameter names, which never match: plain runs the q_proj layers
+    with scaling lora_alpha / r = 2 instead of 16 / 4 = 4. The safe swap sets it, and says so."""
+    fresh = _fresh(swaps, "pattern")
+    plain = _loaded(swaps)
+    hotswap_adapter(plain, swaps["pattern"], "default")
+    assert not torch.allclose(outputs(plain), fresh, atol=1e-3)
+    ours = _loaded(swaps)
+    report = safe_hotswap_adapter(ours, swaps["pattern"], "default")
+    assert [w.code for w in report.warnings] == ["hotswap_scaling_corrected"]
+    assert torch.allclose(outputs(ours), fresh, atol=1e-5)
+    scaling = ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert scaling == 4.0
+
+
+# case -> (adapter to swap in, what to do to the loaded model first, primary code)
+FAILURES: dict[str, tuple[str, str, str]] = {
+    "not_loaded": ("same", "other_name", "hotswap_not_loaded"),
+    "other_method": ("ia3", "", "hotswap_unsupported"),
+    "saved_head": ("head", "", "hotswap_unsupported"),
+    "dora_subset": ("dora_subset", "dora", "hotswap_unsupported"),
+    "merged": ("same", "merge", "hotswap_merged"),
+    "other_scaling_rule": ("rslora", "", "hotswap_config_differs"),
+    "new_targets": ("more_targets", "", "hotswap_new_targets"),
+    "rank_too_large_for_prepared": ("larger", "prepare", "hotswap_rank_too_large"),
+    "other_base": ("wide", "", "dimension_mismatch"),
+    "after_swapping": ("nan", "", "non_finite_values"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_every_refusal_is_typed_and_nothing_is_swapped(case: str, swaps: dict[str, str]) -> None:
+    which, setup, code = FAILURES[case]
+    model = _loaded(swaps, "dora" if setup == "dora" else "loaded")
+    name = "other" if setup == "other_name" else "default"
+    if setup == "merge":
+        model.merge_adapter()
+    if setup == "prepare":
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+    before = model_state(model)
+    with pytest.raises(AdapterLoadError) as caught:
+        safe_hotswap_adapter(model, swaps[which], name)
+    assert caught.value.report.causes[0].code == code
+    assert_same_state(before, model)
+
+
+def test_an_interrupt_half_way_through_restores_every_tensor(
+    swaps: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peft swaps one tensor after another; stopped after three, the model is put back whole."""
+    import peft.utils.hotswap as hotswap
+
+    model = _loaded(swaps)
+    before = model_state(model)
+    real, calls = hotswap._update_scaling, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(hotswap, "_update_scaling", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        safe_hotswap_adapter(model, swaps["smaller"], "default")
+    assert_same_state(before, model)
+
+
+def test_a_compiled_model_swaps_without_recompiling(swaps: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of hot-swapping: prepared and compiled once, then swapped in place (a recompile would raise)."""
+    import torch._dynamo
+
+    model = _loaded(swaps)
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.allclose(outputs(compiled), _fresh(swaps, "loaded"), atol=1e-5)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for which in ("smaller", "pattern", "same"):
+        report = safe_hotswap_adapter(compiled, swaps[which], "default")
+        assert report.ok
+        assert torch.allclose(outputs(compiled), _fresh(swaps, which), atol=1e-5)
+    before = model_state(compiled)
+    with pytest.raises(AdapterLoadError) as caught:
+        safe_hotswap_adapter(compiled, swaps["larger"], "default")
+    assert caught.value.report.primary.code == "hotswap_rank_too_large"
+    assert caught.value.report.primary.details["rank"] == 16
+    assert_same_state(before, compiled)
+    assert torch.allclose(outputs(compiled), _fresh(swaps, "same"), atol=1e-5)
+
+
+def test_not_a_peft_model_is_refused_with_the_function_to_use(swaps: dict[str, str]) -> None:
+    with pytest.raises(TypeError, match="safe_load_adapter"):
+        safe_hotswap_adapter(build("causal"), swaps["same"], "default")
