@@ -296,8 +296,8 @@ def parse_message(keys: int = 100_000, mismatches: int = 10_000) -> str:
 
     missing = ", ".join(f'"{key(i)}"' for i in range(keys))
     unexpected = ", ".join(f'"{key(i).replace("model.model.", "model._orig_mod.model.")}"' for i in range(keys))
-    sizes = "".join(
-        f"\n\tsize mismatch for {key(i)}: copying a param with shape torch.Size([16, 1024]) from checkpoint, "
+    sizes = "".join(  # keys of their own, further down the model: a key is in one section only
+        f"\n\tsize mismatch for {key(keys + i)}: copying a param with shape torch.Size([16, 1024]) from checkpoint, "
         "the shape in current model is torch.Size([8, 1024])."
         for i in range(mismatches)
     )

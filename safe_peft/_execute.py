@@ -203,18 +203,40 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
 
     if not analytic:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
-    owned = adapter_tensor_ids(model, adapter_name)
     wrapped = f".modules_to_save.{adapter_name}."
     tensors = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():  # parameters and buffers (saved heads' stats)
-        if id(tensor) not in owned:
-            continue
+    for name, tensor in _owned_state(model, adapter_name):  # parameters and buffers (saved heads' stats)
         if wrapped in name:
             tensors[name.replace(wrapped, ".")] = tensor
         else:
             key = checkpoint_key(name, adapter_name)
             tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = tensor
     return tensors
+
+
+def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any]]:
+    """``model.state_dict(keep_vars=True)`` restricted to the adapter's own entries (those
+    :func:`adapter_tensor_ids` finds), under the same names, without walking the base model's tensors."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for prefix, module in model.named_modules(remove_duplicate=False):  # as state_dict walks: every path
+        if not isinstance(module, BaseTunerLayer) and not isinstance(
+            getattr(module, "modules_to_save", None), torch.nn.ModuleDict
+        ):
+            continue
+        for attr, container in module._modules.items():
+            if attr == "base_layer" or not isinstance(container, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+                continue
+            if adapter_name not in container:
+                continue
+            where = f"{prefix}.{attr}.{adapter_name}" if prefix else f"{attr}.{adapter_name}"
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                yield where, item
+            else:
+                for sub, tensor in item.state_dict(keep_vars=True).items():
+                    yield f"{where}.{sub}", tensor
 
 
 def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
