@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
@@ -116,9 +115,7 @@ def _execute(
         if mapping and "key_mapping" not in passthrough and not getattr(plan.peft_config, "is_prompt_learning", False):
             passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
         if route == "replace":
-            with warnings.catch_warnings():  # "adapter X was active, now Y is": the roles are put back below
-                warnings.simplefilter("ignore")
-                peft_model.delete_adapter(adapter_name)
+            _delete_quietly(peft_model, adapter_name, active)
         with plain_calls():
             result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
@@ -154,6 +151,20 @@ def _directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
     if with_config:
         plan.peft_config.save_pretrained(workdir)
     return workdir, workdir
+
+
+def _delete_quietly(peft_model: PeftModel, adapter_name: str, active: list[str]) -> None:
+    """``delete_adapter`` without peft's "adapter X was active, now Y is" notice: another adapter is made active
+    first (its roles are put back by :func:`_keep_roles`). No warning filter is touched: they are process-wide."""
+    others = [name for name in peft_model.peft_config if name != adapter_name]
+    config: Any = peft_model.peft_config[adapter_name]
+    if adapter_name in active and others and not config.is_prompt_learning:
+        tuner: Any = peft_model.base_model
+        rest = [name for name in active if name != adapter_name] or others[:1]
+        tuner.set_adapter(rest if len(rest) > 1 else rest[0])
+        if len(rest) == 1:
+            peft_model.active_adapter = rest[0]
+    peft_model.delete_adapter(adapter_name)
 
 
 def _keep_roles(

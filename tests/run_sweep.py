@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"seconds": round(elapsed), "results": results, "negative": negatives}, f, indent=1)
     counts = collections.Counter(r["outcome"] for r in results)
     print(f"{len(results)} cases in {elapsed:.0f} s: {dict(counts)}")
-    if args.docs and not args.only and not args.mapping:
+    if args.docs and not args.only:
         with open(args.docs, "w") as f:
-            f.write(render(results, elapsed, args.workers, negatives))
+            f.write(render(results, elapsed, args.workers, negatives, args.mapping))
     failed = any(r["outcome"] in sweep.FAILURES for r in results) or any(not n["ok"] for n in negatives)
     return 1 if failed else 0
 
@@ -120,7 +120,11 @@ def worker() -> int:
 
 
 def render(
-    results: list[dict[str, Any]], seconds: float, workers: int, negatives: list[dict[str, Any]] | None = None
+    results: list[dict[str, Any]],
+    seconds: float,
+    workers: int,
+    negatives: list[dict[str, Any]] | None = None,
+    mappings: list[str] | None = None,
 ) -> str:
     """docs/sweep.md: counts per mapping and method, every failure and every exclusion with its reason."""
     import peft
@@ -143,7 +147,13 @@ def render(
         "to the trained adapter's, no report warning, `diagnose` ok on the real and on a meta-device base).",
         "",
         f"peft {peft.__version__}, transformers {transformers.__version__}, torch {__import__('torch').__version__};",
-        f"{len(results)} cases in {seconds / 60:.0f} min on {workers} worker(s).",
+        f"{len(results)} cases in {seconds / 60:.0f} min on {workers} worker(s)"
+        + (
+            f"; this run swept the {', '.join(sorted(mappings))} mapping(s) of {len(sweep.MAPPINGS)} "
+            "(`make sweep` runs them all)."
+            if mappings
+            else "."
+        ),
         "",
         "Outcomes: `exact` both load exactly; `plain_inexact` plain peft itself does not reproduce the trained",
         "outputs (what safe_peft did is listed below); `excluded` the case cannot be built (reasons below); the",
