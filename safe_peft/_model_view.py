@@ -17,6 +17,7 @@ Two ways to compute them, both without touching the caller's model:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -309,6 +310,13 @@ def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: in
             return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         if tensor.device.type != "meta":
             return tensor.detach().to("cpu", copy=True)
+        if tensor.is_floating_point() and seed % 2 and tensor.dim() == 2:
+            # a second stand-in of another structure (nearly rank one): a shape that depends on the weights'
+            # spectrum (AdaMSS' subspaces) differs from the full-rank one's, so it is found and left open
+            rows = torch.randn((tensor.shape[0], 1), generator=generator)
+            cols = torch.randn((1, tensor.shape[1]), generator=generator)
+            noise = torch.randn(tensor.shape, generator=generator)
+            return (rows @ cols + 1e-2 * noise).to(tensor.dtype)
         if tensor.is_floating_point():
             return torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
         return torch.zeros(tensor.shape, dtype=tensor.dtype)
@@ -389,16 +397,27 @@ def _on_meta(model: nn.Module, names: frozenset[str]) -> bool:
 
 def _value_free_shapes(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """Shapes from two injections with different stand-in values: a dimension that differs depends on the
-    weights' values (AdaMSS' subspaces), so it becomes ``ANY``; what agrees is checked as usual."""
-    from safe_peft._keys import ANY
+    weights' values (AdaMSS' subspaces), so it becomes ``ANY``, and so does that dimension of every tensor of the
+    same kind (the same name after its module, list indices blurred: two samples need not differ on each); what agrees
+    everywhere is checked as usual."""
+    from safe_peft._keys import ANY, module_of
 
-    shapes = {}
+    def kind(key: str) -> str:  # the name after the module, list indices blurred: adamss_B.0 and adamss_B.3 alike
+        module = module_of(key)
+        return re.sub(r"\.\d+(?=\.|$)", ".#", key[len(module) :] if module and key.startswith(module) else key)
+
+    varying: dict[str, set[int]] = {}
     for key, tensor in first.items():
         other = second.get(key)
-        have = tuple(tensor.shape)
-        if other is not None and len(other.shape) == len(have):
-            have = tuple(a if a == b else ANY for a, b in zip(have, tuple(other.shape), strict=True))
-        shapes[key] = _Shaped(have)
+        if other is None or len(other.shape) != len(tensor.shape):
+            continue
+        axes = {i for i, (a, b) in enumerate(zip(tuple(tensor.shape), tuple(other.shape), strict=True)) if a != b}
+        if axes:
+            varying.setdefault(kind(key), set()).update(axes)
+    shapes = {}
+    for key, tensor in first.items():
+        axes = varying.get(kind(key), set())
+        shapes[key] = _Shaped(tuple(ANY if i in axes else d for i, d in enumerate(tuple(tensor.shape))))
     return shapes
 
 

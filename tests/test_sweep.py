@@ -37,6 +37,7 @@ METHOD_SAMPLE = [
     ("gpt2", "LORA+trainable_tokens"),
     ("llama", "LORA+dora"),
     ("llama", "ADALORA"),
+    ("t5", "ADAMSS"),  # subspace sizes depend on the weights' values: left open on a meta base, never a refusal
 ]
 
 
