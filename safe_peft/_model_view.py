@@ -185,6 +185,10 @@ def _analytic(
 
     cfg: Any = copy.copy(config)
     cfg.target_modules = copy.copy(config.target_modules)
+    if cfg.target_modules is None:  # peft fills the default targets of the model type (issue 16)
+        from safe_peft._defaults import default_targets
+
+        cfg.target_modules = default_targets(model, cfg)
     saved = list(config.modules_to_save or [])
     cfg.modules_to_save = (saved + list(task_heads)) if (saved or task_heads) else None
     cfg = _maybe_include_all_linear_layers(cfg, model)

@@ -19,6 +19,7 @@ from safe_peft._catalog import finding
 from safe_peft._checks import adapter_name_findings, model_findings, wrapper_findings, wrapper_needs
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
+from safe_peft._config_values import check_against_model
 from safe_peft._layout import named_keys_peft_accepts, peft_conversions
 from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
@@ -99,6 +100,8 @@ def make_plan(
         return _refusal(model, source, adapter_name, refused)
     if source.raw is None:
         return _foreign_plan(model, source, adapter_name, remap)
+    if kwargs.get("config") is None:  # hook: what peft would hang or fail on with this model (issue 16)
+        check_against_model(model, source.config_data, path=source.raw.path, adapter=source.location)
     view = expected_keys(model, source.peft_config, adapter_name)
     layout = convert_layout(model, source, view, adapter_name, kwargs.get("key_mapping"))
     renaming = choose_renames(layout, view, remap, repair)
