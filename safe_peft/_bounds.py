@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -64,7 +65,7 @@ MAX_TENSORS = 1_000_000
 # dimensions of one tensor: adapter tensors have 1 to 4.
 MAX_NDIM = 64
 # the deadline of a suspicious pattern's trial run on the model's module names (real ones take milliseconds).
-TRIAL_SECONDS = 1.5
+TRIAL_SECONDS = 1.0
 # the text of one finding (its message and its fix), and each string / list inside its details.
 MAX_MESSAGE_CHARS = 4_000
 MAX_DETAIL_CHARS = 2_000
@@ -240,9 +241,26 @@ def slow_patterns(patterns: Sequence[Pattern], names: Iterable[str], seconds: fl
     if not patterns:
         return []
     job = json.dumps({"patterns": [(p.regex, p.how) for p in patterns], "names": sorted(set(names))})
+    key = hashlib.sha256(job.encode()).hexdigest()
+    if key in _TRIALS:  # the same config on the same model (diagnose, then load; a batch): tried once
+        index = _TRIALS[key]
+    else:
+        index, settled = _trial(patterns, job, seconds)
+        if settled:  # not when the trial process could not even start
+            if len(_TRIALS) >= 256:
+                _TRIALS.pop(next(iter(_TRIALS)), None)
+            _TRIALS[key] = index
+    return [] if index is None else [patterns[index]]
+
+
+_TRIALS: dict[str, int | None] = {}  # sha256 of a trial -> the index of its slow pattern (None: all fast)
+
+
+def _trial(patterns: Sequence[Pattern], job: str, seconds: float) -> tuple[int | None, bool]:
+    """(index of the slow pattern or None, whether that is settled): the trial run itself."""
     executable = sys.executable or ""
     if not executable or not os.path.exists(executable):
-        return list(patterns[:1])  # no interpreter to run the trial in: refuse rather than risk the hang
+        return 0, True  # no interpreter to run the trial in: refuse rather than risk the hang
     try:
         subprocess.run(
             [executable, "-I", "-S", "-c", _TRIAL],
@@ -254,8 +272,9 @@ def slow_patterns(patterns: Sequence[Pattern], names: Iterable[str], seconds: fl
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        done = len(out.split())
-        return [patterns[min(done, len(patterns) - 1)]]
-    except (subprocess.CalledProcessError, OSError):
-        return list(patterns[:1])  # the trial could not run (or the pattern crashed it): refuse, never hang
-    return []
+        return min(len(out.split()), len(patterns) - 1), True
+    except subprocess.CalledProcessError:
+        return 0, True  # the pattern crashed the trial: refuse
+    except OSError:
+        return 0, False  # the trial could not start: refuse this time, never hang
+    return None, True

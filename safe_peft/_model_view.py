@@ -322,8 +322,9 @@ def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: in
 
 
 def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
-    import warnings
+    import contextlib
 
+    import torch
     from peft import PeftModel, get_peft_model_state_dict
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -332,13 +333,14 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
 
     def inject(real: frozenset[str], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
         skeleton = meta_skeleton(model, real, seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # with real targets, the adapter's own (small) tensors are real too: some methods index them on save
-            peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=not real)
-            return skeleton, get_peft_model_state_dict(
-                peft_model, adapter_name=adapter_name, save_embedding_layers=False
-            )
+        # The adapter's tensors are built on meta by torch's device context, which is thread-local (a
+        # TorchFunctionMode), never by peft's low_cpu_mem_usage, which patches nn.Module.register_parameter for the
+        # whole process (another thread's load would get meta tensors). Warnings go to the caller's filters:
+        # Python < 3.14 has no per-thread filters to silence them with (issue 16; docs/security.md).
+        # With real targets, the adapter's own (small) tensors are real too: some methods index them on save.
+        with torch.device("meta") if not real else contextlib.nullcontext():
+            peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
+        return skeleton, get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
 
     try:
         skeleton, state = inject(frozenset())
@@ -417,6 +419,12 @@ def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis
     targets = getattr(config, "target_modules", None)
     if targets and not any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
         return _no_target_found(targets)
+    if isinstance(exc, Warning):  # the caller's warning filters raise peft's notice: so would they in the load
+        return finding(
+            "injection_rejected",
+            f"peft warned while applying this config, and the active warning filters make the warning an error (the "
+            f"load would stop at it too): {type(exc).__name__}: {str(exc)[:300]}",
+        )
     return finding(
         "injection_rejected",
         f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",

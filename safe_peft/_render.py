@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from safe_peft._bounds import shorten
 from safe_peft.report import LoadReport
 
 __all__ = ["collapse_keys", "render_report"]
 
 SAMPLE_SIZE = 10
+KEY_CHARS = 300  # a key longer than this (only a hostile header has one) is shown cut
 
 
 def render_report(report: LoadReport, *, sample_size: int = SAMPLE_SIZE) -> str:
@@ -79,7 +81,10 @@ def _section(title: str, rows: Sequence[tuple[str, str]], sample_size: int) -> l
         return []
     collapsed = collapse_keys(rows)
     out = [f"{title} ({len(rows)}):"]
-    out.extend(f"  {key}: {info}" if info else f"  {key}" for key, info in collapsed[:sample_size])
+    out.extend(
+        f"  {shorten(key, KEY_CHARS)}: {info}" if info else f"  {shorten(key, KEY_CHARS)}"
+        for key, info in collapsed[:sample_size]
+    )
     hidden = len(collapsed) - sample_size
     if hidden > 0:
         out.append(f"  ... and {hidden} more lines")
@@ -120,4 +125,8 @@ def _fmt_indices(values: set[int]) -> str:
 
 
 def _fmt(shape: tuple[int, ...] | None) -> str:
-    return "?" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+    if shape is None:
+        return "?"
+    if len(shape) > 16:  # a hostile header's million-dimension shape is not printed whole
+        return "[" + ", ".join(map(str, shape[:8])) + f", ... {len(shape):,} dimensions]"
+    return "[" + ", ".join(map(str, shape)) + "]"

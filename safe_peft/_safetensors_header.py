@@ -166,6 +166,9 @@ def read_scalar(header: SafetensorsHeader, key: str) -> float:
 
 
 def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    claimed = raw.count(b'"data_offsets"')  # every entry names its offsets: a bound on the count, before parsing
+    if claimed > MAX_TENSORS + 16:
+        raise _too_many(path, claimed)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -202,14 +205,18 @@ def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str,
             raise _fault(path, "bad_metadata", "__metadata__ must map strings to strings")
         metadata = dict(value)
     if len(top) > MAX_TENSORS:
-        raise _fault(
-            path,
-            "too_many_tensors",
-            f"the header lists {len(top):,} tensors (limit {MAX_TENSORS:,}; a LoRA on every expert of the largest "
-            "MoE models has about 140,000)",
-            details={"tensors": len(top), "limit": MAX_TENSORS},
-        )
+        raise _too_many(path, len(top))
     return list(top.items()), metadata
+
+
+def _too_many(path: str, count: int) -> AdapterFormatError:
+    return _fault(
+        path,
+        "too_many_tensors",
+        f"the header lists {count:,} tensors (limit {MAX_TENSORS:,}; a LoRA on every expert of the largest MoE "
+        "models has about 140,000)",
+        details={"tensors": count, "limit": MAX_TENSORS},
+    )
 
 
 def _no_constant(text: str) -> Any:
