@@ -19,6 +19,7 @@ looking pattern that is in fact fast on this model is accepted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -45,6 +46,7 @@ __all__ = [
     "TRIAL_SECONDS",
     "Pattern",
     "bounded_details",
+    "compiled",
     "gc_paused",
     "shorten",
     "slow_patterns",
@@ -163,11 +165,32 @@ def static_fault(pattern: Pattern) -> tuple[str, str, bool]:
     if len(pattern.entry) > MAX_PATTERN_CHARS:
         why = f"is {len(pattern.entry):,} characters long (limit {MAX_PATTERN_CHARS:,})"
         return "config_limit_exceeded", why, False
+    if len(pattern.regex) <= _CACHED_CHARS:
+        return _regex_fault(pattern.regex)
+    return _regex_fault.__wrapped__(pattern.regex)
+
+
+_CACHED_CHARS = 256  # patterns this short (every real one) are checked and compiled once per process
+
+
+@functools.lru_cache(maxsize=2 * MAX_PATTERN_ENTRIES)
+def _regex_fault(regex: str) -> tuple[str, str, bool]:
     try:
-        re.compile(pattern.regex)
+        compiled(regex)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         return "invalid_config_value", f"is not a valid regular expression ({shorten(str(exc), 200)})", False
-    return "", "", _suspicious(pattern.regex)
+    return "", "", _suspicious(regex)
+
+
+def compiled(regex: str) -> re.Pattern[str]:
+    """``re.compile(regex)``, kept for short patterns: a config's thousands of rank_pattern keys overflow ``re``'s
+    own 512-entry cache, and each is compiled by the checks and by the expected-keys view."""
+    return _compiled(regex) if len(regex) <= _CACHED_CHARS else re.compile(regex)
+
+
+@functools.lru_cache(maxsize=2 * MAX_PATTERN_ENTRIES)
+def _compiled(regex: str) -> re.Pattern[str]:
+    return re.compile(regex)
 
 
 def _suspicious(regex: str) -> bool:

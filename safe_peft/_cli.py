@@ -61,6 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE
 
 
+INDENTED_ROWS = 10_000  # a --json document listing more keys than this is written compact
+
+
+def json_document(document: Any, rows: int) -> str:
+    """Strict JSON (no NaN / Infinity), indented for reading; compact when it lists more than
+    :data:`INDENTED_ROWS` keys (a hostile header's 100,000: Python's indenting encoder is pure Python, 10x slower)."""
+    if rows > INDENTED_ROWS:
+        return json.dumps(document, separators=(",", ":"), allow_nan=False)
+    return json.dumps(document, indent=2, allow_nan=False)
+
+
 def error_line(exc: BaseException) -> str:
     """One line for a failure: the finding's message and its fix (an error with a report), else the error's own
     text; a failure no finding covers says so and how to see the traceback."""
@@ -140,7 +151,7 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
 
     manifest = inspect_adapter(args.adapter, allow_pickle=args.allow_pickle)
     if args.json:
-        out.write(json.dumps(manifest.to_dict(), indent=2, allow_nan=False))
+        out.write(json_document(manifest.to_dict(), len(manifest.tensors)))
     else:
         out.write(render_manifest(manifest, out))
     return OK
@@ -188,7 +199,8 @@ def _check(args: argparse.Namespace, out: Output) -> int:
         progress.step()
     progress.done()
     if args.json:
-        out.write(json.dumps(check_document(args.base, type(model).__name__, results), indent=2, allow_nan=False))
+        listed = sum(len(r.missing) + len(r.unexpected) + len(r.size_mismatches) for _, r, _ in results)
+        out.write(json_document(check_document(args.base, type(model).__name__, results), listed))
     else:
         out.write(render_check(results, out))
     if any(unreadable for _, _, unreadable in results):

@@ -17,6 +17,7 @@ Two ways to compute them, both without touching the caller's model:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -175,11 +176,23 @@ def has_weight_conversions(model: nn.Module) -> bool:
     return lookup is not None and lookup(model_type) is not None
 
 
+def _pattern_keys(pattern: Any) -> list[tuple[str, re.Pattern[str]]]:
+    """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
+    (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds)."""
+    from safe_peft._bounds import compiled
+
+    return [(key, compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]
+
+
+def _pattern_key(keys: list[tuple[str, re.Pattern[str]]], name: str) -> str:
+    """peft's ``get_pattern_key(keys, name)``: the first key matching ``name`` as a dotted suffix, else ``name``."""
+    return next((key for key, regex in keys if regex.match(name)), name)
+
+
 def _analytic(
     model: nn.Module, config: Any, task_heads: tuple[str, ...]
 ) -> tuple[dict[str, ExpectedKey], Diagnosis | None] | None:
     from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
-    from peft.utils.other import get_pattern_key
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
@@ -196,13 +209,14 @@ def _analytic(
     lora_bias = bool(getattr(cfg, "lora_bias", False))
     expected: dict[str, ExpectedKey] = {}
     targeted: list[str] = []
+    rank_keys = _pattern_keys(cfg.rank_pattern)
     for name, module in model.named_modules():
         if not name:
             continue
         found = check_target_module_exists(cfg, name)
         if not found or isinstance(found, _ExcludedModule):
             continue
-        rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r)
+        rank = cfg.rank_pattern.get(_pattern_key(rank_keys, name), cfg.r)
         if isinstance(module, (nn.Linear, Conv1D)):
             if isinstance(module, Conv1D):
                 in_f, out_f = (int(d) for d in module.weight.shape)
@@ -324,7 +338,6 @@ def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: in
 def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
     import contextlib
 
-    import torch
     from peft import PeftModel, get_peft_model_state_dict
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -333,12 +346,17 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
 
     def inject(real: frozenset[str], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
         skeleton = meta_skeleton(model, real, seed)
-        # The adapter's tensors are built on meta by torch's device context, which is thread-local (a
-        # TorchFunctionMode), never by peft's low_cpu_mem_usage, which patches nn.Module.register_parameter for the
-        # whole process (another thread's load would get meta tensors). Warnings go to the caller's filters:
-        # Python < 3.14 has no per-thread filters to silence them with (issue 16; docs/security.md).
+        # A model that already carries adapters has peft's `peft_config` attribute: on the copy, peft would take it
+        # for a second adapter and warn ("Already found a `peft_config` attribute"), a notice plain peft's load of
+        # this adapter does not give. The copy only has to show which keys this adapter's injection makes.
+        skeleton.__dict__.pop("peft_config", None)
+        # The adapter's tensors are built on meta by a torch function mode, which is thread-local, never by peft's
+        # low_cpu_mem_usage, which patches nn.Module.register_parameter for the whole process (another thread's
+        # load would get meta tensors), nor by `with torch.device("meta")`, which also sets the module-global
+        # torch.utils._device.CURRENT_DEVICE (overlapping threads can leave it on meta). No warnings filter is
+        # touched: Python < 3.14 has none per thread (issue 16; docs/security.md).
         # With real targets, the adapter's own (small) tensors are real too: some methods index them on save.
-        with torch.device("meta") if not real else contextlib.nullcontext():
+        with _on_meta_here() if not real else contextlib.nullcontext():
             peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
         return skeleton, get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
 
@@ -364,6 +382,26 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     targeted = {strip_prefix(n) for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
     _add_embedding_layers(model, expected, targeted)
     return expected, None
+
+
+def _on_meta_here() -> Any:
+    """A context in which torch's factory functions called without a device build meta tensors, in this thread
+    only (a torch function mode: the mode stack is per thread) and changing no module-level state."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    constructors = _device_constructors()
+
+    class _Meta(TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            if func in constructors and kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return _Meta()
 
 
 def _on_meta(model: nn.Module, names: frozenset[str]) -> bool:

@@ -93,6 +93,22 @@ def make_plan(
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
     """Build the plan for loading ``model_id`` into ``model`` (raises AdapterFormatError for bad files)."""
+    from safe_peft._bounds import gc_paused
+    from safe_peft._keys import memoised
+
+    with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
+        return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs)
+
+
+def _make_plan(
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    remap: object,
+    repair: tuple[str, ...],
+    allow_pickle: bool,
+    peft_kwargs: Mapping[str, Any] | None,
+) -> LoadPlan:
     kwargs = dict(peft_kwargs or {})
     refused = adapter_name_findings(adapter_name) + model_findings(model)
     source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)

@@ -306,6 +306,15 @@ def _plan_remap(
     same_shape: ShapeCheck | None,
 ) -> RemapPlan:
     groups = _Templates(checkpoint)
+    if len(groups.templates) > _SEARCH_TEMPLATES:  # a hostile-size header: first what counting alone settles
+        drops = [rule.regex.search for rule in candidates if rule.drop]
+        kept = sum(1 for key in checkpoint if not any(drop(key) for drop in drops))
+        if kept > len(expected):  # renames are one to one: more keys than the model has can never all land
+            why = (
+                f"the checkpoint has {kept:,} keys no rule drops and the model expects {len(expected):,}: no "
+                "renaming fits them"
+            )
+            return RemapPlan((), {}, (), False, (why,), kept - len(expected))
     search = groups.sample(_SEARCH_TEMPLATES, candidates)
     budget = _FULL_CHECK_KEYS
     closest: tuple[tuple[int, int], tuple[RemapRule, ...]] | None = None

@@ -3,14 +3,13 @@
 The hazards this guards against (issue 16): peft's ``low_cpu_mem_usage`` patches ``nn.Module.register_parameter``
 for the whole process while it injects (a load in another thread then gets meta tensors, and two overlapping
 patches can leave it patched for good), and ``warnings.catch_warnings()`` swaps ``warnings.filters`` process-wide.
-The default run is bounded for ``make test``; ``SAFE_PEFT_STRESS=1`` runs the full 8 threads x 50 calls.
+8 threads x 50 calls each on tiny models (about 10 s).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import os
 import random
 import threading
 import warnings
@@ -18,13 +17,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.utils._device
 from helpers import build, derive, outputs
 from peft import IA3Config, LoHaConfig, get_peft_model
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 
 THREADS = 8
-CALLS = 50 if os.environ.get("SAFE_PEFT_STRESS") else 8
+CALLS = 50
 
 
 def process_state() -> dict[str, Any]:
@@ -41,6 +41,7 @@ def process_state() -> dict[str, Any]:
         "nn.Parameter.__new__": nn.Parameter.__new__,
         "default_dtype": torch.get_default_dtype(),
         "default_device": torch.get_default_device(),
+        "torch.utils._device.CURRENT_DEVICE": torch.utils._device.CURRENT_DEVICE,  # set by `with torch.device()`
         "function_modes": torch._C._len_torch_function_stack(),
         "warnings.filters": list(warnings.filters),
         "warnings.showwarning": warnings.showwarning,
@@ -176,4 +177,3 @@ def test_meta_construction_elsewhere_does_not_reach_this_thread(corpus: dict[str
         stop.set()
         thread.join()
     assert seen and set(seen) == {"cpu"}
-
