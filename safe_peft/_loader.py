@@ -164,7 +164,10 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
         tuners: dict[Any, Any] = dict(PEFT_TYPE_TO_TUNER_MAPPING)
-        remove = getattr(tuners.get(config.peft_type), "_remove_adapter_name_from_key", None)
+        # peft < 0.18 has no per-key mapping, and its get_peft_model_state_dict removes every ".<name>" from a key
+        # (adapter_name="weight": every ".weight"), though its load of such an adapter is exact: the segment is
+        # removed where the LoRA part puts it instead
+        remove = getattr(tuners.get(config.peft_type), "_remove_adapter_name_from_key", None) or _without_name
     if remove is None:
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
     owned = _adapter_tensor_ids(model, adapter_name)
@@ -179,6 +182,21 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
             key = remove(name, adapter_name)
             tensors[key[: -len(".weight")] if key.endswith(".lora_magnitude_vector.weight") else key] = tensor
     return tensors
+
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _without_name(key: str, adapter_name: str) -> str:
+    """``x.lora_A.<adapter_name>.weight`` -> ``x.lora_A.weight``: the adapter's name removed where the LoRA part
+    puts it (as peft >= 0.18's ``_remove_adapter_name_from_key``), whatever the name is."""
+    for part in _LORA_PARTS:
+        marker = f".{part}.{adapter_name}"
+        at = key.rfind(marker)
+        end = at + len(marker)
+        if at >= 0 and (end == len(key) or key[end] == "."):
+            return key[: at + len(part) + 1] + key[end:]
+    return key
 
 
 def _adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:

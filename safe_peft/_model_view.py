@@ -350,6 +350,7 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
         # for a second adapter and warn ("Already found a `peft_config` attribute"), a notice plain peft's load of
         # this adapter does not give. The copy only has to show which keys this adapter's injection makes.
         skeleton.__dict__.pop("peft_config", None)
+        _quiet_checkpointing_flag(skeleton)
         # The adapter's tensors are built on meta by a torch function mode, which is thread-local, never by peft's
         # low_cpu_mem_usage, which patches nn.Module.register_parameter for the whole process (another thread's
         # load would get meta tensors), nor by `with torch.device("meta")`, which also sets the module-global
@@ -382,6 +383,25 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     targeted = {strip_prefix(n) for n, m in skeleton.named_modules() if isinstance(m, BaseTunerLayer)}
     _add_embedding_layers(model, expected, targeted)
     return expected, None
+
+
+_QUIET: dict[type, type] = {}  # model class -> its subclass for skeletons (see _quiet_checkpointing_flag)
+
+
+def _quiet_checkpointing_flag(skeleton: nn.Module) -> None:
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning: its
+    load of this adapter gives that notice once, and the copy would give it again. On the copy only, the flag is
+    read through its new name (a subclass made for skeletons; the user's model and its class are untouched)."""
+    cls = type(skeleton)
+    if not isinstance(getattr(cls, "is_gradient_checkpointing", None), property) or not hasattr(
+        cls, "is_activation_checkpointing"
+    ):
+        return
+    quiet = _QUIET.get(cls)
+    if quiet is None:
+        flag = property(lambda self: self.is_activation_checkpointing)
+        quiet = _QUIET.setdefault(cls, type(cls.__name__, (cls,), {"is_gradient_checkpointing": flag}))
+    skeleton.__class__ = quiet
 
 
 def _on_meta_here() -> Any:

@@ -177,3 +177,26 @@ def test_meta_construction_elsewhere_does_not_reach_this_thread(corpus: dict[str
         stop.set()
         thread.join()
     assert seen and set(seen) == {"cpu"}
+
+
+def _warned(call: Any) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return sorted(f"{w.category.__name__}: {w.message}" for w in caught)
+
+
+@pytest.mark.parametrize("name", ["good", "ia3", "loha"])
+def test_a_load_warns_exactly_as_plain_peft(name: str, corpus: dict[str, Any]) -> None:
+    """Quietly: the injection on the meta copy adds no notice of its own (every warning shown, none filtered),
+    for a fresh base and for one that already carries peft's `peft_config` (a model peft wrapped before)."""
+    from peft import PeftModel
+
+    directory = corpus[name][0]
+    assert _warned(lambda: safe_load_adapter(build("causal"), directory)) == _warned(
+        lambda: PeftModel.from_pretrained(build("causal"), directory)
+    )
+    wrapped = build("causal")
+    PeftModel.from_pretrained(wrapped, corpus["good"][0])
+    assert "peft_config" in wrapped.__dict__
+    assert _warned(lambda: diagnose(wrapped, directory)) == []

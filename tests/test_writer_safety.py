@@ -241,7 +241,7 @@ def test_fix_force_killed_at_random_moments_leaves_old_or_new(
     for round_ in range(ROUNDS):
         new = "compiled" if current == "rank4" else "rank4"
         pid = _start(server, fix(new, os.path.join(work, "out")))
-        time.sleep(rng.uniform(0, min(durations[2:]) * 1.05))  # mostly inside the run, writing and swapping included
+        time.sleep(rng.uniform(0, min(durations[2:]) * 0.9))  # inside the run, writing and swapping included
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -255,5 +255,5 @@ def test_fix_force_killed_at_random_moments_leaves_old_or_new(
         stray = [n for n in os.listdir(work) if n != "out"]
         assert all(n.startswith(".safe_peft_") for n in stray), stray  # only its own staging, never the user's
     print(f"killed {killed} of {ROUNDS} rounds")
-    assert killed >= ROUNDS // 2, killed
+    assert killed >= ROUNDS // 3, killed  # (a run can be faster than the complete ones timed above: some finish)
     assert {name: tree(path) for name, path in inputs.items() if name != "root"} == others
