@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -101,14 +103,38 @@ class AdapterConfig:
 
 
 def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
-    """Parse and sanity-check an adapter config file."""
+    """Parse and sanity-check an adapter config file (at most ``MAX_CONFIG_BYTES`` are read; NaN and Infinity,
+    which Python's json module accepts but JSON does not, are refused naming their key)."""
+    from safe_peft._bounds import MAX_CONFIG_BYTES
+
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
     except OSError as exc:
         raise _bad(path, adapter, "unreadable_config", f"cannot read the file ({exc.strerror or exc})") from None
+    if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError.of(
+            "config_too_large",
+            f"{path}: is {max(size, len(raw)):,} bytes, more than the {MAX_CONFIG_BYTES:,} bytes safe-peft reads "
+            "from an adapter config (peft writes a few kilobytes)",
+            adapter=adapter,
+            details={"file": path, "bytes": max(size, len(raw)), "limit": MAX_CONFIG_BYTES},
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_NonFinite, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise _bad(path, adapter, "bad_config_json", f"is not valid JSON ({str(exc)[:200]})") from None
+    where = _non_finite(data)
+    if where is not None:
+        raise AdapterFormatError.of(
+            "invalid_config_value",
+            f"{path}: {where[0]} is {where[1]}, which is not a JSON number (Python's json module reads it, peft would "
+            "compute with it: a non-finite lora_alpha makes every output NaN)",
+            adapter=adapter,
+            details={"key": where[0]},
+            key=where[0],
+        )
     if not isinstance(data, dict):
         raise _bad(path, adapter, "bad_config_json", f"holds a JSON {type(data).__name__}, not an object")
     if "peft_type" not in data:
@@ -126,6 +152,29 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
             finding("runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load")
         )
     return AdapterConfig(path=path, data=data, warnings=warnings)
+
+
+class _NonFinite(str):
+    """``NaN`` / ``Infinity`` / ``-Infinity`` (or a float that overflows to infinity) where JSON wants a number."""
+
+
+def _finite_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _non_finite(data: Any, path: str = "") -> tuple[str, str] | None:
+    """(the key, the text) of the first non-finite number in ``data``."""
+    stack = [(path, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _NonFinite):
+            return where or "the config", str(value)
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 @dataclass(frozen=True)
@@ -171,6 +220,9 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
         data, _ = convert_config(config.data)
         config = AdapterConfig(path=config.path, data=data, warnings=config.warnings)
     known = known_fields(config_cls)
+    from safe_peft._config_values import check_values  # hook: values peft cannot compute with (issue 16)
+
+    check_values(config.data, known, peft_type=config.peft_type, path=config.path, adapter=adapter)
     unknown = sorted(k for k in config.data if k not in known)
     kwargs = {k: v for k, v in config.data.items() if k in known}
     meaning = [k for k in unknown if changes_meaning(k, config.data[k])]
@@ -185,7 +237,14 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
         causes.append(_meaning_changing(config, meaning, peft.__version__))
     try:
         peft_config = config_cls.from_peft_type(**config_cls.check_kwargs(**kwargs))
-    except (TypeError, ValueError) as exc:
+    except ImportError as exc:  # an option whose package is missing (peft checks some at config time)
+        raise AdapterFormatError.of(
+            "config_needs_package",
+            f"{config.path}: peft cannot build this config: {str(exc)[:300]}",
+            fix="install the package named above, which peft needs for an option of this adapter.",
+            adapter=adapter,
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - peft's config classes validate with several exception types
         raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
     harmless = [k for k in unknown if k not in meaning]
     return BuiltConfig(peft_config, _skew_findings(config, harmless), causes, repairs)

@@ -108,6 +108,13 @@ def _check_directory(location: str) -> str:
 def _join_subfolder(base: str, subfolder: str | None, location: str) -> str:
     if not subfolder:
         return base
+    if not isinstance(subfolder, str) or "\x00" in subfolder or len(subfolder) > 4096:
+        what = "holds a NUL byte" if isinstance(subfolder, str) and "\x00" in subfolder else "is not a directory name"
+        raise AdapterFormatError.of(
+            "invalid_subfolder",
+            f"subfolder={subfolder!r:.200} {what}",
+            adapter=location,
+        )
     directory = os.path.join(base, subfolder)
     root = os.path.realpath(base)
     if os.path.isabs(subfolder) or os.path.commonpath([root, os.path.realpath(directory)]) != root:

@@ -78,6 +78,22 @@ _ENTRIES: tuple[Entry, ...] = (
           repair=("legacy",)),
     Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
     Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
+    # -- hostile input: values peft cannot compute with, and the bounds of safe_peft._bounds (issue 16) --------------
+    Entry("config_too_large", _C.CORRUPT_CHECKPOINT, 0, True, "restore the adapter_config.json that peft's "
+          "save_pretrained() wrote (a few kilobytes)."),
+    Entry("invalid_config_value", _C.CORRUPT_CHECKPOINT, 0, True, "correct {key} in adapter_config.json (the value "
+          "peft saved with these weights), or save the adapter again with save_pretrained()."),
+    Entry("config_limit_exceeded", _C.CORRUPT_CHECKPOINT, 0, True, "restore {key} as peft saved it; no real adapter "
+          "comes near this limit (docs/security.md lists them)."),
+    Entry("catastrophic_pattern", _C.UNSAFE_FORMAT, 0, True, "rewrite {key} without nested repetition (e.g. "
+          r"`.*\.(q_proj|v_proj)`), or list the module names instead of a pattern."),
+    Entry("config_needs_package", _C.CONFIG_MISMATCH, 0, True, "install the package named above."),
+    Entry("too_many_tensors", _C.CORRUPT_CHECKPOINT, 0, True, "an adapter with this many tensors is not a PEFT "
+          "adapter of any real model; check the file's source."),
+    Entry("invalid_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "pass subfolder= as the name of a directory inside "
+          "the adapter directory."),
+    Entry("check_failed", _C.UNKNOWN, 9, True, "run `safe-peft --debug check` on this adapter alone and report the "
+          "traceback to safe_peft."),
     Entry("invalid_adapter_name", _C.CONFIG_MISMATCH, 0, True, "pick a non-empty name without '.' that is not a "
           "torch module attribute, e.g. adapter_name={suggestion!r}."),
     Entry("newer_peft_version", _C.VERSION_SKEW, 0, False, "if the load misbehaves, upgrade peft to {peft_version} "
@@ -289,14 +305,16 @@ def finding(
 ) -> Diagnosis:
     """The :class:`Diagnosis` of ``code``: cause, opt-in and fix from the catalog (the fix template is filled with
     ``fill`` and ``details``); ``fix`` / ``remap`` / ``repair`` override the entry where a finding knows better."""
+    from safe_peft._bounds import bounded_details, shorten  # findings echo input: bounded (issue 16)
+
     e = entry(code)
-    facts = dict(details or {})
-    text = fix if fix is not None else e.fix.format(**{**facts, **fill}) if e.fix else ""
+    facts = bounded_details(dict(details or {}))
+    text = fix if fix is not None else e.fix.format(**{**facts, **bounded_details(fill)}) if e.fix else ""
     return Diagnosis(
         cause=e.cause,
         code=code,
-        message=message,
-        fix=text,
+        message=shorten(message),
+        fix=shorten(text),
         remap=e.remap if remap is None else remap,
         repair=e.repair if repair is None else repair,
         details=facts,

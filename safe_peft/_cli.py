@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from safe_peft._bounds import shorten
 from safe_peft._engine_cli import add_target_arguments, run_check_target, run_fix_target
+from safe_peft._repairs import KNOWN_REPAIRS
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import SCHEMA_VERSION, LoadReport
 
@@ -50,12 +52,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args, out)
         return code
-    except (UsageError, AdapterFormatError, OSError, ValueError) as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        message = exc.report.primary.message if isinstance(exc, AdapterFormatError) and exc.report.primary else exc
-        print(f"safe-peft: error: {message}", file=sys.stderr)
+        print(f"safe-peft: error: {error_line(exc)}", file=sys.stderr)
+        if isinstance(exc, AdapterLoadError) and not isinstance(exc, AdapterFormatError):
+            return INCOMPATIBLE
         return USAGE
+
+
+INDENTED_ROWS = 10_000  # a --json document listing more keys than this is written compact
+
+
+def json_document(document: Any, rows: int) -> str:
+    """Strict JSON (no NaN / Infinity), indented for reading; compact when it lists more than
+    :data:`INDENTED_ROWS` keys (a hostile header's 100,000: Python's indenting encoder is pure Python, 10x slower)."""
+    if rows > INDENTED_ROWS:
+        return json.dumps(document, separators=(",", ":"), allow_nan=False)
+    return json.dumps(document, indent=2, allow_nan=False)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a failure: the finding's message and its fix (an error with a report), else the error's own
+    text; a failure no finding covers says so and how to see the traceback."""
+    if isinstance(exc, AdapterLoadError) and exc.report.primary is not None:
+        primary = exc.report.primary
+        fix = primary.fix_arguments() or primary.fix
+        text = f"{primary.message}; fix: {fix}" if fix else primary.message
+    elif isinstance(exc, (UsageError, OSError, ValueError)):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc} (this is safe-peft's fault: run with --debug and report the traceback)"
+    return shorten(" ".join(text.split()), 2_000)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,7 +137,7 @@ def _model_args(parser: argparse.ArgumentParser, *, base_required: bool = True) 
         action="append",
         default=[],
         metavar="NAME",
-        choices=["rank", "dora", "targets", "vocab", "config"],
+        choices=list(KNOWN_REPAIRS),  # every repair a finding can suggest
         help="opt-in config repair (repeat)",
     )
     parser.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (weights only)")
@@ -123,7 +151,7 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
 
     manifest = inspect_adapter(args.adapter, allow_pickle=args.allow_pickle)
     if args.json:
-        out.write(json.dumps(manifest.to_dict(), indent=2))
+        out.write(json_document(manifest.to_dict(), len(manifest.tensors)))
     else:
         out.write(render_manifest(manifest, out))
     return OK
@@ -171,7 +199,8 @@ def _check(args: argparse.Namespace, out: Output) -> int:
         progress.step()
     progress.done()
     if args.json:
-        out.write(json.dumps(check_document(args.base, type(model).__name__, results), indent=2))
+        listed = sum(len(r.missing) + len(r.unexpected) + len(r.size_mismatches) for _, r, _ in results)
+        out.write(json_document(check_document(args.base, type(model).__name__, results), listed))
     else:
         out.write(render_check(results, out))
     if any(unreadable for _, _, unreadable in results):
@@ -218,6 +247,7 @@ def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> st
 
 def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[LoadReport, bool]:
     """The verdict on one adapter, and whether it is unreadable: a file fault that no opt-in fixes."""
+    from safe_peft._catalog import finding
     from safe_peft._plan import make_plan
 
     try:
@@ -225,6 +255,11 @@ def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[L
     except AdapterFormatError as exc:
         primary = exc.report.primary
         return exc.report, primary is None or (primary.remap is None and not primary.repair)
+    except Exception as exc:
+        if args.debug:
+            raise
+        failed = finding("check_failed", f"{path}: safe-peft failed on this adapter ({error_line(exc)})")
+        return LoadReport(ok=False, causes=[failed], adapter=path), True
     return plan.report, False
 
 
@@ -240,28 +275,34 @@ def _fix(args: argparse.Namespace, out: Output) -> int:
         return run_fix_target(args, out)
     if args.base is None:
         raise UsageError("fix: --base MODEL is required (or --target ENGINE)")
-    from safe_peft._writer import fix_adapter
+    from safe_peft._plan import make_plan
+    from safe_peft._writer import write_fix
 
     model = build_base_model(args.base, args.model_class)
-    try:
-        if args.merge_ranks:  # hook: per-rank shards of a sharded save (safe_peft/_merge.py)
-            from safe_peft._merge import merge_rank_shards
+    if args.merge_ranks:  # hook: per-rank shards of a sharded save (safe_peft/_merge.py)
+        from safe_peft._merge import merge_rank_shards
 
-            if args.remap or args.repair:
-                raise UsageError("--merge-ranks takes no --remap / --repair: merge first, then fix the merged adapter")
-            report = merge_rank_shards(model, args.adapter, args.out, force=args.force)
-            how = verify_written(args.base, args.model_class, args.out, model)
-            out.write(f"Wrote {args.out}: {report.repairs[0]}.")
-            out.write(out.good(f"Verified: {how}."))
-            return OK
-        report = fix_adapter(
-            model,
-            args.adapter,
+        if args.remap or args.repair:
+            raise UsageError("--merge-ranks takes no --remap / --repair: merge first, then fix the merged adapter")
+        report = merge_rank_shards(model, args.adapter, args.out, force=args.force)
+        how = verify_written(args.base, args.model_class, args.out, model)
+        out.write(f"Wrote {args.out}: {report.repairs[0]}.")
+        out.write(out.good(f"Verified: {how}."))
+        return OK
+    verified: list[str] = []
+    try:
+        plan = make_plan(
+            model, args.adapter, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle
+        )
+        if not plan.report.ok:
+            raise AdapterLoadError(plan.report)
+        report = write_fix(  # verified in its staging directory: a fix that fails verification is never written
+            plan,
             args.out,
-            remap=args.remap,
-            repair=tuple(args.repair),
-            allow_pickle=args.allow_pickle,
             force=args.force,
+            verify=lambda staging: verified.append(
+                verify_written(args.base, args.model_class, staging, model, plan.vocab_size)
+            ),
         )
     except AdapterFormatError:
         raise
@@ -269,21 +310,28 @@ def _fix(args: argparse.Namespace, out: Output) -> int:
         out.write(str(exc))
         out.write(out.bad("\nNothing was written: no opt-in given makes this adapter fit."))
         return INCOMPATIBLE
-    how = verify_written(args.base, args.model_class, args.out, model)
     out.write(f"Wrote {args.out}: {len(report.renames)} keys renamed, {len(report.repairs)} repairs.")
     out.write("\n".join(f"  repaired: {r}" for r in report.repairs))
-    out.write(out.good(f"Verified: {how}."))
+    out.write(out.good(f"Verified: {verified[0]}."))
+    if plan.vocab_size is not None:
+        out.write(
+            f"Before loading it, resize the base model's token embeddings as the fix was verified with: "
+            f"model.resize_token_embeddings({plan.vocab_size}) (a vocabulary size cannot be stored in an adapter)."
+        )
     return OK
 
 
-def verify_written(base: str, model_class: str, directory: str, meta_model: nn.Module) -> str:
+def verify_written(
+    base: str, model_class: str, directory: str, meta_model: nn.Module, vocab_size: int | None = None
+) -> str:
     """Load the written adapter with plain peft into an uninitialised copy of the base (small models), or check
-    it from its header (large ones). Raises on any loading warning or mismatch."""
+    it from its header (large ones); with ``vocab_size``, into the base resized to that many token rows, as the
+    user must resize it. Raises on any loading warning or mismatch."""
     import warnings
 
     from safe_peft._diagnose import diagnose
 
-    report = diagnose(meta_model, directory)
+    report = diagnose(meta_model, directory, repair=("vocab",) if vocab_size is not None else ())
     if not report.ok:
         raise AdapterLoadError(report)
     parameters = sum(p.numel() for p in meta_model.parameters())
@@ -292,13 +340,16 @@ def verify_written(base: str, model_class: str, directory: str, meta_model: nn.M
     from peft import PeftModel
 
     model = build_base_model(base, model_class).to_empty(device="cpu")  # memory, no initialisation
-    with warnings.catch_warnings(record=True) as caught:
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)  # type: ignore[operator]
+    with warnings.catch_warnings(record=True) as caught:  # the CLI owns its process: filters may change here
         warnings.simplefilter("always")
         PeftModel.from_pretrained(model, directory)
     loading = [w for w in caught if issubclass(w.category, UserWarning)]
     if loading:
         raise ValueError(f"plain peft warned while loading {directory}: {loading[0].message}")
-    return "plain PeftModel.from_pretrained loaded it with no warning"
+    resized = f" into the base resized to {vocab_size} token rows" if vocab_size is not None else ""
+    return f"plain PeftModel.from_pretrained loaded it with no warning{resized}"
 
 
 def build_base_model(base: str, model_class: str = "auto") -> nn.Module:

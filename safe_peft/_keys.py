@@ -15,9 +15,12 @@ the installed peft's own tuner table, so a new peft method needs no edit here.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -88,8 +91,37 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+_MEMO = threading.local()  # this thread's tables inside memoised(): key -> module, key -> role
+_NONE = object()
+
+
+@contextlib.contextmanager
+def memoised() -> Iterator[None]:
+    """Within the block, :func:`module_of` and :func:`role_of` compute each key once, in this thread only (a plan
+    asks them about every key of the checkpoint several times: a 100,000-tensor header, millions of calls). The
+    tables go with the block, so nothing outlives the call."""
+    if getattr(_MEMO, "tables", None) is not None:  # nested: the outer block's tables serve
+        yield
+        return
+    _MEMO.tables = ({}, {})
+    try:
+        yield
+    finally:
+        _MEMO.tables = None
+
+
 def role_of(key: str) -> Role | None:
     """The LoRA tensor a key holds (``Role.A``, ``Role.B``, ...), or None for any other key."""
+    tables = getattr(_MEMO, "tables", None)
+    if tables is None:
+        return _role_of(key)
+    got = tables[1].get(key, _NONE)
+    if got is _NONE:
+        got = tables[1][key] = _role_of(key)
+    return got  # type: ignore[no-any-return]
+
+
+def _role_of(key: str) -> Role | None:
     parts = _split(key)
     if parts is None:
         return None
@@ -112,6 +144,16 @@ def rank_axis(role: Role | None) -> int | None:
 
 def module_of(key: str) -> str:
     """The module path a key belongs to, without peft's prefix and the adapter part (or the parameter name)."""
+    tables = getattr(_MEMO, "tables", None)
+    if tables is None:
+        return _module_of(key)
+    got = tables[0].get(key)
+    if got is None:
+        got = tables[0][key] = _module_of(key)
+    return got  # type: ignore[no-any-return]
+
+
+def _module_of(key: str) -> str:
     path = strip_prefix(key)
     parts = _split(path)
     if parts is not None:
@@ -196,8 +238,6 @@ def is_method_key(key: str, peft_type: str) -> bool:
     """Whether ``key`` holds a tensor of the PEFT method ``peft_type`` (``LOHA`` keys are ``hada_*``)."""
     prefix = _prefix_table().get(str(peft_type).rsplit(".", 1)[-1].upper())
     return prefix is not None and any(s.startswith(prefix) for s in strip_prefix(key).split(".")[1:])
-
-
 
 
 def is_adapter_key(key: str) -> bool:

@@ -176,16 +176,32 @@ def has_weight_conversions(model: nn.Module) -> bool:
     return lookup is not None and lookup(model_type) is not None
 
 
+def _pattern_keys(pattern: Any) -> list[tuple[str, re.Pattern[str]]]:
+    """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
+    (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds)."""
+    from safe_peft._bounds import compiled
+
+    return [(key, compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]
+
+
+def _pattern_key(keys: list[tuple[str, re.Pattern[str]]], name: str) -> str:
+    """peft's ``get_pattern_key(keys, name)``: the first key matching ``name`` as a dotted suffix, else ``name``."""
+    return next((key for key, regex in keys if regex.match(name)), name)
+
+
 def _analytic(
     model: nn.Module, config: Any, task_heads: tuple[str, ...]
 ) -> tuple[dict[str, ExpectedKey], Diagnosis | None] | None:
     from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
-    from peft.utils.other import get_pattern_key
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     cfg: Any = copy.copy(config)
     cfg.target_modules = copy.copy(config.target_modules)
+    if cfg.target_modules is None:  # peft fills the default targets of the model type (issue 16)
+        from safe_peft._defaults import default_targets
+
+        cfg.target_modules = default_targets(model, cfg)
     saved = list(config.modules_to_save or [])
     cfg.modules_to_save = (saved + list(task_heads)) if (saved or task_heads) else None
     cfg = _maybe_include_all_linear_layers(cfg, model)
@@ -193,13 +209,14 @@ def _analytic(
     lora_bias = bool(getattr(cfg, "lora_bias", False))
     expected: dict[str, ExpectedKey] = {}
     targeted: list[str] = []
+    rank_keys = _pattern_keys(cfg.rank_pattern)
     for name, module in model.named_modules():
         if not name:
             continue
         found = check_target_module_exists(cfg, name)
         if not found or isinstance(found, _ExcludedModule):
             continue
-        rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r)
+        rank = cfg.rank_pattern.get(_pattern_key(rank_keys, name), cfg.r)
         if isinstance(module, (nn.Linear, Conv1D)):
             if isinstance(module, Conv1D):
                 in_f, out_f = (int(d) for d in module.weight.shape)
@@ -338,7 +355,7 @@ def meta_skeleton(model: nn.Module, real: frozenset[str] = frozenset(), seed: in
 
 
 def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dict[str, ExpectedKey], Diagnosis | None]:
-    import warnings
+    import contextlib
 
     from peft import PeftModel, get_peft_model_state_dict
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
@@ -351,17 +368,26 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
 
     def inject(real: frozenset[str], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
         skeleton = meta_skeleton(model, real, seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # with real targets, the adapter's own (small) tensors are real too: some methods index them on save
-            peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=not real)
-            state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
-            # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights
-            # under base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself
-            try:
-                extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
-            except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
-                extra = {}
+        # A model that already carries adapters has peft's `peft_config` attribute: on the copy, peft would take it
+        # for a second adapter and warn ("Already found a `peft_config` attribute"), a notice plain peft's load of
+        # this adapter does not give. The copy only has to show which keys this adapter's injection makes.
+        skeleton.__dict__.pop("peft_config", None)
+        _quiet_checkpointing_flag(skeleton)
+        # The adapter's tensors are built on meta by a torch function mode, which is thread-local, never by peft's
+        # low_cpu_mem_usage, which patches nn.Module.register_parameter for the whole process (another thread's
+        # load would get meta tensors), nor by `with torch.device("meta")`, which also sets the module-global
+        # torch.utils._device.CURRENT_DEVICE (overlapping threads can leave it on meta). No warnings filter is
+        # touched: Python < 3.14 has none per thread (issue 16; docs/security.md).
+        # With real targets, the adapter's own (small) tensors are real too: some methods index them on save.
+        with _on_meta_here() if not real else contextlib.nullcontext():
+            peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+        # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights under
+        # base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself
+        try:
+            extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+        except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
+            extra = {}
         for key, tensor in extra.items():
             if key not in state:
                 embedding_keys[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), Role.BASE_EMBEDDING, False)
@@ -387,6 +413,45 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     for key, want in embedding_keys.items():
         expected.setdefault(key, want)
     return expected, None
+
+
+_QUIET: dict[type, type] = {}  # model class -> its subclass for skeletons (see _quiet_checkpointing_flag)
+
+
+def _quiet_checkpointing_flag(skeleton: nn.Module) -> None:
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning: its
+    load of this adapter gives that notice once, and the copy would give it again. On the copy only, the flag is
+    read through its new name (a subclass made for skeletons; the user's model and its class are untouched)."""
+    cls = type(skeleton)
+    if not isinstance(getattr(cls, "is_gradient_checkpointing", None), property) or not hasattr(
+        cls, "is_activation_checkpointing"
+    ):
+        return
+    quiet = _QUIET.get(cls)
+    if quiet is None:
+        flag = property(lambda self: self.is_activation_checkpointing)
+        quiet = _QUIET.setdefault(cls, type(cls.__name__, (cls,), {"is_gradient_checkpointing": flag}))
+    skeleton.__class__ = quiet
+
+
+def _on_meta_here() -> Any:
+    """A context in which torch's factory functions called without a device build meta tensors, in this thread
+    only (a torch function mode: the mode stack is per thread) and changing no module-level state."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    constructors = _device_constructors()
+
+    class _Meta(TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            if func in constructors and kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return _Meta()
 
 
 def _on_meta(model: nn.Module, names: frozenset[str]) -> bool:
@@ -453,6 +518,12 @@ def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis
     targets = getattr(config, "target_modules", None)
     if targets and not any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
         return _no_target_found(targets)
+    if isinstance(exc, Warning):  # the caller's warning filters raise peft's notice: so would they in the load
+        return finding(
+            "injection_rejected",
+            f"peft warned while applying this config, and the active warning filters make the warning an error (the "
+            f"load would stop at it too): {type(exc).__name__}: {str(exc)[:300]}",
+        )
     return finding(
         "injection_rejected",
         f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",

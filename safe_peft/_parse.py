@@ -7,13 +7,14 @@ from __future__ import annotations
 from functools import partial
 from itertools import repeat
 
+from safe_peft._bounds import gc_paused
 from safe_peft._catalog import finding
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import KeyDiff
 from safe_peft._keys import Role, is_adapter_key, without_adapter_name
 from safe_peft._model_view import ExpectedKey, ModelView
 from safe_peft.report import Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
-from safe_peft.rules import BUILTIN, gc_paused, plan_remap
+from safe_peft.rules import BUILTIN, plan_remap
 
 __all__ = ["parse_load_error"]
 

@@ -27,6 +27,7 @@ from safe_peft._checks import (
 )
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
+from safe_peft._config_values import check_against_model
 from safe_peft._keys import PEFT_PREFIX, strip_prefix
 from safe_peft._layout import conversion_breaks_keys, named_keys_peft_accepts, peft_conversions
 from safe_peft._model_view import ModelView, expected_keys
@@ -70,6 +71,22 @@ def make_plan(
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
     """Build the plan for loading ``model_id`` into ``model`` (raises AdapterFormatError for bad files)."""
+    from safe_peft._bounds import gc_paused
+    from safe_peft._keys import memoised
+
+    with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
+        return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs)
+
+
+def _make_plan(
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    remap: object,
+    repair: tuple[str, ...],
+    allow_pickle: bool,
+    peft_kwargs: Mapping[str, Any] | None,
+) -> LoadPlan:
     kwargs = dict(peft_kwargs or {})
     refused = adapter_name_findings(adapter_name) + model_findings(model)
     source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
@@ -77,6 +94,8 @@ def make_plan(
         return _refusal(model, source, adapter_name, refused)
     if source.raw is None:
         return _foreign_plan(model, source, adapter_name, remap)
+    if kwargs.get("config") is None:  # hook: what peft would hang or fail on with this model (issue 16)
+        check_against_model(model, source.config_data, path=source.raw.path, adapter=source.location)
     view = expected_keys(model, source.peft_config, adapter_name)
     retarget = _targets_follow_keys(model, source.peft_config, view, adapter_name)
     if retarget is not None:  # plan against the renamed targets; keep them only if the keys are renamed too

@@ -7,8 +7,11 @@ promise about the base model. Per-layer repeats collapse into one line
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from safe_peft._bounds import shorten
 
 if TYPE_CHECKING:
     from safe_peft.report import LoadReport
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["collapse_keys", "render_report"]
 
 SAMPLE_SIZE = 10
+KEY_CHARS = 300  # a key longer than this (only a hostile header has one) is shown cut
 
 
 def render_report(report: LoadReport, *, sample_size: int = SAMPLE_SIZE) -> str:
@@ -79,10 +83,12 @@ def _headline(report: LoadReport) -> str:
 def _section(title: str, rows: Sequence[tuple[str, str]], sample_size: int) -> list[str]:
     if not rows:
         return []
-    collapsed = collapse_keys(rows)
+    collapsed, groups = _collapse(rows, sample_size)
     out = [f"{title} ({len(rows)}):"]
-    out.extend(f"  {key}: {info}" if info else f"  {key}" for key, info in collapsed[:sample_size])
-    hidden = len(collapsed) - sample_size
+    out.extend(
+        f"  {shorten(key, KEY_CHARS)}: {info}" if info else f"  {shorten(key, KEY_CHARS)}" for key, info in collapsed
+    )
+    hidden = groups - sample_size
     if hidden > 0:
         out.append(f"  ... and {hidden} more lines")
     return out
@@ -94,20 +100,44 @@ def collapse_keys(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     ``[("h.0.attn.w", "x"), ("h.1.attn.w", "x")]`` becomes ``[("h.{0...1}.attn.w", "x")]``.
     Order follows the first appearance of each group.
     """
-    groups: dict[tuple[tuple[str | None, ...], str], list[set[int]]] = {}
+    return _collapse(rows, None)[0]
+
+
+_NUMBER = re.compile(r"(?<![^.])[0-9]+(?![^.])")  # a whole numeric path segment (ASCII digits: int() reads them)
+
+
+def _collapse(rows: Iterable[tuple[str, str]], limit: int | None) -> tuple[list[tuple[str, str]], int]:
+    """The first ``limit`` groups of :func:`collapse_keys` (all when None) and how many groups there are: a
+    report on a 100,000-key header shows ten lines, so only those ten gather their indices."""
+    groups: dict[tuple[str, str], tuple[str, list[set[int]]] | None] = {}
+    sub, findall = _NUMBER.sub, _NUMBER.findall
     for key, info in rows:
-        parts = key.split(".")
-        template = tuple(None if p.isdigit() else p for p in parts)
-        numbers = [int(p) for p in parts if p.isdigit()]
-        slot = groups.setdefault((template, info), [set() for _ in numbers])
-        for position, number in enumerate(numbers):
-            slot[position].add(number)
+        group = (sub("\0", key), info)
+        if group not in groups:
+            if limit is not None and len(groups) >= limit:
+                groups[group] = None  # counted, not shown
+                continue
+            groups[group] = (key, [set() for _ in findall(key)])
+        slot = groups[group]
+        if slot is None:
+            continue
+        numbers = findall(key)
+        if len(numbers) == len(slot[1]):  # (a NUL in a hostile key could join two shapes: keep the first's)
+            for position, number in enumerate(numbers):
+                slot[1][position].add(int(number))
     result = []
-    for (template, info), values in groups.items():
-        slots = iter(values)
-        parts = [p if p is not None else _fmt_indices(next(slots)) for p in template]
-        result.append((".".join(parts), info))
-    return result
+    for (_, info), slot in groups.items():
+        if slot is None:
+            continue
+        first, values = slot
+        result.append((sub(_filler(values), first), info))
+    return result, len(groups)
+
+
+def _filler(values: list[set[int]]) -> Callable[[re.Match[str]], str]:
+    """For ``re.sub``: the n-th numeric segment becomes the n-th set of indices."""
+    slots = iter(values)
+    return lambda _: _fmt_indices(next(slots))
 
 
 def _fmt_indices(values: set[int]) -> str:
@@ -122,4 +152,8 @@ def _fmt_indices(values: set[int]) -> str:
 
 
 def _fmt(shape: tuple[int, ...] | None) -> str:
-    return "?" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+    if shape is None:
+        return "?"
+    if len(shape) > 16:  # a hostile header's million-dimension shape is not printed whole
+        return "[" + ", ".join(map(str, shape[:8])) + f", ... {len(shape):,} dimensions]"
+    return "[" + ", ".join(map(str, shape)) + "]"

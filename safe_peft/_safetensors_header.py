@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, gc_paused
 from safe_peft.errors import AdapterFormatError
 
 __all__ = [
@@ -141,9 +142,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         ) from None
     if len(raw) < length:
         raise _fault(path, "truncated_file", f"the header claims {length} bytes but only {len(raw)} could be read")
-    entries, metadata = _parse_json(path, raw)
-    data_size = file_size - 8 - length
-    tensors = _validate_entries(path, entries, data_size)
+    with gc_paused():  # a 100k-tensor header builds a million acyclic objects: no collection can free any
+        entries, metadata = _parse_json(path, raw)
+        data_size = file_size - 8 - length
+        tensors = _validate_entries(path, entries, data_size)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=8 + length, file_size=file_size)
 
 
@@ -164,6 +166,9 @@ def read_scalar(header: SafetensorsHeader, key: str) -> float:
 
 
 def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    claimed = raw.count(b'"data_offsets"')  # every entry names its offsets: a bound on the count, before parsing
+    if claimed > MAX_TENSORS + 16:
+        raise _too_many(path, claimed)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -171,15 +176,17 @@ def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str,
     duplicates: list[str] = []
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> Any:
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                duplicates.append(key)
-            seen.add(key)
-        return _Pairs(pairs)
+        found = dict(pairs)  # C speed; only when a key repeats are the pairs looked at one by one
+        if len(found) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    duplicates.append(key)
+                seen.add(key)
+        return _Object(found)
 
     try:
-        top = json.loads(text, object_pairs_hook=pairs_hook)
+        top = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise _fault(path, "bad_json", f"the header is not valid JSON ({str(exc)[:200]})") from None
     if duplicates:
@@ -189,32 +196,50 @@ def _parse_json(path: str, raw: bytes) -> tuple[list[tuple[str, Any]], dict[str,
             f"the header lists {duplicates[0]!r} more than once (a JSON parser would silently keep the last)",
             details={"keys": sorted(set(duplicates))[:20]},
         )
-    if not isinstance(top, _Pairs):
+    if not isinstance(top, _Object):
         raise _fault(path, "bad_json", f"the header is a JSON {type(top).__name__}, not an object")
     metadata: dict[str, str] = {}
-    entries: list[tuple[str, Any]] = []
-    for key, value in top.pairs:
-        if key == "__metadata__":
-            if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value.pairs):
-                raise _fault(path, "bad_metadata", "__metadata__ must map strings to strings")
-            metadata = dict(value.pairs)
-        else:
-            entries.append((key, value))
-    return entries, metadata
+    if "__metadata__" in top:
+        value = top.pop("__metadata__")
+        if not isinstance(value, _Object) or not all(isinstance(v, str) for v in value.values()):
+            raise _fault(path, "bad_metadata", "__metadata__ must map strings to strings")
+        metadata = dict(value)
+    if len(top) > MAX_TENSORS:
+        raise _too_many(path, len(top))
+    return list(top.items()), metadata
+
+
+def _too_many(path: str, count: int) -> AdapterFormatError:
+    return _fault(
+        path,
+        "too_many_tensors",
+        f"the header lists {count:,} tensors (limit {MAX_TENSORS:,}; a LoRA on every expert of the largest MoE "
+        "models has about 140,000)",
+        details={"tensors": count, "limit": MAX_TENSORS},
+    )
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON value")
 
 
 def _validate_entries(path: str, entries: list[tuple[str, Any]], data_size: int) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
-    for name, value in entries:
-        fields = dict(value.pairs) if isinstance(value, _Pairs) else None
-        if fields is None or not {"dtype", "shape", "data_offsets"} <= fields.keys():
+    limit = data_size * 2 + 1
+    for name, fields in entries:
+        if type(fields) is not _Object or not ("dtype" in fields and "shape" in fields and "data_offsets" in fields):
             raise _fault(path, "bad_entry", f"tensor {name!r}: entry must have dtype, shape and data_offsets", name)
         dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+        if size is None:
             raise _fault(path, "bad_dtype", f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}", name)
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise _fault(path, "bad_shape", f"tensor {name!r}: shape must be a list of non-negative integers", name)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        if len(shape) > MAX_NDIM:
+            raise _fault(
+                path, "bad_shape", f"tensor {name!r}: shape has {len(shape):,} dimensions (limit {MAX_NDIM})", name
+            )
+        if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
             raise _fault(path, "bad_offsets", f"tensor {name!r}: data_offsets must be two non-negative integers", name)
         begin, end = offsets
         if begin > end:
@@ -222,9 +247,9 @@ def _validate_entries(path: str, entries: list[tuple[str, Any]], data_size: int)
         numel = 1
         for d in shape:
             numel *= d
-            if numel > data_size * 2 + 1:  # stop multiplying absurd shapes early; any such shape fails below
+            if numel > limit:  # stop multiplying absurd shapes early; any such shape fails below
                 break
-        expected = numel * DTYPE_SIZES[dtype]
+        expected = numel * size
         if expected != end - begin:
             raise _fault(
                 path,
@@ -240,9 +265,9 @@ def _validate_entries(path: str, entries: list[tuple[str, Any]], data_size: int)
                 "(an incomplete download or copy?)",
                 name,
             )
-        tensors[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), begin, end)
     position = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+    for info in sorted(tensors.values(), key=_offsets):
         if info.begin != position:
             what = "overlaps the previous tensor" if info.begin < position else "leaves a hole before it"
             raise _fault(path, "bad_offsets", f"tensor {info.name!r}: data at byte {info.begin} {what}", info.name)
@@ -256,17 +281,14 @@ def _validate_entries(path: str, entries: list[tuple[str, Any]], data_size: int)
     return tensors
 
 
-class _Pairs:
-    """A JSON object kept as its list of pairs, so duplicate keys stay visible."""
-
-    __slots__ = ("pairs",)
-
-    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
-        self.pairs = pairs
+def _offsets(info: TensorInfo) -> tuple[int, int]:
+    return info.begin, info.end
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+class _Object(dict):  # type: ignore[type-arg]
+    """A JSON object of the header (a dict subclass, so a tensor entry is told from other JSON values)."""
+
+    __slots__ = ()
 
 
 def _fault(

@@ -131,9 +131,9 @@ def introduced_in(key: str) -> str | None:
 
 def is_newer(saved: str | None, installed: str) -> bool:
     """Whether ``saved`` is a newer release than ``installed`` (False when either does not parse)."""
-    if not saved:
+    if not saved or not isinstance(saved, str) or len(saved) > 64:  # no release string is longer (hostile ones are)
         return False
     try:
         return Version(saved).release[:2] > Version(installed).release[:2]
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: a release number beyond int()'s digit limit
         return False

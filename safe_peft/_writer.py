@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter_files import CONFIG_NAME, SAFETENSORS_NAME
@@ -30,7 +31,7 @@ from safe_peft.rules import Remap, Repair
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["MARKER", "OutputDirError", "fix_adapter", "provenance"]
+__all__ = ["MARKER", "OutputDirError", "fix_adapter", "provenance", "write_fix"]
 
 MARKER = ".safe-peft-fix.json"  # written into every output directory; names its source
 _OWN_FILES = {MARKER, CONFIG_NAME, SAFETENSORS_NAME, "README.md"}
@@ -69,6 +70,18 @@ def fix_adapter(
     )
     if not plan.report.ok:
         raise AdapterLoadError(plan.report)
+    return write_fix(plan, out_dir, force=force)
+
+
+def write_fix(
+    plan: LoadPlan,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    verify: Callable[[str], object] | None = None,
+) -> LoadReport:
+    """Write the fixed adapter of ``plan`` to ``out_dir``. ``verify(staging_dir)`` runs on the complete output
+    before it is moved into place: when it raises, nothing was written (and an old output is kept)."""
     target = os.path.abspath(os.fspath(out_dir))
     replacing = check_output_dir(target, plan.files.directory, force)
     parent = os.path.dirname(target)
@@ -87,6 +100,8 @@ def fix_adapter(
         plan.peft_config.save_pretrained(staging)
         with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as f:
             json.dump({"source": plan.files.location, "repairs": plan.report.repairs}, f)
+        if verify is not None:
+            verify(staging)
         if replacing:
             _swap(staging, target)  # staging now holds the old output
         else:

@@ -7,6 +7,7 @@ Everything here is plain data: no torch, no peft. Reports are built by the diagn
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -186,6 +187,8 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value) if isinstance(value, (set, frozenset)) else value
         return [_json_safe(v) for v in items]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN / Infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)

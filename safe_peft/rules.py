@@ -8,14 +8,13 @@ exactness check). Matching is on full key paths, never on the last component alo
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
+from safe_peft._bounds import gc_paused
 from safe_peft._catalog import CATALOG, layout_entry, register
 from safe_peft._compare import shape_fits
 from safe_peft._keys import adapter_parts_pattern
@@ -235,26 +234,48 @@ def check_exact(
     same_shape: ShapeCheck | None = None,
 ) -> tuple[str, ...]:
     """The reasons a renaming is not exact (empty when it is). ``same_shape(key, a, b)`` may relax shapes."""
-    problems = []
+    return _problems(mapping, checkpoint, expected, same_shape)[0]
+
+
+def _problems(
+    mapping: Mapping[str, str | None],
+    checkpoint: Mapping[str, Shape],
+    expected: Mapping[str, ExpectedKey],
+    same_shape: ShapeCheck | None = None,
+    shown: int | None = None,
+) -> tuple[tuple[str, ...], int]:
+    """The problems of a renaming (the first ``shown`` of them spelled out, all when None) and how many there are:
+    planning a 300k-key header spells out only what the plan keeps."""
+    problems: list[str] = []
+    count = 0
     landed: dict[str, str] = {}
+
+    def spelled() -> bool:
+        nonlocal count
+        count += 1
+        return shown is None or len(problems) < shown
+
     for old, new in mapping.items():
         if new is None:
             continue
         if new in landed:
-            problems.append(f"{old!r} and {landed[new]!r} both become {new!r}")
+            if spelled():
+                problems.append(f"{old!r} and {landed[new]!r} both become {new!r}")
             continue
         landed[new] = old
         want = expected.get(new)
         if want is None:
-            problems.append(f"{new!r} is not a key of the model")
+            if spelled():
+                problems.append(f"{new!r} is not a key of the model")
             continue
         have = tuple(checkpoint[old])
-        if not shape_fits(have, want.shape) and (same_shape is None or not same_shape(new, have, want.shape)):
+        fits = shape_fits(have, want.shape) or (same_shape is not None and same_shape(new, have, want.shape))
+        if not fits and spelled():
             problems.append(f"{new!r} has shape {list(have)}, the model expects {list(want.shape)}")
-    problems.extend(
-        f"{key!r} is still missing" for key, want in expected.items() if want.required and key not in landed
-    )
-    return tuple(problems)
+    for key, want in expected.items():
+        if want.required and key not in landed and spelled():
+            problems.append(f"{key!r} is still missing")
+    return tuple(problems), count
 
 
 def plan_remap(
@@ -279,6 +300,16 @@ def plan_remap(
         return _plan_remap(checkpoint, expected, candidates, max_rules, same_shape)
 
 
+# The combination search looks at this many key templates at most; on more (a header whose keys do not collapse
+# into per-layer templates: hostile, or without numbered layers) it searches a sample holding the first templates,
+# evenly spaced ones and, for each rule, a few of those it applies to. Every plan is still held to the full
+# exactness check on every key, and the full checks of one search are bounded by _FULL_CHECK_KEYS in all.
+_SEARCH_TEMPLATES = 2_048
+_SHOWN = 20  # problems a plan spells out
+_SAMPLE_PER_RULE = 16
+_FULL_CHECK_KEYS = 4_000_000
+
+
 def _plan_remap(
     checkpoint: Mapping[str, Shape],
     expected: Mapping[str, ExpectedKey],
@@ -287,41 +318,49 @@ def _plan_remap(
     same_shape: ShapeCheck | None,
 ) -> RemapPlan:
     groups = _Templates(checkpoint)
-    closest: tuple[tuple[int, int], tuple[RemapRule, ...], dict[str, str | None]] | None = None
+    if len(groups.templates) > _SEARCH_TEMPLATES:  # a hostile-size header: first what counting alone settles
+        drops = [rule.regex.search for rule in candidates if rule.drop]
+        kept = sum(1 for key in checkpoint if not any(drop(key) for drop in drops))
+        if kept > len(expected):  # renames are one to one: more keys than the model has can never all land
+            why = (
+                f"the checkpoint has {kept:,} keys no rule drops and the model expects {len(expected):,}: no "
+                "renaming fits them"
+            )
+            return RemapPlan((), {}, (), False, (why,), kept - len(expected))
+    search = groups.sample(_SEARCH_TEMPLATES, candidates)
+    budget = _FULL_CHECK_KEYS
+    closest: tuple[tuple[int, int], tuple[RemapRule, ...]] | None = None
     for size in range(1, min(max_rules, len(candidates)) + 1):
         for combo in itertools.combinations(candidates, size):
-            mapped = groups.map_templates(combo)
+            mapped = search.map_templates(combo)
             if mapped is None:
                 continue
-            score = (groups.misses(mapped, expected), 0)  # keys landing nowhere first, then other problems
+            score = (search.misses(mapped, expected), 0)  # keys landing nowhere first, then other problems
             if score[0] == 0:
-                mapping = groups.expand(mapped)
-                problems = check_exact(mapping, checkpoint, expected, same_shape)
-                if not problems:
-                    return _plan(combo, mapping, problems)
-                score = (0, len(problems))
+                if budget < len(checkpoint):
+                    score = (0, len(checkpoint) + 1)  # not checked in full any more: ranked after those that were
+                else:
+                    budget -= len(checkpoint)
+                    full = mapped if search is groups else groups.map_templates(combo)
+                    if full is None:
+                        continue
+                    mapping = groups.expand(full)
+                    problems, count = _problems(mapping, checkpoint, expected, same_shape, _SHOWN)
+                    if not count:
+                        return _plan(combo, mapping, problems)
+                    score = (0, count)
             if closest is None or score < closest[0]:
-                closest = (score, combo, mapped)
+                closest = (score, combo)
     if closest is None:
         return RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
-    _, combo, mapped = closest
-    mapping = groups.expand(mapped)
-    return _plan(combo, mapping, check_exact(mapping, checkpoint, expected, same_shape))
+    _, combo = closest
+    full = groups.map_templates(combo)
+    mapping = groups.expand(full) if full is not None else apply_rules(checkpoint, combo)
+    return _plan(combo, mapping, *_problems(mapping, checkpoint, expected, same_shape, _SHOWN))
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC around bulk building of acyclic strings and tuples (restores the caller's state)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-_DIGITS = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole numeric path segment: layers.{17}.mlp
+_DIGITS = re.compile(r"(?<![^.])\d+(?![^.])")
+_GONE: Any = object()  # a dropped key in the planner's caches  # a whole numeric path segment: layers.{17}.mlp
 
 
 class _Templates:
@@ -335,28 +374,68 @@ class _Templates:
             template = sub("0", key) if numbers else key
             self.members.setdefault(template, []).append((key, numbers))
         self.templates = list(self.members)
+        self._applied: dict[int, dict[Any, Any]] = {}  # id(rule) -> text -> result (_GONE: dropped), one search
+        self._digits: dict[str, int] = {}
+        self._lands: dict[tuple[str, str], bool] = {}
+
+    def _count(self, text: str) -> int:
+        if text not in self._digits:
+            self._digits[text] = len(_DIGITS.findall(text))
+        return self._digits[text]
+
+    def sample(self, limit: int, rules: Sequence[RemapRule]) -> _Templates:
+        """At most about ``limit`` templates (self when there are no more): the first ones, evenly spaced ones,
+        and up to :data:`_SAMPLE_PER_RULE` of those each rule's pattern matches. Linear in the templates."""
+        if len(self.templates) <= limit:
+            return self
+        step = max(len(self.templates) // (limit // 2), 1)
+        chosen = dict.fromkeys(self.templates[: limit // 2])
+        chosen.update(dict.fromkeys(self.templates[limit // 2 :: step]))
+        for rule in rules:
+            chosen.update(dict.fromkeys(itertools.islice(filter(rule.regex.search, self.templates), _SAMPLE_PER_RULE)))
+        part = object.__new__(_Templates)
+        part.members = {t: self.members[t] for t in chosen}
+        part.templates = list(chosen)
+        part._applied, part._digits, part._lands = self._applied, self._digits, self._lands
+        return part
 
     def map_templates(self, rules: Sequence[RemapRule]) -> dict[str, str | None] | None:
         """Templates through ``rules`` in order; None when a rule changes nothing there (the combination is
         not minimal) or changes the numeric segments (only direct application is faithful then)."""
-        current: list[str | None] = list(self.templates)
+        current: list[Any] = self.templates
         for rule in rules:
-            after = [None if t is None else rule.apply(t) for t in current]
+            cache = self._applied.get(id(rule))
+            if cache is None:
+                cache = self._applied[id(rule)] = {_GONE: _GONE}
+            for text in current:
+                if text not in cache:  # (_GONE is an object: no key string equals it)
+                    new = rule.apply(text)
+                    cache[text] = _GONE if new is None else new
+            after = list(map(cache.__getitem__, current))  # C speed: the same few strings recur in every combination
             if after == current:
                 return None
             current = after
-        mapped = dict(zip(self.templates, current, strict=True))
+        mapped = {t: (None if new is _GONE else new) for t, new in zip(self.templates, current, strict=True)}
+        count = self._count
         for template, new in mapped.items():
-            if new is not None and len(_DIGITS.findall(new)) != len(_DIGITS.findall(template)):
+            if new is not None and new != template and count(new) != count(template):
                 return None
         return mapped
 
     def misses(self, mapped: Mapping[str, str | None], expected: Mapping[str, ExpectedKey]) -> int:
         """How many keys (counted by group) whose representative lands on no expected key."""
         missed = 0
+        lands = self._lands
         for template, new in mapped.items():
+            if new is None:
+                continue
             members = self.members[template]
-            if new is not None and _pattern(new).format(*members[0][1]) not in expected:
+            hit = lands.get((template, new))
+            if hit is None:  # the first and the last key of the group stand for it (layers.{0...N})
+                fill = _pattern(new).format
+                hit = fill(*members[0][1]) in expected and fill(*members[-1][1]) in expected
+                lands[(template, new)] = hit
+            if not hit:
                 missed += len(members)
         return missed
 
@@ -385,10 +464,13 @@ def plan_given(
 ) -> RemapPlan:
     """The caller's rules applied as given (every rule to every key, in order), held to the exactness check."""
     mapping = apply_rules(checkpoint, rules)
-    return _plan(rules, mapping, check_exact(mapping, checkpoint, expected, same_shape))
+    return _plan(rules, mapping, *_problems(mapping, checkpoint, expected, same_shape, _SHOWN))
 
 
-def _plan(rules: Sequence[RemapRule], mapping: Mapping[str, str | None], problems: Sequence[str]) -> RemapPlan:
+def _plan(
+    rules: Sequence[RemapRule], mapping: Mapping[str, str | None], problems: Sequence[str], count: int | None = None
+) -> RemapPlan:
     renames = {old: new for old, new in mapping.items() if new is not None and new != old}
     dropped = tuple(old for old, new in mapping.items() if new is None)
-    return RemapPlan(tuple(rules), renames, dropped, not problems, tuple(problems[:20]), len(problems))
+    total = len(problems) if count is None else count
+    return RemapPlan(tuple(rules), renames, dropped, not total, tuple(problems[:_SHOWN]), total)

@@ -1,0 +1,281 @@
+"""Atomic under any interruption: a load stopped at any point inside peft's load path, by KeyboardInterrupt or by an
+exception, leaves the whole model as it was (module tree, every tensor's value and identity, requires_grad, hooks,
+config, tying), and a retry then loads exactly. Also the vocabulary repair (transformers swaps ``weight.data`` and
+the config), adapters whose saved biases peft writes into the base in place (``bias="all"`` / ``"lora_only"``), and
+a Ctrl-C from a timer thread at random moments (``SAFE_PEFT_STRESS=1``: many more rounds)."""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import copy
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from helpers import build, derive, outputs, train_adapter
+
+from safe_peft import AdapterLoadError, safe_load_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # peft, tied vocab
+ROUNDS = 200 if os.environ.get("SAFE_PEFT_STRESS") else 24
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def whole_model(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything a failed load must leave as it was, down to object identity."""
+    tensors = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        tensors[name] = (id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.requires_grad, t.detach().clone())
+    config = getattr(model, "config", None)
+    return {
+        "tree": [(n, type(m), sorted(m.__dict__)) for n, m in model.named_modules(remove_duplicate=False)],
+        "tensors": tensors,
+        "hooks": [[(h, list(getattr(m, h).items())) for h in _HOOKS] for m in model.modules()],
+        "training": [m.training for m in model.modules()],
+        "config": config.to_dict() if config is not None else None,
+        "config_attrs": sorted(vars(config)) if config is not None else None,
+        "peft_config": [hasattr(m, "peft_config") for m in model.modules()],
+    }
+
+
+def assert_same_model(before: dict[str, Any], model: torch.nn.Module) -> None:
+    after = whole_model(model)
+    for part in ("tree", "hooks", "training", "config", "config_attrs", "peft_config"):
+        assert after[part] == before[part], part
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (ident, ptr, dtype, device, shape, grad, value) in before["tensors"].items():
+        now = after["tensors"][name]
+        assert now[:6] == (ident, ptr, dtype, device, shape, grad), name
+        assert torch.equal(now[6], value), name
+
+
+def _perturb_biases(key: str, value: torch.Tensor) -> torch.Tensor:
+    return value + 0.5 if key.endswith(".bias") and "lora_" not in key else value
+
+
+@pytest.fixture(scope="module")
+def kinds(adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """name -> (base builder, adapter directory, load kwargs, reference outputs of a clean load)."""
+    root = tmp_path_factory.mktemp("interrupts")
+    made: dict[str, Any] = {"plain": (lambda: build("causal"), adapters["causal"][0], {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's and transformers' notices while building the adapters
+        embedding = str(root / "embedding")  # peft saves the base embedding beside its LoRA: written in place
+        train_adapter(build("causal", seed=5), embedding, target_modules=["embed_tokens", "q_proj"])
+        made["embedding"] = (lambda: build("causal"), embedding, {})
+        for bias in ("all", "lora_only"):  # the saved biases (changed here) are copied into the base in place
+            directory = str(root / f"bias_{bias}")
+            train_adapter(build("causal", attention_bias=True), directory, bias=bias)
+            derive(directory, directory + "_changed", tensors=_perturb_biases)
+            made[f"bias_{bias}"] = (lambda: build("causal", attention_bias=True), directory + "_changed", {})
+        tied = build("causal", tie_word_embeddings=True)  # vocab repair on a tied model: rows, config and tying
+        tied.resize_token_embeddings(120)
+        train_adapter(tied, str(root / "vocab"), target_modules=["q_proj", "v_proj", "embed_tokens"])
+        made["vocab"] = (lambda: build("causal", tie_word_embeddings=True), str(root / "vocab"), {"repair": ("vocab",)})
+        for name, (make, directory, kwargs) in list(made.items()):
+            reference = outputs(safe_load_adapter(make(), directory, **kwargs))
+            made[name] = (make, directory, kwargs, reference)
+    return made
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make the load stop with ``error`` at ``stage`` (a point inside peft's load path, or safe_peft's own)."""
+    import peft.peft_model
+    from peft.tuners.lora import LoraModel
+    from transformers import PreTrainedModel
+
+    import safe_peft._execute
+
+    def stop(*_: Any, **__: Any) -> Any:
+        raise error("interrupted at " + stage)
+
+    def around(owner: Any, name: str, *, before: bool = False, after: bool = False, on_call: int = 1) -> None:
+        original = getattr(owner, name)
+        calls = [0]
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if before and calls[0] == on_call:
+                stop()
+            result = original(*args, **kwargs)
+            if after and calls[0] == on_call:
+                stop()
+            return result
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    if stage == "before_weight_read":
+        around(peft.peft_model, "load_peft_weights", before=True)
+    elif stage == "after_weight_read":
+        around(peft.peft_model, "load_peft_weights", after=True)
+    elif stage == "mid_injection":  # after some of the targeted layers were replaced
+        around(LoraModel, "_create_and_replace", before=True, on_call=3)
+    elif stage == "after_injection":
+        around(peft.peft_model.PeftModel, "load_adapter", before=True)
+    elif stage == "inside_load_state_dict":  # half of the tensors written, then stopped
+        original = torch.nn.Module.load_state_dict
+
+        def half(self: torch.nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(self, peft.peft_model.PeftModel):
+                return original(self, state_dict, *args, **kwargs)
+            keys = list(state_dict)
+            original(self, {k: state_dict[k] for k in keys[: len(keys) // 2]}, *args, **kwargs)
+            stop()
+
+        monkeypatch.setattr(torch.nn.Module, "load_state_dict", half)
+    elif stage == "after_load_state_dict":
+        around(peft.peft_model, "set_peft_model_state_dict", after=True)
+    elif stage == "verification":
+        around(safe_peft._execute, "verify", before=True)
+    elif stage == "after_verification":
+        around(safe_peft._execute, "verify", after=True)
+    elif stage == "after_resize":  # the vocabulary repair: transformers has swapped weight.data and the config
+        around(PreTrainedModel, "resize_token_embeddings", after=True)
+    else:
+        raise AssertionError(stage)
+    yield
+
+
+STAGES = [
+    "before_weight_read",
+    "after_weight_read",
+    "mid_injection",
+    "after_injection",
+    "inside_load_state_dict",
+    "after_load_state_dict",
+    "verification",
+    "after_verification",
+]
+TABLE = [
+    *[(kind, stage) for kind in ("plain", "embedding") for stage in STAGES],
+    *[(kind, stage) for kind in ("bias_all", "bias_lora_only") for stage in ("after_load_state_dict", "verification")],
+    *[("vocab", stage) for stage in ("after_resize", "mid_injection", "after_load_state_dict", "verification")],
+]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, Boom], ids=["ctrl_c", "exception"])
+@pytest.mark.parametrize("kind, stage", TABLE, ids=[f"{k}-{s}" for k, s in TABLE])
+def test_interrupted_load_leaves_the_model_exactly_as_it_was(
+    kind: str, stage: str, error: type[BaseException], kinds: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make, directory, kwargs, reference = kinds[kind]
+    base = make()
+    before = whole_model(base)
+    with monkeypatch.context() as patch, interrupted_at(stage, error, patch):
+        if error is KeyboardInterrupt:
+            with pytest.raises(KeyboardInterrupt, match=f"interrupted at {stage}"):  # the original, unchanged
+                safe_load_adapter(base, directory, **kwargs)
+        else:
+            with pytest.raises(AdapterLoadError) as info:
+                safe_load_adapter(base, directory, **kwargs)
+            assert isinstance(info.value.__cause__, Boom)
+            assert [d.code for d in info.value.report.causes] == ["load_failed"]
+    assert_same_model(before, base)
+    retried = safe_load_adapter(base, directory, **kwargs)  # the same base, loaded again: exact
+    assert torch.equal(outputs(retried), reference)
+
+
+def test_a_second_ctrl_c_during_the_undo_still_finishes_it(
+    kinds: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safe_peft._snapshot import ModuleSnapshot
+
+    make, directory, _, reference = kinds["embedding"]
+    base = make()
+    before = whole_model(base)
+    original = ModuleSnapshot._restore
+    calls = [0]
+
+    def impatient(self: ModuleSnapshot) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            original(self)  # half-way through a second time: the loop runs the (idempotent) undo again
+            raise KeyboardInterrupt("again")
+        original(self)
+
+    monkeypatch.setattr(ModuleSnapshot, "_restore", impatient)
+    with (
+        monkeypatch.context() as patch,
+        interrupted_at("after_load_state_dict", KeyboardInterrupt, patch),
+        pytest.raises(KeyboardInterrupt, match="again"),
+    ):
+        safe_load_adapter(base, directory)
+    assert calls[0] == 2
+    assert_same_model(before, base)
+    monkeypatch.undo()
+    assert torch.equal(outputs(safe_load_adapter(base, directory)), reference)
+
+
+def _injected(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler, reason="SIGINT is handled")
+# A Ctrl-C that lands between open() returning and its `with` taking the file leaves the file object to the GC, which
+# closes it with a ResourceWarning: Python's own limit for any `with open(...)`, not a modified model.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("kind", ["plain", "embedding", "vocab"])
+def test_ctrl_c_at_random_moments(kind: str, kinds: dict[str, Any]) -> None:
+    """A timer thread sends Ctrl-C (``_thread.interrupt_main``) at a random moment of a load, round after round,
+    into the same base: whenever it lands inside the load, the base is as it was and the next load is exact."""
+    make, directory, kwargs, reference = kinds[kind]
+    pristine = make()
+    started = time.perf_counter()
+    safe_load_adapter(copy.deepcopy(pristine), directory, **kwargs)
+    duration = time.perf_counter() - started
+    rng = random.Random(16)
+    base = copy.deepcopy(pristine)
+    before = whole_model(base)
+    landed = 0
+    for _ in range(ROUNDS // 3):
+        timer = threading.Timer(rng.uniform(0, duration * 1.1), _thread.interrupt_main)
+        model = None
+        try:
+            timer.start()
+            model = safe_load_adapter(base, directory, **kwargs)
+            timer.join()
+            time.sleep(0.002)  # an interrupt already on its way lands here, not in the next round
+        except KeyboardInterrupt:
+            pass
+        finally:
+            timer.cancel()
+        with contextlib.suppress(KeyboardInterrupt):  # one that arrives during the bookkeeping
+            time.sleep(0.002)
+        if model is None and not _injected(base):  # stopped inside the load: undone
+            landed += 1
+            assert_same_model(before, base)
+        elif model is None:  # stopped after the load had completed (on its way out): loaded, exactly
+            assert torch.equal(outputs(base), reference)
+            base = copy.deepcopy(pristine)
+            before = whole_model(base)
+        else:
+            assert torch.equal(outputs(model), reference)
+            base = copy.deepcopy(pristine)  # loaded: start the next round from a fresh copy
+            before = whole_model(base)
+    assert landed >= ROUNDS // 12, landed  # most rounds really landed inside a load
+    assert torch.equal(outputs(safe_load_adapter(base, directory, **kwargs)), reference)
+

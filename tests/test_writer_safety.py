@@ -1,0 +1,259 @@
+"""The fix writer and the user's files: it never writes or removes outside a directory it created, a failed or
+refused fix leaves nothing behind, and ``safe-peft fix --force`` killed (SIGKILL) at any moment leaves the output
+directory holding either the old or the new output, never neither, and touches nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from helpers import build, derive
+
+from safe_peft._writer import MARKER, OutputDirError, fix_adapter
+
+ROUNDS = 40 if os.environ.get("SAFE_PEFT_STRESS") else 10
+HERE = os.path.dirname(__file__)
+
+
+def tree(path: str) -> dict[str, str]:
+    """relative path -> sha256 of every file below ``path`` (symlinks as their target)."""
+    found = {}
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full):
+                found[rel] = "-> " + os.readlink(full)
+            else:
+                with open(full, "rb") as f:
+                    found[rel] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def inputs(adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("writer")
+    model = build("causal")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(root / "base")
+    good = adapters["causal"][0]
+    return {
+        "root": str(root),
+        "base": str(root / "base"),
+        "compiled": derive(good, str(root / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1)),
+        "rank4": derive(good, str(root / "rank4"), config=lambda c: c.update(r=4)),
+    }
+
+
+# -- the file-safety table ---------------------------------------------------------------------------------------
+
+
+def _symlink(tmp: str, _: dict[str, str]) -> str:
+    os.makedirs(os.path.join(tmp, "real"))
+    os.symlink(os.path.join(tmp, "real"), os.path.join(tmp, "link"))
+    return os.path.join(tmp, "link")
+
+
+def _foreign(tmp: str, _: dict[str, str]) -> str:
+    os.makedirs(os.path.join(tmp, "mine"))
+    with open(os.path.join(tmp, "mine", "notes.txt"), "w") as f:
+        f.write("the user's")
+    return os.path.join(tmp, "mine")
+
+
+def _inside(_tmp: str, i: dict[str, str]) -> str:
+    return os.path.join(i["copy"], "fixed")
+
+
+def _itself(_tmp: str, i: dict[str, str]) -> str:
+    return i["copy"]
+
+
+REFUSED = {
+    "symlink": (_symlink, OutputDirError, "symbolic link"),
+    "filesystem_root": (lambda _t, _i: "/", OutputDirError, "root"),
+    "non_empty_foreign": (_foreign, FileExistsError, "did not write"),
+    "inside_the_input": (_inside, OutputDirError, "inside the adapter"),
+    "the_input_itself": (_itself, OutputDirError, "own directory"),
+}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsafe_output_directories_are_refused_touching_nothing(
+    case: str, force: bool, inputs: dict[str, str], tmp_path: Any
+) -> None:
+    import shutil
+
+    copy = str(tmp_path / "adapter")
+    shutil.copytree(inputs["rank4"], copy)
+    make, error, words = REFUSED[case]
+    out = make(str(tmp_path), {**inputs, "copy": copy})
+    before = tree(str(tmp_path))
+    with pytest.raises(error, match=words):
+        fix_adapter(build("causal"), copy, out, repair=("rank",), force=force)
+    assert tree(str(tmp_path)) == before
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path) if not n.startswith(".safe_peft_"))
+
+
+def test_a_fix_failing_verification_leaves_nothing_behind(inputs: dict[str, str], tmp_path: Any) -> None:
+    from safe_peft._plan import make_plan
+    from safe_peft._writer import write_fix
+
+    plan = make_plan(build("causal"), inputs["rank4"], repair=("rank",))
+
+    def refuse(_staging: str) -> None:
+        raise ValueError("verification failed")
+
+    with pytest.raises(ValueError, match="verification failed"):
+        write_fix(plan, str(tmp_path / "new"), verify=refuse)
+    assert os.listdir(tmp_path) == []
+    fix_adapter(build("causal"), inputs["rank4"], str(tmp_path / "old"), repair=("rank",))
+    old = tree(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match="verification failed"):
+        write_fix(plan, str(tmp_path / "old"), force=True, verify=refuse)
+    assert os.listdir(tmp_path) == ["old"] and tree(str(tmp_path / "old")) == old
+
+
+def _cli(server: Any, tmp: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """``safe-peft ARGS`` run by the fork server (the console script's code, without its imports each time)."""
+    prefix = os.path.join(str(tmp), f"cli{time.monotonic_ns()}")
+    _start(server, list(args), capture=prefix)
+    status = _wait(server)
+    with open(prefix + ".stdout") as out, open(prefix + ".stderr") as err:
+        stdout, stderr = out.read(), err.read()
+    os.remove(prefix + ".stdout")
+    os.remove(prefix + ".stderr")
+    return subprocess.CompletedProcess(list(args), os.waitstatus_to_exitcode(status), stdout, stderr)
+
+
+def test_cli_refusals_are_one_line_with_the_fix(server: Any, inputs: dict[str, str], tmp_path: Any) -> None:
+    out = _foreign(str(tmp_path), inputs)
+    args = ["fix", inputs["rank4"], "--base", inputs["base"], "--out", out, "--repair", "rank", "--force"]
+    result = _cli(server, tmp_path.parent, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "did not write" in result.stderr
+    assert "choose a new directory" in result.stderr  # the fix is on the line too
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_fix_repair_vocab_verifies_with_the_resized_base(server: Any, inputs: dict[str, str], tmp_path: Any) -> None:
+    """The fix writes the adapter and says to resize the base before loading it (a vocabulary size cannot be kept
+    in an adapter); plain peft loads it into a base resized so."""
+    import warnings
+
+    import torch
+    from helpers import outputs, train_adapter
+    from peft import PeftModel
+
+    trained_base = build("causal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained_base.resize_token_embeddings(120)
+    directory = str(tmp_path / "vocab")
+    trained = train_adapter(trained_base, directory, modules_to_save=["embed_tokens", "lm_head"])
+    check = _cli(server, tmp_path.parent, "check", directory, "--base", inputs["base"])
+    assert check.returncode == 1 and "repair=('vocab',)" in check.stdout
+    args = ["fix", directory, "--base", inputs["base"], "--out", str(tmp_path / "out"), "--repair", "vocab"]
+    result = _cli(server, tmp_path.parent, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model.resize_token_embeddings(120)" in result.stdout
+    base = build("causal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.resize_token_embeddings(120)
+    assert torch.allclose(outputs(PeftModel.from_pretrained(base, str(tmp_path / "out"))), trained, atol=1e-5)
+
+
+def test_every_repair_a_finding_suggests_is_accepted_by_fix() -> None:
+    """`check` prints each finding's opt-in; `fix --repair` accepts every one (argparse would exit 2)."""
+    from safe_peft._catalog import CATALOG
+    from safe_peft._cli import _parser
+
+    suggested = {name for entry in CATALOG.values() for name in entry.repair}
+    assert {"rank", "vocab", "dora", "targets", "legacy", "config"} <= suggested
+    for name in sorted(suggested):
+        args = _parser().parse_args(["fix", "adapter", "--base", "base", "--out", "out", "--repair", name])
+        assert args.repair == [name]
+
+
+# -- SIGKILL at random moments ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "fork_server.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    yield proc
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    proc.wait(timeout=60)
+    proc.stdout.close()
+
+
+def _start(server: Any, argv: list[str], capture: str | None = None) -> int:
+    server.stdin.write(json.dumps({"argv": argv, "capture": capture}) + "\n")
+    server.stdin.flush()
+    return int(json.loads(server.stdout.readline())["pid"])
+
+
+def _wait(server: Any) -> int:
+    return int(json.loads(server.stdout.readline())["status"])
+
+
+def test_fix_force_killed_at_random_moments_leaves_old_or_new(
+    server: Any, inputs: dict[str, str], tmp_path: Any
+) -> None:
+    def fix(source: str, out: str) -> list[str]:
+        opt = ["--remap", "auto"] if source == "compiled" else ["--repair", "rank"]
+        return ["fix", inputs[source], "--base", inputs["base"], "--out", out, "--force", *opt]
+
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    outputs: dict[str, dict[str, str]] = {}
+    durations = []
+    for source in ("compiled", "rank4", "compiled", "rank4"):  # the two outputs, as complete runs write them
+        started = time.perf_counter()
+        _start(server, fix(source, os.path.join(work, "out")))
+        assert _wait(server) == 0
+        durations.append(time.perf_counter() - started)
+        outputs[source] = tree(os.path.join(work, "out"))
+        assert MARKER in outputs[source]
+    assert outputs["compiled"] != outputs["rank4"]
+    others = {name: tree(path) for name, path in inputs.items() if name != "root"}
+    rng = random.Random(5)
+    current, killed = "rank4", 0
+    for round_ in range(ROUNDS):
+        new = "compiled" if current == "rank4" else "rank4"
+        pid = _start(server, fix(new, os.path.join(work, "out")))
+        time.sleep(rng.uniform(0, min(durations[2:]) * 0.9))  # inside the run, writing and swapping included
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        status = _wait(server)
+        killed += os.WIFSIGNALED(status)
+        got = tree(os.path.join(work, "out"))
+        assert got in (outputs[current], outputs[new]), f"round {round_}: neither the old nor the new output"
+        assert not os.WIFEXITED(status) or os.WEXITSTATUS(status) == 0
+        current = new if got == outputs[new] else current
+        stray = [n for n in os.listdir(work) if n != "out"]
+        assert all(n.startswith(".safe_peft_") for n in stray), stray  # only its own staging, never the user's
+    print(f"killed {killed} of {ROUNDS} rounds")
+    assert killed >= ROUNDS // 3, killed  # (a run can be faster than the complete ones timed above: some finish)
+    assert {name: tree(path) for name, path in inputs.items() if name != "root"} == others
