@@ -144,7 +144,6 @@ def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config
     thread-local device context: no process-wide patch) and the checkpoint then assigned to them."""
     import copy
 
-    import torch
     from peft import PeftModel
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
@@ -156,7 +155,9 @@ def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config
         key_mapping = getattr(base_model, "_checkpoint_conversion_mapping", {})
     config.inference_mode = not is_trainable
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
-    with torch.device("meta"):
+    from safe_peft._model_view import on_meta_here  # thread-local: torch.device("meta") sets a module global too
+
+    with on_meta_here():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
     model.load_adapter(
         directory,

@@ -30,7 +30,7 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions", "meta_skeleton"]
+__all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions", "meta_skeleton", "on_meta_here"]
 
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
@@ -379,7 +379,7 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
         # torch.utils._device.CURRENT_DEVICE (overlapping threads can leave it on meta). No warnings filter is
         # touched: Python < 3.14 has none per thread (issue 16; docs/security.md).
         # With real targets, the adapter's own (small) tensors are real too: some methods index them on save.
-        with _on_meta_here() if not real else contextlib.nullcontext():
+        with on_meta_here() if not real else contextlib.nullcontext():
             peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights under
@@ -434,7 +434,7 @@ def _quiet_checkpointing_flag(skeleton: nn.Module) -> None:
     skeleton.__class__ = quiet
 
 
-def _on_meta_here() -> Any:
+def on_meta_here() -> Any:
     """A context in which torch's factory functions called without a device build meta tensors, in this thread
     only (a torch function mode: the mode stack is per thread) and changing no module-level state."""
     from torch.overrides import TorchFunctionMode
