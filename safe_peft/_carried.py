@@ -11,8 +11,6 @@ they were whenever anything fails.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
@@ -20,6 +18,7 @@ from safe_peft._execute import (
     adapter_tensors,
     atomically,
     is_fatal,
+    load_directory,
     merge_reports,
     overwritten_base_tensors,
     verify,
@@ -28,7 +27,6 @@ from safe_peft._guard import plain_calls
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import resolve_route, route_plan, see_through
 from safe_peft._snapshot import ModuleSnapshot
-from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
 
@@ -108,7 +106,7 @@ def _execute(
     active = list(peft_model.active_adapters)
     flags = {id(p): p.requires_grad for p in peft_model.parameters()}
     with atomically(snapshot, plan.report) as temporary:
-        directory, workdir = _directory(plan, with_config=route != "reload")
+        directory, workdir = load_directory(plan, with_config=route != "reload")
         temporary.append(workdir)
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
         mapping = getattr(inner, "_checkpoint_conversion_mapping", None)
@@ -124,33 +122,6 @@ def _execute(
         if not report.ok and strict:
             raise AdapterLoadError(report)
         return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
-
-
-def _directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
-    """The directory peft loads from: the adapter's own, or a temporary one holding the checked config and the
-    weights (linked, or rewritten when keys are renamed). Returns it and the temporary directory to remove."""
-    renamed = bool(plan.renames or plan.dropped or plan.legacy is not None)
-    if not (renamed or with_config):
-        return plan.files.directory, None
-    workdir = tempfile.mkdtemp(prefix="safe_peft_")
-    if renamed:
-        write_weights(
-            plan.files.weights_path,
-            os.path.join(workdir, "adapter_model.safetensors"),
-            weights_format=plan.files.weights_format,
-            renames=plan.renames,
-            dropped=plan.dropped,
-            legacy=plan.legacy,
-        )
-    else:
-        target = os.path.join(workdir, os.path.basename(plan.files.weights_path))
-        try:
-            os.symlink(os.path.abspath(plan.files.weights_path), target)
-        except OSError:  # no symbolic links here: copy
-            shutil.copyfile(plan.files.weights_path, target)
-    if with_config:
-        plan.peft_config.save_pretrained(workdir)
-    return workdir, workdir
 
 
 def _delete_quietly(peft_model: PeftModel, adapter_name: str, active: list[str]) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "execute",
     "is_fatal",
     "late_failure",
+    "load_directory",
     "merge_reports",
     "overwritten_base_tensors",
     "rewrites_base",
@@ -58,19 +59,8 @@ def execute(
     with atomically(snapshot, plan.report) as temporary:
         if plan.vocab_size is not None:
             base_model.resize_token_embeddings(plan.vocab_size)  # type: ignore[operator]
-        directory = plan.files.directory
-        if plan.renames or plan.dropped or plan.legacy is not None:
-            workdir = tempfile.mkdtemp(prefix="safe_peft_")
-            temporary.append(workdir)
-            write_weights(
-                plan.files.weights_path,
-                os.path.join(workdir, "adapter_model.safetensors"),
-                weights_format=plan.files.weights_format,
-                renames=plan.renames,
-                dropped=plan.dropped,
-                legacy=plan.legacy,
-            )
-            directory = workdir
+        directory, workdir = load_directory(plan, with_config=False)
+        temporary.append(workdir)
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
         route = load_route(base_model, plan, strict, kwargs)
         from safe_peft._guard import plain_calls  # hook: under safe_peft.patch(), these calls stay plain peft
@@ -85,6 +75,34 @@ def execute(
         if not report.ok and strict:
             raise AdapterLoadError(report)
         return model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report))
+
+
+def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
+    """The directory peft loads from: the adapter's own, or a temporary one holding the weights (rewritten when keys
+    are renamed or dropped, else linked) and, ``with_config``, the checked config. Returns it and the temporary
+    directory to remove (None when there is none)."""
+    renamed = bool(plan.renames or plan.dropped or plan.legacy is not None)
+    if not (renamed or with_config):
+        return plan.files.directory, None
+    workdir = tempfile.mkdtemp(prefix="safe_peft_")
+    if renamed:
+        write_weights(
+            plan.files.weights_path,
+            os.path.join(workdir, "adapter_model.safetensors"),
+            weights_format=plan.files.weights_format,
+            renames=plan.renames,
+            dropped=plan.dropped,
+            legacy=plan.legacy,
+        )
+    else:
+        target = os.path.join(workdir, os.path.basename(plan.files.weights_path))
+        try:
+            os.symlink(os.path.abspath(plan.files.weights_path), target)
+        except OSError:  # no symbolic links here: copy
+            shutil.copyfile(plan.files.weights_path, target)
+    if with_config:
+        plan.peft_config.save_pretrained(workdir)
+    return workdir, workdir
 
 
 @contextlib.contextmanager
@@ -216,8 +234,9 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
 
 
 def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any]]:
-    """``model.state_dict(keep_vars=True)`` restricted to the adapter's own entries (those
-    :func:`adapter_tensor_ids` finds), under the same names, without walking the base model's tensors."""
+    """``model.state_dict(keep_vars=True)`` restricted to the adapter's own entries, under the same names, without
+    walking the base model's tensors: every per-adapter container a tuner layer (or a saved-module wrapper) holds
+    (lora_A, lora_magnitude_vector, modules_to_save, ...), at the adapter's name."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -241,30 +260,10 @@ def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any
 
 
 def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
-    """The tensors that belong to ``adapter_name``, found structurally: the entries under that name in each
-    tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so that any name
-    peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    owned: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer) and not isinstance(
-            getattr(module, "modules_to_save", None), torch.nn.ModuleDict
-        ):
-            continue
-        # every per-adapter container the layer holds (lora_A, lora_magnitude_vector, modules_to_save, ...)
-        for attr, container in module._modules.items():
-            if attr == "base_layer" or not isinstance(container, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
-                continue
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(item, torch.Tensor):
-                owned.add(id(item))
-            else:
-                owned.update(id(t) for t in item.state_dict(keep_vars=True).values())
-    return owned
+    """The tensors that belong to ``adapter_name``, found structurally (:func:`_owned_state`): the entries under
+    that name in each tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so
+    that any name peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
+    return {id(tensor) for _, tensor in _owned_state(model, adapter_name)}
 
 
 def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._execute import adapter_tensors, atomically, scan_values
+from safe_peft._execute import adapter_tensors, atomically, load_directory, scan_values
 from safe_peft._keys import PEFT_PREFIX, Role, module_of, rank_axis, role_of
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import is_peft_model, route_plan
@@ -241,15 +241,13 @@ def _execute(
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
 
-    from safe_peft._carried import _directory
-
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling}
     snapshot = ModuleSnapshot(peft_model)
     protected = list(adapter_tensors(peft_model, adapter_name, True).values())
     protected += [m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)]
     snapshot.protect(protected)
     with atomically(snapshot, plan.report) as temporary:
-        directory, workdir = _directory(plan, with_config=True)
+        directory, workdir = load_directory(plan, with_config=True)
         temporary.append(workdir)
         device = torch_device if torch_device is not None else infer_device()
         weights = load_peft_weights(directory, device=device)  # a local directory: the hub arguments served the plan
