@@ -140,7 +140,7 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     if "peft_type" not in data:
         if "architectures" in data or "model_type" in data:
             raise AdapterFormatError.of(
-            "model_config_as_adapter_config",
+                "model_config_as_adapter_config",
                 f"{path}: is a model's config.json (it has 'architectures'/'model_type'), not a PEFT adapter config",
                 adapter=adapter,
             )
@@ -148,9 +148,7 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     warnings = []
     if "runtime_config" in data:
         data = {k: v for k, v in data.items() if k != "runtime_config"}
-        warnings.append(
-            finding("runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load")
-        )
+        warnings.append(finding("runtime_config_ignored", f"{path}: 'runtime_config' is ignored on load"))
     return AdapterConfig(path=path, data=data, warnings=warnings)
 
 
@@ -211,7 +209,7 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
     if parts is not None:
         if "legacy" not in repair:
             raise AdapterFormatError.of(
-            "legacy_merged_linear",
+                "legacy_merged_linear",
                 f"{config.path}: a peft <= 0.2 adapter for fused projections (enable_lora={list(parts)}, "
                 "MergedLinear), a layout no installable peft loads any more",
                 adapter=adapter,

@@ -70,7 +70,7 @@ def locate_adapter(
     if os.path.isfile(pickle_path):
         if not allow_pickle:
             raise AdapterFormatError.of(
-            "pickle_refused",
+                "pickle_refused",
                 f"{pickle_path}: the adapter is only saved as a pickle (adapter_model.bin, the default of peft "
                 "0.3-0.6); unpickling a file from an untrusted source can run code",
                 adapter=location,
@@ -78,7 +78,7 @@ def locate_adapter(
             )
         return AdapterFiles(location, directory, config_path, pickle_path, "pickle", warnings)
     raise AdapterFormatError.of(
-            "missing_weights",
+        "missing_weights",
         f"{directory}: has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {PICKLE_NAME}",
         adapter=location,
         details={"directory": directory, "files": _listdir(directory)[:20]},
@@ -152,7 +152,7 @@ def _missing_config(location: str, directory: str) -> AdapterFormatError:
         what = f"{directory}: has no {CONFIG_NAME}"
         fix = hint or "save the adapter with peft's save_pretrained(), which writes the config beside the weights."
     return AdapterFormatError.of(
-            "missing_config",
+        "missing_config",
         what,
         fix=fix,
         adapter=location,

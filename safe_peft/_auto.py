@@ -107,8 +107,9 @@ def from_pretrained(
             inplace_kwargs["revision"] = revision
         if config is not None:
             inplace_kwargs["peft_config"] = config
-        return safe_load_adapter_inplace(base, model_id, adapter_name, is_trainable=is_trainable, **options,
-                                         **inplace_kwargs)
+        return safe_load_adapter_inplace(
+            base, model_id, adapter_name, is_trainable=is_trainable, **options, **inplace_kwargs
+        )
     _resize_to_tokenizer(base, location, revision, kwargs)
     from safe_peft._loader import safe_load_adapter
 
@@ -199,8 +200,11 @@ def _resize_to_tokenizer(base: Any, location: str, revision: str | None, kwargs:
         token = kwargs.get("token", kwargs.get("use_auth_token"))
         exists = bool(
             check_file_exists_on_hf_hub(
-                repo_id=location, filename=TOKENIZER_CONFIG_NAME, revision=revision,
-                repo_type=kwargs.get("repo_type"), token=token,
+                repo_id=location,
+                filename=TOKENIZER_CONFIG_NAME,
+                revision=revision,
+                repo_type=kwargs.get("repo_type"),
+                token=token,
             )
         )
     if not exists or not hasattr(base, "get_input_embeddings"):

@@ -10,6 +10,7 @@ they were whenever anything fails.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -17,16 +18,19 @@ from safe_peft._adapter import HUB_KWARGS
 from safe_peft._execute import (
     adapter_tensors,
     atomically,
+    copy_into,
     is_fatal,
     load_directory,
+    load_route,
     merge_reports,
     overwritten_base_tensors,
+    takes_in_place,
     verify,
 )
 from safe_peft._guard import plain_calls
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import resolve_route, route_plan, see_through
-from safe_peft._snapshot import ModuleSnapshot
+from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
 
@@ -98,6 +102,10 @@ def _execute(
 ) -> tuple[PeftModel, LoadReport, Any]:
     inner = peft_model.get_base_model()
     analytic = plan.view is not None and plan.view.method == "analytic"
+    if route == "reload" and analytic:
+        loaded = adapter_tensors(peft_model, adapter_name, analytic)
+        if _writes_in_place(peft_model, plan, loaded, kwargs):
+            return _reload_in_place(peft_model, plan, adapter_name, loaded, strict, kwargs)
     snapshot = ModuleSnapshot(peft_model)
     protected = overwritten_base_tensors(see_through(inner), plan)
     if route == "reload":  # the checkpoint is written into the adapter's own tensors, in place
@@ -114,13 +122,70 @@ def _execute(
             passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
         if route == "replace":
             _delete_quietly(peft_model, adapter_name, active)
+        taken = load_route(inner, plan, strict, kwargs) if route != "reload" else "initialising"
+        if taken == "meta":  # complete and exact: peft creates the new adapter on meta and assigns the checkpoint
+            passthrough["low_cpu_mem_usage"] = True
         with plain_calls():
             result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
             _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
-        report = verify(peft_model, plan, adapter_name)
+        report = dataclasses.replace(verify(peft_model, plan, adapter_name), route=taken)
         if not report.ok and strict:
             raise AdapterLoadError(report)
+        return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
+
+
+# What the reload route of peft's load_adapter reads besides the directory; anything else goes through peft itself
+_IN_PLACE_KWARGS = frozenset({"is_trainable", "torch_device", "autocast_adapter_dtype", *HUB_KWARGS})
+
+
+def _writes_in_place(peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a reload can be done as what it amounts to in peft, a ``copy_`` of each checkpoint tensor into the
+    adapter's tensor of the same key, and nothing else changes: plain LoRA (the analytic view), the checkpoint's own
+    keys (no renames, no key_mapping), exactly the adapter's keys with the same shapes, ordinary local tensors, no
+    device map (peft would re-dispatch), and no low-precision adapter tensor that peft's autocast would upcast."""
+    import torch
+
+    if plan.renames or plan.dropped or plan.legacy is not None or plan.files.weights_format != "safetensors":
+        return False
+    if set(kwargs) - _IN_PLACE_KWARGS or getattr(peft_model, "hf_device_map", None) is not None:
+        return False
+    if getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", None):
+        return False
+    if not takes_in_place(plan.checkpoint, loaded):  # (the same keys: peft's result would list any left out)
+        return False
+    upcast = kwargs.get("autocast_adapter_dtype", True)
+    low = [t for t in loaded.values() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)]
+    return not (upcast and low)
+
+
+def _reload_in_place(
+    peft_model: PeftModel,
+    plan: LoadPlan,
+    adapter_name: str,
+    loaded: dict[str, Any],
+    strict: bool,
+    kwargs: dict[str, Any],
+) -> tuple[PeftModel, LoadReport, Any]:
+    """The reload as peft does it for these adapters (``set_peft_model_state_dict`` copies each tensor into place,
+    then ``eval()`` unless trainable), without peft's walks over the whole model; undone by a
+    :class:`ValueSnapshot` (the copied tensors and the train / eval flags are all it changes)."""
+    from peft.utils.other import infer_device
+    from peft.utils.save_and_load import load_peft_weights
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    snapshot = ValueSnapshot(peft_model)
+    snapshot.protect([loaded[key] for key in plan.checkpoint])
+    with atomically(snapshot, plan.report):
+        device = kwargs.get("torch_device") or infer_device()
+        weights = load_peft_weights(plan.files.directory, device=device)
+        copy_into(loaded, weights)
+        if not kwargs.get("is_trainable", False):
+            peft_model.eval()
+        report = dataclasses.replace(verify(peft_model, plan, adapter_name, state=loaded), route="in_place")
+        if not report.ok and strict:
+            raise AdapterLoadError(report)
+        result = _IncompatibleKeys([], [])
         return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
 
 

@@ -43,24 +43,63 @@ _TRAINED_BASE = "load the adapter into the base model it was trained on (base_mo
 
 _ENTRIES: tuple[Entry, ...] = (
     # -- files: where the adapter is and whether it can be read (rank 0, fatal) ---------------------------------
-    Entry("not_found", _C.CORRUPT_CHECKPOINT, 0, True, "check the path or the repository id (and network access, "
-          "revision and token).", missing=True),
-    Entry("unreadable_path", _C.CORRUPT_CHECKPOINT, 0, True, "check the path: it may be a broken symbolic link, "
-          "a link loop or not readable by this user."),
+    Entry(
+        "not_found",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "check the path or the repository id (and network access, revision and token).",
+        missing=True,
+    ),
+    Entry(
+        "unreadable_path",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "check the path: it may be a broken symbolic link, a link loop or not readable by this user.",
+    ),
     Entry("not_a_directory", _C.CORRUPT_CHECKPOINT, 0, True, "pass the directory instead: {parent!r}."),
-    Entry("subfolder_escapes", _C.CORRUPT_CHECKPOINT, 0, True, "pass a subfolder inside the adapter directory, or "
-          "the other directory itself as model_id."),
+    Entry(
+        "subfolder_escapes",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "pass a subfolder inside the adapter directory, or the other directory itself as model_id.",
+    ),
     Entry("missing_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "check the subfolder name; {hint}", missing=True),
     Entry("missing_config", _C.CORRUPT_CHECKPOINT, 0, True, "{hint}", missing=True),
-    Entry("missing_weights", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again with save_pretrained(), or "
-          "copy its weights file into the directory.", missing=True),
-    Entry("pickle_refused", _C.UNSAFE_FORMAT, 0, True, "if you trust its source, pass allow_pickle=True (it is then "
-          "read with torch.load(weights_only=True), which runs no code), or convert it once with `safe-peft fix` "
-          "to adapter_model.safetensors."),
-    Entry("pickle_payload_refused", _C.UNSAFE_FORMAT, 0, True, "do not load this file: it is not a plain adapter "
-          "state dict."),
-    Entry("stray_code_files", _C.UNSAFE_FORMAT, 0, False, "delete them unless you know what they are; they are not "
-          "part of a PEFT adapter.", warning=True),
+    Entry(
+        "missing_weights",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save the adapter again with save_pretrained(), or copy its weights file into the directory.",
+        missing=True,
+    ),
+    Entry(
+        "pickle_refused",
+        _C.UNSAFE_FORMAT,
+        0,
+        True,
+        "if you trust its source, pass allow_pickle=True (it is then "
+        "read with torch.load(weights_only=True), which runs no code), or convert it once with `safe-peft fix` "
+        "to adapter_model.safetensors.",
+    ),
+    Entry(
+        "pickle_payload_refused",
+        _C.UNSAFE_FORMAT,
+        0,
+        True,
+        "do not load this file: it is not a plain adapter state dict.",
+    ),
+    Entry(
+        "stray_code_files",
+        _C.UNSAFE_FORMAT,
+        0,
+        False,
+        "delete them unless you know what they are; they are not part of a PEFT adapter.",
+        warning=True,
+    ),
     Entry("unreadable_pickle", _C.CORRUPT_CHECKPOINT, 0, True, "download or save the adapter again."),
     Entry("not_a_state_dict", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter with peft's save_pretrained()."),
     # -- adapter_config.json ---------------------------------------------------------------------------------------
@@ -68,41 +107,111 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("bad_config_json", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
     Entry("config_missing_peft_type", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
     Entry("invalid_config", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
-    Entry("model_config_as_adapter_config", _C.FOREIGN_FORMAT, 0, True, "use the adapter_config.json that peft's "
-          "save_pretrained() wrote next to the adapter weights."),
+    Entry(
+        "model_config_as_adapter_config",
+        _C.FOREIGN_FORMAT,
+        0,
+        True,
+        "use the adapter_config.json that peft's save_pretrained() wrote next to the adapter weights.",
+    ),
     Entry("runtime_config_ignored", _C.VERSION_SKEW, 0, False, warning=True),
-    Entry("unknown_peft_type", _C.VERSION_SKEW, 0, True, "upgrade peft to the version that saved the adapter "
-          "(peft_version={peft_version!r} in the config)."),
-    Entry("legacy_merged_linear", _C.VERSION_SKEW, 0, True, "pass repair=('legacy',) to convert it to plain LoRA "
-          "(block-diagonal lora_B, r and lora_alpha scaled together so the scaling is unchanged).",
-          repair=("legacy",)),
+    Entry(
+        "unknown_peft_type",
+        _C.VERSION_SKEW,
+        0,
+        True,
+        "upgrade peft to the version that saved the adapter (peft_version={peft_version!r} in the config).",
+    ),
+    Entry(
+        "legacy_merged_linear",
+        _C.VERSION_SKEW,
+        0,
+        True,
+        "pass repair=('legacy',) to convert it to plain LoRA "
+        "(block-diagonal lora_B, r and lora_alpha scaled together so the scaling is unchanged).",
+        repair=("legacy",),
+    ),
     Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
     Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
     # -- hostile input: values peft cannot compute with, and the bounds of safe_peft._bounds (issue 16) --------------
-    Entry("config_too_large", _C.CORRUPT_CHECKPOINT, 0, True, "restore the adapter_config.json that peft's "
-          "save_pretrained() wrote (a few kilobytes)."),
-    Entry("invalid_config_value", _C.CORRUPT_CHECKPOINT, 0, True, "correct {key} in adapter_config.json (the value "
-          "peft saved with these weights), or save the adapter again with save_pretrained()."),
-    Entry("config_limit_exceeded", _C.CORRUPT_CHECKPOINT, 0, True, "restore {key} as peft saved it; no real adapter "
-          "comes near this limit (docs/security.md lists them)."),
-    Entry("catastrophic_pattern", _C.UNSAFE_FORMAT, 0, True, "rewrite {key} without nested repetition (e.g. "
-          r"`.*\.(q_proj|v_proj)`), or list the module names instead of a pattern."),
+    Entry(
+        "config_too_large",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "restore the adapter_config.json that peft's save_pretrained() wrote (a few kilobytes).",
+    ),
+    Entry(
+        "invalid_config_value",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "correct {key} in adapter_config.json (the value "
+        "peft saved with these weights), or save the adapter again with save_pretrained().",
+    ),
+    Entry(
+        "config_limit_exceeded",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "restore {key} as peft saved it; no real adapter comes near this limit (docs/security.md lists them).",
+    ),
+    Entry(
+        "catastrophic_pattern",
+        _C.UNSAFE_FORMAT,
+        0,
+        True,
+        "rewrite {key} without nested repetition (e.g. "
+        r"`.*\.(q_proj|v_proj)`), or list the module names instead of a pattern.",
+    ),
     Entry("config_needs_package", _C.CONFIG_MISMATCH, 0, True, "install the package named above."),
-    Entry("too_many_tensors", _C.CORRUPT_CHECKPOINT, 0, True, "an adapter with this many tensors is not a PEFT "
-          "adapter of any real model; check the file's source."),
-    Entry("invalid_subfolder", _C.CORRUPT_CHECKPOINT, 0, True, "pass subfolder= as the name of a directory inside "
-          "the adapter directory."),
-    Entry("check_failed", _C.UNKNOWN, 9, True, "run `safe-peft --debug check` on this adapter alone and report the "
-          "traceback to safe_peft."),
-    Entry("invalid_adapter_name", _C.CONFIG_MISMATCH, 0, True, "pick a non-empty name without '.' that is not a "
-          "torch module attribute, e.g. adapter_name={suggestion!r}."),
-    Entry("newer_peft_version", _C.VERSION_SKEW, 0, False, "if the load misbehaves, upgrade peft to {peft_version} "
-          "or later.", warning=True),
+    Entry(
+        "too_many_tensors",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "an adapter with this many tensors is not a PEFT adapter of any real model; check the file's source.",
+    ),
+    Entry(
+        "invalid_subfolder",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "pass subfolder= as the name of a directory inside the adapter directory.",
+    ),
+    Entry(
+        "check_failed",
+        _C.UNKNOWN,
+        9,
+        True,
+        "run `safe-peft --debug check` on this adapter alone and report the traceback to safe_peft.",
+    ),
+    Entry(
+        "invalid_adapter_name",
+        _C.CONFIG_MISMATCH,
+        0,
+        True,
+        "pick a non-empty name without '.' that is not a torch module attribute, e.g. adapter_name={suggestion!r}.",
+    ),
+    Entry(
+        "newer_peft_version",
+        _C.VERSION_SKEW,
+        0,
+        False,
+        "if the load misbehaves, upgrade peft to {peft_version} or later.",
+        warning=True,
+    ),
     # -- safetensors header ----------------------------------------------------------------------------------------
-    Entry("truncated_file", _C.CORRUPT_CHECKPOINT, 0, True, "download or copy the adapter again; the file is "
-          "incomplete."),
-    Entry("not_safetensors", _C.CORRUPT_CHECKPOINT, 0, True, "rename it to adapter_model.bin and load with "
-          "allow_pickle=True if you trust its source."),
+    Entry(
+        "truncated_file", _C.CORRUPT_CHECKPOINT, 0, True, "download or copy the adapter again; the file is incomplete."
+    ),
+    Entry(
+        "not_safetensors",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "rename it to adapter_model.bin and load with allow_pickle=True if you trust its source.",
+    ),
     *(
         Entry(code, _C.CORRUPT_CHECKPOINT, 0, True, _SAVE_AGAIN)
         for code in (
@@ -121,136 +230,402 @@ _ENTRIES: tuple[Entry, ...] = (
     # -- formats that are not a PEFT adapter (rank 0) --------------------------------------------------------------
     Entry("kohya", _C.FOREIGN_FORMAT, 0, True, "{advice}"),
     *(
-        Entry(code, _C.FOREIGN_FORMAT, 0, True, "load it with the tool that wrote it (diffusers' load_lora_weights "
-              "for image models), or convert it to PEFT's layout first.")
+        Entry(
+            code,
+            _C.FOREIGN_FORMAT,
+            0,
+            True,
+            "load it with the tool that wrote it (diffusers' load_lora_weights "
+            "for image models), or convert it to PEFT's layout first.",
+        )
         for code in ("lycoris", "diffusers")
     ),
-    Entry("merged_checkpoint", _C.FOREIGN_FORMAT, 0, True, "load it as a model with from_pretrained(); it needs no "
-          "adapter loading."),
-    Entry("zero3_empty_tensors", _C.CORRUPT_CHECKPOINT, 0, True, "save again with the parameters gathered "
-          "(DeepSpeed: zero3 gathered 16-bit weights / GatheredParameters; FSDP: FULL_STATE_DICT), or with "
-          "accelerator.get_state_dict(model)."),
-    Entry("unpaired_lora", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again; a partial file cannot be "
-          "loaded correctly."),
+    Entry(
+        "merged_checkpoint",
+        _C.FOREIGN_FORMAT,
+        0,
+        True,
+        "load it as a model with from_pretrained(); it needs no adapter loading.",
+    ),
+    Entry(
+        "zero3_empty_tensors",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save again with the parameters gathered "
+        "(DeepSpeed: zero3 gathered 16-bit weights / GatheredParameters; FSDP: FULL_STATE_DICT), or with "
+        "accelerator.get_state_dict(model).",
+    ),
+    Entry(
+        "unpaired_lora",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save the adapter again; a partial file cannot be loaded correctly.",
+    ),
     # -- the model, its class, its wrapper (rank 1) ----------------------------------------------------------------
-    Entry("target_modules_not_found", _C.WRONG_BASE_MODEL, 1, True, "load the adapter into the base model it was "
-          "trained on (see base_model_name_or_path in adapter_config.json)."),
-    Entry("injection_rejected", _C.CONFIG_MISMATCH, 1, False, "check target_modules and the layer types they name "
-          "against the base model."),
+    Entry(
+        "target_modules_not_found",
+        _C.WRONG_BASE_MODEL,
+        1,
+        True,
+        "load the adapter into the base model it was trained on (see base_model_name_or_path in adapter_config.json).",
+    ),
+    Entry(
+        "injection_rejected",
+        _C.CONFIG_MISMATCH,
+        1,
+        False,
+        "check target_modules and the layer types they name against the base model.",
+    ),
     Entry("task_type_mismatch", _C.MODEL_CLASS_MISMATCH, 1, True, "{advice}"),
-    Entry("compiled_base", _C.MODEL_CLASS_MISMATCH, 1, True, "pass the uncompiled module (model._orig_mod) and "
-          "compile the PeftModel after loading: torch.compile(safe_load_adapter(model._orig_mod, ...))."),
-    Entry("missing_task_head", _C.MODEL_CLASS_MISMATCH, 1, False, "load the base model with {wanted}.from_pretrained"
-          "(...) and pass that model."),
+    Entry(
+        "compiled_base",
+        _C.MODEL_CLASS_MISMATCH,
+        1,
+        True,
+        "pass the uncompiled module (model._orig_mod) and "
+        "compile the PeftModel after loading: torch.compile(safe_load_adapter(model._orig_mod, ...)).",
+    ),
+    Entry(
+        "missing_task_head",
+        _C.MODEL_CLASS_MISMATCH,
+        1,
+        False,
+        "load the base model with {wanted}.from_pretrained(...) and pass that model.",
+    ),
     Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
-    Entry("replicated_base", _C.WRONG_BASE_MODEL, 1, False, "build the base model from its original config (e.g. "
-          "from_pretrained(base_model_name_or_path) again, or a config object get_peft_model was not given) and "
-          "load into that; strict=False loads it as plain peft does."),
+    Entry(
+        "replicated_base",
+        _C.WRONG_BASE_MODEL,
+        1,
+        False,
+        "build the base model from its original config (e.g. "
+        "from_pretrained(base_model_name_or_path) again, or a config object get_peft_model was not given) and "
+        "load into that; strict=False loads it as plain peft does.",
+    ),
     Entry("converted_layout", _C.VERSION_SKEW, 1, False, warning=True),
     Entry("conversion_breaks_keys", _C.VERSION_SKEW, 1, True, "{advice}"),
     Entry("remap_not_exact", _C.KEY_FORMAT, 1, False, "see the other causes below; a rename cannot fix them."),
     Entry("user_remap", _C.KEY_FORMAT, 1, False, "pass the same remap= rules together with the fix above."),
     # -- shapes and keys (ranks 2, 3) ------------------------------------------------------------------------------
-    Entry("rank_mismatch", _C.CONFIG_MISMATCH, 2, True, "pass repair=('rank',) to rebuild r / rank_pattern from the "
-          "weights' shapes (lora_alpha is kept), or restore the adapter_config.json that was saved with these "
-          "weights.", repair=("rank",)),
-    Entry("resized_embeddings", _C.VOCAB_SIZE_MISMATCH, 2, True, "call model.resize_token_embeddings({vocab}) before "
-          "loading (with the tokenizer the adapter was trained with), or pass repair=('vocab',) to do it as part of "
-          "the load.", repair=("vocab",)),
-    Entry("token_indices_out_of_range", _C.VOCAB_SIZE_MISMATCH, 1, True, "resize the base model's embeddings to the "
-          "vocabulary the adapter was trained with (model.resize_token_embeddings(len(tokenizer)), with the tokenizer "
-          "saved with the adapter) before loading."),
-    Entry("dimension_mismatch", _C.WRONG_BASE_MODEL, 2, True, _TRAINED_BASE[:-1] + "; no rename or repair can make "
-          "these weights fit."),
-    Entry("dora_flag", _C.CONFIG_MISMATCH, 2, False, "pass repair=('dora',) to set use_dora=true, or set it in "
-          "adapter_config.json.", repair=("dora",)),
+    Entry(
+        "rank_mismatch",
+        _C.CONFIG_MISMATCH,
+        2,
+        True,
+        "pass repair=('rank',) to rebuild r / rank_pattern from the "
+        "weights' shapes (lora_alpha is kept), or restore the adapter_config.json that was saved with these "
+        "weights.",
+        repair=("rank",),
+    ),
+    Entry(
+        "resized_embeddings",
+        _C.VOCAB_SIZE_MISMATCH,
+        2,
+        True,
+        "call model.resize_token_embeddings({vocab}) before "
+        "loading (with the tokenizer the adapter was trained with), or pass repair=('vocab',) to do it as part of "
+        "the load.",
+        repair=("vocab",),
+    ),
+    Entry(
+        "token_indices_out_of_range",
+        _C.VOCAB_SIZE_MISMATCH,
+        1,
+        True,
+        "resize the base model's embeddings to the "
+        "vocabulary the adapter was trained with (model.resize_token_embeddings(len(tokenizer)), with the tokenizer "
+        "saved with the adapter) before loading.",
+    ),
+    Entry(
+        "dimension_mismatch",
+        _C.WRONG_BASE_MODEL,
+        2,
+        True,
+        _TRAINED_BASE[:-1] + "; no rename or repair can make these weights fit.",
+    ),
+    Entry(
+        "dora_flag",
+        _C.CONFIG_MISMATCH,
+        2,
+        False,
+        "pass repair=('dora',) to set use_dora=true, or set it in adapter_config.json.",
+        repair=("dora",),
+    ),
     Entry("lora_bias_flag", _C.CONFIG_MISMATCH, 2, False, "set lora_bias=true in adapter_config.json."),
     Entry("fewer_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
     Entry("more_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
-    Entry("untargeted_modules", _C.CONFIG_MISMATCH, 2, False, "add them to target_modules in adapter_config.json (or "
-          "pass repair=('targets',)).", repair=("targets",)),
-    Entry("unknown_modules", _C.WRONG_BASE_MODEL, 2, True, "check that the base model is the one the adapter was "
-          "trained on (base_model_name_or_path={base!r})."),
-    Entry("missing_modules_to_save", _C.CONFIG_MISMATCH, 3, False, "remove them from modules_to_save if they were "
-          "never trained, or save the adapter again."),
+    Entry(
+        "untargeted_modules",
+        _C.CONFIG_MISMATCH,
+        2,
+        False,
+        "add them to target_modules in adapter_config.json (or pass repair=('targets',)).",
+        repair=("targets",),
+    ),
+    Entry(
+        "unknown_modules",
+        _C.WRONG_BASE_MODEL,
+        2,
+        True,
+        "check that the base model is the one the adapter was trained on (base_model_name_or_path={base!r}).",
+    ),
+    Entry(
+        "missing_modules_to_save",
+        _C.CONFIG_MISMATCH,
+        3,
+        False,
+        "remove them from modules_to_save if they were never trained, or save the adapter again.",
+    ),
     Entry("incomplete_checkpoint", _C.CORRUPT_CHECKPOINT, 3, True, "save the adapter again; the file is incomplete."),
-    Entry("targets_without_weights", _C.CONFIG_MISMATCH, 3, False, "make target_modules match the weights "
-          "(repair=('targets',)), or save the adapter again.", repair=("targets",)),
-    Entry("unexplained", _C.UNKNOWN, 9, False, "compare base_model_name_or_path in adapter_config.json with the model "
-          "you load."),
+    Entry(
+        "targets_without_weights",
+        _C.CONFIG_MISMATCH,
+        3,
+        False,
+        "make target_modules match the weights (repair=('targets',)), or save the adapter again.",
+        repair=("targets",),
+    ),
+    Entry(
+        "unexplained",
+        _C.UNKNOWN,
+        9,
+        False,
+        "compare base_model_name_or_path in adapter_config.json with the model you load.",
+    ),
     # -- after loading (the loader's verification) -----------------------------------------------------------------
     Entry("left_on_meta", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter again; it lacks these tensors."),
-    Entry("non_finite_values", _C.CORRUPT_CHECKPOINT, 0, True, "use an earlier checkpoint of the adapter, or train "
-          "again with a lower learning rate."),
-    Entry("all_zero_lora_B", _C.CORRUPT_CHECKPOINT, 0, False, "check that the adapter was saved after training.",
-          warning=True),
-    Entry("verification_failed", _C.UNKNOWN, 9, True, "report this to safe_peft with the adapter's config; the "
-          "pre-check missed it."),
+    Entry(
+        "non_finite_values",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "use an earlier checkpoint of the adapter, or train again with a lower learning rate.",
+    ),
+    Entry(
+        "all_zero_lora_B",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        False,
+        "check that the adapter was saved after training.",
+        warning=True,
+    ),
+    Entry(
+        "verification_failed",
+        _C.UNKNOWN,
+        9,
+        True,
+        "report this to safe_peft with the adapter's config; the pre-check missed it.",
+    ),
     Entry("load_failed", _C.UNKNOWN, 9, True, "see the causes above; the base model was restored."),
     # -- distributed saves and sharded loads ------------------------------------------------------------------------
-    Entry("fsdp_shard_saved", _C.CORRUPT_CHECKPOINT, 0, True, "save again with the tensors gathered (full state "
-          "dict on every rank, save_pretrained on rank 0), or merge the per-rank files: safe-peft fix DIR "
-          "--merge-ranks --out OUT."),
-    Entry("tp_shard_saved", _C.CORRUPT_CHECKPOINT, 0, True, "merge the per-rank files: safe-peft fix DIR "
-          "--merge-ranks --out OUT; or save with full tensors."),
-    Entry("per_rank_shards", _C.CORRUPT_CHECKPOINT, 0, True, "merge them into one adapter: safe-peft fix DIR "
-          "--merge-ranks --out OUT."),
-    Entry("dcp_checkpoint", _C.CORRUPT_CHECKPOINT, 0, True, "convert it to one state dict first, load it into the "
-          "PeftModel and save_pretrained() the adapter."),
-    Entry("shards_incomplete", _C.CORRUPT_CHECKPOINT, 0, True, "find the missing ranks' files; the others alone do "
-          "not hold the whole adapter."),
-    Entry("replicas_differ", _C.CORRUPT_CHECKPOINT, 0, True, "the ranks trained apart: use one rank's adapter, or "
-          "train again with the adapter sharded (load it before sharding the model)."),
-    Entry("shard_configs_differ", _C.CORRUPT_CHECKPOINT, 0, True, "the files come from different runs: merge files "
-          "saved by one run."),
-    Entry("load_before_sharding", _C.DISTRIBUTED, 1, True, "load the adapter into the model before sharding it, then "
-          "shard the PeftModel."),
-    Entry("rank_timeout", _C.DISTRIBUTED, 0, True, "every rank must call safe_load_adapter with the same adapter at "
-          "the same point of the program; if a rank is only slow, pass a larger collective_timeout=."),
-    Entry("ranks_disagree", _C.DISTRIBUTED, 0, True, "give every rank the same adapter (one shared directory, or "
-          "identical copies)."),
+    Entry(
+        "fsdp_shard_saved",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save again with the tensors gathered (full state "
+        "dict on every rank, save_pretrained on rank 0), or merge the per-rank files: safe-peft fix DIR "
+        "--merge-ranks --out OUT.",
+    ),
+    Entry(
+        "tp_shard_saved",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "merge the per-rank files: safe-peft fix DIR --merge-ranks --out OUT; or save with full tensors.",
+    ),
+    Entry(
+        "per_rank_shards",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "merge them into one adapter: safe-peft fix DIR --merge-ranks --out OUT.",
+    ),
+    Entry(
+        "dcp_checkpoint",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "convert it to one state dict first, load it into the PeftModel and save_pretrained() the adapter.",
+    ),
+    Entry(
+        "shards_incomplete",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "find the missing ranks' files; the others alone do not hold the whole adapter.",
+    ),
+    Entry(
+        "replicas_differ",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "the ranks trained apart: use one rank's adapter, or "
+        "train again with the adapter sharded (load it before sharding the model).",
+    ),
+    Entry(
+        "shard_configs_differ",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "the files come from different runs: merge files saved by one run.",
+    ),
+    Entry(
+        "load_before_sharding",
+        _C.DISTRIBUTED,
+        1,
+        True,
+        "load the adapter into the model before sharding it, then shard the PeftModel.",
+    ),
+    Entry(
+        "rank_timeout",
+        _C.DISTRIBUTED,
+        0,
+        True,
+        "every rank must call safe_load_adapter with the same adapter at "
+        "the same point of the program; if a rank is only slow, pass a larger collective_timeout=.",
+    ),
+    Entry(
+        "ranks_disagree",
+        _C.DISTRIBUTED,
+        0,
+        True,
+        "give every rank the same adapter (one shared directory, or identical copies).",
+    ),
     Entry("rank_failed", _C.DISTRIBUTED, 0, True, "see the error raised on that rank."),
-    Entry("adapter_not_placed", _C.DISTRIBUTED, 1, True, "load the adapter into the model before sharding it, then "
-          "shard the PeftModel."),
+    Entry(
+        "adapter_not_placed",
+        _C.DISTRIBUTED,
+        1,
+        True,
+        "load the adapter into the model before sharding it, then shard the PeftModel.",
+    ),
     # -- routes: further adapters, in-place loads, the Auto entry point, hot-swaps (safe_peft._routes, issue 12) ----
     Entry("adapter_name_taken", _C.CONFIG_MISMATCH, 0, True, "pass another adapter_name."),
-    Entry("adapter_type_mismatch", _C.CONFIG_MISMATCH, 1, True, "load it into a separate model, or combine methods "
-          "with peft's PeftMixedModel."),
+    Entry(
+        "adapter_type_mismatch",
+        _C.CONFIG_MISMATCH,
+        1,
+        True,
+        "load it into a separate model, or combine methods with peft's PeftMixedModel.",
+    ),
     Entry("adapter_combination_refused", _C.CONFIG_MISMATCH, 1, True, "{advice}"),
-    Entry("reload_mismatch", _C.CONFIG_MISMATCH, 1, True, "pass replace=True to replace the adapter with this "
-          "checkpoint's own config (done only if it loads), or load it under another adapter_name."),
-    Entry("repair_not_on_route", _C.CONFIG_MISMATCH, 0, True, "resize the embeddings of the base model before any "
-          "adapter is loaded (model.resize_token_embeddings(n)), then load the adapters."),
-    Entry("not_injectable", _C.CONFIG_MISMATCH, 0, True, "load it with safe_load_adapter(model, path), which wraps "
-          "the model in a PeftModel."),
-    Entry("base_model_unknown", _C.BASE_MODEL_UNAVAILABLE, 0, True, "load the base model yourself and pass it: "
-          "safe_load_adapter({auto_class}.from_pretrained(BASE), {adapter!r})."),
-    Entry("base_model_unreachable", _C.BASE_MODEL_UNAVAILABLE, 0, True, "check the name and network access (or "
-          "HF_HUB_OFFLINE), or load the base model yourself and pass it: safe_load_adapter({auto_class}"
-          ".from_pretrained(BASE), {adapter!r})."),
-    Entry("auto_class_unknown", _C.BASE_MODEL_UNAVAILABLE, 0, True, "pass auto_class= (e.g. auto_class="
-          "AutoModelForCausalLM), or load the base model yourself and pass it to safe_load_adapter."),
-    Entry("auto_import_refused", _C.BASE_MODEL_UNAVAILABLE, 0, True, "if you trust that library, pass "
-          "import_allowlist=[{library!r}]."),
-    Entry("hotswap_not_loaded", _C.HOTSWAP_INCOMPATIBLE, 0, True, "load the first adapter under that name "
-          "(safe_load_adapter), then hot-swap; or pass the name of a loaded adapter ({loaded})."),
-    Entry("hotswap_unsupported", _C.HOTSWAP_INCOMPATIBLE, 0, True, "load it as a further adapter "
-          "(safe_load_adapter(model, path, adapter_name=...)) and switch with set_adapter."),
-    Entry("hotswap_merged", _C.HOTSWAP_INCOMPATIBLE, 0, True, "unmerge first (model.unmerge_adapter()), then "
-          "hot-swap."),
-    Entry("hotswap_config_differs", _C.HOTSWAP_INCOMPATIBLE, 1, True, "hot-swap only adapters trained with the same "
-          "{fields}; load this one as a further adapter instead."),
-    Entry("hotswap_new_targets", _C.HOTSWAP_INCOMPATIBLE, 1, True, "hot-swap adapters whose target modules are a "
-          "subset of the loaded one's (train them with the same target_modules), or load it as a further adapter."),
-    Entry("hotswap_rank_too_large", _C.HOTSWAP_INCOMPATIBLE, 2, True, "call peft.utils.hotswap."
-          "prepare_model_for_compiled_hotswap(model, target_rank={rank}) before compiling the model, then hot-swap."),
+    Entry(
+        "reload_mismatch",
+        _C.CONFIG_MISMATCH,
+        1,
+        True,
+        "pass replace=True to replace the adapter with this "
+        "checkpoint's own config (done only if it loads), or load it under another adapter_name.",
+    ),
+    Entry(
+        "repair_not_on_route",
+        _C.CONFIG_MISMATCH,
+        0,
+        True,
+        "resize the embeddings of the base model before any "
+        "adapter is loaded (model.resize_token_embeddings(n)), then load the adapters.",
+    ),
+    Entry(
+        "not_injectable",
+        _C.CONFIG_MISMATCH,
+        0,
+        True,
+        "load it with safe_load_adapter(model, path), which wraps the model in a PeftModel.",
+    ),
+    Entry(
+        "base_model_unknown",
+        _C.BASE_MODEL_UNAVAILABLE,
+        0,
+        True,
+        "load the base model yourself and pass it: safe_load_adapter({auto_class}.from_pretrained(BASE), {adapter!r}).",
+    ),
+    Entry(
+        "base_model_unreachable",
+        _C.BASE_MODEL_UNAVAILABLE,
+        0,
+        True,
+        "check the name and network access (or "
+        "HF_HUB_OFFLINE), or load the base model yourself and pass it: safe_load_adapter({auto_class}"
+        ".from_pretrained(BASE), {adapter!r}).",
+    ),
+    Entry(
+        "auto_class_unknown",
+        _C.BASE_MODEL_UNAVAILABLE,
+        0,
+        True,
+        "pass auto_class= (e.g. auto_class="
+        "AutoModelForCausalLM), or load the base model yourself and pass it to safe_load_adapter.",
+    ),
+    Entry(
+        "auto_import_refused",
+        _C.BASE_MODEL_UNAVAILABLE,
+        0,
+        True,
+        "if you trust that library, pass import_allowlist=[{library!r}].",
+    ),
+    Entry(
+        "hotswap_not_loaded",
+        _C.HOTSWAP_INCOMPATIBLE,
+        0,
+        True,
+        "load the first adapter under that name "
+        "(safe_load_adapter), then hot-swap; or pass the name of a loaded adapter ({loaded}).",
+    ),
+    Entry(
+        "hotswap_unsupported",
+        _C.HOTSWAP_INCOMPATIBLE,
+        0,
+        True,
+        "load it as a further adapter (safe_load_adapter(model, path, adapter_name=...)) and switch with set_adapter.",
+    ),
+    Entry(
+        "hotswap_merged", _C.HOTSWAP_INCOMPATIBLE, 0, True, "unmerge first (model.unmerge_adapter()), then hot-swap."
+    ),
+    Entry(
+        "hotswap_config_differs",
+        _C.HOTSWAP_INCOMPATIBLE,
+        1,
+        True,
+        "hot-swap only adapters trained with the same {fields}; load this one as a further adapter instead.",
+    ),
+    Entry(
+        "hotswap_new_targets",
+        _C.HOTSWAP_INCOMPATIBLE,
+        1,
+        True,
+        "hot-swap adapters whose target modules are a "
+        "subset of the loaded one's (train them with the same target_modules), or load it as a further adapter.",
+    ),
+    Entry(
+        "hotswap_rank_too_large",
+        _C.HOTSWAP_INCOMPATIBLE,
+        2,
+        True,
+        "call peft.utils.hotswap."
+        "prepare_model_for_compiled_hotswap(model, target_rank={rank}) before compiling the model, then hot-swap.",
+    ),
     Entry("hotswap_scaling_corrected", _C.HOTSWAP_INCOMPATIBLE, 2, False, warning=True),
     # -- state dicts given to the wrong loader ---------------------------------------------------------------------
-    Entry("adapter_into_base_model", _C.WRONG_LOADER, 0, True, "use safe_load_adapter(base_model, adapter_dir) (or "
-          "PeftModel.from_pretrained) with the directory peft saved, not model.load_state_dict(...)."),
-    Entry("base_weights_into_peft_model", _C.WRONG_LOADER, 0, True, "load base weights into the base model before "
-          "wrapping it (or use peft_model.get_base_model().load_state_dict(...)); load adapters with "
-          "safe_load_adapter."),
+    Entry(
+        "adapter_into_base_model",
+        _C.WRONG_LOADER,
+        0,
+        True,
+        "use safe_load_adapter(base_model, adapter_dir) (or "
+        "PeftModel.from_pretrained) with the directory peft saved, not model.load_state_dict(...).",
+    ),
+    Entry(
+        "base_weights_into_peft_model",
+        _C.WRONG_LOADER,
+        0,
+        True,
+        "load base weights into the base model before "
+        "wrapping it (or use peft_model.get_base_model().load_state_dict(...)); load adapters with "
+        "safe_load_adapter.",
+    ),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
@@ -262,10 +637,16 @@ def _engine_entries() -> None:
 
     for code, (_, fix) in engine_codes().items():
         CATALOG[code] = Entry(code, _C.ENGINE_INCOMPATIBLE, 2, False, fix.replace("{", "{{").replace("}", "}}"))
-    CATALOG["no_peft_config"] = Entry("no_peft_config", _C.FOREIGN_FORMAT, 0, True, "convert it to a PEFT adapter "
-                                      "first (safe-peft fix --remap auto).")
-    CATALOG["pickle_not_checked"] = Entry("pickle_not_checked", _C.UNSAFE_FORMAT, 0, True, "convert the adapter to "
-                                          "adapter_model.safetensors with `safe-peft fix` first.")
+    CATALOG["no_peft_config"] = Entry(
+        "no_peft_config", _C.FOREIGN_FORMAT, 0, True, "convert it to a PEFT adapter first (safe-peft fix --remap auto)."
+    )
+    CATALOG["pickle_not_checked"] = Entry(
+        "pickle_not_checked",
+        _C.UNSAFE_FORMAT,
+        0,
+        True,
+        "convert the adapter to adapter_model.safetensors with `safe-peft fix` first.",
+    )
 
 
 _engine_entries()
@@ -281,8 +662,9 @@ def register(new: Entry) -> Entry:
 
 def layout_entry(rule_name: str, cause: Cause) -> Entry:
     """The entry of a built-in rename rule: its name is the code of the finding "the keys need this rename"."""
-    return Entry(rule_name, cause, 1, False, "pass remap='auto' (applies {rules}); every key then matches exactly.",
-                 remap="auto")
+    return Entry(
+        rule_name, cause, 1, False, "pass remap='auto' (applies {rules}); every key then matches exactly.", remap="auto"
+    )
 
 
 def entry(code: str) -> Entry:

@@ -77,8 +77,9 @@ def classify(ev: Evidence) -> list[Diagnosis]:
         for f in new:
             explained |= f.explains
     if not found and not ev.diff.ok:
-        found.append(Found(finding("unexplained", "the checkpoint and the model disagree in a way no known cause "
-                                   "explains"), 0))
+        found.append(
+            Found(finding("unexplained", "the checkpoint and the model disagree in a way no known cause explains"), 0)
+        )
     ordered = sorted(enumerate(found), key=lambda t: (rank(t[1].diagnosis), -t[1].weight, t[0]))
     return [f.diagnosis for _, f in ordered]
 

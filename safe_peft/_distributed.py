@@ -187,7 +187,8 @@ class _Where:
             causes += [self._tagged(d.to_dict(), [self.rank], 1) for d in rest]
         if outcome.silent:
             causes.append(
-                finding("rank_timeout",
+                finding(
+                    "rank_timeout",
                     f"{_ranks(outcome.silent, self.world_size)} did not reach the {outcome.stage!r} verdict of "
                     f"safe_load_adapter within {outcome.timeout:g} s",
                     fix="every rank must call safe_load_adapter with the same adapter at the same point of the "
@@ -199,7 +200,8 @@ class _Where:
         if outcome.disagreeing:
             what = "keys, shapes or config" if outcome.stage == "plan" else "tensor values"
             causes.append(
-                finding("ranks_disagree",
+                finding(
+                    "ranks_disagree",
                     f"{_ranks(outcome.disagreeing, self.world_size)} read an adapter with other {what} than rank 0",
                     fix="give every rank the same adapter (one shared directory, or identical copies).",
                     details={"ranks": list(outcome.disagreeing), "stage": outcome.stage},
@@ -229,7 +231,8 @@ class _Where:
         )
 
     def _unexplained(self, outcome: Outcome) -> Diagnosis:
-        return finding("rank_failed",
+        return finding(
+            "rank_failed",
             f"{_ranks([v.rank for v in outcome.failed], self.world_size)} could not load the adapter",
             fix="see the error raised on that rank.",
         )
@@ -237,14 +240,16 @@ class _Where:
     def crashed(self, exc: Exception, during: str, report: LoadReport | None = None) -> LoadReport:
         base = report or LoadReport(ok=False, adapter=self.adapter, model_class=self.model_class)
         text = str(exc).splitlines()[0][:300] if str(exc) else ""
-        diagnosis = finding("load_failed",
+        diagnosis = finding(
+            "load_failed",
             f"{during} failed with {type(exc).__name__}: {text}",
             fix="see the traceback on the failing rank; the base model was restored on every rank.",
         )
         return replace(base, ok=False, causes=[diagnosis])
 
     def unplaced(self, report: LoadReport, modules: list[str]) -> LoadReport:
-        diagnosis = finding("adapter_not_placed",
+        diagnosis = finding(
+            "adapter_not_placed",
             f"{len(modules)} adapter layers could not be put under the model's sharding (e.g. {modules[0]!r}); "
             "left as plain tensors they would train apart on every rank",
             fix="load the adapter into the model before sharding it, then shard the PeftModel.",

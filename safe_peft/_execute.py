@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from safe_peft._adapter import HUB_KWARGS
 from safe_peft._catalog import fatal, finding
 from safe_peft._keys import Role, base_tensor_name, checkpoint_key, role_of
-from safe_peft._snapshot import ModuleSnapshot
+from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport, MissingKey, SizeMismatch, UnexpectedKey
@@ -32,6 +32,7 @@ __all__ = [
     "adapter_tensor_ids",
     "adapter_tensors",
     "atomically",
+    "copy_into",
     "execute",
     "is_fatal",
     "late_failure",
@@ -40,6 +41,7 @@ __all__ = [
     "overwritten_base_tensors",
     "rewrites_base",
     "scan_values",
+    "takes_in_place",
     "verify",
 ]
 
@@ -106,7 +108,7 @@ def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | Non
 
 
 @contextlib.contextmanager
-def atomically(snapshot: ModuleSnapshot, planned: LoadReport) -> Iterator[list[str | None]]:
+def atomically(snapshot: ModuleSnapshot | ValueSnapshot, planned: LoadReport) -> Iterator[list[str | None]]:
     """The one undo of every route: on any exit by an exception the snapshot is restored; an ``AdapterLoadError``
     and a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit) go through unchanged, any
     other error becomes an ``AdapterLoadError`` with the planned report and peft's message. Yields a list for the
@@ -240,15 +242,14 @@ def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    containers = (torch.nn.ModuleDict, torch.nn.ParameterDict)
     for prefix, module in model.named_modules(remove_duplicate=False):  # as state_dict walks: every path
         if not isinstance(module, BaseTunerLayer) and not isinstance(
-            getattr(module, "modules_to_save", None), torch.nn.ModuleDict
+            module.__dict__["_modules"].get("modules_to_save"), torch.nn.ModuleDict
         ):
             continue
         for attr, container in module._modules.items():
-            if attr == "base_layer" or not isinstance(container, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
-                continue
-            if adapter_name not in container:
+            if attr == "base_layer" or not isinstance(container, containers) or adapter_name not in container:
                 continue
             where = f"{prefix}.{attr}.{adapter_name}" if prefix else f"{attr}.{adapter_name}"
             item = container[adapter_name]
@@ -257,6 +258,31 @@ def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any
             else:
                 for sub, tensor in item.state_dict(keep_vars=True).items():
                     yield f"{where}.{sub}", tensor
+
+
+def takes_in_place(checkpoint: dict[str, tuple[int, ...]], tensors: dict[str, Any]) -> bool:
+    """Whether ``checkpoint`` can be written into ``tensors`` by a copy per key: the same keys, shape for shape, into
+    ordinary local tensors (no DTensor or other subclass, nothing on meta)."""
+    import torch
+
+    if set(checkpoint) != set(tensors):
+        return False
+    for key, shape in checkpoint.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+        if tensor.device.type == "meta":
+            return False
+    return True
+
+
+def copy_into(tensors: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Write each of ``weights`` into the tensor of the same key, in place (what ``load_state_dict`` does)."""
+    import torch
+
+    with torch.no_grad():
+        for key, value in weights.items():
+            tensors[key].copy_(value)
 
 
 def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
@@ -269,6 +295,13 @@ def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
 def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:
     """After peft loaded: every expected adapter tensor came from the checkpoint and holds finite values.
     ``state``: the adapter's tensors under their checkpoint keys, when the caller names them (in-place loads)."""
+    from safe_peft._bounds import gc_paused
+
+    with gc_paused():  # records and key lists only
+        return _verify(model, plan, adapter_name, state)
+
+
+def _verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None) -> LoadReport:
     if state is None:
         state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
     checkpoint = plan.checkpoint

@@ -19,11 +19,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._execute import adapter_tensors, atomically, load_directory, scan_values
+from safe_peft._execute import adapter_tensors, atomically, copy_into, load_directory, scan_values, takes_in_place
 from safe_peft._keys import PEFT_PREFIX, Role, module_of, rank_axis, role_of
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import is_peft_model, route_plan
-from safe_peft._snapshot import ModuleSnapshot
+from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -95,14 +95,15 @@ def hotswap_plan(
         return _refused(plan, [cause]), {}
     if not plan.report.ok:
         return plan, {}
-    causes, scalings = _compare(model, peft_model, plan, adapter_name)
-    return (_refused(plan, causes) if causes else plan), {"scalings": scalings}
+    causes, needs = _compare(model, peft_model, plan, adapter_name)
+    return (_refused(plan, causes) if causes else plan), needs
 
 
 def _compare(
     model: nn.Module, peft_model: PeftModel, plan: LoadPlan, adapter_name: str
-) -> tuple[list[Diagnosis], dict[str, float]]:
-    """peft's hot-swap restrictions, checked against the loaded adapter as it is."""
+) -> tuple[list[Diagnosis], dict[str, Any]]:
+    """peft's hot-swap restrictions, checked against the loaded adapter as it is. Returns the causes and what the
+    swap needs: the scalings a fresh load gives (per module), the loaded adapter's tensors and its LoRA layers."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.hotswap import CONFIG_KEYS_TO_CHECK
@@ -122,9 +123,12 @@ def _compare(
             )
         )
         return causes, {}
-    merged = [
-        n for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters
-    ]
+    merged, layers = [], {}
+    for name, module in peft_model.named_modules():  # one walk: merged tuner layers, and the LoRA layers to swap
+        if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
+            merged.append(name)
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            layers[name] = module
     if merged:
         causes.append(
             finding(
@@ -146,7 +150,8 @@ def _compare(
                 fields=" / ".join(fields),
             )
         )
-    loaded = {k: tuple(t.shape) for k, t in adapter_tensors(peft_model, adapter_name, True).items()}
+    tensors = adapter_tensors(peft_model, adapter_name, True)
+    loaded = {k: tuple(t.shape) for k, t in tensors.items()}
     new_keys = dict(plan.checkpoint)
     other = sorted(k for k in new_keys if role_of(k) not in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS))
     if other:
@@ -180,11 +185,7 @@ def _compare(
                     details={"modules": dropped[:20]},
                 )
             )
-    prepared = any(
-        isinstance(m.scaling.get(adapter_name), _tensor_type())
-        for m in peft_model.modules()
-        if isinstance(m, LoraLayer) and adapter_name in m.scaling
-    )
+    prepared = any(isinstance(m.scaling[adapter_name], _tensor_type()) for m in layers.values())
     compiled = model is not peft_model or getattr(peft_model, "_compiled_call_impl", None) is not None
     larger = {}
     for key, shape in new_keys.items():
@@ -207,7 +208,7 @@ def _compare(
                 rank=top,
             )
         )
-    return causes, _scalings(new, new_keys)
+    return causes, {"scalings": _scalings(new, new_keys), "loaded": tensors, "layers": layers}
 
 
 def _scalings(config: Any, keys: dict[str, tuple[int, ...]]) -> dict[str, float]:
@@ -236,35 +237,53 @@ def _execute(
 ) -> LoadReport:
     import torch
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-    from peft.tuners.lora import LoraLayer
     from peft.utils.hotswap import _update_scaling, hotswap_adapter_from_state_dict
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
 
-    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling}
-    snapshot = ModuleSnapshot(peft_model)
-    protected = list(adapter_tensors(peft_model, adapter_name, True).values())
-    protected += [m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)]
-    snapshot.protect(protected)
+    layers: dict[str, Any] = needs["layers"]
+    loaded: dict[str, Any] = needs["loaded"]
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
+    names = _state_names(plan, adapter_name, prefix)
+    in_place = _swaps_in_place(plan, loaded, layers, names)
+    tensor_scalings = [
+        m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)
+    ]
+    if in_place:  # values and scalings change, nothing else
+        snapshot: ModuleSnapshot | ValueSnapshot = ValueSnapshot(peft_model, dicts=[m.scaling for m in layers.values()])
+    else:  # peft may put new tensors in place (a larger rank)
+        snapshot = ModuleSnapshot(peft_model)
+    snapshot.protect([*loaded.values(), *tensor_scalings])
     with atomically(snapshot, plan.report) as temporary:
-        directory, workdir = load_directory(plan, with_config=True)
+        directory, workdir = load_directory(plan, with_config=False)
         temporary.append(workdir)
         device = torch_device if torch_device is not None else infer_device()
         weights = load_peft_weights(directory, device=device)  # a local directory: the hub arguments served the plan
-        prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
-        # peft may swap the tensors it is given into the model (a larger rank): it gets copies, these stay the file's
-        given = {k: v.clone() for k, v in weights.items()}
-        state = _insert_adapter_name_into_state_dict(given, adapter_name=adapter_name, parameter_prefix=prefix)
-        hotswap_adapter_from_state_dict(
-            model=model, state_dict=state, adapter_name=adapter_name, config=plan.peft_config, parameter_prefix=prefix
-        )
+        peft_sets = _peft_scalings(plan.peft_config, names)  # what peft's hot-swap sets each module's scaling to
+        if in_place:  # what peft's hot-swap does when every shape matches: copy, then set the scalings
+            copy_into(loaded, weights)
+            for module, scaling in peft_sets.items():
+                _update_scaling(layers[module], adapter_name=adapter_name, scaling=scaling)
+        else:
+            # peft may swap the tensors it is given into the model (a larger rank): it gets copies, these stay the
+            # file's
+            given = {k: v.clone() for k, v in weights.items()}
+            state = _insert_adapter_name_into_state_dict(given, adapter_name=adapter_name, parameter_prefix=prefix)
+            hotswap_adapter_from_state_dict(
+                model=model,
+                state_dict=state,
+                adapter_name=adapter_name,
+                config=plan.peft_config,
+                parameter_prefix=prefix,
+            )
         corrected = []
         for module, scaling in needs.get("scalings", {}).items():
             layer = layers.get(PEFT_PREFIX + module)
             if layer is not None and not _close(layer.scaling[adapter_name], scaling):
                 corrected.append((module, _value(layer.scaling[adapter_name]), scaling))
                 _update_scaling(layer, adapter_name=adapter_name, scaling=scaling)
-        report = _verify(peft_model, plan, adapter_name, weights)
+        report = _verify(peft_model, plan, adapter_name, weights, None if not in_place else loaded)
+        report = replace(report, route="in_place" if in_place else "peft_hotswap")
         if corrected:
             module, had, want = corrected[0]
             note = finding(
@@ -280,11 +299,50 @@ def _execute(
         return report
 
 
-def _verify(peft_model: PeftModel, plan: LoadPlan, adapter_name: str, weights: dict[str, Any]) -> LoadReport:
+def _state_names(plan: LoadPlan, adapter_name: str, prefix: str) -> dict[str, str]:
+    """Checkpoint key -> the state-dict key peft's hot-swap gives it (the adapter name inserted)."""
+    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+    keys: dict[str, Any] = {key: key for key in plan.checkpoint}
+    named = _insert_adapter_name_into_state_dict(keys, adapter_name, prefix)
+    return {str(key): state for state, key in named.items()}
+
+
+def _peft_scalings(config: Any, names: dict[str, str]) -> dict[str, float]:
+    """The scaling peft's ``hotswap_adapter_from_state_dict`` gives each module: per state-dict key, patterns matched
+    against the key itself (not the module), the last key of a module winning, as in its loop."""
+    from peft.utils.other import get_pattern_key
+
+    out = {}
+    for state in names.values():
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), state), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), state), config.lora_alpha)
+        out[".".join(state.split(".")[:-3])] = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return out
+
+
+def _swaps_in_place(plan: LoadPlan, loaded: dict[str, Any], layers: dict[str, Any], names: dict[str, str]) -> bool:
+    """Whether the swap is a copy into tensors of the same shapes: the new adapter has exactly the loaded one's LoRA
+    tensors, shape for shape, ordinary local tensors, each of a layer peft's hot-swap finds by its key (it takes the
+    module three levels up)."""
+    lora = {k: t for k, t in loaded.items() if role_of(k) in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS)}
+    if not takes_in_place(plan.checkpoint, lora):
+        return False
+    return all(".".join(names[key].split(".")[:-3]) in layers for key in plan.checkpoint)
+
+
+def _verify(
+    peft_model: PeftModel,
+    plan: LoadPlan,
+    adapter_name: str,
+    weights: dict[str, Any],
+    state: dict[str, Any] | None = None,
+) -> LoadReport:
     """Every swapped tensor holds the file's values (zero-padded where the rank is smaller), all finite."""
     import torch
 
-    state = adapter_tensors(peft_model, adapter_name, True)
+    if state is None:
+        state = adapter_tensors(peft_model, adapter_name, True)
     wrong = []
     with torch.no_grad():
         for key, new in weights.items():
@@ -295,9 +353,13 @@ def _verify(peft_model: PeftModel, plan: LoadPlan, adapter_name: str, weights: d
             if have.dim() != new.dim() or any(h < n for h, n in zip(have.shape, new.shape, strict=True)):
                 wrong.append(key)
                 continue
-            padded = torch.zeros_like(have)  # peft pads a smaller rank with zeros
-            padded[tuple(slice(0, n) for n in new.shape)] = new.to(have.device, have.dtype)
-            if not torch.equal(have, padded):
+            if have.shape == new.shape:
+                same = torch.equal(have, new.to(have.device, have.dtype))
+            else:
+                padded = torch.zeros_like(have)  # peft pads a smaller rank with zeros
+                padded[tuple(slice(0, n) for n in new.shape)] = new.to(have.device, have.dtype)
+                same = torch.equal(have, padded)
+            if not same:
                 wrong.append(key)
     non_finite, _ = scan_values({k: state[k] for k in weights if k in state})
     causes = []

@@ -107,13 +107,7 @@ def named_keys_peft_accepts(
 
 
 def _map_key(key: str, mapping: Mapping[str, str]) -> str:
-    prefix = (
-        PEFT_PREFIX
-        if key.startswith(PEFT_PREFIX)
-        else "base_model."
-        if key.startswith("base_model.")
-        else ""
-    )
+    prefix = PEFT_PREFIX if key.startswith(PEFT_PREFIX) else "base_model." if key.startswith("base_model.") else ""
     if not prefix:
         return key
     rest = key[len(prefix) :]

@@ -76,9 +76,7 @@ def inspect_adapter(
         data = load_pickle(files.weights_path)
         tensors = [TensorEntry(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in data.items()]
         total = sum(v.numel() * v.element_size() for v in data.values())
-    ranks = {
-        module_of(t.key): t.shape[0] for t in tensors if role_of(t.key) is Role.A and t.shape
-    }
+    ranks = {module_of(t.key): t.shape[0] for t in tensors if role_of(t.key) is Role.A and t.shape}
     cfg = config.data
     pattern = cfg.get("rank_pattern") or {}
     agrees = all(r == _configured_rank(m, cfg.get("r"), pattern) for m, r in ranks.items())

@@ -51,7 +51,8 @@ def merge_rank_shards(
     source = os.fspath(directory)
     files = find_rank_files(source)
     if len(files) < 2:
-        raise AdapterFormatError.of("per_rank_shards",
+        raise AdapterFormatError.of(
+            "per_rank_shards",
             f"{source}: holds no per-rank adapter files (rank_0/, rank_1/, ... or adapter_model-rank0.safetensors)",
             fix="pass the directory that holds the per-rank files.",
             adapter=source,
@@ -67,7 +68,8 @@ def merge_rank_shards(
         other = next(f.rank for f, c in zip(files, configs, strict=False) if c != configs[0])
         raise _refusal(
             source,
-            finding("shard_configs_differ",
+            finding(
+                "shard_configs_differ",
                 f"rank {other}'s adapter_config.json differs from rank 0's",
             ),
         )
@@ -94,7 +96,8 @@ def merge_rank_shards(
             if differ is not None:
                 raise _refusal(
                     source,
-                    finding("replicas_differ",
+                    finding(
+                        "replicas_differ",
                         f"{key!r} is replicated (every rank holds it whole) but rank {differ}'s copy differs from "
                         "rank 0's: the ranks trained it apart (its gradients were never reduced across ranks)",
                         fix="train again with the adapter under the model's sharding (safe_load_adapter places it), "
@@ -108,7 +111,8 @@ def merge_rank_shards(
         if dim is None:
             raise _refusal(
                 source,
-                finding("shards_incomplete",
+                finding(
+                    "shards_incomplete",
                     f"the per-rank parts of {key!r} ({', '.join(map(str, map(list, shapes)))}) do not add up to "
                     f"the shape the model expects ({list(want) if want else 'no such key'})",
                     fix="check that every rank's file is present and that the base model is the one trained on.",

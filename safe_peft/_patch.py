@@ -169,7 +169,9 @@ def _wrap_from_pretrained(original: Any) -> Any:
 
         return safe_load_adapter(
             model,  # type: ignore[arg-type]
-            bound.arguments["model_id"], bound.arguments.get("adapter_name", "default"), **settings.options(),
+            bound.arguments["model_id"],
+            bound.arguments.get("adapter_name", "default"),
+            **settings.options(),
             **rest,
         )
 

@@ -22,7 +22,7 @@ def load_pickle(path: str) -> dict[str, Any]:
         foreign = pickle_globals(path)
         if not foreign and not isinstance(exc, pickle.UnpicklingError):
             raise AdapterFormatError.of(
-            "unreadable_pickle",
+                "unreadable_pickle",
                 f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
                 adapter=path,
             ) from None

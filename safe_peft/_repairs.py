@@ -56,9 +56,7 @@ def repair_config(
             done.append(f"targets: modules_to_save {_show(new.modules_to_save)} -> {heads}")
             new.modules_to_save = heads
     if "rank" in names:
-        ranks = {
-            module_of(k): s[0] for k, s in checkpoint.items() if role_of(k) is Role.A and s
-        }
+        ranks = {module_of(k): s[0] for k, s in checkpoint.items() if role_of(k) is Role.A and s}
         if ranks:
             r = Counter(ranks.values()).most_common(1)[0][0]
             pattern = {m: v for m, v in sorted(ranks.items()) if v != r}

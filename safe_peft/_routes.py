@@ -136,11 +136,22 @@ def plan_for(
     route = resolve_route(model, adapter_name, replace, inplace)
     if route == "from_pretrained":
         return make_plan(
-            model, model_id, adapter_name, remap=remap, repair=repair, allow_pickle=allow_pickle,
+            model,
+            model_id,
+            adapter_name,
+            remap=remap,
+            repair=repair,
+            allow_pickle=allow_pickle,
             peft_kwargs=peft_kwargs,
         )
     return route_plan(
-        model, model_id, adapter_name, route=route, remap=remap, repair=repair, allow_pickle=allow_pickle,
+        model,
+        model_id,
+        adapter_name,
+        route=route,
+        remap=remap,
+        repair=repair,
+        allow_pickle=allow_pickle,
         peft_kwargs=peft_kwargs,
     )
 
@@ -157,6 +168,23 @@ def route_plan(
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
     """The stages of :func:`~safe_peft._plan.make_plan` for ``route``, on the model seen through its adapters."""
+    from safe_peft._bounds import gc_paused
+    from safe_peft._keys import memoised
+
+    with memoised(), gc_paused():  # as make_plan: acyclic data only
+        return _route_plan(model, model_id, adapter_name, route, remap, repair, allow_pickle, peft_kwargs)
+
+
+def _route_plan(
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    route: str,
+    remap: object,
+    repair: tuple[str, ...],
+    allow_pickle: bool,
+    peft_kwargs: Mapping[str, Any] | None,
+) -> LoadPlan:
     kwargs = dict(peft_kwargs or {})
     inner = model.get_base_model() if is_peft_model(model) else model  # type: ignore[operator]
     planning = see_through(inner)
@@ -242,8 +270,7 @@ def route_findings(
         found.append(
             finding(
                 "repair_not_on_route",
-                "repair=('vocab',) resizes the base model's embeddings, which the adapters already in the model "
-                "share",
+                "repair=('vocab',) resizes the base model's embeddings, which the adapters already in the model share",
                 details={"repair": "vocab"},
             )
         )

@@ -159,9 +159,7 @@ def read_scalar(header: SafetensorsHeader, key: str) -> float:
     if info.dtype == "BF16" and len(raw) == 2:
         return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
     if info.dtype not in formats or len(raw) != struct.calcsize(formats[info.dtype]):
-        raise AdapterFormatError.of(
-            "bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path
-        )
+        raise AdapterFormatError.of("bad_entry", f"{header.path}: {key!r} is not a scalar alpha", adapter=header.path)
     return float(struct.unpack(formats[info.dtype], raw)[0])
 
 

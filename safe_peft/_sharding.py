@@ -278,7 +278,8 @@ def sharding_findings(
         return []
     engines = sorted(sharding.engines)
     return [
-        finding("load_before_sharding",
+        finding(
+            "load_before_sharding",
             f"this adapter cannot be placed on the sharded model ({', '.join(engines)}): {reasons[0]}"
             + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
             fix=_load_first_fix(sharding, tp_modules, getattr(config, "adapter_name", None) or "default"),

@@ -49,7 +49,7 @@ def _worlds(length: int, part: int) -> set[int]:
 
 
 def _role(key: str) -> str | None:
-    """"A" / "B" for the two LoRA halves (the key grammar's roles), None otherwise."""
+    """ "A" / "B" for the two LoRA halves (the key grammar's roles), None otherwise."""
     role = role_of(key)
     return {Role.A: "A", Role.B: "B"}.get(role) if role is not None else None
 
@@ -91,7 +91,8 @@ def shard_findings(mismatches: Iterable[Any]) -> list[tuple[int, Diagnosis, set[
 
 
 def _fsdp(world: int, count: int, example: str, details: dict[str, Any]) -> Diagnosis:
-    return finding("fsdp_shard_saved",
+    return finding(
+        "fsdp_shard_saved",
         f"{count} tensors hold 1/{world} of their rows (dim 0; e.g. {example!r}): one rank's FSDP shards were saved "
         f"as the whole adapter (FSDP2 adapter_only saves, accelerate#4206), so the other {world - 1} ranks' rows are "
         "not in this file; loaded as it is, (N-1)/N of the adapter would fall back to its initial values",
@@ -104,7 +105,8 @@ def _fsdp(world: int, count: int, example: str, details: dict[str, Any]) -> Diag
 
 
 def _tensor_parallel(world: int, count: int, example: str, details: dict[str, Any]) -> Diagnosis:
-    return finding("tp_shard_saved",
+    return finding(
+        "tp_shard_saved",
         f"{count} tensors hold 1/{world} of a tensor-parallel dimension (lora_B rows of column-parallel layers, "
         f"lora_A columns of row-parallel ones; e.g. {example!r}): one tensor-parallel rank's shard saved as the "
         "whole adapter",
@@ -164,7 +166,8 @@ def distributed_save_error(directory: str, location: str) -> AdapterFormatError 
     if len(files) >= 2 or (files and missing_ranks(files)):
         ranks = [f.rank for f in files]
         gaps = missing_ranks(files)
-        return AdapterFormatError.of("per_rank_shards",
+        return AdapterFormatError.of(
+            "per_rank_shards",
             f"{directory}: holds one adapter file per rank ({len(files)} files, ranks {_span(ranks)}), a per-rank "
             "save of a sharded adapter, not one adapter" + (f"; ranks {_span(gaps)} are missing" if gaps else ""),
             fix=(
@@ -177,7 +180,8 @@ def distributed_save_error(directory: str, location: str) -> AdapterFormatError 
         )
     if ".metadata" in names and any(n.endswith(".distcp") for n in names):
         parts = sorted(n for n in names if n.endswith(".distcp"))
-        return AdapterFormatError.of("dcp_checkpoint",
+        return AdapterFormatError.of(
+            "dcp_checkpoint",
             f"{directory}: is a torch.distributed.checkpoint (DCP) directory ({len(parts)} .distcp files and "
             ".metadata, as FSDP's SHARDED_STATE_DICT writes), not a PEFT adapter",
             fix=f"convert it to one file first (python -m torch.distributed.checkpoint.format_utils dcp_to_torch "

@@ -16,21 +16,60 @@ runs (the interrupt is re-raised once everything is back).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ModuleSnapshot"]
+__all__ = ["ModuleSnapshot", "ValueSnapshot"]
 
 _CONTAINERS = (dict, list, set)  # each has .copy(), shallow and of its own type; an empty one is recorded as None
 
 
-class ModuleSnapshot:
+class _Undo:
+    """What every record shares: clones of the tensors a load overwrites in place, and an interrupt-proof restore."""
+
+    _values: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def protect(self, tensors: list[torch.Tensor]) -> None:
+        """Clone tensors a load will overwrite in place, so that :meth:`restore` can put them back."""
+        self._values.extend((t, t.detach().clone()) for t in tensors if t.device.type != "meta")
+
+    def restore(self) -> None:
+        """Put everything recorded back (interrupt-proof: a second Ctrl-C meanwhile is re-raised after)."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._restore()
+                break
+            except KeyboardInterrupt as exc:  # a second Ctrl-C while undoing: finish the undo first
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def _put_values_back(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for tensor, saved in self._values:
+                tensor.copy_(saved)
+
+
+class ModuleSnapshot(_Undo):
     """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config."""
 
     def __init__(self, model: nn.Module) -> None:
+        from safe_peft._bounds import gc_paused
+
+        with gc_paused():  # thousands of small acyclic records: no collection pass over the whole heap meanwhile
+            self._record(model)
+
+    def _record(self, model: nn.Module) -> None:
         self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
         seen: set[int] = set()
@@ -45,23 +84,7 @@ class ModuleSnapshot:
         self._grads = [(p, p.requires_grad) for p in model.parameters()]
         config = getattr(model, "config", None)
         self._config = (config, dict(config.__dict__)) if hasattr(config, "__dict__") else None
-        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def protect(self, tensors: list[torch.Tensor]) -> None:
-        """Clone tensors a load will overwrite in place, so that :meth:`restore` can put them back."""
-        self._values.extend((t, t.detach().clone()) for t in tensors if t.device.type != "meta")
-
-    def restore(self) -> None:
-        """Put every recorded attribute, dict, tensor, flag and protected value back (interrupt-proof)."""
-        interrupted: BaseException | None = None
-        while True:
-            try:
-                self._restore()
-                break
-            except KeyboardInterrupt as exc:  # a second Ctrl-C while undoing: finish the undo first
-                interrupted = exc
-        if interrupted is not None:
-            raise interrupted
+        self._values = []
 
     def _restore(self) -> None:
         import torch
@@ -82,11 +105,31 @@ class ModuleSnapshot:
                 now = tensor.data
                 if now.shape != data.shape or now.dtype != data.dtype or now.data_ptr() != data.data_ptr():
                     tensor.data = data
-            for tensor, saved in self._values:
-                tensor.copy_(saved)
+        self._put_values_back()
         for param, requires_grad in self._grads:
             param.requires_grad_(requires_grad)
         if self._config is not None:
             config, state = self._config
             config.__dict__.clear()
             config.__dict__.update(state)
+
+
+class ValueSnapshot(_Undo):
+    """The undo of a load that only writes tensors in place, sets train / eval mode and sets entries of a few dicts
+    (a reload or hot-swap into the tensors of an adapter that is there, nothing injected): clones of those tensors,
+    every module's ``training`` flag and copies of those dicts (``dicts``: a hot-swap's per-layer scalings).
+    The same interface as :class:`ModuleSnapshot`, at a fraction of its cost; used only where the route itself
+    guarantees that nothing else changes."""
+
+    def __init__(self, model: nn.Module, dicts: Sequence[dict[str, Any]] = ()) -> None:
+        self._training = [(m, m.training) for m in model.modules()]
+        self._dicts = [(d, dict(d)) for d in dicts]
+        self._values = []
+
+    def _restore(self) -> None:
+        self._put_values_back()
+        for module, training in self._training:
+            module.training = training
+        for original, items in self._dicts:
+            original.clear()
+            original.update(items)

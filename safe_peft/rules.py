@@ -69,7 +69,6 @@ class RemapRule:
         return self.regex.sub(self.replacement, key)
 
 
-
 Remap = None | Literal["auto"] | Sequence[RemapRule] | Mapping[str, str]
 """The ``remap=`` argument: ``None`` (never rename), ``"auto"`` (the built-in rules, only if every key then lands
 exactly), your own :class:`RemapRule` sequence, or a ``{regex: replacement}`` mapping."""

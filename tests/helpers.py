@@ -210,7 +210,7 @@ def assert_same_state(before: dict[str, Any], model: nn.Module) -> None:
         assert [now[k] for k in plain] == [layer[k] for k in plain], name
         assert now["scaling"].keys() == layer["scaling"].keys(), name
         for k, v in layer["scaling"].items():
-            assert (torch.equal(now["scaling"][k], v) if torch.is_tensor(v) else now["scaling"][k] == v), (name, k)
+            assert torch.equal(now["scaling"][k], v) if torch.is_tensor(v) else now["scaling"][k] == v, (name, k)
     assert after["params"].keys() == before["params"].keys()
     for name, (value, grad, dtype, device) in before["params"].items():
         now, now_grad, now_dtype, now_device = after["params"][name]

@@ -278,4 +278,3 @@ def test_ctrl_c_at_random_moments(kind: str, kinds: dict[str, Any]) -> None:
             before = whole_model(base)
     assert landed >= ROUNDS // 12, landed  # most rounds really landed inside a load
     assert torch.equal(outputs(safe_load_adapter(base, directory, **kwargs)), reference)
-

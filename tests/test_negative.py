@@ -6,9 +6,12 @@ from __future__ import annotations
 import negative
 import pytest
 
-SAMPLE = [
-    ("llama", s.name) for s in negative.SCENARIOS
-] + [("gpt2", "causal_into_bare"), ("gpt2", "rank_edited"), ("qwen2", "shallower_base"), ("opt", "bare_into_causal")]
+SAMPLE = [("llama", s.name) for s in negative.SCENARIOS] + [
+    ("gpt2", "causal_into_bare"),
+    ("gpt2", "rank_edited"),
+    ("qwen2", "shallower_base"),
+    ("opt", "bare_into_causal"),
+]
 
 
 @pytest.mark.parametrize(("arch", "scenario"), SAMPLE, ids=[f"{a}-{s}" for a, s in SAMPLE])

@@ -59,8 +59,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Any]) -> d
     adapter("no_task", "causal", base_model_name_or_path=made["base_causal"], task_type=None, auto_mapping=None)
     mapping = {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers.models.llama.modeling_llama"}
     adapter("mapped", "causal", base_model_name_or_path=made["base_causal"], task_type=None, auto_mapping=mapping)
-    adapter("foreign_lib", "causal", base_model_name_or_path=made["base_causal"], task_type=None,
-            auto_mapping={"base_model_class": "Thing", "parent_library": "some_plugin.models"})
+    adapter(
+        "foreign_lib",
+        "causal",
+        base_model_name_or_path=made["base_causal"],
+        task_type=None,
+        auto_mapping={"base_model_class": "Thing", "parent_library": "some_plugin.models"},
+    )
     made["r4"] = derive(made["causal"], str(root / "r4"), config=lambda c: c.update(r=4))
     adapter("tokenizer", "causal", base_model_name_or_path=made["base_causal"], task_type="CAUSAL_LM")
     _save_tokenizer(made["tokenizer"], vocab=120)  # more tokens than the base's 100 embedding rows

@@ -50,13 +50,17 @@ def _fresh(swaps: dict[str, str], which: str) -> torch.Tensor:
     return outputs(PeftModel.from_pretrained(build("causal"), swaps[which]))
 
 
-@pytest.mark.parametrize("which", ["same", "smaller", "larger", "subset"])
+# the adapter swapped in -> the route: a copy into the loaded tensors when every shape matches, peft's otherwise
+FITTING = {"same": "in_place", "smaller": "peft_hotswap", "larger": "peft_hotswap", "subset": "peft_hotswap"}
+
+
+@pytest.mark.parametrize("which", list(FITTING))
 def test_a_fitting_swap_equals_peft_s_and_a_fresh_load(which: str, swaps: dict[str, str]) -> None:
     plain = _loaded(swaps)
     hotswap_adapter(plain, swaps[which], "default")
     ours = _loaded(swaps)
     report = safe_hotswap_adapter(ours, swaps[which], "default")
-    assert report.ok and not report.warnings
+    assert report.ok and not report.warnings and report.route == FITTING[which]
     assert torch.equal(outputs(ours), outputs(plain))
     a, b = ours.state_dict(), plain.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -76,6 +80,23 @@ def test_a_rank_pattern_gets_the_scaling_a_fresh_load_gives(swaps: dict[str, str
     assert torch.allclose(outputs(ours), fresh, atol=1e-5)
     scaling = ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
     assert scaling == 4.0
+
+
+def test_an_alpha_pattern_swapped_in_place_gets_the_scaling_a_fresh_load_gives(tmp_path: Any) -> None:
+    """Both adapters with the same alpha_pattern (a hot-swap requires it) and the same shapes: the copy route sets
+    each module's scaling as a fresh load does, where plain peft's hot-swap ignores the pattern, and says so."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    for seed, directory in ((21, first), (22, second)):
+        train_adapter(build("causal"), directory, seed=seed, alpha_pattern={"q_proj": 32}, lora_alpha=16)
+    fresh = outputs(PeftModel.from_pretrained(build("causal"), second))
+    plain = PeftModel.from_pretrained(build("causal"), first)
+    hotswap_adapter(plain, second, "default")
+    assert not torch.allclose(outputs(plain), fresh, atol=1e-3)
+    ours = PeftModel.from_pretrained(build("causal"), first)
+    report = safe_hotswap_adapter(ours, second, "default")
+    assert report.route == "in_place"
+    assert [w.code for w in report.warnings] == ["hotswap_scaling_corrected"]
+    assert torch.allclose(outputs(ours), fresh, atol=1e-5)
 
 
 # case -> (adapter to swap in, what to do to the loaded model first, primary code)
@@ -109,10 +130,12 @@ def test_every_refusal_is_typed_and_nothing_is_swapped(case: str, swaps: dict[st
     assert_same_state(before, model)
 
 
+@pytest.mark.parametrize("which", ["same", "smaller"])
 def test_an_interrupt_half_way_through_restores_every_tensor(
-    swaps: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    which: str, swaps: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """peft swaps one tensor after another; stopped after three, the model is put back whole."""
+    """Stopped at the third scaling update (the copy route: every tensor copied; peft's: part way through its
+    tensors), the model is put back whole."""
     import peft.utils.hotswap as hotswap
 
     model = _loaded(swaps)
@@ -127,7 +150,7 @@ def test_an_interrupt_half_way_through_restores_every_tensor(
 
     monkeypatch.setattr(hotswap, "_update_scaling", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        safe_hotswap_adapter(model, swaps["smaller"], "default")
+        safe_hotswap_adapter(model, swaps[which], "default")
     assert_same_state(before, model)
 
 

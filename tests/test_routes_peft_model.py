@@ -227,9 +227,7 @@ def test_replace_swaps_config_and_weights_and_keeps_the_roles(adapters: dict[str
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_replace_weights_is_plain_load_adapter_into_the_same_adapter(
-    adapters: dict[str, Any], tmp_path: Any
-) -> None:
+def test_replace_weights_is_plain_load_adapter_into_the_same_adapter(adapters: dict[str, Any], tmp_path: Any) -> None:
     """replace='weights': the checkpoint's weights written into the adapter, as plain load_adapter with an existing
     name (the Trainer's resume) does; the tensors are the same objects, updated in place."""
     other = str(tmp_path / "retrained")
@@ -243,6 +241,101 @@ def test_replace_weights_is_plain_load_adapter_into_the_same_adapter(
     _same_adapter(ours, plain, "default")
     assert all(p is tensors[n] for n, p in ours.named_parameters() if "lora_" in n)
     assert torch.equal(outputs(ours), outputs(plain))
+
+
+# first adapter -> (retrained adapter: LoRA kwargs, how the first is loaded, the route the reload takes)
+RELOADS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "lora": ({}, {}, "in_place"),
+    "saved_head": ({"modules_to_save": ["lm_head"]}, {}, "in_place"),
+    "dora": ({"use_dora": True}, {}, "in_place"),
+    "lora_bias": ({"lora_bias": True}, {}, "in_place"),
+    # saved base biases are base tensors written in place: peft's own route, under the whole-model snapshot
+    "base_biases": ({"bias": "lora_only"}, {}, "initialising"),
+    # the loaded adapter kept in bf16: peft's reload upcasts it (autocast), so peft's own route is taken
+    "bf16_kept": ({}, {"autocast_adapter_dtype": False, "dtype": torch.bfloat16}, "initialising"),
+}
+
+
+@pytest.mark.parametrize("case", list(RELOADS))
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_reload_equals_plain_load_adapter_on_every_route(case: str, trainable: bool, tmp_path: Any) -> None:
+    """replace='weights' on each kind of adapter, as plain ``load_adapter`` with the existing name: the same tensor
+    objects with the same values, dtypes, flags and train / eval modes; the report says which route ran (a copy
+    into the adapter's tensors where that is all peft does, peft's own load_adapter otherwise)."""
+    lora, loading, route = RELOADS[case]
+    dtype = loading.get("dtype")
+    first_kwargs = {k: v for k, v in loading.items() if k != "dtype"}
+    biased = {"attention_bias": True} if "bias" in case else {}  # layers with a bias for the bias options
+    first, retrained = str(tmp_path / "first"), str(tmp_path / "retrained")
+    train_adapter(build("causal", **biased), first, seed=12, **lora)
+    train_adapter(build("causal", **biased), retrained, seed=13, **lora)
+
+    def loaded() -> PeftModel:
+        base = build("causal", **biased) if dtype is None else build("causal", **biased).to(dtype)
+        model = PeftModel.from_pretrained(base, first, **first_kwargs)
+        model.train()  # peft's load_adapter ends with eval() unless trainable: both must do the same
+        return model
+
+    plain, ours = loaded(), loaded()
+    plain.load_adapter(retrained, "default", is_trainable=trainable)
+    tensors = {n: p for n, p in ours.named_parameters()}
+    report = safe_load_adapter(
+        ours, retrained, "default", replace="weights", is_trainable=trainable, output_loading_info=True
+    )[1]
+    assert report.ok and not report.warnings and report.route == route
+    _same_adapter(ours, plain, "default")
+    assert [m.training for m in ours.modules()] == [m.training for m in plain.modules()]
+    assert [(n, p.dtype) for n, p in ours.named_parameters()] == [(n, p.dtype) for n, p in plain.named_parameters()]
+    if route == "in_place":
+        assert all(p is tensors[n] for n, p in ours.named_parameters())
+    assert torch.equal(outputs(ours), outputs(plain))
+
+
+@pytest.mark.parametrize("stage", ["after_read", "mid_copy", "eval", "verification"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_in_place_reload_restores_the_peft_model(
+    stage: str, error: type[BaseException], adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-place reload stopped at each of its steps (half of the tensors copied, in ``mid_copy``): every tensor,
+    flag and mode as it was; then the same reload succeeds."""
+    import peft.utils.save_and_load as save_and_load
+
+    import safe_peft._carried as carried
+
+    other = str(tmp_path / "retrained")
+    train_adapter(build("causal"), other, seed=11)
+    model = _peft_model(adapters)
+    model.train()
+    before = model_state(model)
+
+    def stop(*_: Any, **__: Any) -> Any:
+        raise error(f"interrupted at {stage}")
+
+    real_read = save_and_load.load_peft_weights
+
+    class HalfThenStop(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            pairs = list(super().items())
+            yield from pairs[: len(pairs) // 2]
+            stop()
+
+    if stage == "after_read":
+        monkeypatch.setattr(save_and_load, "load_peft_weights", stop)
+    elif stage == "mid_copy":
+        monkeypatch.setattr(save_and_load, "load_peft_weights", lambda *a, **k: HalfThenStop(real_read(*a, **k)))
+    elif stage == "eval":
+        monkeypatch.setattr(PeftModel, "eval", stop, raising=False)
+    else:
+        monkeypatch.setattr(carried, "verify", stop)
+    with pytest.raises(KeyboardInterrupt if error is KeyboardInterrupt else AdapterLoadError):
+        safe_load_adapter(model, other, "default", replace="weights")
+    assert_same_state(before, model)
+    monkeypatch.undo()
+    plain = _peft_model(adapters)
+    plain.load_adapter(other, "default")
+    report = safe_load_adapter(model, other, "default", replace="weights", output_loading_info=True)[1]
+    assert report.route == "in_place"
+    assert torch.equal(outputs(model), outputs(plain))
 
 
 def test_a_free_name_with_replace_just_adds(adapters: dict[str, Any], extra: dict[str, str]) -> None:

@@ -479,8 +479,11 @@ def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], t
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
     fix_adapter(build("causal"), bad, str(tmp_path / "ours"), repair=("rank",))
     fix_adapter(build("causal"), bad, str(tmp_path / "ours"), repair=("rank",), force=True)
-    assert sorted(os.listdir(tmp_path / "ours")) == [".safe-peft-fix.json", "adapter_config.json",
-                                                      "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ours")) == [
+        ".safe-peft-fix.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any], tmp_path: Any) -> None:

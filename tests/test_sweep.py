@@ -48,8 +48,9 @@ def _lora_case(mapping: str, model_type: str, targets: str) -> sweep.Case:
     if model_type not in names:
         pytest.skip(f"the installed transformers has no {mapping} class for {model_type}")
     class_name = names[model_type]
-    return sweep.Case(model_type, class_name[0] if isinstance(class_name, (tuple, list)) else class_name, mapping,
-                      "LORA", targets)
+    return sweep.Case(
+        model_type, class_name[0] if isinstance(class_name, (tuple, list)) else class_name, mapping, "LORA", targets
+    )
 
 
 def _check(result: sweep.Result) -> None:
