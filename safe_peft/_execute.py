@@ -112,10 +112,17 @@ def atomically(snapshot: ModuleSnapshot | ValueSnapshot, planned: LoadReport) ->
     """The one undo of every route: on any exit by an exception the snapshot is restored; an ``AdapterLoadError``
     and a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit) go through unchanged, any
     other error becomes an ``AdapterLoadError`` with the planned report and peft's message. Yields a list for the
-    temporary directories the load writes; they are removed on every exit."""
+    temporary directories the load writes; they are removed on every exit.
+
+    The load runs with the cyclic garbage collector paused (counted, so threads and nesting restore it exactly): it
+    builds modules and tensors that outlive it, and collection passes over the whole heap meanwhile find nothing to
+    free; what cyclic garbage the load leaves is collected after."""
+    from safe_peft._bounds import gc_paused
+
     temporary: list[str | None] = []
     try:
-        yield temporary
+        with gc_paused():
+            yield temporary
     except AdapterLoadError:
         snapshot.restore()
         raise

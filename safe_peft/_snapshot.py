@@ -16,7 +16,7 @@ runs (the interrupt is re-raised once everything is back).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["ModuleSnapshot", "ValueSnapshot"]
 
 _CONTAINERS = (dict, list, set)  # each has .copy(), shallow and of its own type; an empty one is recorded as None
+
+
+def _container_types() -> Callable[[type], bool]:
+    """``issubclass(kind, _CONTAINERS)``, memoised per type (a module's ``__dict__`` holds a handful of types)."""
+    known: dict[type, bool] = {}
+
+    def check(kind: type) -> bool:
+        found = known.get(kind)
+        if found is None:
+            found = known[kind] = issubclass(kind, _CONTAINERS)
+        return found
+
+    return check
 
 
 class _Undo:
@@ -72,16 +85,22 @@ class ModuleSnapshot(_Undo):
     def _record(self, model: nn.Module) -> None:
         self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grads: list[tuple[torch.Tensor, bool]] = []
         seen: set[int] = set()
+        container = _container_types()
         for module in model.modules():
             state = module.__dict__
-            nested = [(v, v.copy() if v else None) for v in state.values() if isinstance(v, _CONTAINERS)]
+            nested = [(v, v.copy() if v else None) for v in state.values() if container(type(v))]
             self._modules.append((module, dict(state), nested))
-            for tensor in (*module._parameters.values(), *module._buffers.values()):
+            for tensor in module._parameters.values():  # model.parameters()'s order, without a second walk
                 if tensor is not None and id(tensor) not in seen:
                     seen.add(id(tensor))
                     self._data.append((tensor, tensor.data))
-        self._grads = [(p, p.requires_grad) for p in model.parameters()]
+                    self._grads.append((tensor, tensor.requires_grad))
+            for buffer in module._buffers.values():
+                if buffer is not None and id(buffer) not in seen:
+                    seen.add(id(buffer))
+                    self._data.append((buffer, buffer.data))
         config = getattr(model, "config", None)
         self._config = (config, dict(config.__dict__)) if hasattr(config, "__dict__") else None
         self._values = []

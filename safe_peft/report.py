@@ -127,7 +127,10 @@ class LoadReport:
 
     ``ok`` is True when the adapter loads (or loaded) completely and exactly. ``warnings``
     never make ``ok`` False. ``renames`` and ``repairs`` list what an opt-in changed.
-    ``adapter`` and ``model_class`` only serve the rendered message.
+    ``adapter`` and ``model_class`` only serve the rendered message. ``route`` says how a load ran:
+    ``"meta"`` (the adapter created on the meta device and the checkpoint assigned), ``"initialising"`` or
+    ``"low_cpu_mem_usage"`` (peft's own routes), ``"in_place"`` (a reload or hot-swap copied into the loaded
+    adapter's tensors) or ``"peft_hotswap"``; empty for a prediction.
     """
 
     ok: bool
@@ -142,7 +145,7 @@ class LoadReport:
     model_class: str = ""
     adapter_name: str = "default"
     base_model_unchanged: bool = True
-    route: str = ""  # how a load ran: "meta" (adapter created on meta, checkpoint assigned) or "initialising"
+    route: str = ""
 
     @property
     def primary(self) -> Diagnosis | None:
