@@ -406,7 +406,8 @@ def _unexpected(ev: Evidence, explained: frozenset[str]) -> list[Found]:
                 len(biases),
             )
         )
-    rest = [k for k in keys if k not in magnitude and k not in biases]
+    told = {*magnitude, *biases}
+    rest = [k for k in keys if k not in told]
     beyond, untargeted, absent = _where(rest, ev)
     if beyond:
         have, want = beyond
@@ -562,9 +563,11 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
 def _trailing_layers(ev: Evidence, missing: list[str]) -> tuple[int, int] | None:
     """(checkpoint's last layer, model's last layer) when every missing key sits in a layer past the
     checkpoint's last one, and the checkpoint covers layers 0 to its last: a shallower model's adapter."""
-    have = _layers(module_of(k) for k in ev.checkpoint if role_of(k) is not None or k in ev.view.expected)
     lacking = _layers(ev.view.expected[k].module for k in missing if k in ev.view.expected)
-    if not have or not lacking or None in lacking or len(lacking) != len(missing):
+    if not lacking or None in lacking or len(lacking) != len(missing):
+        return None
+    have = _layers(module_of(k) for k in ev.checkpoint if role_of(k) is not None or k in ev.view.expected)
+    if not have:
         return None
     top = max(h for h in have if h is not None)
     layers = sorted({h for h in have if h is not None})

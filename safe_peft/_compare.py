@@ -18,7 +18,7 @@ def shape_fits(have: Shape, want: Shape) -> bool:
     """The checkpoint's shape is the expected one (dimensions marked ``ANY`` match any size)."""
     if have == want:
         return True
-    return len(have) == len(want) and all(w == ANY or h == w for h, w in zip(have, want, strict=True))
+    return ANY in want and len(have) == len(want) and all(w == ANY or h == w for h, w in zip(have, want, strict=True))
 
 
 @dataclass(frozen=True)

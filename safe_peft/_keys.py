@@ -91,7 +91,14 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-_MEMO = threading.local()  # this thread's tables inside memoised(): key -> module, key -> role
+class _Memo(threading.local):
+    """This thread's tables inside memoised() (key -> module, key -> role); None outside. A class default, so that
+    reading it in a thread that never entered memoised() is a plain lookup, not a caught AttributeError."""
+
+    tables: tuple[dict[str, str], dict[str, Any]] | None = None
+
+
+_MEMO = _Memo()
 _NONE = object()
 
 
@@ -100,7 +107,7 @@ def memoised() -> Iterator[None]:
     """Within the block, :func:`module_of` and :func:`role_of` compute each key once, in this thread only (a plan
     asks them about every key of the checkpoint several times: a 100,000-tensor header, millions of calls). The
     tables go with the block, so nothing outlives the call."""
-    if getattr(_MEMO, "tables", None) is not None:  # nested: the outer block's tables serve
+    if _MEMO.tables is not None:  # nested: the outer block's tables serve
         yield
         return
     _MEMO.tables = ({}, {})
@@ -112,7 +119,7 @@ def memoised() -> Iterator[None]:
 
 def role_of(key: str) -> Role | None:
     """The LoRA tensor a key holds (``Role.A``, ``Role.B``, ...), or None for any other key."""
-    tables = getattr(_MEMO, "tables", None)
+    tables = _MEMO.tables
     if tables is None:
         return _role_of(key)
     got = tables[1].get(key, _NONE)
@@ -139,18 +146,18 @@ def is_embedding_part(key: str) -> bool:
 
 def rank_axis(role: Role | None) -> int | None:
     """The dimension that holds the rank: 0 for ``lora_A``, 1 for ``lora_B``; None for other tensors."""
-    return {Role.A: 0, Role.B: 1}.get(role) if role is not None else None
+    return 0 if role is Role.A else 1 if role is Role.B else None
 
 
 def module_of(key: str) -> str:
     """The module path a key belongs to, without peft's prefix and the adapter part (or the parameter name)."""
-    tables = getattr(_MEMO, "tables", None)
+    tables = _MEMO.tables
     if tables is None:
         return _module_of(key)
     got = tables[0].get(key)
     if got is None:
         got = tables[0][key] = _module_of(key)
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def _module_of(key: str) -> str:

@@ -1,9 +1,10 @@
 """Turn torch's ``Error(s) in loading state_dict for X`` message (or peft's missing-keys warning)
-into a :class:`LoadReport`. Linear time (markers found with ``str.find``, each key read once)
-and never raises on odd input."""
+into a :class:`LoadReport`. Linear time (markers found with ``str.find``, torch's own size-mismatch lines read by
+one bounded regular expression, each key read once) and never raises on odd input."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from itertools import repeat
 
@@ -11,7 +12,7 @@ from safe_peft._bounds import gc_paused
 from safe_peft._catalog import finding
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import KeyDiff
-from safe_peft._keys import Role, is_adapter_key, without_adapter_name
+from safe_peft._keys import Role, is_adapter_key, memoised, without_adapter_name
 from safe_peft._model_view import ExpectedKey, ModelView
 from safe_peft.report import Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 from safe_peft.rules import BUILTIN, plan_remap
@@ -41,7 +42,8 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
         unexpected = list(map(_new_unexpected, zip(unexpected_keys, repeat(None))))
         mismatches = _size_mismatches(text)
         found = bool(missing or unexpected or mismatches)
-        causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
+        with memoised():  # the detectors ask module_of / role_of about the same sampled keys again and again
+            causes = _classify(missing_keys, unexpected_keys, mismatches) if found else []
     return LoadReport(
         ok=not found,
         missing=missing,
@@ -56,6 +58,7 @@ def parse_load_error(error_or_message: BaseException | str) -> LoadReport:
 CLASSIFY_SAMPLE = 1_000
 _new_missing = partial(tuple.__new__, MissingKey)
 _new_unexpected = partial(tuple.__new__, UnexpectedKey)
+_new_size = partial(tuple.__new__, SizeMismatch)
 
 
 def _model_class(text: str) -> str:
@@ -81,19 +84,58 @@ def _quoted_after(text: str, marker: str, quote: str) -> list[str]:
 
 
 def _size_mismatches(text: str) -> list[SizeMismatch]:
+    first = text.find(_SIZE)
+    if first < 0:
+        return []
+    lines = _TORCH_SIZE_LINE.findall(text, first)
+    if len(lines) == text.count(_SIZE, first):  # every one in torch's own wording: read in one pass
+        return _worded(lines)
     found = []
-    pos = text.find(_SIZE)
+    pos = first
     while pos >= 0:
         start = pos + len(_SIZE)
-        colon = text.find(": ", start, start + 2000)
-        line_end = text.find("\n", start)
-        line_end = len(text) if line_end < 0 else line_end
-        if 0 <= colon < line_end:
-            shapes = _two_shapes(text, colon, min(line_end, colon + 1000))
-            if shapes is not None:
-                found.append(SizeMismatch(text[start:colon], *shapes))
+        mismatch = _size_mismatch_at(text, start)
+        if mismatch is not None:
+            found.append(mismatch)
         pos = text.find(_SIZE, start)
     return found
+
+
+# torch's line, ``size mismatch for <key>: copying a param with shape torch.Size([16, 1024]) from checkpoint, the
+# shape in current model is torch.Size([8, 1024])``, within the bounds the general reader keeps (a key of at most
+# 1,998 characters, shapes of at most 198). Its key holds no colon, space or newline: the marker has spaces, so the
+# match never runs past the next one (linear), and no other occurrence of the marker can start inside a match, so
+# as many matches as markers means each marker starts one, and they read as the general reader reads them.
+_TORCH_SIZE_LINE = re.compile(
+    re.escape(_SIZE)
+    + r"([^\n: ]{0,1998}): copying a param with shape torch\.Size\(\[([0-9, ]{0,198})\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([0-9, ]{0,198})\]\)"
+)
+
+
+def _worded(lines: list[tuple[str, str, str]]) -> list[SizeMismatch]:
+    """The mismatches of torch's lines (key, checkpoint shape, model shape); each distinct shape is read once."""
+    keys, have, want = zip(*lines, strict=True)
+    shapes = {body: _shape(body) for body in {*have, *want}}
+    if None in shapes.values():  # "1,,2" or "1 2": not a shape, and not a mismatch
+        pairs = zip(keys, map(shapes.__getitem__, have), map(shapes.__getitem__, want), strict=True)
+        return [_new_size(t) for t in pairs if t[1] is not None and t[2] is not None]
+    return list(map(_new_size, zip(keys, map(shapes.__getitem__, have), map(shapes.__getitem__, want), strict=True)))
+
+
+def _size_mismatch_at(text: str, start: int) -> SizeMismatch | None:
+    """The mismatch whose key starts at ``start`` (after the marker): the key up to the first ``": "`` on its line,
+    then two shapes within 1,000 characters of it."""
+    colon = text.find(": ", start, start + 2000)
+    if colon < 0:
+        return None
+    line_end = text.find("\n", start, colon + 1000)  # a newline past that changes nothing: look no further
+    if line_end < 0:
+        line_end = min(len(text), colon + 1000)
+    elif line_end <= colon:
+        return None
+    shapes = _two_shapes(text, colon, min(line_end, colon + 1000))
+    return None if shapes is None else SizeMismatch(text[start:colon], *shapes)
 
 
 _OPEN, _CLOSE = "torch.Size([", "])"

@@ -248,32 +248,32 @@ def _problems(
     problems: list[str] = []
     count = 0
     landed: dict[str, str] = {}
-
-    def spelled() -> bool:
-        nonlocal count
-        count += 1
-        return shown is None or len(problems) < shown
-
+    room = len(mapping) + len(expected) if shown is None else shown  # (there are never more problems than that)
     for old, new in mapping.items():
         if new is None:
             continue
         if new in landed:
-            if spelled():
+            count += 1
+            if len(problems) < room:
                 problems.append(f"{old!r} and {landed[new]!r} both become {new!r}")
             continue
         landed[new] = old
         want = expected.get(new)
         if want is None:
-            if spelled():
+            count += 1
+            if len(problems) < room:
                 problems.append(f"{new!r} is not a key of the model")
             continue
         have = tuple(checkpoint[old])
-        fits = shape_fits(have, want.shape) or (same_shape is not None and same_shape(new, have, want.shape))
-        if not fits and spelled():
-            problems.append(f"{new!r} has shape {list(have)}, the model expects {list(want.shape)}")
-    for key, want in expected.items():
-        if want.required and key not in landed and spelled():
-            problems.append(f"{key!r} is still missing")
+        shape = want.shape
+        if have == shape or shape_fits(have, shape) or (same_shape is not None and same_shape(new, have, shape)):
+            continue
+        count += 1
+        if len(problems) < room:
+            problems.append(f"{new!r} has shape {list(have)}, the model expects {list(shape)}")
+    left = [key for key, want in expected.items() if want.required and key not in landed]
+    count += len(left)
+    problems.extend(f"{key!r} is still missing" for key in left[: max(room - len(problems), 0)])
     return tuple(problems), count
 
 
@@ -329,12 +329,14 @@ def _plan_remap(
     search = groups.sample(_SEARCH_TEMPLATES, candidates)
     budget = _FULL_CHECK_KEYS
     closest: tuple[tuple[int, int], tuple[RemapRule, ...]] | None = None
+    checked: tuple[dict[str, str | None], tuple[str, ...], int] | None = None  # the closest's full check, if it had one
     for size in range(1, min(max_rules, len(candidates)) + 1):
         for combo in itertools.combinations(candidates, size):
             mapped = search.map_templates(combo)
             if mapped is None:
                 continue
             score = (search.misses(mapped, expected), 0)  # keys landing nowhere first, then other problems
+            full_check = None
             if score[0] == 0:
                 if budget < len(checkpoint):
                     score = (0, len(checkpoint) + 1)  # not checked in full any more: ranked after those that were
@@ -348,18 +350,21 @@ def _plan_remap(
                     if not count:
                         return _plan(combo, mapping, problems)
                     score = (0, count)
+                    full_check = (mapping, problems, count)
             if closest is None or score < closest[0]:
-                closest = (score, combo)
+                closest, checked = (score, combo), full_check
     if closest is None:
         return RemapPlan((), {}, (), False, ("no built-in rule changes any key",), 0)
     _, combo = closest
+    if checked is not None:  # the same renaming and check as below, already done
+        return _plan(combo, *checked)
     full = groups.map_templates(combo)
     mapping = groups.expand(full) if full is not None else apply_rules(checkpoint, combo)
     return _plan(combo, mapping, *_problems(mapping, checkpoint, expected, same_shape, _SHOWN))
 
 
-_DIGITS = re.compile(r"(?<![^.])\d+(?![^.])")
-_GONE: Any = object()  # a dropped key in the planner's caches  # a whole numeric path segment: layers.{17}.mlp
+_DIGITS = re.compile(r"(?<![^.])(\d+)(?![^.])")  # a whole numeric path segment: layers.{17}.mlp
+_GONE: Any = object()  # a dropped key in the planner's caches
 
 
 class _Templates:
@@ -367,11 +372,11 @@ class _Templates:
 
     def __init__(self, keys: Iterable[str]) -> None:
         self.members: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-        findall, sub = _DIGITS.findall, _DIGITS.sub
+        split = _DIGITS.split  # one pass: [text, number, text, ..., text]
         for key in keys:
-            numbers = tuple(findall(key))
-            template = sub("0", key) if numbers else key
-            self.members.setdefault(template, []).append((key, numbers))
+            parts = split(key)
+            template = "0".join(parts[::2]) if len(parts) > 1 else key
+            self.members.setdefault(template, []).append((key, tuple(parts[1::2])))
         self.templates = list(self.members)
         self._applied: dict[int, dict[Any, Any]] = {}  # id(rule) -> text -> result (_GONE: dropped), one search
         self._digits: dict[str, int] = {}

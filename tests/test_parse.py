@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from peft import PeftModel
 
 from safe_peft import Cause, parse_load_error
+from safe_peft._parse import _SIZE, _size_mismatch_at, _size_mismatches
 
 
 def _torch_error(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> RuntimeError:
@@ -133,3 +134,57 @@ def test_adversarial_megabyte_inputs_stay_linear(pattern: str) -> None:
 def test_parse_never_raises_property(parts: list[str]) -> None:
     report = parse_load_error("".join(parts))
     assert report.ok == (not (report.missing or report.unexpected or report.size_mismatches))
+
+
+def _read_one_by_one(text: str) -> list[Any]:
+    """The general reader at every marker: what _size_mismatches must give, whichever way it reads."""
+    found, pos = [], text.find(_SIZE)
+    while pos >= 0:
+        found.append(_size_mismatch_at(text, pos + len(_SIZE)))
+        pos = text.find(_SIZE, pos + len(_SIZE))
+    return [m for m in found if m is not None]
+
+
+_LINE = (
+    "size mismatch for {}: copying a param with shape torch.Size([{}]) from checkpoint, "
+    "the shape in current model is torch.Size([{}])."
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n\t".join(_LINE.format(f"m.{i}.lora_A.weight", "16, 64", "8, 64") for i in range(50)),
+        _LINE.format("a", "1", "2") + _LINE.format("b", "3", "4"),  # two on one line
+        _LINE.format("a", "1,,2", "2") + "\n" + _LINE.format("b", "", "4"),  # not a shape / a scalar
+        _LINE.format("a:b", "1", "2") + "\n" + _LINE.format("b", "3", "4"),  # a colon in a key: read one by one
+        _LINE.format("k" * 1998, "1", "2") + "\n" + _LINE.format("k" * 1999, "1", "2"),  # the key length bound
+        _LINE.format("a", "1" * 198, "2") + "\n" + _LINE.format("a", "1" * 199, "2"),  # the shape length bound
+        _LINE.format("size mismatch for a", "1", "2"),  # a marker inside a key
+    ],
+)
+def test_torch_worded_lines_read_as_one_by_one(text: str) -> None:
+    assert _size_mismatches(text) == _read_one_by_one(text)
+
+
+@pytest.mark.property
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                *list("ab.:, 1\n"),
+                "size mismatch for ",
+                ": copying a param with shape torch.Size([",
+                "]) from checkpoint, the shape in current model is torch.Size([",
+                "])",
+                "16, 64",
+                _LINE.format("x.lora_A.weight", "8, 4", "4, 4"),
+            ]
+        ),
+        max_size=60,
+    )
+)
+def test_size_mismatches_read_as_one_by_one_property(parts: list[str]) -> None:
+    text = "".join(parts)
+    assert _size_mismatches(text) == _read_one_by_one(text)
