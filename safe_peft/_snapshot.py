@@ -77,12 +77,6 @@ class ModuleSnapshot(_Undo):
     """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config."""
 
     def __init__(self, model: nn.Module) -> None:
-        from safe_peft._bounds import gc_paused
-
-        with gc_paused():  # thousands of small acyclic records: no collection pass over the whole heap meanwhile
-            self._record(model)
-
-    def _record(self, model: nn.Module) -> None:
         self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grads: list[tuple[torch.Tensor, bool]] = []

@@ -537,9 +537,19 @@ def test_peft_kwargs_are_honoured_and_never_mutated(kwarg: str, adapters: dict[s
 LOADABLE = [s for s in SCENARIOS if s.cause is None] + FIXABLE
 
 
+@pytest.fixture
+def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meta route for every adapter the plan proves complete and exact, however small (by default a small
+    adapter takes peft's initialising route, which is then the faster one)."""
+    import safe_peft._execute
+
+    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+
+
 @pytest.mark.parametrize("s", LOADABLE, ids=lambda s: s.name)
+@pytest.mark.usefixtures("meta_whenever_exact")
 def test_both_load_routes_give_identical_outputs(s: Scenario, adapters: dict[str, Any], scenario_dir: Any) -> None:
-    """The default route (adapter created on meta, checkpoint assigned: the plan proved it complete) and peft's
+    """The meta route (adapter created on meta, checkpoint assigned: the plan proved it complete) and peft's
     initialising route (what plain peft does by default) give the very same model."""
     directory = scenario_dir(s)
     fast, fast_report = safe_load_adapter(
@@ -549,7 +559,7 @@ def test_both_load_routes_give_identical_outputs(s: Scenario, adapters: dict[str
         build(s.model, **s.model_overrides), directory, output_loading_info=True, low_cpu_mem_usage=False, **s.fix
     )
     assert slow_report.route == "initialising"
-    assert fast_report.route in ("meta", "initialising")
+    assert fast_report.route in ("meta", "initialising")  # meta where the plan proves it exact
     assert torch.equal(outputs(fast), outputs(slow))
     fast_state, slow_state = fast.state_dict(), slow.state_dict()
     assert fast_state.keys() == slow_state.keys()
@@ -560,7 +570,16 @@ def test_both_load_routes_give_identical_outputs(s: Scenario, adapters: dict[str
     ]
 
 
-def test_the_fast_route_is_the_default_for_plain_lora(adapters: dict[str, Any]) -> None:
+def test_the_meta_route_is_taken_where_it_is_the_faster_one(
+    adapters: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact plain LoRA takes the meta route when its tensors are large for the number of adapted modules (skipping
+    their initialisation saves more than the meta device context costs), peft's initialising route when small."""
+    import safe_peft._execute
+
+    _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
+    assert report.route == "initialising"  # a tiny adapter: a few thousand elements per module
+    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 100)
     _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
     assert report.route == "meta" and report.to_dict()["route"] == "meta"
     _, report = safe_load_adapter(build("causal"), adapters["causal"][0], output_loading_info=True, strict=False)
