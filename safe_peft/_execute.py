@@ -276,8 +276,32 @@ def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any
             if isinstance(item, torch.Tensor):
                 yield where, item
             else:
-                for sub, tensor in item.state_dict(keep_vars=True).items():
-                    yield f"{where}.{sub}", tensor
+                yield from _state_of(item, where)
+
+
+def _state_of(module: nn.Module, where: str) -> Iterator[tuple[str, Any]]:
+    """``module.state_dict(keep_vars=True)`` under ``where``: read directly for a leaf module with torch's own
+    saving (a tuner layer's ``nn.Linear`` / ``nn.Embedding`` halves), by ``state_dict`` for anything else."""
+    import torch
+
+    plain = (
+        not module._modules
+        and type(module)._save_to_state_dict is torch.nn.Module._save_to_state_dict
+        and not module._state_dict_hooks
+        and not module._state_dict_pre_hooks
+        and not getattr(module, "_extra_state", None)
+        and type(module).get_extra_state is torch.nn.Module.get_extra_state
+    )
+    if not plain:
+        for sub, tensor in module.state_dict(keep_vars=True).items():
+            yield f"{where}.{sub}", tensor
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            yield f"{where}.{name}", param
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            yield f"{where}.{name}", buffer
 
 
 def takes_in_place(checkpoint: dict[str, tuple[int, ...]], tensors: dict[str, Any]) -> bool:
