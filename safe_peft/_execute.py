@@ -143,11 +143,13 @@ def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict
     exact = plan.report.ok and view is not None and view.method == "analytic" and view.error is None
     if not exact or not strict or plan.vocab_size is not None or rewrites_base(plan.peft_config):
         return "initialising"
-    if getattr(base_model, "hf_device_map", None) is not None or _has_meta_tensors(base_model):
-        return "initialising"
     if set(kwargs) - _META_ROUTE_KWARGS:  # anything else from_pretrained itself interprets: leave it to peft
         return "initialising"
-    return "meta" if _initialising_costs_more(plan) else "initialising"
+    if not _initialising_costs_more(plan):
+        return "initialising"
+    if getattr(base_model, "hf_device_map", None) is not None or _has_meta_tensors(base_model):
+        return "initialising"
+    return "meta"
 
 
 # The meta route skips the random initialisation of the adapter's tensors (a cost per element) but pays the per-thread
@@ -215,6 +217,10 @@ def overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
     """Base-model tensors the load writes in place: every checkpoint entry that names a tensor the base already has
     (biases saved by ``bias="all"`` / ``"lora_only"``, base embedding weights saved with the adapter, ...), and
     the targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ)."""
+    own = (Role.A, Role.B, Role.BIAS, Role.MAGNITUDE)  # LoRA's own tensors: never a base tensor
+    rewrites = plan.view is not None and rewrites_base(plan.peft_config)
+    if not rewrites and all(role_of(key) in own for key in plan.checkpoint):
+        return []
     tensors: dict[str, Any] = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     names = set()
@@ -222,7 +228,8 @@ def overwritten_base_tensors(model: nn.Module, plan: LoadPlan) -> list[Any]:
         name = base_tensor_name(key)
         if name in tensors:
             names.add(name)
-    if plan.view is not None and rewrites_base(plan.peft_config):
+    if rewrites:
+        assert plan.view is not None
         names |= {f"{e.module}.weight" for e in plan.view.expected.values() if e.role is Role.A}
     return [tensors[name] for name in sorted(names) if name in tensors]
 
