@@ -425,6 +425,9 @@ def main() -> None:
         results["memory"][size] = load_memory(size)
         print(json.dumps(results["memory"][size]), flush=True)
     results.update(diagnose=diagnose_70b(), planning=planning(), remap_memory=remapped_memory(), cli=cli_check())
+    from routes import routes_overhead  # the other routes (issue 12), on the 33M model
+
+    results["routes"] = routes_overhead(7)
     with open(os.path.join(ROOT, "docs", "performance.md"), "w") as f:
         f.write(render(results))
     json.dump(results, sys.stdout, indent=1)
