@@ -141,12 +141,16 @@ _IN_PLACE_KWARGS = frozenset({"is_trainable", "torch_device", "autocast_adapter_
 
 def _writes_in_place(peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, Any], kwargs: dict[str, Any]) -> bool:
     """Whether a reload can be done as what it amounts to in peft, a ``copy_`` of each checkpoint tensor into the
-    adapter's tensor of the same key, and nothing else changes: plain LoRA (the analytic view), the checkpoint's own
-    keys (no renames, no key_mapping), exactly the adapter's keys with the same shapes, ordinary local tensors, no
-    device map (peft would re-dispatch), and no low-precision adapter tensor that peft's autocast would upcast."""
+    adapter's tensor of the same key, and nothing else changes: the only adapter in the model (with others, peft's
+    returned ``missing_keys`` names every key holding the adapter's name, theirs included), plain LoRA (the analytic
+    view), the checkpoint's own keys (no renames, no key_mapping), exactly the adapter's keys with the same shapes,
+    ordinary local tensors, no device map (peft would re-dispatch), and no low-precision adapter tensor that peft's
+    autocast would upcast."""
     import torch
 
     if plan.renames or plan.dropped or plan.legacy is not None or plan.files.weights_format != "safetensors":
+        return False
+    if len(peft_model.peft_config) != 1:  # peft's result lists other adapters' keys holding the name as missing
         return False
     if set(kwargs) - _IN_PLACE_KWARGS or getattr(peft_model, "hf_device_map", None) is not None:
         return False

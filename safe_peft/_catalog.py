@@ -133,6 +133,7 @@ _ENTRIES: tuple[Entry, ...] = (
     ),
     Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
     Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
+    Entry("other_adapter_copies", _C.VERSION_SKEW, 0, False, warning=True),
     # -- hostile input: values peft cannot compute with, and the bounds of safe_peft._bounds (issue 16) --------------
     Entry(
         "config_too_large",

@@ -245,7 +245,8 @@ def _execute(
     loaded: dict[str, Any] = needs["loaded"]
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
     names = _state_names(plan, adapter_name, prefix)
-    in_place = _swaps_in_place(plan, loaded, layers, names)
+    compiled = model is not peft_model or getattr(peft_model, "_compiled_call_impl", None) is not None
+    in_place = _swaps_in_place(peft_model, plan, loaded, layers, names, compiled)
     tensor_scalings = [
         m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)
     ]
@@ -321,10 +322,25 @@ def _peft_scalings(config: Any, names: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def _swaps_in_place(plan: LoadPlan, loaded: dict[str, Any], layers: dict[str, Any], names: dict[str, str]) -> bool:
-    """Whether the swap is a copy into tensors of the same shapes: the new adapter has exactly the loaded one's LoRA
-    tensors, shape for shape, ordinary local tensors, each of a layer peft's hot-swap finds by its key (it takes the
-    module three levels up)."""
+def _swaps_in_place(
+    peft_model: PeftModel,
+    plan: LoadPlan,
+    loaded: dict[str, Any],
+    layers: dict[str, Any],
+    names: dict[str, str],
+    compiled: bool,
+) -> bool:
+    """Whether peft's hot-swap would copy into tensors of the same shape and change nothing else: the only adapter in
+    the model (peft zeroes every key holding ``lora_`` and the adapter's name that the new adapter lacks, other
+    adapters' keys with the name as a substring included), a peft that copies (before 0.20 it swaps the tensor
+    objects of a model that is not compiled), exactly the loaded adapter's LoRA tensors, shape for shape, ordinary
+    local tensors, each of a layer peft's hot-swap finds by its key (it takes the module three levels up)."""
+    import peft
+
+    from safe_peft._versions import hotswap_copies
+
+    if len(peft_model.peft_config) != 1 or not (compiled or hotswap_copies(peft.__version__)):
+        return False
     lora = {k: t for k, t in loaded.items() if role_of(k) in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS)}
     if not takes_in_place(plan.checkpoint, lora):
         return False

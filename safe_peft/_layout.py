@@ -11,14 +11,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._keys import PEFT_PREFIX, Role
+from safe_peft._keys import PEFT_PREFIX, Role, without_adapter_name
 from safe_peft._model_view import ExpectedKey, has_weight_conversions
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["conversion_breaks_keys", "named_keys_peft_accepts", "peft_conversions"]
+__all__ = ["conversion_breaks_keys", "named_keys_peft_accepts", "other_adapters_copies", "peft_conversions"]
 
 Shape = tuple[int, ...]
 
@@ -104,6 +104,33 @@ def named_keys_peft_accepts(
     if not moved:
         return checkpoint
     return {moved.get(k, k): s for k, s in checkpoint.items()}
+
+
+def other_adapters_copies(
+    checkpoint: dict[str, Shape], expected: Mapping[str, ExpectedKey], adapter_name: str
+) -> tuple[tuple[str, ...], bool]:
+    """Copies of another adapter's tensors that peft wrote into this adapter's file, and whether the installed peft
+    would load them.
+
+    peft 0.17 saves, with ``lora_bias=True``, every adapter's ``lora_B`` bias into each adapter's file:
+    ``...lora_B.default.bias`` beside the adapter's own ``...lora_B.bias``. Only a key that carries an adapter name,
+    whose name-free form is one of the adapter's own keys present in the checkpoint with the same shape, counts.
+    peft 0.17 ignores them on load; a peft that passes keys naming a model tensor through as they are
+    (``_remap_adapter_state_dict_for_load``) writes the copy over the adapter's own tensor when it is loaded under the
+    name the copy carries."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    stray = tuple(
+        key
+        for key, shape in checkpoint.items()
+        if key not in expected
+        and (own := without_adapter_name(key)) != key
+        and own in expected
+        and checkpoint.get(own) == shape
+    )
+    passes_through = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
+    loaded = passes_through and any(f".{adapter_name}." in key or key.endswith(f".{adapter_name}") for key in stray)
+    return stray, loaded
 
 
 def _map_key(key: str, mapping: Mapping[str, str]) -> str:

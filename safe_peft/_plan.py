@@ -29,7 +29,12 @@ from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
 from safe_peft._config_values import check_against_model
 from safe_peft._keys import PEFT_PREFIX, strip_prefix
-from safe_peft._layout import conversion_breaks_keys, named_keys_peft_accepts, peft_conversions
+from safe_peft._layout import (
+    conversion_breaks_keys,
+    named_keys_peft_accepts,
+    other_adapters_copies,
+    peft_conversions,
+)
 from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.errors import AdapterFormatError
@@ -118,6 +123,7 @@ class Layout:
     checkpoint: dict[str, Shape]
     warnings: tuple[Diagnosis, ...] = ()
     causes: tuple[Diagnosis, ...] = ()  # peft's conversion itself breaks keys that fit
+    dropped: tuple[str, ...] = ()  # keys left out of the file peft loads (other adapters' copies)
 
 
 def convert_layout(
@@ -128,7 +134,22 @@ def convert_layout(
     checkpoint = named_keys_peft_accepts(checkpoint, view.expected, adapter_name)
     if broken is not None:
         return Layout(checkpoint, causes=(broken,))
-    return Layout(checkpoint, tuple(converted))
+    stray, loaded = other_adapters_copies(checkpoint, view.expected, adapter_name)
+    if not stray:
+        return Layout(checkpoint, tuple(converted))
+    gone = set(stray)
+    notes = list(converted)
+    if loaded:  # plain peft would write them over the adapter's own tensors: say so
+        notes.append(
+            finding(
+                "other_adapter_copies",
+                f"the file holds {len(stray)} copies of another adapter's tensors beside this adapter's own (e.g. "
+                f"{stray[0]!r}; peft 0.17 saves every adapter's lora_B bias into each file): they are left out, "
+                "where plain peft would load them over this adapter's own",
+                details={"keys": list(stray[:20])},
+            )
+        )
+    return Layout({k: v for k, v in checkpoint.items() if k not in gone}, tuple(notes), dropped=stray)
 
 
 # -- stage: choose renames (opt-in) ----------------------------------------------------------------------------
@@ -314,7 +335,7 @@ def verdict(
         repaired.peft_config,
         checkpoint,
         dict(renaming.renames),
-        renaming.dropped,
+        (*layout.dropped, *renaming.dropped),
         repaired.vocab_size,
         view,
         renaming.applied,

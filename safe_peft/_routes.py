@@ -455,8 +455,10 @@ def inplace_key_mapping(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str
 
 
 def _inplace_layout(model: nn.Module, layout: Layout, view: ModelView, kwargs: Mapping[str, Any]) -> Layout:
-    mapping = inplace_conversion(model, list(layout.checkpoint), view.expected, inplace_key_mapping(model, kwargs))
-    return Layout({mapping[k]: s for k, s in layout.checkpoint.items()}, layout.warnings)
+    keys = [*layout.checkpoint, *layout.dropped]
+    mapping = inplace_conversion(model, keys, view.expected, inplace_key_mapping(model, kwargs))
+    checkpoint = {mapping[k]: s for k, s in layout.checkpoint.items()}
+    return Layout(checkpoint, layout.warnings, dropped=tuple(mapping[k] for k in layout.dropped))
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

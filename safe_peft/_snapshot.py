@@ -16,7 +16,7 @@ runs (the interrupt is re-raised once everything is back).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,19 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["ModuleSnapshot", "ValueSnapshot"]
 
 _CONTAINERS = (dict, list, set)  # each has .copy(), shallow and of its own type; an empty one is recorded as None
-
-
-def _container_types() -> Callable[[type], bool]:
-    """``issubclass(kind, _CONTAINERS)``, memoised per type (a module's ``__dict__`` holds a handful of types)."""
-    known: dict[type, bool] = {}
-
-    def check(kind: type) -> bool:
-        found = known.get(kind)
-        if found is None:
-            found = known[kind] = issubclass(kind, _CONTAINERS)
-        return found
-
-    return check
 
 
 class _Undo:
@@ -81,10 +68,17 @@ class ModuleSnapshot(_Undo):
         self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grads: list[tuple[torch.Tensor, bool]] = []
         seen: set[int] = set()
-        container = _container_types()
+        is_container: dict[type, bool] = {}  # issubclass(kind, _CONTAINERS), per type: a module holds a handful
         for module in model.modules():
             state = module.__dict__
-            nested = [(v, v.copy() if v else None) for v in state.values() if container(type(v))]
+            nested = []
+            for value in state.values():
+                kind = type(value)
+                found = is_container.get(kind)
+                if found is None:
+                    found = is_container[kind] = issubclass(kind, _CONTAINERS)
+                if found:
+                    nested.append((value, value.copy() if value else None))
             self._modules.append((module, dict(state), nested))
             for tensor in module._parameters.values():  # model.parameters()'s order, without a second walk
                 if tensor is not None and id(tensor) not in seen:

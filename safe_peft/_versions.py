@@ -12,14 +12,22 @@ from packaging.version import InvalidVersion, Version
 
 __all__ = [
     "CONFIG_KEY_SINCE",
+    "HOTSWAP_COPIES_SINCE",
     "KNOWN_CHANGES",
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
     "KnownChange",
+    "hotswap_copies",
     "introduced_in",
     "is_newer",
 ]
+
+# peft's hot-swap writes a tensor of the same shape with copy_ from this release on; before it, it swapped the new
+# tensor object in (torch.utils.swap_tensors) on a model that is not compiled, so the module then holds a plain tensor
+# of the file's dtype without requires_grad (utils/hotswap.py, hotswap_adapter_from_state_dict; checked in 0.17.1,
+# 0.18.0, 0.18.1, 0.19.0 and 0.20.0).
+HOTSWAP_COPIES_SINCE = "0.20.0"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {
@@ -122,6 +130,14 @@ KNOWN_CHANGES: tuple[KnownChange, ...] = (
         "load with peft >= 0.18 (it converts the keys)",
     ),
 )
+
+
+def hotswap_copies(peft_version: str) -> bool:
+    """Whether this peft's hot-swap copies same-shape tensors into place on a model that is not compiled."""
+    try:
+        return Version(peft_version) >= Version(HOTSWAP_COPIES_SINCE)
+    except InvalidVersion:
+        return False
 
 
 def introduced_in(key: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import peft
 import pytest
 import torch
 from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
@@ -12,6 +13,7 @@ from peft import IA3Config, PeftModel, get_peft_model
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 from safe_peft import AdapterLoadError, safe_hotswap_adapter
+from safe_peft._versions import hotswap_copies
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,19 @@ def _fresh(swaps: dict[str, str], which: str) -> torch.Tensor:
     return outputs(PeftModel.from_pretrained(build("causal"), swaps[which]))
 
 
-# the adapter swapped in -> the route: a copy into the loaded tensors when every shape matches, peft's otherwise
-FITTING = {"same": "in_place", "smaller": "peft_hotswap", "larger": "peft_hotswap", "subset": "peft_hotswap"}
+# the adapter swapped in -> the route: a copy into the loaded tensors when every shape matches (and peft's own
+# hot-swap copies too: from 0.20; before, it swaps the tensor objects of a model that is not compiled), peft's otherwise
+COPIES = hotswap_copies(peft.__version__)
+FITTING = {
+    "same": "in_place" if COPIES else "peft_hotswap",
+    "smaller": "peft_hotswap",
+    "larger": "peft_hotswap",
+    "subset": "peft_hotswap",
+}
+
+
+def _parameters(model: PeftModel) -> list[tuple[str, str, torch.dtype, bool]]:
+    return [(n, type(p).__name__, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
 
 
 @pytest.mark.parametrize("which", list(FITTING))
@@ -61,6 +74,7 @@ def test_a_fitting_swap_equals_peft_s_and_a_fresh_load(which: str, swaps: dict[s
     ours = _loaded(swaps)
     report = safe_hotswap_adapter(ours, swaps[which], "default")
     assert report.ok and not report.warnings and report.route == FITTING[which]
+    assert _parameters(ours) == _parameters(plain)  # tensor kinds, dtypes, flags: as peft's own swap leaves them
     assert torch.equal(outputs(ours), outputs(plain))
     a, b = ours.state_dict(), plain.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -94,9 +108,28 @@ def test_an_alpha_pattern_swapped_in_place_gets_the_scaling_a_fresh_load_gives(t
     assert not torch.allclose(outputs(plain), fresh, atol=1e-3)
     ours = PeftModel.from_pretrained(build("causal"), first)
     report = safe_hotswap_adapter(ours, second, "default")
-    assert report.route == "in_place"
+    assert report.route == FITTING["same"]
     assert [w.code for w in report.warnings] == ["hotswap_scaling_corrected"]
     assert torch.allclose(outputs(ours), fresh, atol=1e-5)
+
+
+def test_a_swap_beside_another_adapter_is_peft_s(swaps: dict[str, str]) -> None:
+    """With another adapter whose name holds this one's ("default2"), peft's hot-swap also zeroes that adapter's
+    tensors (it zeroes every key holding ``lora_`` and the name that the new adapter lacks): peft's own route is
+    taken, and the result is the same model as plain peft's."""
+
+    def two() -> PeftModel:
+        model = _loaded(swaps)
+        model.load_adapter(swaps["same"], "default2")
+        return model
+
+    plain, ours = two(), two()
+    hotswap_adapter(plain, swaps["same"], "default")
+    report = safe_hotswap_adapter(ours, swaps["same"], "default")
+    assert report.route == "peft_hotswap"
+    a, b = ours.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _parameters(ours) == _parameters(plain)
 
 
 # case -> (adapter to swap in, what to do to the loaded model first, primary code)

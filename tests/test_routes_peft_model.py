@@ -291,6 +291,35 @@ def test_a_reload_equals_plain_load_adapter_on_every_route(case: str, trainable:
     assert torch.equal(outputs(ours), outputs(plain))
 
 
+@pytest.mark.parametrize("names", [("default",), ("default", "default2"), ("q", "other")])
+def test_a_reload_returns_what_peft_s_load_adapter_returns(names: tuple[str, ...], tmp_path: Any) -> None:
+    """Under the switch, ``load_adapter`` with an existing name returns peft's result: with other adapters whose keys
+    hold the name ("default2", or a module path such as ``q_proj`` for an adapter named "q"), peft lists their keys
+    as missing, so those reloads take peft's own route; the only adapter in a model is copied in place."""
+    import safe_peft
+
+    first, other = str(tmp_path / "first"), str(tmp_path / "retrained")
+    train_adapter(build("causal"), first, seed=12)
+    train_adapter(build("causal"), other, seed=13)
+
+    def loaded() -> PeftModel:
+        model = PeftModel.from_pretrained(build("causal"), first, adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(first, name)
+        return model
+
+    plain, ours = loaded(), loaded()
+    expected = plain.load_adapter(other, names[0])
+    with safe_peft.patched():
+        result = ours.load_adapter(other, names[0])
+    assert sorted(result.missing_keys) == sorted(expected.missing_keys)
+    assert sorted(result.unexpected_keys) == sorted(expected.unexpected_keys)
+    for name in names:
+        _same_adapter(ours, plain, name)
+    route = safe_load_adapter(loaded(), other, names[0], replace="weights", output_loading_info=True)[1].route
+    assert route == ("in_place" if len(names) == 1 else "initialising")
+
+
 @pytest.mark.parametrize("stage", ["after_read", "mid_copy", "eval", "verification"])
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_in_place_reload_restores_the_peft_model(

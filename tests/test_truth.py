@@ -3,13 +3,14 @@ a real tiny model and saved by real peft (issue 10's reproduced cases)."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import pytest
 import torch
 from helpers import build, derive, outputs
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 
@@ -245,3 +246,49 @@ def test_lenient_load_after_a_predicted_mismatch_adds_no_false_verification_fail
         _, report = safe_load_adapter(build("causal"), directory, strict=False, output_loading_info=True)
     assert "verification_failed" not in [d.code for d in report.causes]
     assert [d.code for d in report.causes] == [d.code for d in predicted.causes]
+
+
+def test_other_adapters_lora_bias_copies_peft_wrote_into_the_file(tmp_path: Any) -> None:
+    """peft 0.17 saves, with ``lora_bias=True`` and two adapters, the other adapter's ``lora_B`` biases into each
+    adapter's file (``...lora_B.default.bias`` beside ``...lora_B.bias``). peft 0.17 ignores those keys on load, so
+    safe_peft loads the file exactly and quietly; a newer peft, loading it as "default", writes the copies over the
+    adapter's own biases, so safe_peft leaves them out, loads the adapter that was saved and warns. A newer peft writes
+    a clean file: the stray keys are then added as peft 0.17 writes them, so both environments test the same file."""
+    from peft.tuners.tuners_utils import BaseTuner
+    from safetensors.torch import load_file, save_file
+
+    from safe_peft import safe_load_adapter_inplace
+
+    def config() -> LoraConfig:
+        return LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+
+    torch.manual_seed(3)
+    model = get_peft_model(build("causal", attention_bias=True), config())
+    model.add_adapter("x", config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(str(tmp_path))
+    directory = str(tmp_path / "x")
+    path = os.path.join(directory, "adapter_model.safetensors")
+    state = load_file(path)
+    if not any(".lora_B.default.bias" in k for k in state):  # the file peft 0.17 writes
+        theirs = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".lora_B.default.bias")}
+        state.update(theirs)
+        save_file(state, path)
+    model.set_adapter("x")
+    reference = outputs(model)
+    overwrites = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")  # a peft that passes model keys through
+    plain = outputs(PeftModel.from_pretrained(build("causal", attention_bias=True), directory))
+    assert torch.allclose(plain, reference, atol=1e-6) is not overwrites
+    loaded, report = safe_load_adapter(build("causal", attention_bias=True), directory, output_loading_info=True)
+    assert report.ok and not report.causes
+    assert [w.code for w in report.warnings] == (["other_adapter_copies"] if overwrites else [])
+    assert torch.allclose(outputs(loaded), reference, atol=1e-6)
+    named = safe_load_adapter(build("causal", attention_bias=True), directory, "x", output_loading_info=True)
+    assert named[1].ok and not named[1].warnings  # under its own name no peft loads the copies: quiet
+    assert torch.allclose(outputs(named[0]), reference, atol=1e-6)
+    inplace = build("causal", attention_bias=True)
+    safe_load_adapter_inplace(inplace, directory)
+    assert torch.allclose(outputs(inplace), reference, atol=1e-6)
