@@ -12,6 +12,10 @@ data) is enough to undo it. Tensors can also change under an unchanged module tr
 
 :meth:`ModuleSnapshot.restore` is idempotent and finishes even when a second ``KeyboardInterrupt`` arrives while it
 runs (the interrupt is re-raised once everything is back).
+
+:class:`ValueSnapshot` is the same undo for the routes that only write into tensors that are there (a reload or
+hot-swap copied into the loaded adapter): clones of those tensors, every module's ``training`` flag and the few dicts
+the route sets, at a fraction of the cost; the route decides, from its plan, that nothing else can change.
 """
 
 from __future__ import annotations
