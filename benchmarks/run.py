@@ -517,7 +517,7 @@ one fused pass over the adapter tensors (finite values, all-zero `lora_B`) plus 
 Success-path time of each route against the plain call it stands for (`benchmarks/routes.py`, the 33M model and
 adapter, median of 7, alternating). The target is the bound `safe_load_adapter` is held to (<= 1.10x). A reload
 (`replace="weights"`) and a hot-swap of the same shapes copy into the loaded adapter's tensors (`"in_place"`), with
-only those tensors, the scalings and the train / eval flags recorded for the undo; a further adapter and
+only what they write recorded for the undo (those tensors, the scalings, the train / eval flags); a further adapter and
 transformers' route inject new layers, so they record the whole model first (about 10-15 ms on this model's 673
 modules) and verify after.
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -240,12 +240,18 @@ def rewrites_base(config: Any) -> bool:
     return init in {"pissa", "olora", "corda", "loftq"} or init.startswith("pissa_niter_")
 
 
-def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict[str, Any]:
+def adapter_tensors(
+    model: PeftModel,
+    adapter_name: str,
+    analytic: bool,
+    layers: Iterable[tuple[str, nn.Module]] | None = None,
+) -> dict[str, Any]:
     """The adapter's tensors in the model, under their checkpoint keys.
 
     For plain LoRA (the analytic view) the tensors are those the tuner layers hold under the adapter's name,
     named by the key grammar (DoRA magnitudes also drop ``.weight``, as peft saves them); otherwise they come
-    from ``get_peft_model_state_dict``. A test holds the two equal.
+    from ``get_peft_model_state_dict``. A test holds the two equal. ``layers``: (name, module) pairs to look in
+    instead of the whole model, when the caller has found the tuner layers already (a hot-swap's LoRA layers).
     """
     from peft import get_peft_model_state_dict
 
@@ -253,7 +259,8 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
     wrapped = f".modules_to_save.{adapter_name}."
     tensors = {}
-    for name, tensor in _owned_state(model, adapter_name):  # parameters and buffers (saved heads' stats)
+    walk = model.named_modules(remove_duplicate=False) if layers is None else layers  # as state_dict: every path
+    for name, tensor in _owned_state(walk, adapter_name):  # parameters and buffers (saved heads' stats)
         if wrapped in name:
             tensors[name.replace(wrapped, ".")] = tensor
         else:
@@ -262,15 +269,16 @@ def adapter_tensors(model: PeftModel, adapter_name: str, analytic: bool) -> dict
     return tensors
 
 
-def _owned_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Any]]:
+def _owned_state(modules: Iterable[tuple[str, nn.Module]], adapter_name: str) -> Iterator[tuple[str, Any]]:
     """``model.state_dict(keep_vars=True)`` restricted to the adapter's own entries, under the same names, without
-    walking the base model's tensors: every per-adapter container a tuner layer (or a saved-module wrapper) holds
-    (lora_A, lora_magnitude_vector, modules_to_save, ...), at the adapter's name."""
+    walking the base model's tensors: every per-adapter container a tuner layer (or a saved-module wrapper) among
+    ``modules`` (the model's ``named_modules(remove_duplicate=False)``) holds (lora_A, lora_magnitude_vector,
+    modules_to_save, ...), at the adapter's name."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     containers = (torch.nn.ModuleDict, torch.nn.ParameterDict)
-    for prefix, module in model.named_modules(remove_duplicate=False):  # as state_dict walks: every path
+    for prefix, module in modules:
         if not isinstance(module, BaseTunerLayer) and not isinstance(
             module.__dict__["_modules"].get("modules_to_save"), torch.nn.ModuleDict
         ):
@@ -340,7 +348,7 @@ def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
     """The tensors that belong to ``adapter_name``, found structurally (:func:`_owned_state`): the entries under
     that name in each tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so
     that any name peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
-    return {id(tensor) for _, tensor in _owned_state(model, adapter_name)}
+    return {id(tensor) for _, tensor in _owned_state(model.named_modules(remove_duplicate=False), adapter_name)}
 
 
 def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:

@@ -123,7 +123,8 @@ def _compare(
             )
         )
         return causes, {}
-    merged, layers = [], {}
+    merged: list[str] = []
+    layers: dict[str, Any] = {}
     for name, module in peft_model.named_modules():  # one walk: merged tuner layers, and the LoRA layers to swap
         if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
             merged.append(name)
@@ -150,7 +151,7 @@ def _compare(
                 fields=" / ".join(fields),
             )
         )
-    tensors = adapter_tensors(peft_model, adapter_name, True)
+    tensors = adapter_tensors(peft_model, adapter_name, True, layers.items())  # the LoRA layers: all a swap writes
     loaded = {k: tuple(t.shape) for k, t in tensors.items()}
     new_keys = dict(plan.checkpoint)
     other = sorted(k for k in new_keys if role_of(k) not in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS))
@@ -251,7 +252,11 @@ def _execute(
         m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)
     ]
     if in_place:  # values and scalings change, nothing else
-        snapshot: ModuleSnapshot | ValueSnapshot = ValueSnapshot(peft_model, dicts=[m.scaling for m in layers.values()])
+        snapshot: ModuleSnapshot | ValueSnapshot = ValueSnapshot(
+            peft_model,
+            dicts=[m.scaling for m in layers.values()],
+            modes=False,  # a swap sets no train / eval mode
+        )
     else:  # peft may put new tensors in place (a larger rank)
         snapshot = ModuleSnapshot(peft_model)
     snapshot.protect([*loaded.values(), *tensor_scalings])

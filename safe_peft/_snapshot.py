@@ -132,8 +132,8 @@ class ValueSnapshot(_Undo):
     The same interface as :class:`ModuleSnapshot`, at a fraction of its cost; used only where the route itself
     guarantees that nothing else changes."""
 
-    def __init__(self, model: nn.Module, dicts: Sequence[dict[str, Any]] = ()) -> None:
-        self._training = [(m, m.training) for m in model.modules()]
+    def __init__(self, model: nn.Module, dicts: Sequence[dict[str, Any]] = (), *, modes: bool = True) -> None:
+        self._training = [(m, m.training) for m in model.modules()] if modes else []  # modes=False: none is set
         self._dicts = [(d, dict(d)) for d in dicts]
         self._values = []
 
