@@ -22,8 +22,8 @@ from safe_peft._execute import (
     is_fatal,
     load_directory,
     load_route,
-    merge_reports,
     overwritten_base_tensors,
+    settled,
     takes_in_place,
     verify,
 )
@@ -102,14 +102,12 @@ def _execute(
 ) -> tuple[PeftModel, LoadReport, Any]:
     inner = peft_model.get_base_model()
     analytic = plan.view is not None and plan.view.method == "analytic"
-    if route == "reload" and analytic:
-        loaded = adapter_tensors(peft_model, adapter_name, analytic)
-        if _writes_in_place(peft_model, plan, loaded, kwargs):
-            return _reload_in_place(peft_model, plan, adapter_name, loaded, strict, kwargs)
+    loaded = adapter_tensors(peft_model, adapter_name, analytic) if route == "reload" else {}
+    if route == "reload" and analytic and _writes_in_place(peft_model, plan, loaded, kwargs):
+        return _reload_in_place(peft_model, plan, adapter_name, loaded, strict, kwargs)
     snapshot = ModuleSnapshot(peft_model)
     protected = overwritten_base_tensors(see_through(inner), plan)
-    if route == "reload":  # the checkpoint is written into the adapter's own tensors, in place
-        protected += list(adapter_tensors(peft_model, adapter_name, analytic).values())
+    protected += list(loaded.values())  # a reload writes the checkpoint into the adapter's own tensors, in place
     snapshot.protect(protected)
     active = list(peft_model.active_adapters)
     flags = {id(p): p.requires_grad for p in peft_model.parameters()}
@@ -130,9 +128,7 @@ def _execute(
         if route == "replace":
             _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
         report = dataclasses.replace(verify(peft_model, plan, adapter_name), route=taken)
-        if not report.ok and strict:
-            raise AdapterLoadError(report)
-        return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
+        return peft_model, settled(plan, report, strict), result
 
 
 # What the reload route of peft's load_adapter reads besides the directory; anything else goes through peft itself
@@ -187,10 +183,7 @@ def _reload_in_place(
         if not kwargs.get("is_trainable", False):
             peft_model.eval()
         report = dataclasses.replace(verify(peft_model, plan, adapter_name, state=loaded), route="in_place")
-        if not report.ok and strict:
-            raise AdapterLoadError(report)
-        result = _IncompatibleKeys([], [])
-        return peft_model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
+        return peft_model, settled(plan, report, strict), _IncompatibleKeys([], [])
 
 
 def _delete_quietly(peft_model: PeftModel, adapter_name: str, active: list[str]) -> None:

@@ -7,6 +7,7 @@ load; this module is the one place that changes a model, and only after the plan
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ __all__ = [
     "overwritten_base_tensors",
     "rewrites_base",
     "scan_values",
+    "settled",
     "takes_in_place",
     "verify",
 ]
@@ -73,10 +75,7 @@ def execute(
             else:
                 config = plan.peft_config
                 model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
-        report = replace(verify(model, plan, adapter_name), route=route)
-        if not report.ok and strict:
-            raise AdapterLoadError(report)
-        return model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report))
+        return model, settled(plan, replace(verify(model, plan, adapter_name), route=route), strict)
 
 
 def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
@@ -161,14 +160,9 @@ META_ROUTE_MIN_ELEMENTS_PER_MODULE = 65_536
 
 def _initialising_costs_more(plan: LoadPlan) -> bool:
     assert plan.view is not None
-    elements, modules = 0, set()
-    for expected in plan.view.expected.values():
-        if expected.required:
-            count = 1
-            for dim in expected.shape:
-                count *= dim
-            elements += count
-            modules.add(expected.module)
+    required = [e for e in plan.view.expected.values() if e.required]
+    elements = sum(math.prod(e.shape) for e in required)
+    modules = {e.module for e in required}
     return bool(modules) and elements >= META_ROUTE_MIN_ELEMENTS_PER_MODULE * len(modules)
 
 
@@ -436,6 +430,15 @@ def scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:
                 elif norm == 0.0 and role_of(key) is Role.B:
                     zero.append(key)
     return non_finite, zero
+
+
+def settled(plan: LoadPlan, report: LoadReport, strict: bool) -> LoadReport:
+    """The end of every route: raise when the verification failed and the load is strict (the caller's
+    :func:`atomically` then undoes it), else the report to return, the plan's findings merged in when either one
+    found something."""
+    if not report.ok and strict:
+        raise AdapterLoadError(report)
+    return report if report.ok and plan.report.ok else merge_reports(plan.report, report)
 
 
 def merge_reports(before: LoadReport, after: LoadReport) -> LoadReport:

@@ -214,17 +214,17 @@ def _compare(
 
 def _scalings(config: Any, keys: dict[str, tuple[int, ...]]) -> dict[str, float]:
     """Module -> the LoRA scaling a fresh load of ``config`` gives it (peft's injection: patterns by module name)."""
+    return {module_of(key): _scaling(config, module_of(key)) for key in keys if role_of(key) is Role.A}
+
+
+def _scaling(config: Any, name: str) -> float:
+    """peft's LoRA scaling for ``name`` (a module's name in a fresh load; a state-dict key in peft's hot-swap): the
+    rank and alpha of the first pattern that matches it, else ``r`` and ``lora_alpha``."""
     from peft.utils.other import get_pattern_key
 
-    scalings = {}
-    for key in keys:
-        if role_of(key) is not Role.A:
-            continue
-        module = module_of(key)
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        scalings[module] = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-    return scalings
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    return float(alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
 
 
 def _execute(
@@ -317,14 +317,7 @@ def _state_names(plan: LoadPlan, adapter_name: str, prefix: str) -> dict[str, st
 def _peft_scalings(config: Any, names: dict[str, str]) -> dict[str, float]:
     """The scaling peft's ``hotswap_adapter_from_state_dict`` gives each module: per state-dict key, patterns matched
     against the key itself (not the module), the last key of a module winning, as in its loop."""
-    from peft.utils.other import get_pattern_key
-
-    out = {}
-    for state in names.values():
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), state), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), state), config.lora_alpha)
-        out[".".join(state.split(".")[:-3])] = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-    return out
+    return {".".join(state.split(".")[:-3]): _scaling(config, state) for state in names.values()}
 
 
 def _swaps_in_place(

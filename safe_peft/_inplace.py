@@ -17,8 +17,8 @@ from safe_peft._execute import (
     adapter_tensors,
     atomically,
     is_fatal,
-    merge_reports,
     overwritten_base_tensors,
+    settled,
     verify,
 )
 from safe_peft._guard import plain_calls
@@ -139,9 +139,7 @@ def _execute(
         analytic = plan.view is not None and plan.view.method == "analytic"
         state = {PEFT_PREFIX + k: v for k, v in adapter_tensors(model, adapter_name, analytic).items()}  # type: ignore[arg-type]
         report = verify(model, plan, adapter_name, state)  # type: ignore[arg-type]
-        if not report.ok and strict:
-            raise AdapterLoadError(report)
-        return model, (report if report.ok and plan.report.ok else merge_reports(plan.report, report)), result
+        return model, settled(plan, report, strict), result
 
 
 def _directory(model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> tuple[str, str | None]:
