@@ -65,34 +65,45 @@ class _Undo:
 
 
 class ModuleSnapshot(_Undo):
-    """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config."""
+    """A record of every module's attributes, each tensor's data (by reference), ``requires_grad`` and the config.
+
+    Kept in flat lists, and only the containers that hold something are copied (an empty one is emptied again on
+    restore): a load's record of a whole model is a few thousand objects, not tens of thousands, which matters
+    beyond its own time because every garbage collection during the load walks them."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
-        self._data: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._grads: list[tuple[torch.Tensor, bool]] = []
-        seen: set[int] = set()
+        modules = _every_module(model)
+        self._modules = modules
+        self._states = [module.__dict__.copy() for module in modules]
+        filled: list[Any] = []  # container, its copy, container, its copy, ... (non-empty ones only)
         is_container: dict[type, bool] = {}  # issubclass(kind, _CONTAINERS), per type: a module holds a handful
-        for module in model.modules():
-            state = module.__dict__
-            nested = []
+        for state in self._states:
             for value in state.values():
                 kind = type(value)
                 found = is_container.get(kind)
                 if found is None:
                     found = is_container[kind] = issubclass(kind, _CONTAINERS)
-                if found:
-                    nested.append((value, value.copy() if value else None))
-            self._modules.append((module, dict(state), nested))
-            for tensor in module._parameters.values():  # model.parameters()'s order, without a second walk
+                if found and value:
+                    filled.append(value)
+                    filled.append(value.copy())
+        self._filled = filled
+        self._is_container = is_container
+        tensors: list[torch.Tensor] = []  # parameters then buffers, each once; data by reference, flags of parameters
+        seen: set[int] = set()
+        for module in modules:
+            for tensor in module._parameters.values():
                 if tensor is not None and id(tensor) not in seen:
                     seen.add(id(tensor))
-                    self._data.append((tensor, tensor.data))
-                    self._grads.append((tensor, tensor.requires_grad))
+                    tensors.append(tensor)
+        self._params = len(tensors)
+        for module in modules:
             for buffer in module._buffers.values():
                 if buffer is not None and id(buffer) not in seen:
                     seen.add(id(buffer))
-                    self._data.append((buffer, buffer.data))
+                    tensors.append(buffer)
+        self._tensors = tensors
+        self._data = [tensor.data for tensor in tensors]
+        self._grads = [tensor.requires_grad for tensor in tensors[: self._params]]
         config = getattr(model, "config", None)
         self._config = (config, dict(config.__dict__)) if hasattr(config, "__dict__") else None
         self._values = []
@@ -100,29 +111,49 @@ class ModuleSnapshot(_Undo):
     def _restore(self) -> None:
         import torch
 
-        for module, state, nested in self._modules:
-            for original, items in nested:
-                if items is None:
-                    original.clear()
-                elif isinstance(original, list):
-                    original[:] = items
-                else:
-                    original.clear()
-                    original.update(items)
+        is_container = self._is_container
+        for state in self._states:  # every container emptied, then the ones that held something refilled
+            for value in state.values():
+                if is_container.get(type(value)):
+                    value.clear()
+        filled = self._filled
+        for i in range(0, len(filled), 2):
+            original, items = filled[i], filled[i + 1]
+            if isinstance(original, list):
+                original[:] = items
+            else:
+                original.clear()
+                original.update(items)
+        for module, state in zip(self._modules, self._states, strict=True):
             module.__dict__.clear()
             module.__dict__.update(state)
         with torch.no_grad():
-            for tensor, data in self._data:
+            for tensor, data in zip(self._tensors, self._data, strict=True):
                 now = tensor.data
                 if now.shape != data.shape or now.dtype != data.dtype or now.data_ptr() != data.data_ptr():
                     tensor.data = data
         self._put_values_back()
-        for param, requires_grad in self._grads:
+        for param, requires_grad in zip(self._tensors, self._grads, strict=False):  # the first _params tensors
             param.requires_grad_(requires_grad)
         if self._config is not None:
             config, state = self._config
             config.__dict__.clear()
             config.__dict__.update(state)
+
+
+def _every_module(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (each module once, in the same order), without building every module's name."""
+    seen: set[int] = set()
+    out = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:  # shared: visited at its first place, as torch does
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+    return out
 
 
 class ValueSnapshot(_Undo):

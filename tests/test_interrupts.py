@@ -278,3 +278,53 @@ def test_ctrl_c_at_random_moments(kind: str, kinds: dict[str, Any]) -> None:
             before = whole_model(base)
     assert landed >= ROUNDS // 12, landed  # most rounds really landed inside a load
     assert torch.equal(outputs(safe_load_adapter(base, directory, **kwargs)), reference)
+
+
+def _hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    return output
+
+
+def _swap_data(model: torch.nn.Module) -> None:
+    weight = model.get_submodule("0.0").weight
+    weight.data = torch.zeros(3, 2, dtype=torch.float64)
+
+
+# What a load can do to a model's objects, each undone by the whole-model record (identity of every container kept)
+_CHANGES = {
+    "hook into an empty dict": lambda m: m.get_submodule("0.0").register_forward_hook(_hook),
+    "child replaced": lambda m: m.get_submodule("0").__setattr__("1", torch.nn.Tanh()),
+    "child added": lambda m: m.get_submodule("1").add_module("extra", torch.nn.Linear(2, 2)),
+    "parameter added": lambda m: m.get_submodule("0.0").register_parameter("extra", torch.nn.Parameter(torch.ones(1))),
+    "buffer added": lambda m: m.get_submodule("1").register_buffer("seen", torch.ones(1)),
+    "attribute added": lambda m: setattr(m.get_submodule("1"), "peft_config", {"a": 1}),
+    "list grown in place": lambda m: m.get_submodule("1").names.append("b"),
+    "set emptied in place": lambda m: m.get_submodule("1").tags.clear(),
+    "data swapped": _swap_data,
+    "values written": lambda m: m.get_submodule("0.0").weight.data.add_(1.0),
+    "requires_grad": lambda m: m.get_submodule("0.0").weight.requires_grad_(False),
+    "train / eval": lambda m: m.eval(),
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_the_whole_model_record_undoes_each_kind_of_change(change: str) -> None:
+    from safe_peft._snapshot import ModuleSnapshot
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(2, 3)
+    model = torch.nn.Sequential(torch.nn.Sequential(shared, torch.nn.ReLU()), torch.nn.Sequential(shared))
+    model.get_submodule("1").names = ["a"]
+    model.get_submodule("1").tags = {"x"}
+    kinds = (dict, list, set)
+    containers = [(m, k, id(v)) for m in model.modules() for k, v in vars(m).items() if isinstance(v, kinds)]
+    before = whole_model(model)
+    snapshot = ModuleSnapshot(model)
+    snapshot.protect([shared.weight])
+    _CHANGES[change](model)
+    with pytest.raises(AssertionError):  # the change is there to be undone
+        assert_same_model(before, model)
+        assert model.get_submodule("1").names == ["a"] and model.get_submodule("1").tags == {"x"}
+    snapshot.restore()
+    assert_same_model(before, model)
+    assert [(m, k, id(vars(m)[k])) for m, k, _ in containers] == containers
+    assert model.get_submodule("1").names == ["a"] and model.get_submodule("1").tags == {"x"}
