@@ -19,6 +19,7 @@ from safe_peft._adapter import HUB_KWARGS
 from safe_peft._catalog import fatal, finding
 from safe_peft._keys import Role, base_tensor_name, checkpoint_key, role_of
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
+from safe_peft._walk import named_paths
 from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport, MissingKey, SizeMismatch, UnexpectedKey
@@ -259,7 +260,7 @@ def adapter_tensors(
         return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False))
     wrapped = f".modules_to_save.{adapter_name}."
     tensors = {}
-    walk = model.named_modules(remove_duplicate=False) if layers is None else layers  # as state_dict: every path
+    walk = named_paths(model) if layers is None else layers  # as state_dict: every path
     for name, tensor in _owned_state(walk, adapter_name):  # parameters and buffers (saved heads' stats)
         if wrapped in name:
             tensors[name.replace(wrapped, ".")] = tensor
@@ -278,10 +279,13 @@ def _owned_state(modules: Iterable[tuple[str, nn.Module]], adapter_name: str) ->
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     containers = (torch.nn.ModuleDict, torch.nn.ParameterDict)
+    is_tuner: dict[type, bool] = {}  # per class: an ABC's isinstance costs a microsecond, on every module
     for prefix, module in modules:
-        if not isinstance(module, BaseTunerLayer) and not isinstance(
-            module.__dict__["_modules"].get("modules_to_save"), torch.nn.ModuleDict
-        ):
+        kind = type(module)
+        tuner = is_tuner.get(kind)
+        if tuner is None:
+            tuner = is_tuner[kind] = issubclass(kind, BaseTunerLayer)
+        if not tuner and not isinstance(module.__dict__["_modules"].get("modules_to_save"), torch.nn.ModuleDict):
             continue
         for attr, container in module._modules.items():
             if attr == "base_layer" or not isinstance(container, containers) or adapter_name not in container:
@@ -348,7 +352,7 @@ def adapter_tensor_ids(model: nn.Module, adapter_name: str) -> set[int]:
     """The tensors that belong to ``adapter_name``, found structurally (:func:`_owned_state`): the entries under
     that name in each tuner layer's adapter containers (and in saved-module wrappers). Never by matching names, so
     that any name peft accepts (``weight``, ``base_layer``, ...) is told apart from the base model's own tensors."""
-    return {id(tensor) for _, tensor in _owned_state(model.named_modules(remove_duplicate=False), adapter_name)}
+    return {id(tensor) for _, tensor in _owned_state(named_paths(model), adapter_name)}
 
 
 def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str, Any] | None = None) -> LoadReport:

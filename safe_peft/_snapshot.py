@@ -72,7 +72,9 @@ class ModuleSnapshot(_Undo):
     beyond its own time because every garbage collection during the load walks them."""
 
     def __init__(self, model: nn.Module) -> None:
-        modules = _every_module(model)
+        from safe_peft._walk import every_module
+
+        modules = every_module(model)
         self._modules = modules
         self._states = [module.__dict__.copy() for module in modules]
         filled: list[Any] = []  # container, its copy, container, its copy, ... (non-empty ones only)
@@ -139,21 +141,6 @@ class ModuleSnapshot(_Undo):
             config, state = self._config
             config.__dict__.clear()
             config.__dict__.update(state)
-
-
-def _every_module(model: nn.Module) -> list[nn.Module]:
-    """``list(model.modules())`` (each module once, in the same order), without building every module's name."""
-    seen: set[int] = set()
-    out = []
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:  # shared: visited at its first place, as torch does
-            continue
-        seen.add(id(module))
-        out.append(module)
-        stack.extend(reversed([c for c in module._modules.values() if c is not None]))
-    return out
 
 
 class ValueSnapshot(_Undo):

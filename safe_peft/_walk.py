@@ -1,0 +1,60 @@
+"""Walks of a module tree: the modules ``nn.Module.modules()`` / ``named_modules()`` yield, in the same order, as
+lists built without recursion (and without names when none are asked for). The checks walk the whole model several
+times per load; torch's recursive generators cost about twice as much. A tree with a module whose class walks its
+own way (overrides ``named_modules``) is walked by torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["every_module", "named_paths"]
+
+
+def every_module(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``: each module once, at its first place."""
+    seen: set[int] = set()
+    out = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if _walks_itself(module):
+            return list(model.modules())
+        out.append(module)
+        stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+    return out
+
+
+def named_paths(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules(remove_duplicate=False))``: every path to every module (``state_dict``'s view)."""
+    out = []
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if _walks_itself(module):
+            return list(model.named_modules(remove_duplicate=False))
+        out.append((prefix, module))
+        children = module._modules
+        if children:
+            dot = prefix + "." if prefix else ""
+            stack.extend(reversed([(dot + name, c) for name, c in children.items() if c is not None]))
+    return out
+
+
+_OWN_WALK: dict[type, bool] = {}
+
+
+def _walks_itself(module: nn.Module) -> bool:
+    kind = type(module)
+    found = _OWN_WALK.get(kind)
+    if found is None:
+        from torch import nn
+
+        own = kind.named_modules is not nn.Module.named_modules or kind.modules is not nn.Module.modules
+        found = _OWN_WALK[kind] = own
+    return found
