@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from safe_peft._catalog import finding
 from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of
 from safe_peft._versions import TASK_HEADS
+from safe_peft._walk import every_module, named_modules
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def _survey(model: nn.Module) -> tuple[dict[str, ModulePort], frozenset[str]]:
 
     layers = {}
     names = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         names.append(name)
         if isinstance(module, nn.Linear):
             layers[name] = ModulePort("linear", module.in_features, module.out_features)
@@ -155,7 +156,7 @@ def _analytic_applies(model: nn.Module, config: Any) -> bool:
         return False
     if any(getattr(config, name, None) for name in _INJECTION_ONLY):
         return False
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    if any(isinstance(m, BaseTunerLayer) for m in every_module(model)):
         return False  # the model already carries adapters: let peft itself work out what is new
     return not has_weight_conversions(model)
 
@@ -210,7 +211,7 @@ def _analytic(
     expected: dict[str, ExpectedKey] = {}
     targeted: list[str] = []
     rank_keys = _pattern_keys(cfg.rank_pattern)
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not name:
             continue
         found = check_target_module_exists(cfg, name)
@@ -283,7 +284,7 @@ def _embedding_parameters(model: nn.Module) -> list[tuple[str, Any]]:
     layers = _embedding_layers(model)
     return [
         (f"{name}.{pname}", param)
-        for name, module in model.named_modules()
+        for name, module in named_modules(model)
         if any(module is layer for layer in layers)
         for pname, param in module.named_parameters()
     ]

@@ -88,7 +88,9 @@ def is_sharded(model: nn.Module) -> bool:
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    from safe_peft._walk import every_parameter
+
+    return any(isinstance(p, DTensor) for p in every_parameter(model))
 
 
 def local_tensor(tensor: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["every_module", "named_paths"]
+__all__ = ["every_module", "every_parameter", "named_modules", "named_paths"]
 
 
 def every_module(model: nn.Module) -> list[nn.Module]:
@@ -27,6 +27,38 @@ def every_module(model: nn.Module) -> list[nn.Module]:
             return list(model.modules())
         out.append(module)
         stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+    return out
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: each module once, at its first path."""
+    seen: set[int] = set()
+    out = []
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if _walks_itself(module):
+            return list(model.named_modules())
+        out.append((prefix, module))
+        children = module._modules
+        if children:
+            dot = prefix + "." if prefix else ""
+            stack.extend(reversed([(dot + name, c) for name, c in children.items() if c is not None]))
+    return out
+
+
+def every_parameter(model: nn.Module) -> list[nn.Parameter]:
+    """``list(model.parameters())``: each parameter once."""
+    seen: set[int] = set()
+    out = []
+    for module in every_module(model):
+        for param in module._parameters.values():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                out.append(param)
     return out
 
 

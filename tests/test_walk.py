@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import build
 
-from safe_peft._walk import every_module, named_paths
+from safe_peft._walk import every_module, every_parameter, named_modules, named_paths
 
 
 class _OwnWalk(torch.nn.Sequential):
@@ -47,5 +47,7 @@ def _peft_model() -> torch.nn.Module:
 def test_walks_equal_torchs(make: Any) -> None:
     model = make()
     assert [id(m) for m in every_module(model)] == [id(m) for m in model.modules()]
+    assert [(n, id(m)) for n, m in named_modules(model)] == [(n, id(m)) for n, m in model.named_modules()]
+    assert [id(p) for p in every_parameter(model)] == [id(p) for p in model.parameters()]
     ours = [(n, id(m)) for n, m in named_paths(model)]
     assert ours == [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)]
