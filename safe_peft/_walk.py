@@ -32,22 +32,7 @@ def every_module(model: nn.Module) -> list[nn.Module]:
 
 def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules())``: each module once, at its first path."""
-    seen: set[int] = set()
-    out = []
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        prefix, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if _walks_itself(module):
-            return list(model.named_modules())
-        out.append((prefix, module))
-        children = module._modules
-        if children:
-            dot = prefix + "." if prefix else ""
-            stack.extend(reversed([(dot + name, c) for name, c in children.items() if c is not None]))
-    return out
+    return _named(model, remove_duplicate=True)
 
 
 def every_parameter(model: nn.Module) -> list[nn.Parameter]:
@@ -64,12 +49,21 @@ def every_parameter(model: nn.Module) -> list[nn.Parameter]:
 
 def named_paths(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules(remove_duplicate=False))``: every path to every module (``state_dict``'s view)."""
+    return _named(model, remove_duplicate=False)
+
+
+def _named(model: nn.Module, *, remove_duplicate: bool) -> list[tuple[str, nn.Module]]:
+    seen: set[int] = set()
     out = []
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         prefix, module = stack.pop()
+        if remove_duplicate:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
         if _walks_itself(module):
-            return list(model.named_modules(remove_duplicate=False))
+            return list(model.named_modules(remove_duplicate=remove_duplicate))
         out.append((prefix, module))
         children = module._modules
         if children:
