@@ -29,7 +29,7 @@ from safe_peft._execute import (
 )
 from safe_peft._guard import plain_calls
 from safe_peft._plan import LoadPlan
-from safe_peft._routes import resolve_route, route_plan
+from safe_peft._routes import resolve_route, route_plan, see_through
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
@@ -106,7 +106,7 @@ def _execute(
     if route == "reload" and analytic and _writes_in_place(peft_model, plan, loaded, kwargs):
         return _reload_in_place(peft_model, plan, adapter_name, loaded, strict, kwargs)
     snapshot = ModuleSnapshot(peft_model)
-    protected = overwritten_base_tensors(inner, plan, through=True)
+    protected = overwritten_base_tensors(inner, plan, through=see_through)
     protected += list(loaded.values())  # a reload writes the checkpoint into the adapter's own tensors, in place
     snapshot.protect(protected)
     active = list(peft_model.active_adapters)

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -208,20 +208,20 @@ def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config
     return model
 
 
-def overwritten_base_tensors(model: nn.Module, plan: LoadPlan, *, through: bool = False) -> list[Any]:
+def overwritten_base_tensors(
+    model: nn.Module, plan: LoadPlan, *, through: Callable[[nn.Module], nn.Module] | None = None
+) -> list[Any]:
     """Base-model tensors the load writes in place: every checkpoint entry that names a tensor the base already has
     (biases saved by ``bias="all"`` / ``"lora_only"``, base embedding weights saved with the adapter, ...), and
     the targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ).
-    ``through``: ``model`` carries adapters, and its base is looked at through them (only when there is anything
-    to look for)."""
+    ``through``: ``model`` carries adapters, and its base is seen through them with this function (called only when
+    there is anything to look for)."""
     own = (Role.A, Role.B, Role.BIAS, Role.MAGNITUDE)  # LoRA's own tensors: never a base tensor
     rewrites = plan.view is not None and rewrites_base(plan.peft_config)
     if not rewrites and all(role_of(key) in own for key in plan.checkpoint):
         return []
-    if through:
-        from safe_peft._routes import see_through
-
-        model = see_through(model)
+    if through is not None:
+        model = through(model)
     tensors: dict[str, Any] = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     names = set()

@@ -24,7 +24,7 @@ from safe_peft._execute import (
 from safe_peft._guard import plain_calls
 from safe_peft._keys import PEFT_PREFIX
 from safe_peft._plan import LoadPlan
-from safe_peft._routes import inplace_conversion, inplace_key_mapping, is_peft_model, route_plan
+from safe_peft._routes import inplace_conversion, inplace_key_mapping, is_peft_model, route_plan, see_through
 from safe_peft._snapshot import ModuleSnapshot
 from safe_peft._weights import write_weights
 from safe_peft.errors import AdapterLoadError
@@ -120,7 +120,7 @@ def _execute(
     model: nn.Module, plan: LoadPlan, adapter_name: str, strict: bool, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, LoadReport, Any]:
     snapshot = ModuleSnapshot(model)
-    snapshot.protect(overwritten_base_tensors(model, plan, through=True))
+    snapshot.protect(overwritten_base_tensors(model, plan, through=see_through))
     with atomically(snapshot, plan.report) as temporary:
         directory, workdir = _directory(model, plan, kwargs)
         temporary.append(workdir)
