@@ -532,7 +532,7 @@ model's 673-module PeftModel (fastest of 40): the plan about 4-5 ms, the whole-m
 kept only the containers that hold something, in flat lists), the verification 2.9 ms, the temporary directory with
 the checked config 0.7 ms; a plain further adapter takes 90-100 ms here, so these add up to about 1.11-1.13x of it.
 
-| route | plain | safe | ratio (medians) | ratio of the fastest runs |
+| route | plain (median) | safe (median) | ratio (median of the rounds) | ratio of the fastest runs |
 |---|---|---|---|---|
 {route_rows}
 """
