@@ -527,10 +527,11 @@ adapter, 11 rounds, alternating; the ratio is the median of each round's safe / 
 column compares each side's fastest run). The target is the bound `safe_load_adapter` is held to (<= 1.10x). A reload
 (`replace="weights"`) and a hot-swap of the same shapes copy into the loaded adapter's tensors (`"in_place"`), with
 only what they write recorded for the undo (those tensors, the scalings, the train / eval flags); a further adapter and
-transformers' route inject new layers, so they record the whole model first and verify after. Measured alone on this
-model's 673-module PeftModel (fastest of 40): the plan about 4-5 ms, the whole-model record 2.6 ms (6.3 ms before it
-kept only the containers that hold something, in flat lists), the verification 2.9 ms, the temporary directory with
-the checked config 0.7 ms; a plain further adapter takes 90-100 ms here, so these add up to about 1.11-1.13x of it.
+transformers' route inject new layers, so they record the whole model first and verify after. Inside a further
+adapter's load on this model's 673-module PeftModel (each part timed by a wrapper, fresh model copies, median of 21):
+the plan 5.3 ms, the whole-model record 4.6 ms (2.6 ms timed alone; 6.3 ms before it kept only the containers that
+hold something, in flat lists), the verification 4.9 ms, the temporary directory with the checked config 0.9 ms,
+about 15 ms over a plain call that takes 90-110 ms here.
 
 | route | plain (median) | safe (median) | ratio (median of the rounds) | ratio of the fastest runs |
 |---|---|---|---|---|
