@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._keys import strip_prefix
+from safe_peft._walk import every_parameter
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -87,8 +88,6 @@ def is_sharded(model: nn.Module) -> bool:
     if "torch.distributed.tensor" not in sys.modules:
         return False
     from torch.distributed.tensor import DTensor
-
-    from safe_peft._walk import every_parameter
 
     return any(isinstance(p, DTensor) for p in every_parameter(model))
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._walk import distinct_tensors, every_module
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -72,8 +74,6 @@ class ModuleSnapshot(_Undo):
     beyond its own time because every garbage collection during the load walks them."""
 
     def __init__(self, model: nn.Module) -> None:
-        from safe_peft._walk import every_module
-
         modules = every_module(model)
         self._modules = modules
         self._states = [module.__dict__.copy() for module in modules]
@@ -90,19 +90,10 @@ class ModuleSnapshot(_Undo):
                     filled.append(value.copy())
         self._filled = filled
         self._is_container = is_container
-        tensors: list[torch.Tensor] = []  # parameters then buffers, each once; data by reference, flags of parameters
-        seen: set[int] = set()
-        for module in modules:
-            for tensor in module._parameters.values():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    tensors.append(tensor)
+        seen: set[int] = set()  # parameters then buffers, each once; data by reference, flags of parameters
+        tensors: list[torch.Tensor] = distinct_tensors(modules, "_parameters", seen)
         self._params = len(tensors)
-        for module in modules:
-            for buffer in module._buffers.values():
-                if buffer is not None and id(buffer) not in seen:
-                    seen.add(id(buffer))
-                    tensors.append(buffer)
+        tensors += distinct_tensors(modules, "_buffers", seen)
         self._tensors = tensors
         self._data = [tensor.data for tensor in tensors]
         self._grads = [tensor.requires_grad for tensor in tensors[: self._params]]
@@ -151,7 +142,7 @@ class ValueSnapshot(_Undo):
     guarantees that nothing else changes."""
 
     def __init__(self, model: nn.Module, dicts: Sequence[dict[str, Any]] = (), *, modes: bool = True) -> None:
-        self._training = [(m, m.training) for m in model.modules()] if modes else []  # modes=False: none is set
+        self._training = [(m, m.training) for m in every_module(model)] if modes else []  # modes=False: none is set
         self._dicts = [(d, dict(d)) for d in dicts]
         self._values = []
 

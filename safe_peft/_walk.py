@@ -5,12 +5,12 @@ own way (overrides ``named_modules``) is walked by torch."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["every_module", "every_parameter", "named_modules", "named_paths"]
+__all__ = ["distinct_tensors", "every_module", "every_parameter", "named_modules", "named_paths"]
 
 
 def every_module(model: nn.Module) -> list[nn.Module]:
@@ -37,13 +37,19 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def every_parameter(model: nn.Module) -> list[nn.Parameter]:
     """``list(model.parameters())``: each parameter once."""
-    seen: set[int] = set()
+    return distinct_tensors(every_module(model), "_parameters")
+
+
+def distinct_tensors(modules: list[nn.Module], kind: str, seen: set[int] | None = None) -> list[Any]:
+    """The tensors in each module's own ``kind`` dict (``"_parameters"`` or ``"_buffers"``), each once, in order;
+    ``seen``: ids already taken (it is updated), to take each tensor once across calls."""
+    seen = set() if seen is None else seen
     out = []
-    for module in every_module(model):
-        for param in module._parameters.values():
-            if param is not None and id(param) not in seen:
-                seen.add(id(param))
-                out.append(param)
+    for module in modules:
+        for tensor in getattr(module, kind).values():
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                out.append(tensor)
     return out
 
 
