@@ -71,12 +71,14 @@ def execute(
         from safe_peft._guard import plain_calls  # hook: under safe_peft.patch(), these calls stay plain peft
 
         with plain_calls():
+            state = None
             if route == "meta":
-                model = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
+                model, state = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
             else:
                 config = plan.peft_config
                 model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
-        return model, settled(plan, replace(verify(model, plan, adapter_name), route=route), strict)
+        report = verify(model, plan, adapter_name, state=state)
+        return model, settled(plan, replace(report, route=route), strict)
 
 
 def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
@@ -176,9 +178,13 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any]) -> Any:
+def _meta_route(
+    base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any] | None]:
     """What ``PeftModel.from_pretrained`` does, with the adapter's tensors created on the meta device (a
-    thread-local device context: no process-wide patch) and the checkpoint then assigned to them."""
+    thread-local device context: no process-wide patch) and the checkpoint then assigned to them
+    (:func:`safe_peft._assign.load_assigned`). Returns the PeftModel and, when they were assigned there, the
+    adapter's tensors under their checkpoint keys."""
     import copy
 
     from peft import PeftModel
@@ -196,16 +202,31 @@ def _meta_route(base_model: nn.Module, directory: str, adapter_name: str, config
 
     with on_meta_here():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
-    model.load_adapter(
+    torch_device = kwargs.pop("torch_device", None)
+    if kwargs:  # anything else is load_adapter's to interpret
+        model.load_adapter(
+            directory,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast,
+            low_cpu_mem_usage=True,
+            key_mapping=key_mapping,
+            torch_device=torch_device,
+            **kwargs,
+        )
+        return model, None
+    from safe_peft._assign import load_assigned  # what load_adapter does from here, without its whole-model walks
+
+    _, state = load_assigned(
+        model,
         directory,
         adapter_name,
         is_trainable=is_trainable,
         autocast_adapter_dtype=autocast,
-        low_cpu_mem_usage=True,
+        torch_device=torch_device,
         key_mapping=key_mapping,
-        **kwargs,
     )
-    return model
+    return model, state
 
 
 def overwritten_base_tensors(

@@ -1,0 +1,116 @@
+"""The meta route's own assignment of the checkpoint (safe_peft._assign) against peft's meta route.
+
+Each row is a real adapter trained and saved by real peft on a tiny model. safe_peft's meta route (taken for every
+exact adapter here) must give the very model ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)`` gives:
+the same modules, parameters (values, dtypes, devices, requires_grad), buffers, configs, active adapter and
+train / eval flags. The row also says whether the checkpoint is assigned by safe_peft (``assigned``) or left to
+peft's ``set_peft_model_state_dict`` (a saved head is a wrapper whose keys peft's loader renames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_same_state, build, model_state, outputs, train_adapter
+
+from safe_peft import safe_load_adapter
+
+
+@dataclass
+class Row:
+    name: str
+    model: str
+    lora: dict[str, Any]
+    assigned: bool = True
+    dtype: torch.dtype | None = None  # the base model's dtype when loading (the adapter is trained in float32)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # what both loads are given
+    config: dict[str, Any] = field(default_factory=dict)  # the tiny model's config overrides
+
+
+ROWS = [
+    Row("q_v", "causal", {}),
+    Row("all_linear", "causal", {"r": 4, "target_modules": "all-linear"}),
+    Row("dora", "causal", {"use_dora": True}),
+    Row("lora_bias", "causal", {"lora_bias": True}, config={"attention_bias": True}),
+    # peft saves the targeted embedding's base weight too: its loader assigns that into the base model
+    Row("embedding", "causal", {"target_modules": ["embed_tokens", "q_proj"]}, assigned=False),
+    Row("conv1d", "gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True}),
+    Row("patterns", "causal", {"rank_pattern": {"v_proj": 4}, "alpha_pattern": {"q_proj": 32}}),
+    Row("rslora_dropout", "causal", {"use_rslora": True, "lora_dropout": 0.1}),
+    Row("trainable", "causal", {}, kwargs={"is_trainable": True}),
+    Row("dora_trainable", "causal", {"use_dora": True}, kwargs={"is_trainable": True}),
+    Row("bf16_base", "causal", {}, dtype=torch.bfloat16),
+    Row("bf16_base_no_autocast", "causal", {}, dtype=torch.bfloat16, kwargs={"autocast_adapter_dtype": False}),
+    Row("saved_head", "seqcls", {"task_type": "SEQ_CLS"}, assigned=False),
+]
+
+
+@pytest.fixture
+def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safe_peft._execute
+
+    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+
+
+def _base(row: Row) -> torch.nn.Module:
+    model = build(row.model, **row.config)
+    return model.to(row.dtype) if row.dtype is not None else model
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+@pytest.mark.usefixtures("meta_whenever_exact")
+def test_the_meta_route_gives_peft_s_own_model(row: Row, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft.utils.save_and_load
+    from peft import PeftModel
+
+    directory = str(tmp_path / row.name)
+    train_adapter(build(row.model, **row.config), directory, **row.lora)
+    plain = PeftModel.from_pretrained(_base(row), directory, low_cpu_mem_usage=True, **row.kwargs)
+
+    calls = []
+    original = peft.utils.save_and_load.set_peft_model_state_dict
+    monkeypatch.setattr(
+        peft.utils.save_and_load,
+        "set_peft_model_state_dict",
+        lambda *a, **k: calls.append(1) or original(*a, **k),
+    )
+    ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
+
+    assert report.ok and report.route == "meta"
+    assert (not calls) is row.assigned
+    assert_same_state(model_state(plain), ours)
+    for (name, mine), (_, theirs) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
+        assert type(mine) is type(theirs), name
+    assert torch.equal(outputs(ours), outputs(plain))
+
+
+@pytest.mark.usefixtures("meta_whenever_exact")
+def test_a_broken_assignment_leaves_the_base_model_as_it_was(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assignment fails half-way (here: the move to the base layer's device raises on the third layer): the base
+    model is restored exactly, and the error names the load."""
+    from helpers import assert_unchanged, fingerprint
+    from peft.tuners.lora import LoraLayer
+
+    import safe_peft
+    import safe_peft._assign
+
+    directory = str(tmp_path / "adapter")
+    train_adapter(build("causal"), directory, target_modules="all-linear")
+    base = build("causal")
+    before = fingerprint(base)
+    seen = []
+
+    def move(self: Any, adapter_name: str, device: Any = None) -> None:
+        seen.append(self)
+        if len(seen) == 3:
+            raise RuntimeError("device lost")
+
+    monkeypatch.setattr(safe_peft._assign, "_in_place", lambda layer, held: False)
+    monkeypatch.setattr(LoraLayer, "_move_adapter_to_device_of_base_layer", move)
+    with pytest.raises(safe_peft.AdapterLoadError, match="device lost"):
+        safe_load_adapter(base, directory)
+    assert len(seen) == 3
+    assert_unchanged(before, base)
