@@ -1,22 +1,27 @@
-"""The checkpoint assigned to an adapter peft created on the meta device, without peft's walks of the whole model.
+"""peft's ``load_adapter`` for plain LoRA, done by safe_peft without peft's walks of the whole model.
 
-After the plan proved a plain-LoRA checkpoint complete and exact, the meta route has peft create the adapter's
-tensors on the meta device; what is left of ``PeftModel.load_adapter(path, name, low_cpu_mem_usage=True)`` is
-reading the file and ``set_peft_model_state_dict``. For plain LoRA that function amounts to one assignment per
-checkpoint key (``load_state_dict(..., assign=True)``: a new ``Parameter`` of the file's tensor, with the meta
-tensor's ``requires_grad``), then each tuner layer's ``_move_adapter_to_device_of_base_layer``. peft gets there
-through four walks of the whole model (``state_dict()``, ``load_state_dict``, ``named_modules``,
-``named_parameters``), about a quarter of a fast load; :func:`load_assigned` does the assignment from one walk.
+Once the adapter is injected, what is left of ``PeftModel.load_adapter(path, name, ...)`` is reading the file and
+``set_peft_model_state_dict``. For plain LoRA that function amounts to one write per checkpoint key
+(``load_state_dict(..., strict=False)``: ``copy_`` into the initialised tensor; with ``low_cpu_mem_usage``, a new
+``Parameter`` of the file's tensor replacing the meta one, with its ``requires_grad``, then each tuner layer's
+``_move_adapter_to_device_of_base_layer``). peft gets there through four walks of the whole model
+(``state_dict()``, ``load_state_dict``, ``named_modules``, ``named_parameters``): about a quarter of a load.
+:func:`load_checkpoint` does the writes from one walk of its own.
 
 It does so only where nothing else can happen on peft's way (:func:`_survey`): torch's own ``load_state_dict`` /
 ``state_dict`` on every module, no state-dict hooks, no saved-module wrappers or buffer dicts, no transformers
-weight conversion, no tensor-parallel resharding, the swap-tensors future flag off, every key a meta ``Parameter`` of
-the same shape. Anything else goes through peft's own ``set_peft_model_state_dict``. The rest of ``load_adapter``'s
-tail is peft's own code, called as ``load_adapter`` calls it (the same tail in peft 0.17.1, 0.18.0, 0.18.1, 0.19.0,
-0.20.0 and 0.21.2): the move to each base layer's device and dtype, peft's upcast of the adapter's dtype, ``eval()`` unless
-trainable. The move and the upcast are skipped only where they have nothing to change (every tensor already of the
-base layer's device and dtype; no tensor below float32). tests/test_assign.py holds the result equal to
-``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)``'s, tensor for tensor and flag for flag, on both routes.
+weight conversion, no tensor-parallel resharding, the swap-tensors future flag off, every key a ``Parameter`` of
+the same shape. Anything else goes through peft's own ``set_peft_model_state_dict``. The rest of the tail is peft's
+own code, called as ``load_adapter`` calls it (the same tail in peft 0.17.1 to 0.21.2): the move to each base
+layer's device and dtype, peft's upcast of the adapter's dtype, ``eval()`` unless trainable. The move and the upcast
+are skipped only where they have nothing to change (every tensor already of the base layer's device and dtype; no
+tensor below float32).
+
+For a further adapter, :func:`load_adapter` also does the head of peft's ``load_adapter`` (the config read from the
+directory, peft's checks, ``add_adapter``, the trainable flags), as the installed release does it (version facts in
+:mod:`safe_peft._versions`; a release not read there keeps peft's own ``load_adapter``).
+
+tests/test_assign.py holds each result equal to plain peft's, tensor for tensor and flag for flag.
 """
 
 from __future__ import annotations
@@ -31,26 +36,106 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
 
-__all__ = ["load_assigned"]
+__all__ = ["add_adapter", "load_adapter", "load_checkpoint", "loads_like_peft"]
 
 # A slot: the module that holds the adapter's tensor, the attribute it holds it under, and the model's key for it
 Slot = tuple[Any, str, str]
 
 
-def load_assigned(
+# load_adapter's keyword arguments the steps here read; with any other, peft's own load_adapter runs
+_LOAD_ADAPTER_KWARGS = frozenset(
+    {"is_trainable", "autocast_adapter_dtype", "torch_device", "ephemeral_gpu_offload", "low_cpu_mem_usage"}
+    | {"key_mapping"}
+)
+
+
+def loads_like_peft(peft_model: PeftModel, adapter_name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether :func:`load_adapter` can stand in for ``peft_model.load_adapter(directory, adapter_name, **kwargs)``:
+    a new name, a peft release whose ``load_adapter`` was read, only the arguments read here, no device map (peft
+    would re-dispatch the model)."""
+    from safe_peft._versions import load_adapter_facts
+
+    if adapter_name in peft_model.peft_config or set(kwargs) - _LOAD_ADAPTER_KWARGS:
+        return False
+    return load_adapter_facts().read and getattr(peft_model, "hf_device_map", None) is None
+
+
+def load_adapter(
+    peft_model: PeftModel, directory: str, adapter_name: str, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any] | None]:
+    """``peft_model.load_adapter(directory, adapter_name, **kwargs)`` for a new name (see :func:`loads_like_peft`):
+    peft's steps, with the checkpoint written by :func:`load_checkpoint`. Returns peft's result and the adapter's
+    tensors when they were written here."""
+    on_meta = bool(kwargs.get("low_cpu_mem_usage", False))
+    is_trainable = bool(kwargs.get("is_trainable", False))
+    autocast = bool(kwargs.get("autocast_adapter_dtype", True))
+    add_adapter(
+        peft_model,
+        directory,
+        adapter_name,
+        on_meta=on_meta,
+        is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast,
+        ephemeral_gpu_offload=bool(kwargs.get("ephemeral_gpu_offload", False)),
+    )
+    return load_checkpoint(
+        peft_model,
+        directory,
+        adapter_name,
+        on_meta=on_meta,
+        is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast,
+        torch_device=kwargs.get("torch_device"),
+        key_mapping=kwargs.get("key_mapping"),
+    )
+
+
+def add_adapter(
+    peft_model: PeftModel,
+    directory: str,
+    adapter_name: str,
+    *,
+    on_meta: bool,
+    is_trainable: bool,
+    autocast_adapter_dtype: bool,
+    ephemeral_gpu_offload: bool = False,
+) -> None:
+    """The head of ``peft_model.load_adapter(directory, adapter_name, low_cpu_mem_usage=on_meta, ...)`` for a new
+    name: the config as peft reads it, peft's checks, ``add_adapter``, and the trainable flags, as the installed
+    peft's ``load_adapter`` does them (the version facts in :mod:`safe_peft._versions`)."""
+    from peft.config import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from safe_peft._versions import load_adapter_facts
+
+    facts = load_adapter_facts()
+    config: Any = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(directory)].from_pretrained(
+        directory, ephemeral_gpu_offload=ephemeral_gpu_offload
+    )
+    model: Any = peft_model
+    model._check_new_adapter_config(config, is_trainable=is_trainable)
+    config.inference_mode = not is_trainable
+    extra = {"autocast_adapter_dtype": autocast_adapter_dtype} if facts.passes_autocast else {}
+    model.add_adapter(adapter_name, config, low_cpu_mem_usage=on_meta, **extra)
+    if is_trainable and facts.sets_requires_grad:
+        model.set_requires_grad(adapter_name)
+
+
+def load_checkpoint(
     model: PeftModel,
     directory: str,
     adapter_name: str,
     *,
+    on_meta: bool,
     is_trainable: bool,
     autocast_adapter_dtype: bool,
     torch_device: str | None,
     key_mapping: dict[str, str] | None,
 ) -> tuple[Any, dict[str, Any] | None]:
-    """The tail of ``model.load_adapter(directory, adapter_name, low_cpu_mem_usage=True, ...)`` for an adapter
-    already injected on the meta device. Returns what peft's returns (missing keys filtered as peft filters them)
-    and, when the checkpoint was assigned here, the adapter's tensors under their checkpoint keys (for the
-    verification, which then need not look for them)."""
+    """The tail of ``model.load_adapter(directory, adapter_name, low_cpu_mem_usage=on_meta, ...)`` for an adapter
+    already injected (on the meta device when ``on_meta``). Returns what peft's returns (missing keys filtered as
+    peft filters them) and, when the checkpoint was written here, the adapter's tensors under their checkpoint keys
+    (for the verification, which then need not look for them)."""
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
@@ -58,11 +143,11 @@ def load_assigned(
     weights = load_peft_weights(directory, device=device, key_mapping=key_mapping)
     survey = _survey(model, adapter_name)
     state = None
-    if survey is not None and _fits(survey.slots, weights):
-        result = _assign(model, survey, weights, adapter_name)
+    if survey is not None and _fits(survey.slots, weights, on_meta):
+        result = _write(model, survey, weights, adapter_name, on_meta)
         state = {key: owner._parameters[name] for key, (owner, name, _) in survey.slots.items()}
     else:
-        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name, low_cpu_mem_usage=True)
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name, low_cpu_mem_usage=on_meta)
     prefix = _tuner_prefix(model, adapter_name)
     kept = [key for key in result.missing_keys if prefix in key and adapter_name in key]
     result.missing_keys.clear()
@@ -201,8 +286,9 @@ def _converts_weights(model: PeftModel) -> bool:
     return mapping is None or mapping(model_type) is not None
 
 
-def _fits(slots: dict[str, Slot], weights: dict[str, Any]) -> bool:
-    """The file holds exactly the slots' keys, each a plain tensor of the shape of the meta parameter it replaces."""
+def _fits(slots: dict[str, Slot], weights: dict[str, Any], on_meta: bool) -> bool:
+    """The file holds exactly the slots' keys, each a plain tensor of the shape of the parameter it fills: a meta
+    one to replace (``on_meta``), else a real one to copy into."""
     import torch
 
     if set(weights) != set(slots):
@@ -210,31 +296,35 @@ def _fits(slots: dict[str, Slot], weights: dict[str, Any]) -> bool:
     for key, (owner, name, _) in slots.items():
         param = owner._parameters.get(name)
         tensor = weights[key]
-        if type(param) is not torch.nn.Parameter or param.device.type != "meta":
+        if type(param) is not torch.nn.Parameter or (param.device.type == "meta") is not on_meta:
             return False
         if type(tensor) is not torch.Tensor or tensor.shape != param.shape:
             return False
     return True
 
 
-def _assign(model: PeftModel, survey: _Survey, weights: dict[str, Any], adapter_name: str) -> Any:
-    """``load_state_dict(weights under the model's keys, strict=False, assign=True)``, then each tuner layer's
-    ``_move_adapter_to_device_of_base_layer``, as peft's ``set_peft_model_state_dict`` does them. A layer whose
-    adapter tensors already have its base weight's device and dtype is left alone: there peft's move is ``.to()``
-    with nothing to change."""
+def _write(model: PeftModel, survey: _Survey, weights: dict[str, Any], adapter_name: str, on_meta: bool) -> Any:
+    """``load_state_dict(weights under the model's keys, strict=False, assign=on_meta)``, then (``on_meta``) each
+    tuner layer's ``_move_adapter_to_device_of_base_layer``, as peft's ``set_peft_model_state_dict`` does them. A
+    layer whose adapter tensors already have its base weight's device and dtype is left alone: there peft's move is
+    ``.to()`` with nothing to change."""
     import torch
     from torch.nn.modules.module import _IncompatibleKeys
 
     with torch.no_grad():
         for key, (owner, name, _) in survey.slots.items():
             param = owner._parameters[name]
-            setattr(owner, name, torch.nn.Parameter(weights[key], requires_grad=param.requires_grad))
+            if on_meta:
+                setattr(owner, name, torch.nn.Parameter(weights[key], requires_grad=param.requires_grad))
+            else:
+                param.copy_(weights[key])
     loaded = {model_key for _, _, model_key in survey.slots.values()}
     missing = [key for key in survey.keys if key not in loaded]
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    for layer, held in survey.layers:
-        if overwrite or not _in_place(layer, held):
-            layer._move_adapter_to_device_of_base_layer(adapter_name)
+    if on_meta:
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        for layer, held in survey.layers:
+            if overwrite or not _in_place(layer, held):
+                layer._move_adapter_to_device_of_base_layer(adapter_name)
     return _IncompatibleKeys(missing, [])
 
 

@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
+from safe_peft._assign import load_adapter, loads_like_peft
 from safe_peft._execute import (
     adapter_tensors,
     atomically,
@@ -123,11 +124,15 @@ def _execute(
         taken = load_route(inner, plan, strict, kwargs) if route != "reload" else "initialising"
         if taken == "meta":  # complete and exact: peft creates the new adapter on meta and assigns the checkpoint
             passthrough["low_cpu_mem_usage"] = True
+        state = None
         with plain_calls():
-            result = peft_model.load_adapter(directory, adapter_name, **passthrough)
+            if analytic and loads_like_peft(peft_model, adapter_name, passthrough):  # plain LoRA: without the walks
+                result, state = load_adapter(peft_model, directory, adapter_name, passthrough)
+            else:
+                result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
             _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
-        report = dataclasses.replace(verify(peft_model, plan, adapter_name), route=taken)
+        report = dataclasses.replace(verify(peft_model, plan, adapter_name, state=state), route=taken)
         return peft_model, settled(plan, report, strict), result
 
 

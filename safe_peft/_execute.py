@@ -72,8 +72,11 @@ def execute(
 
         with plain_calls():
             state = None
-            if route == "meta":
-                model, state = _meta_route(base_model, directory, adapter_name, plan.peft_config, dict(passthrough))
+            own = route == "meta" or (route == "initialising" and "low_cpu_mem_usage" not in kwargs)
+            if own and proven_exact(base_model, plan, strict, kwargs):
+                on_meta = route == "meta"
+                config = plan.peft_config
+                model, state = _own_route(base_model, directory, adapter_name, config, dict(passthrough), on_meta)
             else:
                 config = plan.peft_config
                 model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
@@ -135,23 +138,28 @@ def atomically(snapshot: ModuleSnapshot | ValueSnapshot, planned: LoadReport) ->
 
 def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> str:
     """``"meta"`` when the plan proves the checkpoint complete and exact for a method whose adapter is nothing but
-    weights the checkpoint holds (plain LoRA on linear, embedding and Conv1D layers, DoRA and lora_bias included):
-    the adapter is then created on the meta device and the checkpoint assigned to it, skipping the random
-    initialisation plain peft does and overwrites. ``"initialising"`` (peft's default) otherwise, and whenever the
-    caller chose ``low_cpu_mem_usage`` themselves."""
+    weights the checkpoint holds (plain LoRA on linear, embedding and Conv1D layers, DoRA and lora_bias included)
+    and its tensors are large enough for it to pay: the adapter is then created on the meta device and the
+    checkpoint assigned to it, skipping the random initialisation plain peft does and overwrites.
+    ``"initialising"`` (peft's default) otherwise, and whenever the caller chose ``low_cpu_mem_usage`` themselves."""
     if "low_cpu_mem_usage" in kwargs:  # the caller's choice: peft's own route, as asked
         return "low_cpu_mem_usage" if kwargs["low_cpu_mem_usage"] else "initialising"
+    if not proven_exact(base_model, plan, strict, kwargs) or not _initialising_costs_more(plan):
+        return "initialising"
+    return "meta"
+
+
+def proven_exact(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> bool:
+    """The plan proves the checkpoint complete and exact for plain LoRA, and nothing from_pretrained interprets
+    besides (no device map, no other arguments, no resize, no base rewrite): safe_peft may then do peft's steps
+    itself (:func:`_own_route`), on either route."""
     view = plan.view
     exact = plan.report.ok and view is not None and view.method == "analytic" and view.error is None
     if not exact or not strict or plan.vocab_size is not None or rewrites_base(plan.peft_config):
-        return "initialising"
+        return False
     if set(kwargs) - _META_ROUTE_KWARGS:  # anything else from_pretrained itself interprets: leave it to peft
-        return "initialising"
-    if not _initialising_costs_more(plan):
-        return "initialising"
-    if getattr(base_model, "hf_device_map", None) is not None or _has_meta_tensors(base_model):
-        return "initialising"
-    return "meta"
+        return False
+    return getattr(base_model, "hf_device_map", None) is None and not _has_meta_tensors(base_model)
 
 
 # The meta route skips the random initialisation of the adapter's tensors (a cost per element) but pays the per-thread
@@ -178,13 +186,13 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _meta_route(
-    base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any]
+def _own_route(
+    base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any], on_meta: bool
 ) -> tuple[Any, dict[str, Any] | None]:
-    """What ``PeftModel.from_pretrained`` does, with the adapter's tensors created on the meta device (a
-    thread-local device context: no process-wide patch) and the checkpoint then assigned to them
-    (:func:`safe_peft._assign.load_assigned`). Returns the PeftModel and, when they were assigned there, the
-    adapter's tensors under their checkpoint keys."""
+    """What ``PeftModel.from_pretrained`` does for a model without a device map, ``on_meta`` with the adapter's
+    tensors created on the meta device (a thread-local device context: no process-wide patch), and the checkpoint
+    then written by :func:`safe_peft._assign.load_checkpoint`. Returns the PeftModel and, when they were written
+    there, the adapter's tensors under their checkpoint keys."""
     import copy
 
     from peft import PeftModel
@@ -200,7 +208,7 @@ def _meta_route(
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
     from safe_peft._model_view import on_meta_here  # thread-local: torch.device("meta") sets a module global too
 
-    with on_meta_here():
+    with on_meta_here() if on_meta else contextlib.nullcontext():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
     torch_device = kwargs.pop("torch_device", None)
     if kwargs:  # anything else is load_adapter's to interpret
@@ -209,18 +217,19 @@ def _meta_route(
             adapter_name,
             is_trainable=is_trainable,
             autocast_adapter_dtype=autocast,
-            low_cpu_mem_usage=True,
+            low_cpu_mem_usage=on_meta,
             key_mapping=key_mapping,
             torch_device=torch_device,
             **kwargs,
         )
         return model, None
-    from safe_peft._assign import load_assigned  # what load_adapter does from here, without its whole-model walks
+    from safe_peft._assign import load_checkpoint  # what load_adapter does from here, without its whole-model walks
 
-    _, state = load_assigned(
+    _, state = load_checkpoint(
         model,
         directory,
         adapter_name,
+        on_meta=on_meta,
         is_trainable=is_trainable,
         autocast_adapter_dtype=autocast,
         torch_device=torch_device,

@@ -14,13 +14,18 @@ __all__ = [
     "CONFIG_KEY_SINCE",
     "HOTSWAP_COPIES_SINCE",
     "KNOWN_CHANGES",
+    "LOAD_ADAPTER_PASSES_AUTOCAST_SINCE",
+    "LOAD_ADAPTER_READ_BELOW",
+    "LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE",
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
     "KnownChange",
+    "LoadAdapterFacts",
     "hotswap_copies",
     "introduced_in",
     "is_newer",
+    "load_adapter_facts",
 ]
 
 # peft's hot-swap writes a tensor of the same shape with copy_ from this release on; before it, it swapped the new
@@ -28,6 +33,14 @@ __all__ = [
 # of the file's dtype without requires_grad (utils/hotswap.py, hotswap_adapter_from_state_dict; checked in 0.17.1,
 # 0.18.0, 0.18.1, 0.19.0 and 0.20.0).
 HOTSWAP_COPIES_SINCE = "0.20.0"
+
+# PeftModel.load_adapter for a new adapter name, release by release (read in the 0.17.1, 0.18.0, 0.18.1, 0.19.0,
+# 0.20.0, 0.21.0, 0.21.1 and 0.21.2 wheels): it passes autocast_adapter_dtype on to add_adapter from 0.19.0, and
+# calls set_requires_grad(adapter_name) for a trainable load from 0.21.0; the rest of it is the same in all of them.
+# safe_peft does those steps itself (safe_peft._assign) only for the releases it read, below LOAD_ADAPTER_READ_BELOW.
+LOAD_ADAPTER_PASSES_AUTOCAST_SINCE = "0.19.0"
+LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
+LOAD_ADAPTER_READ_BELOW = "0.22"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {
@@ -138,6 +151,32 @@ def hotswap_copies(peft_version: str) -> bool:
         return Version(peft_version) >= Version(HOTSWAP_COPIES_SINCE)
     except InvalidVersion:
         return False
+
+
+@dataclass(frozen=True)
+class LoadAdapterFacts:
+    """What the installed peft's ``load_adapter`` does for a new adapter name (see LOAD_ADAPTER_*)."""
+
+    read: bool  # a release whose load_adapter was read (safe_peft may then do its steps itself)
+    passes_autocast: bool
+    sets_requires_grad: bool
+
+
+def load_adapter_facts(peft_version: str | None = None) -> LoadAdapterFacts:
+    """The facts for ``peft_version`` (default: the installed peft)."""
+    if peft_version is None:
+        import peft
+
+        peft_version = peft.__version__
+    try:
+        version = Version(peft_version)
+    except InvalidVersion:
+        return LoadAdapterFacts(read=False, passes_autocast=True, sets_requires_grad=True)
+    return LoadAdapterFacts(
+        read=Version("0.17.1") <= version < Version(LOAD_ADAPTER_READ_BELOW),
+        passes_autocast=version >= Version(LOAD_ADAPTER_PASSES_AUTOCAST_SINCE),
+        sets_requires_grad=version >= Version(LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE),
+    )
 
 
 def introduced_in(key: str) -> str | None:

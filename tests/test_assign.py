@@ -1,10 +1,10 @@
-"""The meta route's own assignment of the checkpoint (safe_peft._assign) against peft's meta route.
+"""peft's loading steps done by safe_peft (safe_peft._assign) against plain peft's.
 
-Each row is a real adapter trained and saved by real peft on a tiny model. safe_peft's meta route (taken for every
-exact adapter here) must give the very model ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)`` gives:
-the same modules, parameters (values, dtypes, devices, requires_grad), buffers, configs, active adapter and
-train / eval flags. The row also says whether the checkpoint is assigned by safe_peft (``assigned``) or left to
-peft's ``set_peft_model_state_dict`` (a saved head is a wrapper whose keys peft's loader renames).
+Each row is a real adapter trained and saved by real peft on a tiny model. Loaded by safe_peft, on either route, it
+must give the very model plain peft gives: the same modules, parameters (values, dtypes, devices, requires_grad,
+parameter classes), buffers, configs, active adapter and train / eval flags; through the switch, the same returned
+result. The row also says whether the checkpoint is written by safe_peft (``assigned``) or left to peft's
+``set_peft_model_state_dict`` (a saved head is a wrapper whose keys peft's loader renames).
 """
 
 from __future__ import annotations
@@ -60,15 +60,21 @@ def _base(row: Row) -> torch.nn.Module:
     return model.to(row.dtype) if row.dtype is not None else model
 
 
+@pytest.mark.parametrize("route", ["meta", "initialising"])
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
-@pytest.mark.usefixtures("meta_whenever_exact")
-def test_the_meta_route_gives_peft_s_own_model(row: Row, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both routes of a first adapter, where safe_peft writes the checkpoint itself: the model equals plain
+    ``PeftModel.from_pretrained``'s with the same route (``low_cpu_mem_usage=True`` for the meta route)."""
     import peft.utils.save_and_load
     from peft import PeftModel
 
+    import safe_peft._execute
+
+    if route == "meta":  # every exact adapter, however small (by default these tiny ones initialise)
+        monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
     directory = str(tmp_path / row.name)
     train_adapter(build(row.model, **row.config), directory, **row.lora)
-    plain = PeftModel.from_pretrained(_base(row), directory, low_cpu_mem_usage=True, **row.kwargs)
+    plain = PeftModel.from_pretrained(_base(row), directory, low_cpu_mem_usage=route == "meta", **row.kwargs)
 
     calls = []
     original = peft.utils.save_and_load.set_peft_model_state_dict
@@ -79,7 +85,7 @@ def test_the_meta_route_gives_peft_s_own_model(row: Row, tmp_path: Any, monkeypa
     )
     ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
 
-    assert report.ok and report.route == "meta"
+    assert report.ok and report.route == route
     assert (not calls) is row.assigned
     assert_same_state(model_state(plain), ours)
     for (name, mine), (_, theirs) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
@@ -114,3 +120,70 @@ def test_a_broken_assignment_leaves_the_base_model_as_it_was(tmp_path: Any, monk
         safe_load_adapter(base, directory)
     assert len(seen) == 3
     assert_unchanged(before, base)
+
+
+# A further adapter: (name, adapter's LoRA settings, load kwargs, written by safe_peft). The model already carries
+# an adapter "default" on q_proj / v_proj.
+FURTHER = [
+    ("q_v", {}, {}, True),
+    ("all_linear", {"r": 4, "target_modules": "all-linear"}, {}, True),
+    ("new_targets", {"target_modules": ["k_proj", "o_proj"]}, {}, True),
+    ("dora", {"use_dora": True}, {}, True),
+    ("trainable", {}, {"is_trainable": True}, True),
+    ("low_cpu_mem_usage", {}, {"low_cpu_mem_usage": True}, True),
+    ("low_cpu_trainable", {"r": 4}, {"low_cpu_mem_usage": True, "is_trainable": True}, True),
+    ("no_autocast", {}, {"autocast_adapter_dtype": False}, True),
+    ("torch_device", {}, {"torch_device": "cpu"}, True),
+    ("saved_head", {"modules_to_save": ["lm_head"]}, {}, False),
+]
+
+
+@pytest.mark.parametrize("adapter_name", ["b", "other"])
+@pytest.mark.parametrize(("name", "lora", "kwargs", "written"), FURTHER, ids=[row[0] for row in FURTHER])
+def test_a_further_adapter_is_peft_s_own(
+    name: str,
+    lora: dict[str, Any],
+    kwargs: dict[str, Any],
+    written: bool,
+    adapter_name: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``safe_load_adapter(peft_model, path, name)`` where peft's own steps are done by safe_peft: the model equals
+    plain ``peft_model.load_adapter(path, name)``'s, and, through the switch, so does the returned result (its
+    missing keys name the first adapter's keys holding the name "b", as peft's do)."""
+    import copy
+
+    import peft.utils.save_and_load
+    from peft import PeftModel
+
+    import safe_peft
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_adapter(build("causal"), first)
+    train_adapter(build("causal"), second, seed=2, **lora)
+    carrying = PeftModel.from_pretrained(build("causal"), first)
+    plain = copy.deepcopy(carrying)
+    expected = plain.load_adapter(second, adapter_name, **kwargs)
+
+    calls = []
+    original = peft.utils.save_and_load.set_peft_model_state_dict
+    monkeypatch.setattr(
+        peft.utils.save_and_load,
+        "set_peft_model_state_dict",
+        lambda *a, **k: calls.append(1) or original(*a, **k),
+    )
+    ours = copy.deepcopy(carrying)
+    with safe_peft.patched():
+        result = ours.load_adapter(second, adapter_name, **kwargs)
+    assert (not calls) is written
+    assert (list(result.missing_keys), list(result.unexpected_keys)) == (
+        list(expected.missing_keys),
+        list(expected.unexpected_keys),
+    )
+    assert_same_state(model_state(plain), ours)
+    for (key, mine), (_, theirs) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
+        assert type(mine) is type(theirs), key
+    plain.set_adapter(adapter_name)
+    ours.set_adapter(adapter_name)
+    assert torch.equal(outputs(ours), outputs(plain))
