@@ -187,3 +187,46 @@ def test_a_further_adapter_is_peft_s_own(
     plain.set_adapter(adapter_name)
     ours.set_adapter(adapter_name)
     assert torch.equal(outputs(ours), outputs(plain))
+
+
+@pytest.mark.parametrize(
+    ("version", "read", "passes_autocast", "sets_requires_grad"),
+    [
+        ("0.17.1", True, False, False),
+        ("0.18.1", True, False, False),
+        ("0.19.0", True, True, False),
+        ("0.20.0", True, True, False),
+        ("0.21.0", True, True, True),
+        ("0.21.2", True, True, True),
+        ("0.22.0", False, True, True),  # not read: peft's own load_adapter runs
+        ("0.17.0", False, False, False),
+        ("not-a-version", False, True, True),
+    ],
+)
+def test_load_adapter_facts_per_release(
+    version: str, read: bool, passes_autocast: bool, sets_requires_grad: bool
+) -> None:
+    """What each peft release's ``load_adapter`` does for a new name (read in its wheel), as _versions states it."""
+    from safe_peft._versions import load_adapter_facts
+
+    facts = load_adapter_facts(version)
+    assert (facts.read, facts.passes_autocast, facts.sets_requires_grad) == (read, passes_autocast, sets_requires_grad)
+
+
+def test_a_peft_release_not_read_keeps_peft_s_own_load_adapter(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A further adapter under a peft release whose load_adapter safe_peft has not read goes through peft's own."""
+    import peft
+    from peft import PeftModel
+
+    import safe_peft
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_adapter(build("causal"), first)
+    train_adapter(build("causal"), second, seed=2)
+    carrying = PeftModel.from_pretrained(build("causal"), first)
+    calls = []
+    original = PeftModel.load_adapter
+    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    monkeypatch.setattr(peft, "__version__", "0.22.0")
+    safe_peft.safe_load_adapter(carrying, second, "b")
+    assert len(calls) == 1 and calls[0][1] == "b"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import copy
+import dataclasses
 import os
 import random
 import signal
@@ -106,6 +107,7 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
     from peft.tuners.lora import LoraModel
     from transformers import PreTrainedModel
 
+    import safe_peft._assign
     import safe_peft._execute
 
     def stop(*_: Any, **__: Any) -> Any:
@@ -126,14 +128,19 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
 
         monkeypatch.setattr(owner, name, wrapper)
 
+    # Each stage on both paths of a load: peft's own load_adapter, and the steps safe_peft does itself for plain
+    # LoRA (safe_peft._assign: it reads the file through save_and_load and writes the tensors in _write).
     if stage == "before_weight_read":
         around(peft.peft_model, "load_peft_weights", before=True)
+        around(peft.utils.save_and_load, "load_peft_weights", before=True)
     elif stage == "after_weight_read":
         around(peft.peft_model, "load_peft_weights", after=True)
+        around(peft.utils.save_and_load, "load_peft_weights", after=True)
     elif stage == "mid_injection":  # after some of the targeted layers were replaced
         around(LoraModel, "_create_and_replace", before=True, on_call=3)
     elif stage == "after_injection":
         around(peft.peft_model.PeftModel, "load_adapter", before=True)
+        around(safe_peft._assign, "load_checkpoint", before=True)
     elif stage == "inside_load_state_dict":  # half of the tensors written, then stopped
         original = torch.nn.Module.load_state_dict
 
@@ -144,9 +151,19 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
             original(self, {k: state_dict[k] for k in keys[: len(keys) // 2]}, *args, **kwargs)
             stop()
 
+        write = safe_peft._assign._write
+
+        def half_written(model: Any, survey: Any, *args: Any) -> Any:
+            slots = list(survey.slots.items())
+            write(model, dataclasses.replace(survey, slots=dict(slots[: len(slots) // 2])), *args)
+            stop()
+
         monkeypatch.setattr(torch.nn.Module, "load_state_dict", half)
+        monkeypatch.setattr(safe_peft._assign, "_write", half_written)
     elif stage == "after_load_state_dict":
         around(peft.peft_model, "set_peft_model_state_dict", after=True)
+        around(peft.utils.save_and_load, "set_peft_model_state_dict", after=True)
+        around(safe_peft._assign, "_write", after=True)
     elif stage == "verification":
         around(safe_peft._execute, "verify", before=True)
     elif stage == "after_verification":

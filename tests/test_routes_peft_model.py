@@ -194,19 +194,25 @@ def test_every_failure_is_typed_and_leaves_the_peft_model_as_it_was(
 def test_an_interrupt_during_the_load_restores_the_peft_model(
     adapters: dict[str, Any], extra: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C after peft injected the new adapter and loaded its weights: everything is undone, then re-raised."""
+    """Ctrl-C after peft injected the new adapter and its weights were written (by peft, or by safe_peft's own steps
+    for plain LoRA): everything is undone, then re-raised."""
     import peft.peft_model
+    import peft.utils.save_and_load
+
+    import safe_peft._assign
 
     model = _peft_model(adapters)
     before = model_state(model)
-    real = peft.peft_model.set_peft_model_state_dict
+    written = ((peft.peft_model, "set_peft_model_state_dict"), (peft.utils.save_and_load, "set_peft_model_state_dict"))
+    for owner, name in (*written, (safe_peft._assign, "_write")):
+        real = getattr(owner, name)
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
+        def interrupted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            _real(*args, **kwargs)
+            raise KeyboardInterrupt("written")
 
-    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(KeyboardInterrupt, match="written"):
         safe_load_adapter(model, extra["second"], "second")
     assert_same_state(before, model)
 
