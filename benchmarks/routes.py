@@ -122,7 +122,7 @@ def routes_overhead(repeats: int = 9) -> list[dict[str, Any]]:
             lambda: None,
             lambda _: AutoPeftModelForCausalLM.from_pretrained(auto),
             lambda _: safe_peft.from_pretrained(auto),
-            max(3, repeats // 3),
+            repeats,  # as many rounds as the others: three left the median of round ratios to one slow spell
         ),
         _pair(
             "the switch: PeftModel.from_pretrained inside patched() vs plain",

@@ -142,22 +142,29 @@ def load_checkpoint(
     device = torch_device if torch_device is not None else infer_device()
     weights = load_peft_weights(directory, device=device, key_mapping=key_mapping)
     survey = _survey(model, adapter_name)
-    state = None
-    if survey is not None and _fits(survey.slots, weights, on_meta):
+    written = survey is not None and _fits(survey.slots, weights, on_meta)
+    if written:
+        assert survey is not None
         result = _write(model, survey, weights, adapter_name, on_meta)
-        state = {key: owner._parameters[name] for key, (owner, name, _) in survey.slots.items()}
     else:
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name, low_cpu_mem_usage=on_meta)
+    del weights  # as in peft: the file's tensors live on only where they were assigned
     prefix = _tuner_prefix(model, adapter_name)
     kept = [key for key in result.missing_keys if prefix in key and adapter_name in key]
     result.missing_keys.clear()
     result.missing_keys.extend(kept)
     tuner: Any = model.base_model
-    if hasattr(tuner, "_cast_adapter_dtype") and not (state is not None and _full_precision(state)):
+    if hasattr(tuner, "_cast_adapter_dtype") and not (written and _full_precision(_held(survey))):
         tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     if not is_trainable:
         model.eval()
-    return result, state
+    return result, (_held(survey) if written else None)  # read last: the move and the upcast may replace tensors
+
+
+def _held(survey: _Survey | None) -> dict[str, Any]:
+    """The tensors the slots hold now, under their checkpoint keys."""
+    assert survey is not None
+    return {key: owner._parameters[name] for key, (owner, name, _) in survey.slots.items()}
 
 
 def _tuner_prefix(model: PeftModel, adapter_name: str) -> str:

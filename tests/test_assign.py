@@ -83,14 +83,40 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
         "set_peft_model_state_dict",
         lambda *a, **k: calls.append(1) or original(*a, **k),
     )
+    verified = _verified_state(monkeypatch, safe_peft._execute)
     ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
 
     assert report.ok and report.route == route
     assert (not calls) is row.assigned
+    _assert_verified_the_model_s_tensors(verified, ours, "default")
     assert_same_state(model_state(plain), ours)
     for (name, mine), (_, theirs) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
         assert type(mine) is type(theirs), name
     assert torch.equal(outputs(ours), outputs(plain))
+
+
+def _verified_state(monkeypatch: pytest.MonkeyPatch, owner: Any) -> list[Any]:
+    """Record the tensors the post-load verification is handed (None: it looks for them itself)."""
+    seen: list[Any] = []
+    original = owner.verify
+
+    def verify(model: Any, plan: Any, adapter_name: str, state: Any = None) -> Any:
+        seen.append(state)
+        return original(model, plan, adapter_name, state=state)
+
+    monkeypatch.setattr(owner, "verify", verify)
+    return seen
+
+
+def _assert_verified_the_model_s_tensors(seen: list[Any], model: Any, adapter_name: str) -> None:
+    """What the verification checked is the adapter's tensors as the model now holds them (the very objects)."""
+    from safe_peft._execute import adapter_tensors
+
+    assert len(seen) == 1
+    if seen[0] is not None:
+        held = adapter_tensors(model, adapter_name, True)
+        assert seen[0].keys() == held.keys()
+        assert all(seen[0][k] is held[k] for k in held)
 
 
 @pytest.mark.usefixtures("meta_whenever_exact")
@@ -158,6 +184,7 @@ def test_a_further_adapter_is_peft_s_own(
     from peft import PeftModel
 
     import safe_peft
+    import safe_peft._carried
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_adapter(build("causal"), first)
@@ -174,9 +201,11 @@ def test_a_further_adapter_is_peft_s_own(
         lambda *a, **k: calls.append(1) or original(*a, **k),
     )
     ours = copy.deepcopy(carrying)
+    verified = _verified_state(monkeypatch, safe_peft._carried)
     with safe_peft.patched():
         result = ours.load_adapter(second, adapter_name, **kwargs)
     assert (not calls) is written
+    _assert_verified_the_model_s_tensors(verified, ours, adapter_name)
     assert (list(result.missing_keys), list(result.unexpected_keys)) == (
         list(expected.missing_keys),
         list(expected.unexpected_keys),
