@@ -261,6 +261,7 @@ def _plain_class(kind: type) -> bool:
         kind._load_from_state_dict is base._load_from_state_dict  # type: ignore[attr-defined]
         and kind._save_to_state_dict is base._save_to_state_dict  # type: ignore[attr-defined]
         and kind.get_extra_state is base.get_extra_state  # type: ignore[attr-defined]
+        and kind.set_extra_state is base.set_extra_state  # type: ignore[attr-defined]
         and not issubclass(kind, AuxiliaryTrainingWrapper)
     )
 

@@ -146,7 +146,26 @@ def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict
         return "low_cpu_mem_usage" if kwargs["low_cpu_mem_usage"] else "initialising"
     if not proven_exact(base_model, plan, strict, kwargs) or not _initialising_costs_more(plan):
         return "initialising"
+    if kwargs.get("autocast_adapter_dtype", True) and _half_precision_targets(base_model, plan):
+        return "initialising"
     return "meta"
+
+
+def _half_precision_targets(base_model: nn.Module, plan: LoadPlan) -> bool:
+    """Whether a targeted base layer holds its weight below float32 (float16, bfloat16, float8). There peft's meta
+    route would round the checkpoint: it assigns the file's tensor, moves it to the base layer's dtype, then upcasts
+    it back to float32 (autocast), where the initialising route upcasts first and copies the file's values exactly."""
+    assert plan.view is not None
+    for path in {e.module for e in plan.view.expected.values() if e.required}:
+        try:
+            module: Any = base_model.get_submodule(path)
+        except AttributeError:
+            return True  # not found where the plan put it: keep the route that cannot round
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        weight = getattr(base, "weight", None)
+        if weight is None or not weight.is_floating_point() or weight.element_size() < 4:
+            return True
+    return False
 
 
 def proven_exact(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> bool:
@@ -205,7 +224,10 @@ def _own_route(
     if key_mapping is None:
         key_mapping = getattr(base_model, "_checkpoint_conversion_mapping", {})
     config.inference_mode = not is_trainable
-    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), PeftModel)
+    if hasattr(config, "runtime_config"):  # as from_pretrained sets it (no ephemeral offload on this route)
+        config.runtime_config.ephemeral_gpu_offload = False
+    # as from_pretrained picks the class: the task type as given (an enum or its string value)
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if config.task_type else PeftModel
     from safe_peft._model_view import on_meta_here  # thread-local: torch.device("meta") sets a module global too
 
     with on_meta_here() if on_meta else contextlib.nullcontext():

@@ -172,8 +172,9 @@ def load_adapter_facts(peft_version: str | None = None) -> LoadAdapterFacts:
         version = Version(peft_version)
     except InvalidVersion:
         return LoadAdapterFacts(read=False, passes_autocast=True, sets_requires_grad=True)
+    released = Version(version.base_version)  # a dev build of 0.22 (peft's main branch) is not 0.21's code
     return LoadAdapterFacts(
-        read=Version("0.17.1") <= version < Version(LOAD_ADAPTER_READ_BELOW),
+        read=not version.is_devrelease and Version("0.17.1") <= released < Version(LOAD_ADAPTER_READ_BELOW),
         passes_autocast=version >= Version(LOAD_ADAPTER_PASSES_AUTOCAST_SINCE),
         sets_requires_grad=version >= Version(LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE),
     )
