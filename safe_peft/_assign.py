@@ -61,7 +61,7 @@ def loads_like_peft(peft_model: PeftModel, adapter_name: str, kwargs: dict[str, 
 
 
 def load_adapter(
-    peft_model: PeftModel, directory: str, adapter_name: str, kwargs: dict[str, Any]
+    peft_model: PeftModel, directory: str, adapter_name: str, kwargs: dict[str, Any], *, exact_values: bool = False
 ) -> tuple[Any, dict[str, Any] | None]:
     """``peft_model.load_adapter(directory, adapter_name, **kwargs)`` for a new name (see :func:`loads_like_peft`):
     peft's steps, with the checkpoint written by :func:`load_checkpoint`. Returns peft's result and the adapter's
@@ -87,6 +87,7 @@ def load_adapter(
         autocast_adapter_dtype=autocast,
         torch_device=kwargs.get("torch_device"),
         key_mapping=kwargs.get("key_mapping"),
+        exact_values=exact_values,
     )
 
 
@@ -131,11 +132,15 @@ def load_checkpoint(
     autocast_adapter_dtype: bool,
     torch_device: str | None,
     key_mapping: dict[str, str] | None,
+    exact_values: bool = False,
 ) -> tuple[Any, dict[str, Any] | None]:
     """The tail of ``model.load_adapter(directory, adapter_name, low_cpu_mem_usage=on_meta, ...)`` for an adapter
     already injected (on the meta device when ``on_meta``). Returns what peft's returns (missing keys filtered as
     peft filters them) and, when the checkpoint was written here, the adapter's tensors under their checkpoint keys
-    (for the verification, which then need not look for them)."""
+    (for the verification, which then need not look for them). ``exact_values``: the meta route standing in for
+    the initialising one on a half-precision base, where peft's move rounds the file's values to the base's dtype
+    before its upcast: the file's values are copied into the upcast tensors last, as the initialising route holds
+    them (the route is taken only for a checkpoint of the adapter's own tensors, see ``_execute.load_route``)."""
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
@@ -148,6 +153,7 @@ def load_checkpoint(
         result = _write(model, survey, weights, adapter_name, on_meta)
     else:
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name, low_cpu_mem_usage=on_meta)
+    exact = weights if exact_values else None
     del weights  # as in peft: the file's tensors live on only where they were assigned
     prefix = _tuner_prefix(model, adapter_name)
     kept = [key for key in result.missing_keys if prefix in key and adapter_name in key]
@@ -158,7 +164,21 @@ def load_checkpoint(
         tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     if not is_trainable:
         model.eval()
+    if exact is not None:
+        _copy_exact(model, adapter_name, exact, survey if written else _survey(model, adapter_name, gates=False))
     return result, (_held(survey) if written else None)  # read last: the move and the upcast may replace tensors
+
+
+def _copy_exact(model: PeftModel, adapter_name: str, weights: dict[str, Any], survey: _Survey | None) -> None:
+    """Each file tensor copied into the adapter's tensor of its key, as the initialising route's ``copy_`` does."""
+    import torch
+
+    held = _held(survey) if survey is not None else {}
+    if not set(weights) <= set(held):  # the route's condition rules this out; never leave rounded values
+        raise RuntimeError(f"adapter {adapter_name!r}: checkpoint tensors without a place in the model")
+    with torch.no_grad():
+        for key, value in weights.items():
+            held[key].copy_(value)
 
 
 def _held(survey: _Survey | None) -> dict[str, Any]:
@@ -184,9 +204,10 @@ class _Survey:
     keys: list[str] = field(default_factory=list)
 
 
-def _survey(model: PeftModel, adapter_name: str) -> _Survey | None:
+def _survey(model: PeftModel, adapter_name: str, *, gates: bool = True) -> _Survey | None:
     """The walk; None when peft's loading could do anything besides assigning the adapter's tensors (see the
-    module's docstring)."""
+    module's docstring). ``gates=False``: only find where the adapter's tensors are (None when a tuner layer holds
+    something other than tensors and leaf modules of parameters)."""
     import torch
     from peft.tuners._buffer_dict import BufferDict
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -194,11 +215,11 @@ def _survey(model: PeftModel, adapter_name: str) -> _Survey | None:
 
     if getattr(model.peft_config[adapter_name], "peft_type", None) != PeftType.LORA:
         return None
-    if torch.__future__.get_swap_module_params_on_conversion() or _distributed():
+    if gates and (torch.__future__.get_swap_module_params_on_conversion() or _distributed()):
         return None
-    if type(model).load_state_dict is not torch.nn.Module.load_state_dict or model._load_state_dict_post_hooks:
+    if gates and (type(model).load_state_dict is not torch.nn.Module.load_state_dict):
         return None
-    if type(model).state_dict is not torch.nn.Module.state_dict or _converts_weights(model):
+    if gates and (type(model).state_dict is not torch.nn.Module.state_dict or _converts_weights(model)):
         return None
     survey = _Survey()
     owners: set[tuple[int, str]] = set()
@@ -208,7 +229,7 @@ def _survey(model: PeftModel, adapter_name: str) -> _Survey | None:
         kind = type(module)
         if kind not in plain:
             plain[kind] = _plain_class(kind)
-        if not plain[kind] or _hooked(module):
+        if gates and (not plain[kind] or _hooked(module)):
             return None
         lead = f"{prefix}." if prefix else ""
         survey.keys.extend(lead + name for name, p in module._parameters.items() if p is not None)
@@ -220,7 +241,7 @@ def _survey(model: PeftModel, adapter_name: str) -> _Survey | None:
         for attr, container in module._modules.items():
             if attr == "base_layer":
                 continue
-            if isinstance(container, BufferDict) and adapter_name in container:  # buffers: peft's own loading
+            if gates and isinstance(container, BufferDict) and adapter_name in container:  # peft's own loading
                 return None
             if not isinstance(container, containers) or adapter_name not in container:
                 continue
@@ -231,7 +252,7 @@ def _survey(model: PeftModel, adapter_name: str) -> _Survey | None:
                 return None
             held.extend(found)
         for owner, name, key in held:
-            if (id(owner), name) in owners:  # one tensor reached by two paths: leave it to peft
+            if (id(owner), name) in owners and gates:  # one tensor reached by two paths: leave it to peft
                 return None
             owners.add((id(owner), name))
             saved = checkpoint_key(key, adapter_name)

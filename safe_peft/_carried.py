@@ -25,6 +25,7 @@ from safe_peft._execute import (
     load_directory,
     load_route,
     overwritten_base_tensors,
+    rounds_on_meta,
     settled,
     takes_in_place,
     verify,
@@ -33,6 +34,7 @@ from safe_peft._guard import plain_calls
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import resolve_route, route_plan, see_through
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
+from safe_peft._versions import load_adapter_facts
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import LoadReport
 
@@ -123,12 +125,17 @@ def _execute(
         if route == "replace":
             _delete_quietly(peft_model, adapter_name, active)
         taken = load_route(inner, plan, strict, kwargs) if route != "reload" else "initialising"
+        # peft before 0.19 creates a further adapter in the base's dtype (no autocast on add_adapter): there its
+        # initialising route rounds the file's values just as its meta route does, and nothing is to be copied back
+        exact = taken == "meta" and rounds_on_meta(inner, plan, kwargs) and load_adapter_facts().passes_autocast
+        if exact and not (analytic and loads_like_peft(peft_model, adapter_name, passthrough)):
+            taken, exact = "initialising", False  # peft's own meta route would round the adapter here
         if taken == "meta":  # complete and exact: peft creates the new adapter on meta and assigns the checkpoint
             passthrough["low_cpu_mem_usage"] = True
         state = None
         with plain_calls():
             if analytic and loads_like_peft(peft_model, adapter_name, passthrough):  # plain LoRA: without the walks
-                result, state = load_adapter(peft_model, directory, adapter_name, passthrough)
+                result, state = load_adapter(peft_model, directory, adapter_name, passthrough, exact_values=exact)
             else:
                 result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":

@@ -75,8 +75,9 @@ def execute(
             own = route == "meta" or (route == "initialising" and "low_cpu_mem_usage" not in kwargs)
             if own and proven_exact(base_model, plan, strict, kwargs):
                 on_meta = route == "meta"
-                config = plan.peft_config
-                model, state = _own_route(base_model, directory, adapter_name, config, dict(passthrough), on_meta)
+                exact = on_meta and rounds_on_meta(base_model, plan, kwargs)
+                config, rest = plan.peft_config, dict(passthrough)
+                model, state = _own_route(base_model, directory, adapter_name, config, rest, on_meta, exact)
             else:
                 config = plan.peft_config
                 model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
@@ -146,15 +147,30 @@ def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict
         return "low_cpu_mem_usage" if kwargs["low_cpu_mem_usage"] else "initialising"
     if not proven_exact(base_model, plan, strict, kwargs) or not _initialising_costs_more(plan):
         return "initialising"
-    if kwargs.get("autocast_adapter_dtype", True) and _half_precision_targets(base_model, plan):
+    if rounds_on_meta(base_model, plan, kwargs) and not _adapter_tensors_only(base_model, plan, kwargs):
         return "initialising"
     return "meta"
 
 
+def rounds_on_meta(base_model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> bool:
+    """Whether peft's meta route would round the checkpoint here: with autocast, on a targeted base layer holding
+    its weight below float32 (float16, bfloat16, float8), it assigns the file's tensor, moves it to the base layer's
+    dtype, then upcasts it back to float32, where the initialising route upcasts first and copies the file's values
+    exactly. The meta route then copies the file's values in last (``exact_values``)."""
+    return bool(kwargs.get("autocast_adapter_dtype", True)) and _half_precision_targets(base_model, plan)
+
+
+def _adapter_tensors_only(base_model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> bool:
+    """The checkpoint holds LoRA's own tensors only, under their own keys: each has a place in the adapter to copy
+    the file's values into. (A saved base tensor or head would be assigned in the file's dtype by the meta route.)"""
+    own = (Role.A, Role.B, Role.BIAS, Role.MAGNITUDE)
+    if kwargs.get("key_mapping") or getattr(base_model, "_checkpoint_conversion_mapping", None):
+        return False
+    return not plan.renames and all(role_of(key) in own for key in plan.checkpoint)
+
+
 def _half_precision_targets(base_model: nn.Module, plan: LoadPlan) -> bool:
-    """Whether a targeted base layer holds its weight below float32 (float16, bfloat16, float8). There peft's meta
-    route would round the checkpoint: it assigns the file's tensor, moves it to the base layer's dtype, then upcasts
-    it back to float32 (autocast), where the initialising route upcasts first and copies the file's values exactly."""
+    """Whether a targeted base layer holds its weight below float32 (or cannot be found where the plan put it)."""
     assert plan.view is not None
     for path in {e.module for e in plan.view.expected.values() if e.required}:
         try:
@@ -206,7 +222,13 @@ def _has_meta_tensors(model: nn.Module) -> bool:
 
 
 def _own_route(
-    base_model: nn.Module, directory: str, adapter_name: str, config: Any, kwargs: dict[str, Any], on_meta: bool
+    base_model: nn.Module,
+    directory: str,
+    adapter_name: str,
+    config: Any,
+    kwargs: dict[str, Any],
+    on_meta: bool,
+    exact_values: bool,
 ) -> tuple[Any, dict[str, Any] | None]:
     """What ``PeftModel.from_pretrained`` does for a model without a device map, ``on_meta`` with the adapter's
     tensors created on the meta device (a thread-local device context: no process-wide patch), and the checkpoint
@@ -233,7 +255,7 @@ def _own_route(
     with on_meta_here() if on_meta else contextlib.nullcontext():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
     torch_device = kwargs.pop("torch_device", None)
-    if kwargs:  # anything else is load_adapter's to interpret
+    if kwargs and not exact_values:  # anything else is load_adapter's to interpret
         model.load_adapter(
             directory,
             adapter_name,
@@ -256,6 +278,7 @@ def _own_route(
         autocast_adapter_dtype=autocast,
         torch_device=torch_device,
         key_mapping=key_mapping,
+        exact_values=exact_values,
     )
     return model, state
 

@@ -28,6 +28,7 @@ class Row:
     dtype: torch.dtype | None = None  # the base model's dtype when loading (the adapter is trained in float32)
     kwargs: dict[str, Any] = field(default_factory=dict)  # what both loads are given
     config: dict[str, Any] = field(default_factory=dict)  # the tiny model's config overrides
+    initialises: bool = False  # the meta route is not taken even where it would pay
 
 
 ROWS = [
@@ -45,6 +46,18 @@ ROWS = [
     Row("bf16_base", "causal", {}, dtype=torch.bfloat16),
     Row("bf16_base_no_autocast", "causal", {}, dtype=torch.bfloat16, kwargs={"autocast_adapter_dtype": False}),
     Row("saved_head", "seqcls", {"task_type": "SEQ_CLS"}, assigned=False),
+    Row("bf16_dora_trainable", "causal", {"use_dora": True}, dtype=torch.bfloat16, kwargs={"is_trainable": True}),
+    Row("fp16_all_linear", "causal", {"r": 4, "target_modules": "all-linear"}, dtype=torch.float16),
+    # more than LoRA's own tensors on a half-precision base: the meta route would assign those in the file's dtype
+    Row("bf16_saved_head", "seqcls", {"task_type": "SEQ_CLS"}, assigned=False, dtype=torch.bfloat16, initialises=True),
+    Row(
+        "bf16_embedding",
+        "causal",
+        {"target_modules": ["embed_tokens", "q_proj"]},
+        assigned=False,
+        dtype=torch.bfloat16,
+        initialises=True,
+    ),
 ]
 
 
@@ -65,7 +78,8 @@ def _base(row: Row) -> torch.nn.Module:
 def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both routes of a first adapter, where safe_peft writes the checkpoint itself: the model equals plain
     ``PeftModel.from_pretrained``'s with its defaults, whichever route safe_peft took. On a half-precision base with
-    autocast the meta route is not taken: peft's meta route rounds the adapter to the base's dtype there."""
+    autocast, peft's meta route rounds the adapter to the base's dtype before upcasting it: safe_peft's copies the
+    file's values in last, and a checkpoint holding more than LoRA's own tensors initialises instead."""
     import peft.utils.save_and_load
     from peft import PeftModel
 
@@ -76,8 +90,7 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     directory = str(tmp_path / row.name)
     train_adapter(build(row.model, **row.config), directory, **row.lora)
     plain = PeftModel.from_pretrained(_base(row), directory, **row.kwargs)
-    rounds = row.dtype in (torch.float16, torch.bfloat16) and row.kwargs.get("autocast_adapter_dtype", True)
-    taken = "initialising" if rounds else route
+    taken = "initialising" if row.initialises else route
 
     calls = []
     original = peft.utils.save_and_load.set_peft_model_state_dict
@@ -264,3 +277,28 @@ def test_a_peft_release_not_read_keeps_peft_s_own_load_adapter(tmp_path: Any, mo
     monkeypatch.setattr(peft, "__version__", "0.22.0")
     safe_peft.safe_load_adapter(carrying, second, "b")
     assert len(calls) == 1 and calls[0][1] == "b"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_further_adapter_on_a_half_precision_base_keeps_the_file_s_values(
+    dtype: torch.dtype, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The meta route for a further adapter on a half-precision base (autocast on): the model equals plain
+    ``load_adapter``'s with its defaults (the file's float32 values, not rounded to the base's dtype)."""
+    import copy
+
+    from peft import PeftModel
+
+    import safe_peft._execute
+
+    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_adapter(build("causal"), first)
+    train_adapter(build("causal"), second, seed=2, r=4, target_modules="all-linear")
+    carrying = PeftModel.from_pretrained(build("causal").to(dtype), first)
+    plain = copy.deepcopy(carrying)
+    plain.load_adapter(second, "b")
+    ours = copy.deepcopy(carrying)
+    _, report = safe_load_adapter(ours, second, "b", output_loading_info=True)
+    assert report.route == "meta"
+    assert_same_state(model_state(plain), ours)
