@@ -486,8 +486,9 @@ meta route (the adapter is created on the meta device and the checkpoint assigne
 It takes it where it is the faster one: skipping the initialisation saves about 5 ns per adapter element here, and
 the per-thread meta device context costs about 0.3 ms per adapted module (every torch call of the injection goes
 through it), so from about 64k elements per adapted module (`META_ROUTE_MIN_ELEMENTS_PER_MODULE`); below that it takes
-peft's initialising route, and so it does on a float16 / bfloat16 base (the 1B model), where peft's meta route would
-round a float32 adapter to the base's dtype. The route each safe load took is in brackets.
+peft's initialising route. On a float16 / bfloat16 base (the 1B model) peft's meta route rounds a float32 adapter to
+the base's dtype before upcasting it; safe_peft's copies the file's values in last (one copy of the adapter's tensors), as
+peft's default route holds them. The route each safe load took is in brackets.
 
 On either route, for plain LoRA proven exact, safe_peft writes the checkpoint into the adapter itself (a `copy_` per
 tensor, or on the meta route a new `Parameter` of the file's tensor) where peft's `set_peft_model_state_dict` walks
