@@ -165,11 +165,11 @@ def load_checkpoint(
     if not is_trainable:
         model.eval()
     if exact is not None:
-        _copy_exact(model, adapter_name, exact, survey if written else _survey(model, adapter_name, gates=False))
+        _copy_exact(adapter_name, exact, survey if written else _survey(model, adapter_name, gates=False))
     return result, (_held(survey) if written else None)  # read last: the move and the upcast may replace tensors
 
 
-def _copy_exact(model: PeftModel, adapter_name: str, weights: dict[str, Any], survey: _Survey | None) -> None:
+def _copy_exact(adapter_name: str, weights: dict[str, Any], survey: _Survey | None) -> None:
     """Each file tensor copied into the adapter's tensor of its key, as the initialising route's ``copy_`` does."""
     import torch
 

@@ -128,13 +128,14 @@ def _execute(
         # peft before 0.19 creates a further adapter in the base's dtype (no autocast on add_adapter): there its
         # initialising route rounds the file's values just as its meta route does, and nothing is to be copied back
         exact = taken == "meta" and rounds_on_meta(inner, plan, kwargs) and load_adapter_facts().passes_autocast
-        if exact and not (analytic and loads_like_peft(peft_model, adapter_name, passthrough)):
+        own = analytic and loads_like_peft(peft_model, adapter_name, passthrough)  # plain LoRA: without the walks
+        if exact and not own:
             taken, exact = "initialising", False  # peft's own meta route would round the adapter here
         if taken == "meta":  # complete and exact: peft creates the new adapter on meta and assigns the checkpoint
-            passthrough["low_cpu_mem_usage"] = True
+            passthrough["low_cpu_mem_usage"] = True  # (an argument loads_like_peft admits)
         state = None
         with plain_calls():
-            if analytic and loads_like_peft(peft_model, adapter_name, passthrough):  # plain LoRA: without the walks
+            if own:
                 result, state = load_adapter(peft_model, directory, adapter_name, passthrough, exact_values=exact)
             else:
                 result = peft_model.load_adapter(directory, adapter_name, **passthrough)

@@ -255,18 +255,7 @@ def _own_route(
     with on_meta_here() if on_meta else contextlib.nullcontext():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
     torch_device = kwargs.pop("torch_device", None)
-    if kwargs and not exact_values:  # anything else is load_adapter's to interpret
-        model.load_adapter(
-            directory,
-            adapter_name,
-            is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast,
-            low_cpu_mem_usage=on_meta,
-            key_mapping=key_mapping,
-            torch_device=torch_device,
-            **kwargs,
-        )
-        return model, None
+    assert not kwargs, kwargs  # proven_exact admits only the arguments read above (hub ones stay out of kwargs)
     from safe_peft._assign import load_checkpoint  # what load_adapter does from here, without its whole-model walks
 
     _, state = load_checkpoint(

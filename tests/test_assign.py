@@ -80,7 +80,6 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     ``PeftModel.from_pretrained``'s with its defaults, whichever route safe_peft took. On a half-precision base with
     autocast, peft's meta route rounds the adapter to the base's dtype before upcasting it: safe_peft's copies the
     file's values in last, and a checkpoint holding more than LoRA's own tensors initialises instead."""
-    import peft.utils.save_and_load
     from peft import PeftModel
 
     import safe_peft._execute
@@ -92,13 +91,7 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     plain = PeftModel.from_pretrained(_base(row), directory, **row.kwargs)
     taken = "initialising" if row.initialises else route
 
-    calls = []
-    original = peft.utils.save_and_load.set_peft_model_state_dict
-    monkeypatch.setattr(
-        peft.utils.save_and_load,
-        "set_peft_model_state_dict",
-        lambda *a, **k: calls.append(1) or original(*a, **k),
-    )
+    calls = _peft_writes(monkeypatch)
     verified = _verified_state(monkeypatch, safe_peft._execute)
     ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
 
@@ -109,6 +102,18 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     for (name, mine), (_, theirs) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
         assert type(mine) is type(theirs), name
     assert torch.equal(outputs(ours), outputs(plain))
+
+
+def _peft_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each call of peft's ``set_peft_model_state_dict`` (the checkpoint left to peft to write)."""
+    import peft.utils.save_and_load
+
+    calls: list[int] = []
+    original = peft.utils.save_and_load.set_peft_model_state_dict
+    monkeypatch.setattr(
+        peft.utils.save_and_load, "set_peft_model_state_dict", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    return calls
 
 
 def _verified_state(monkeypatch: pytest.MonkeyPatch, owner: Any) -> list[Any]:
@@ -202,7 +207,6 @@ def test_a_further_adapter_is_peft_s_own(
     missing keys name the first adapter's keys holding the name "b", as peft's do)."""
     import copy
 
-    import peft.utils.save_and_load
     from peft import PeftModel
 
     import safe_peft
@@ -215,13 +219,7 @@ def test_a_further_adapter_is_peft_s_own(
     plain = copy.deepcopy(carrying)
     expected = plain.load_adapter(second, adapter_name, **kwargs)
 
-    calls = []
-    original = peft.utils.save_and_load.set_peft_model_state_dict
-    monkeypatch.setattr(
-        peft.utils.save_and_load,
-        "set_peft_model_state_dict",
-        lambda *a, **k: calls.append(1) or original(*a, **k),
-    )
+    calls = _peft_writes(monkeypatch)
     ours = copy.deepcopy(carrying)
     verified = _verified_state(monkeypatch, safe_peft._carried)
     with safe_peft.patched():
