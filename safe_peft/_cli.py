@@ -284,10 +284,16 @@ def _fix(args: argparse.Namespace, out: Output) -> int:
 
         if args.remap or args.repair:
             raise UsageError("--merge-ranks takes no --remap / --repair: merge first, then fix the merged adapter")
-        report = merge_rank_shards(model, args.adapter, args.out, force=args.force)
-        how = verify_written(args.base, args.model_class, args.out, model)
+        checked: list[str] = []
+        report = merge_rank_shards(  # verified in its staging directory, as every fix
+            model,
+            args.adapter,
+            args.out,
+            force=args.force,
+            verify=lambda staging: checked.append(verify_written(args.base, args.model_class, staging, model)),
+        )
         out.write(f"Wrote {args.out}: {report.repairs[0]}.")
-        out.write(out.good(f"Verified: {how}."))
+        out.write(out.good(f"Verified: {checked[0]}."))
         return OK
     verified: list[str] = []
     try:

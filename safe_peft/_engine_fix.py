@@ -19,9 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from safe_peft._catalog import finding
@@ -90,21 +89,46 @@ def fix_for_target(
         raise AdapterLoadError(_refusal(before, refused))
     conversions = list(before.conversions)
     if pad_rank_to is not None:
+        _check_pad_rank(pad_rank_to, before)
         conversions.append("pad_rank")
-    out = os.fspath(out_dir)
-    _prepare(out, force)
     facts = AdapterFacts.read(adapter)
     from safe_peft._engine_rules import rule_set
+    from safe_peft._writer import write_output
 
     rules = rule_set(target, version)
-    tensors, config, factors = _convert(facts, rules.scaling, pad_rank_to)
-    if "vlm_prefix" in conversions:
-        tensors = _vlm_prefix(tensors)
-    _write(out, tensors, config, facts, conversions)
-    after = check_target(out, target, base, version)
-    if not after.ok:
-        raise AdapterLoadError(_refusal(after, list(after.findings)))
-    return FixReport(facts.path, out, before.engine, tuple(conversions), factors, before, after)
+    checked: list[TargetReport] = []
+    factors: dict[str, float] = {}
+
+    def fill(staging: str) -> None:
+        tensors, config, found = _convert(facts, rules.scaling, pad_rank_to)
+        factors.update(found)
+        _write(staging, _vlm_prefix(tensors) if "vlm_prefix" in conversions else tensors, config, facts, conversions)
+
+    def verify(staging: str) -> None:  # the engine's own check of the output, before it is moved into place
+        after = check_target(staging, target, base, version)
+        if not after.ok:
+            raise AdapterLoadError(_refusal(after, list(after.findings)))
+        checked.append(replace(after, adapter=os.fspath(out_dir)))
+
+    record = {"source": facts.path, "target": before.engine, "conversions": conversions}
+    write_output(out_dir, [facts.path], fill, verify=verify, force=force, record=record)
+    return FixReport(facts.path, os.fspath(out_dir), before.engine, tuple(conversions), factors, before, checked[0])
+
+
+def _check_pad_rank(rank: object, report: TargetReport) -> None:
+    """``pad_rank_to`` is a rank the engine serves: a positive integer, at most its largest rank setting."""
+    from safe_peft._engine_rules import rule_set
+
+    limit = rule_set(report.engine, report.version).rank_limit
+    largest = limit.allowed[-1] if limit is not None else _MAX_PAD_RANK
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
+        raise ValueError(
+            f"pad_rank_to={rank!r}: pad to a positive rank of at most {largest:,} "
+            f"({report.engine} {report.version} serves no larger one)"
+        )
+
+
+_MAX_PAD_RANK = 4_096  # an engine without a rank setting: far above any real LoRA rank, far below an allocation error
 
 
 def _refusal(report: TargetReport, findings: list[Diagnosis]) -> LoadReport:
@@ -115,14 +139,6 @@ def _refusal(report: TargetReport, findings: list[Diagnosis]) -> LoadReport:
             finding(d.code, f"{d.message}. Not converted: {why}.", fix=d.fix, details={**d.details, "not_exact": why})
         )
     return LoadReport(ok=False, causes=causes, adapter=report.adapter, model_class=f"{report.engine} {report.version}")
-
-
-def _prepare(out: str, force: bool) -> None:
-    if os.path.exists(out) and os.listdir(out):
-        if not force:
-            raise ValueError(f"{out}: exists and is not empty (pass force=True / --force to replace it)")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
 
 
 def _convert(

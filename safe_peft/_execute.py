@@ -10,7 +10,6 @@ import contextlib
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -92,24 +91,26 @@ def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | Non
     renamed = bool(plan.renames or plan.dropped or plan.legacy is not None)
     if not (renamed or with_config):
         return plan.files.directory, None
-    workdir = tempfile.mkdtemp(prefix="safe_peft_")
-    if renamed:
-        write_weights(
-            plan.files.weights_path,
-            os.path.join(workdir, "adapter_model.safetensors"),
-            weights_format=plan.files.weights_format,
-            renames=plan.renames,
-            dropped=plan.dropped,
-            legacy=plan.legacy,
-        )
-    else:
-        target = os.path.join(workdir, os.path.basename(plan.files.weights_path))
-        try:
-            os.symlink(os.path.abspath(plan.files.weights_path), target)
-        except OSError:  # no symbolic links here: copy
-            shutil.copyfile(plan.files.weights_path, target)
-    if with_config:
-        plan.peft_config.save_pretrained(workdir)
+    from safe_peft._writer import temporary_directory
+
+    with temporary_directory() as workdir:  # removed if writing into it fails half-way
+        if renamed:
+            write_weights(
+                plan.files.weights_path,
+                os.path.join(workdir, "adapter_model.safetensors"),
+                weights_format=plan.files.weights_format,
+                renames=plan.renames,
+                dropped=plan.dropped,
+                legacy=plan.legacy,
+            )
+        else:
+            target = os.path.join(workdir, os.path.basename(plan.files.weights_path))
+            try:
+                os.symlink(os.path.abspath(plan.files.weights_path), target)
+            except OSError:  # no symbolic links here: copy
+                shutil.copyfile(plan.files.weights_path, target)
+        if with_config:
+            plan.peft_config.save_pretrained(workdir)
     return workdir, workdir
 
 
@@ -122,6 +123,7 @@ def atomically(snapshot: ModuleSnapshot | ValueSnapshot, planned: LoadReport) ->
     temporary: list[str | None] = []
     try:
         yield temporary
+        _remove(temporary)  # still inside the undo: a Ctrl-C while removing them undoes the load, never half-commits
     except AdapterLoadError:
         snapshot.restore()
         raise
@@ -132,9 +134,14 @@ def atomically(snapshot: ModuleSnapshot | ValueSnapshot, planned: LoadReport) ->
         snapshot.restore()
         raise
     finally:
-        for directory in temporary:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+        _remove(temporary)
+
+
+def _remove(temporary: list[str | None]) -> None:
+    while temporary:
+        directory = temporary.pop()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_route(base_model: nn.Module, plan: LoadPlan, strict: bool, kwargs: dict[str, Any]) -> str:

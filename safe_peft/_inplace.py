@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
@@ -153,14 +152,16 @@ def _directory(model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> tupl
     converted = inplace_conversion(model, keys, plan.view.expected, inplace_key_mapping(model, kwargs))
     gone = set(plan.dropped)
     renames = {k: plan.renames.get(c, c) for k, c in converted.items() if c not in gone}
-    workdir = tempfile.mkdtemp(prefix="safe_peft_")
-    write_weights(
-        plan.files.weights_path,
-        os.path.join(workdir, "adapter_model.safetensors"),
-        weights_format=plan.files.weights_format,
-        renames={k: v for k, v in renames.items() if k != v},
-        dropped=[k for k, c in converted.items() if c in gone],
-        legacy=plan.legacy,
-    )
-    plan.peft_config.save_pretrained(workdir)
+    from safe_peft._writer import temporary_directory
+
+    with temporary_directory() as workdir:  # removed if writing into it fails half-way
+        write_weights(
+            plan.files.weights_path,
+            os.path.join(workdir, "adapter_model.safetensors"),
+            weights_format=plan.files.weights_format,
+            renames={k: v for k, v in renames.items() if k != v},
+            dropped=[k for k, c in converted.items() if c in gone],
+            legacy=plan.legacy,
+        )
+        plan.peft_config.save_pretrained(workdir)
     return workdir, workdir

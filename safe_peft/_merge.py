@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
@@ -34,11 +34,13 @@ def merge_rank_shards(
     *,
     adapter_name: str = "default",
     force: bool = False,
+    verify: Callable[[str], object] | None = None,
 ) -> LoadReport:
     """Write the adapter that the per-rank files in ``directory`` hold together to ``out_dir``.
 
     Raises :class:`AdapterLoadError` (writing nothing) when the files are incomplete or inconsistent, and
-    when the merged adapter would not load into ``base_model``.
+    when the merged adapter would not load into ``base_model``. ``verify(staging_dir)`` is a further check of the
+    written adapter before it is moved into place (the command line loads it with plain peft there).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -122,25 +124,22 @@ def merge_rank_shards(
 
         merged[key] = torch.cat(parts, dim=dim).contiguous()
         concatenated += 1
-    target = os.path.abspath(os.fspath(out_dir))
-    if os.path.isdir(target) and os.listdir(target) and not force:
-        raise FileExistsError(f"{target}: exists and is not empty; choose a new directory or pass force=True")
-    parent = os.path.dirname(target) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=parent)
-    try:
+    from safe_peft._writer import write_output
+
+    def fill(staging: str) -> None:
         metadata = {"format": "pt", "safe_peft.merged_ranks": str(len(files)), "safe_peft.source": source}
         save_file(merged, os.path.join(staging, "adapter_model.safetensors"), metadata=metadata)
         shutil.copyfile(files[0].config_path, os.path.join(staging, "adapter_config.json"))
+
+    def check(staging: str) -> None:  # the merged adapter must load into the base, before it is moved into place
         report = diagnose(base_model, staging, adapter_name)
         if not report.ok:
             raise AdapterLoadError(report)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if verify is not None:
+            verify(staging)
+
+    record = {"source": source, "merged_ranks": len(files)}
+    write_output(out_dir, [source], fill, verify=check, force=force, record=record)
     summary = (
         f"merged the files of {len(files)} ranks: {concatenated} tensors concatenated, {replicated} replicated "
         "(identical on every rank)"

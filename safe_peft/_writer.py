@@ -1,10 +1,18 @@
-"""Write a fixed adapter: renamed keys, repaired config, safetensors, provenance in ``__metadata__``.
+"""The one writer of adapter directories: ``fix``, ``fix --target``, ``fix --merge-ranks`` and any future writer.
 
-The writer never removes or writes anything outside a directory it created itself. The fixed adapter is written
-into a new staging directory beside ``out_dir`` and moved into place in one step; replacing an existing output
-(``force=True``) is allowed only for a directory safe-peft wrote (it carries :data:`MARKER` and nothing but the
-files safe-peft writes), and swaps the two directories atomically (``renameat2(RENAME_EXCHANGE)``) before
-removing the old one, so that a crash at any moment leaves either the old or the new output.
+:func:`write_output` owns every guarantee about the user's files; a writer only says what goes into the new
+directory (``fill``) and how to check it (``verify``). It never removes or writes anything outside a directory it
+created itself:
+
+* ``out_dir`` is refused when it is an input (or inside one, or holds one), a symbolic link, a filesystem root or
+  mount point, a file, or a non-empty directory safe-peft did not write (it carries :data:`MARKER` and nothing but
+  the files safe-peft writes); an existing output is replaced only with ``force=True``.
+* The output is written into a new staging directory beside ``out_dir``, verified there, and moved into place in
+  one step: a refused verification leaves ``out_dir`` as it was. Replacing swaps the two directories atomically
+  (``renameat2(RENAME_EXCHANGE)``) before removing the old one, so a crash at any moment leaves either the old or
+  the new output. Where the filesystem has no atomic exchange, the old output is renamed aside to
+  ``.safe_peft_<name>.old`` for the instant between two renames, and the next write to ``out_dir`` puts it back if a
+  crash fell in that instant (:func:`recover_output`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter_files import CONFIG_NAME, SAFETENSORS_NAME
@@ -31,7 +39,17 @@ from safe_peft.rules import Remap, Repair
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["MARKER", "OutputDirError", "fix_adapter", "provenance", "write_fix"]
+__all__ = [
+    "MARKER",
+    "OutputDirError",
+    "check_output_dir",
+    "fix_adapter",
+    "provenance",
+    "recover_output",
+    "temporary_directory",
+    "write_fix",
+    "write_output",
+]
 
 MARKER = ".safe-peft-fix.json"  # written into every output directory; names its source
 _OWN_FILES = {MARKER, CONFIG_NAME, SAFETENSORS_NAME, "README.md"}
@@ -80,14 +98,10 @@ def write_fix(
     force: bool = False,
     verify: Callable[[str], object] | None = None,
 ) -> LoadReport:
-    """Write the fixed adapter of ``plan`` to ``out_dir``. ``verify(staging_dir)`` runs on the complete output
-    before it is moved into place: when it raises, nothing was written (and an old output is kept)."""
-    target = os.path.abspath(os.fspath(out_dir))
-    replacing = check_output_dir(target, plan.files.directory, force)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=parent)
-    try:
+    """Write the fixed adapter of ``plan`` to ``out_dir`` (through :func:`write_output`). ``verify(staging_dir)``
+    runs on the complete output before it is moved into place: when it raises, nothing was written."""
+
+    def fill(staging: str) -> None:
         write_weights(
             plan.files.weights_path,
             os.path.join(staging, SAFETENSORS_NAME),
@@ -98,8 +112,36 @@ def write_fix(
             metadata=lambda keys: provenance(plan, keys),
         )
         plan.peft_config.save_pretrained(staging)
+
+    record = {"source": plan.files.location, "repairs": plan.report.repairs}
+    write_output(out_dir, [plan.files.directory], fill, verify=verify, force=force, record=record)
+    return plan.report
+
+
+def write_output(
+    out_dir: str | os.PathLike[str],
+    sources: Iterable[str | os.PathLike[str]],
+    fill: Callable[[str], object],
+    *,
+    verify: Callable[[str], object] | None = None,
+    force: bool = False,
+    record: dict[str, Any] | None = None,
+) -> None:
+    """Write a new adapter directory at ``out_dir``: ``fill(staging)`` writes its files into a staging directory
+    beside it, :data:`MARKER` (with ``record``) is added, ``verify(staging)`` checks the complete output, and only
+    then is it moved into place. ``sources`` are the input directories, which ``out_dir`` must not be, hold or lie
+    in. Raises :class:`OutputDirError` / ``FileExistsError`` before anything is written; whatever ``fill`` or
+    ``verify`` raises leaves ``out_dir`` as it was, and no staging directory behind."""
+    target = os.path.abspath(os.fspath(out_dir))
+    recover_output(target)
+    replacing = check_output_dir(target, [os.fspath(s) for s in sources], force)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=parent)
+    try:
+        fill(staging)
         with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as f:
-            json.dump({"source": plan.files.location, "repairs": plan.report.repairs}, f)
+            json.dump(record or {}, f)
         if verify is not None:
             verify(staging)
         if replacing:
@@ -110,30 +152,28 @@ def write_fix(
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
-    return plan.report
 
 
-def check_output_dir(target: str, source: str, force: bool) -> bool:
+def check_output_dir(target: str, sources: Iterable[str], force: bool) -> bool:
     """Whether ``target`` is an existing safe-peft output to replace (False: a new directory). Raises
     :class:`OutputDirError` / ``FileExistsError`` for anything unsafe, touching nothing."""
     resolved = os.path.realpath(target)
-    source = os.path.realpath(source)
     if os.path.islink(target):
         raise OutputDirError(f"{target}: is a symbolic link; pass the real directory (or a new one)")
     if resolved == os.path.dirname(resolved) or os.path.ismount(resolved):
         raise OutputDirError(f"{target}: is a filesystem root or mount point; pass a new directory below it")
-    if resolved == source or source.startswith(resolved + os.sep):
-        raise OutputDirError(f"{target}: is the adapter's own directory (or holds it); write the fix to a new one")
-    if resolved.startswith(source + os.sep):
-        raise OutputDirError(f"{target}: is inside the adapter directory {source}; write the fix outside it")
+    for source in (os.path.realpath(s) for s in sources):
+        if resolved == source or source.startswith(resolved + os.sep):
+            raise OutputDirError(f"{target}: is the adapter's own directory (or holds it); write the fix to a new one")
+        if resolved.startswith(source + os.sep):
+            raise OutputDirError(f"{target}: is inside the adapter directory {source}; write the fix outside it")
     if not os.path.lexists(target):
         return False
     if not os.path.isdir(target):
         raise OutputDirError(f"{target}: exists and is not a directory")
     names = set(os.listdir(target))
     if not names:
-        os.rmdir(target)  # empty: taken as new (renaming onto it is then one step)
-        return False
+        return False  # empty: renaming onto it is one step (and leaves it as it was if anything fails)
     foreign = sorted(names - _OWN_FILES)
     if MARKER not in names or foreign:
         what = ", ".join(foreign[:5]) if foreign else "no safe-peft marker"
@@ -146,18 +186,45 @@ def check_output_dir(target: str, source: str, force: bool) -> bool:
     return True
 
 
-def _swap(staging: str, target: str) -> None:
-    """Exchange two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``), else by two renames."""
+def _aside(target: str) -> str:
+    """Where the fallback swap keeps the old output for the instant between its two renames."""
+    return os.path.join(os.path.dirname(target), f".safe_peft_{os.path.basename(target)}.old")
+
+
+def recover_output(target: str) -> bool:
+    """Put back an old output that a crash left aside (fallback swap, between its two renames); True if it did."""
+    aside = _aside(target)
+    if os.path.lexists(target) or not os.path.isfile(os.path.join(aside, MARKER)) or os.path.islink(aside):
+        return False
+    os.rename(aside, target)
+    return True
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Exchange two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     libc_name = ctypes.util.find_library("c")
     renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
-    if renameat2 is not None:
-        at_fdcwd, rename_exchange = -100, 2
-        if renameat2(at_fdcwd, os.fsencode(staging), at_fdcwd, os.fsencode(target), rename_exchange) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(code, os.strerror(code), target)
-    aside = staging + ".old"  # no atomic exchange here: the old output is moved aside first, then replaced
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise OSError(code, os.strerror(code), second)
+    return False
+
+
+def _swap(staging: str, target: str) -> None:
+    """Put ``staging`` at ``target`` and the old ``target`` at ``staging``: atomically, else by two renames with the
+    old output at a fixed place aside (:func:`recover_output` puts it back after a crash in between)."""
+    if _exchange(staging, target):
+        return
+    aside = _aside(target)
+    if os.path.lexists(aside):  # a finished swap's leftover (the recovery ran first, and target is there)
+        if os.path.islink(aside) or not os.path.isfile(os.path.join(aside, MARKER)):
+            raise OutputDirError(f"{aside}: is in the way of replacing {target} and safe-peft did not write it")
+        shutil.rmtree(aside)
     os.rename(target, aside)
     try:
         os.rename(staging, target)
@@ -166,6 +233,18 @@ def _swap(staging: str, target: str) -> None:
             os.rename(aside, target)
         raise
     os.rename(aside, staging)
+
+
+@contextlib.contextmanager
+def temporary_directory() -> Iterator[str]:
+    """A private scratch directory (``/tmp/safe_peft_*``) for a load's rewritten files, removed when the block
+    fails; on success the caller owns it (the load removes it when it is done)."""
+    workdir = tempfile.mkdtemp(prefix="safe_peft_")
+    try:
+        yield workdir
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
