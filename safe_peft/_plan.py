@@ -44,7 +44,7 @@ from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_re
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LoadPlan", "make_plan"]
+__all__ = ["FIRST_ADAPTER", "LoadPlan", "Route", "make_plan"]
 
 Shape = tuple[int, ...]
 
@@ -65,6 +65,40 @@ class LoadPlan:
     legacy: tuple[bool, ...] | None = None  # MergedLinear parts converted (repair="legacy")
 
 
+class Route:
+    """How one route plans, as small hooks of the one planning sequence (:func:`make_plan`).
+
+    This base is the first adapter into a bare model (``PeftModel.from_pretrained``); the routes into a model that
+    already carries adapters (:mod:`safe_peft._routes`) override the hooks. No route has a sequence of its own, so a
+    check added to the sequence holds on every route.
+    """
+
+    name = "from_pretrained"
+
+    def planning_model(self, model: nn.Module) -> nn.Module:
+        """The model the keys are planned against."""
+        return model
+
+    def refusals(
+        self, model: nn.Module, source: AdapterSource, adapter_name: str, repair: tuple[str, ...]
+    ) -> list[Diagnosis]:
+        """What the route itself refuses before any key is compared."""
+        return []
+
+    def convert(
+        self, planning: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, kwargs: Mapping[str, Any]
+    ) -> Layout:
+        """The checkpoint's keys as the route's loader converts them."""
+        return convert_layout(planning, source, view, adapter_name, kwargs.get("key_mapping"))
+
+    def settle(self, model: nn.Module, plan: LoadPlan, source: AdapterSource | None, adapter_name: str) -> LoadPlan:
+        """The plan as the route reports it (``source`` None: the plan stopped before comparing keys)."""
+        return plan
+
+
+FIRST_ADAPTER = Route()
+
+
 def make_plan(
     model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -74,13 +108,15 @@ def make_plan(
     repair: tuple[str, ...] = (),
     allow_pickle: bool = False,
     peft_kwargs: Mapping[str, Any] | None = None,
+    route: Route = FIRST_ADAPTER,
 ) -> LoadPlan:
-    """Build the plan for loading ``model_id`` into ``model`` (raises AdapterFormatError for bad files)."""
+    """Build the plan for loading ``model_id`` into ``model`` on ``route`` (raises AdapterFormatError for bad
+    files)."""
     from safe_peft._bounds import gc_paused
     from safe_peft._keys import memoised
 
     with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
-        return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs)
+        return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs, route)
 
 
 def _make_plan(
@@ -91,26 +127,31 @@ def _make_plan(
     repair: tuple[str, ...],
     allow_pickle: bool,
     peft_kwargs: Mapping[str, Any] | None,
+    route: Route,
 ) -> LoadPlan:
     kwargs = dict(peft_kwargs or {})
-    refused = adapter_name_findings(adapter_name) + model_findings(model)
+    planning = route.planning_model(model)
+    refused = adapter_name_findings(adapter_name) + model_findings(planning)
     source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
+    if not refused and source.raw is not None:
+        refused = route.refusals(model, source, adapter_name, repair)
     if refused:
-        return _refusal(model, source, adapter_name, refused)
+        return route.settle(model, _refusal(model, source, adapter_name, refused), None, adapter_name)
     if source.raw is None:
-        return _foreign_plan(model, source, adapter_name, remap)
-    if kwargs.get("config") is None:  # hook: what peft would hang or fail on with this model (issue 16)
-        check_against_model(model, source.config_data, path=source.raw.path, adapter=source.location)
-    view = expected_keys(model, source.peft_config, adapter_name)
-    retarget = _targets_follow_keys(model, source.peft_config, view, adapter_name)
+        return route.settle(model, _foreign_plan(planning, source, adapter_name, remap), None, adapter_name)
+    if kwargs.get("config") is None:  # what peft would hang or fail on with this model
+        check_against_model(planning, source.config_data, path=source.raw.path, adapter=source.location)
+    view = expected_keys(planning, source.peft_config, adapter_name)
+    retarget = _targets_follow_keys(planning, source.peft_config, view, adapter_name)
     if retarget is not None:  # plan against the renamed targets; keep them only if the keys are renamed too
         view = retarget.view
-    layout = convert_layout(model, source, view, adapter_name, kwargs.get("key_mapping"))
+    layout = route.convert(planning, source, view, adapter_name, kwargs)
     renaming = choose_renames(layout, view, remap, repair)
     if retarget is not None and renaming.applied:
         source = replace(source, peft_config=retarget.config, repairs=(*source.repairs, retarget.note))
-    repaired = apply_repairs(model, source, renaming, view, repair, adapter_name)
-    return verdict(model, source, layout, renaming, repaired, adapter_name, remap, repair)
+    repaired = apply_repairs(planning, source, renaming, view, repair, adapter_name)
+    plan = verdict(planning, source, layout, renaming, repaired, adapter_name, remap, repair)
+    return route.settle(model, plan, source, adapter_name)
 
 
 # -- stage: convert the layout as peft does ---------------------------------------------------------------------

@@ -26,22 +26,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._adapter import AdapterSource, read_adapter
+from safe_peft._adapter import AdapterSource
 from safe_peft._catalog import finding
-from safe_peft._checks import adapter_name_findings, model_findings
 from safe_peft._keys import PEFT_PREFIX
-from safe_peft._model_view import ModelView, expected_keys
-from safe_peft._plan import (
-    Layout,
-    LoadPlan,
-    _foreign_plan,
-    _refusal,
-    apply_repairs,
-    choose_renames,
-    convert_layout,
-    make_plan,
-    verdict,
-)
+from safe_peft._model_view import ModelView
+from safe_peft._plan import Layout, LoadPlan, Route, convert_layout, make_plan
 from safe_peft.report import Diagnosis, LoadReport
 
 if TYPE_CHECKING:
@@ -49,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ROUTES",
+    "CarryingRoute",
     "inplace_conversion",
     "is_peft_model",
     "plan_for",
@@ -167,49 +157,51 @@ def route_plan(
     allow_pickle: bool = False,
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
-    """The stages of :func:`~safe_peft._plan.make_plan` for ``route``, on the model seen through its adapters."""
-    from safe_peft._bounds import gc_paused
-    from safe_peft._keys import memoised
+    """The plan of ``route`` (one of :data:`ROUTES` but ``from_pretrained``): the one planning sequence,
+    :func:`~safe_peft._plan.make_plan`, with this route's hooks (:class:`CarryingRoute`)."""
+    return make_plan(
+        model,
+        model_id,
+        adapter_name,
+        remap=remap,
+        repair=repair,
+        allow_pickle=allow_pickle,
+        peft_kwargs=peft_kwargs,
+        route=CarryingRoute(route),
+    )
 
-    with memoised(), gc_paused():  # as make_plan: acyclic data only
-        return _route_plan(model, model_id, adapter_name, route, remap, repair, allow_pickle, peft_kwargs)
 
+class CarryingRoute(Route):
+    """The hooks of a route into a model that may already carry adapters (``add``, ``replace``, ``reload``,
+    ``inplace``, ``hotswap``): planned on the model seen through its adapters, with the route's own refusals,
+    transformers' key handling on the in-place route, and the reload's fit to the loaded adapter."""
 
-def _route_plan(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    route: str,
-    remap: object,
-    repair: tuple[str, ...],
-    allow_pickle: bool,
-    peft_kwargs: Mapping[str, Any] | None,
-) -> LoadPlan:
-    kwargs = dict(peft_kwargs or {})
-    inner = model.get_base_model() if is_peft_model(model) else model  # type: ignore[operator]
-    planning = see_through(inner)
-    refused = adapter_name_findings(adapter_name) + model_findings(planning)
-    source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
-    if not refused and source.raw is not None:
-        refused = route_findings(model, source, adapter_name, route, repair)
-    if refused:
-        plan = _refusal(model, source, adapter_name, refused)
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def planning_model(self, model: nn.Module) -> nn.Module:
+        inner = model.get_base_model() if is_peft_model(model) else model  # type: ignore[operator]
+        return see_through(inner)
+
+    def refusals(
+        self, model: nn.Module, source: AdapterSource, adapter_name: str, repair: tuple[str, ...]
+    ) -> list[Diagnosis]:
+        return route_findings(model, source, adapter_name, self.name, repair)
+
+    def convert(
+        self, planning: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, kwargs: Mapping[str, Any]
+    ) -> Layout:
+        if self.name != "inplace":
+            return super().convert(planning, source, view, adapter_name, kwargs)
+        layout = convert_layout(planning, source, view, adapter_name, _NO_MAPPING)  # transformers' keys, not peft's
+        return _inplace_layout(planning, layout, view, kwargs)
+
+    def settle(self, model: nn.Module, plan: LoadPlan, source: AdapterSource | None, adapter_name: str) -> LoadPlan:
+        if source is not None:
+            plan = _without(plan, _NOT_ON_ROUTE)
+            if self.name == "reload" and plan.report.ok:
+                plan = _reload_findings(model, plan, adapter_name, source)
         return _named(plan, model)
-    if source.raw is None:
-        return _named(_foreign_plan(planning, source, adapter_name, remap), model)
-    view = expected_keys(planning, source.peft_config, adapter_name)
-    if route == "inplace":  # transformers' key handling instead of peft's from_pretrained's
-        layout = convert_layout(planning, source, view, adapter_name, _NO_MAPPING)
-        layout = _inplace_layout(planning, layout, view, kwargs)
-    else:
-        layout = convert_layout(planning, source, view, adapter_name, kwargs.get("key_mapping"))
-    renaming = choose_renames(layout, view, remap, repair)
-    repaired = apply_repairs(planning, source, renaming, view, repair, adapter_name)
-    plan = verdict(planning, source, layout, renaming, repaired, adapter_name, remap, repair)
-    plan = _without(plan, _NOT_ON_ROUTE)
-    if route == "reload" and plan.report.ok:
-        plan = _reload_findings(model, plan, adapter_name, source)
-    return _named(plan, model)
 
 
 # -- the model seen through its adapters -----------------------------------------------------------------------
