@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,12 +104,12 @@ class AdapterConfig:
 def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
     """Parse and sanity-check an adapter config file (at most ``MAX_CONFIG_BYTES`` are read; NaN and Infinity,
     which Python's json module accepts but JSON does not, are refused naming their key)."""
-    from safe_peft._bounds import MAX_CONFIG_BYTES
+    from safe_peft._bounds import MAX_CONFIG_BYTES, open_regular
 
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            raw = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+        f, size = open_regular(path)
+        with f:
+            raw = f.read(size) if size <= MAX_CONFIG_BYTES else b""  # never more than it says it holds
     except OSError as exc:
         raise _bad(path, adapter, "unreadable_config", f"cannot read the file ({exc.strerror or exc})") from None
     if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:
@@ -121,6 +120,8 @@ def read_config(path: str, *, adapter: str = "") -> AdapterConfig:
             adapter=adapter,
             details={"file": path, "bytes": max(size, len(raw)), "limit": MAX_CONFIG_BYTES},
         )
+    if not raw:
+        raise _bad(path, adapter, "bad_config_json", "is empty (0 bytes)")
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_NonFinite, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:

@@ -19,6 +19,7 @@ looking pattern that is in fact fast on this model is accepted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
@@ -26,17 +27,19 @@ import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "MAX_CONFIG_BYTES",
     "MAX_DETAIL_CHARS",
     "MAX_DETAIL_ITEMS",
+    "MAX_INIT_ITERATIONS",
     "MAX_MESSAGE_CHARS",
     "MAX_NDIM",
     "MAX_PATTERN_CHARS",
@@ -48,6 +51,7 @@ __all__ = [
     "bounded_details",
     "compiled",
     "gc_paused",
+    "open_regular",
     "shorten",
     "slow_patterns",
     "static_fault",
@@ -68,6 +72,9 @@ MAX_TENSORS = 1_000_000
 MAX_NDIM = 64
 # the deadline of a suspicious pattern's trial run on the model's module names (real ones take milliseconds).
 TRIAL_SECONDS = 1.0
+# iterations an initialisation runs on load (init_lora_weights="pissa_niter_N", loftq_config's loftq_iter): peft's
+# docs use 4 to 16; each iteration is a pass of SVD work over every targeted weight.
+MAX_INIT_ITERATIONS = 1_024
 # the text of one finding (its message and its fix), and each string / list inside its details.
 MAX_MESSAGE_CHARS = 4_000
 MAX_DETAIL_CHARS = 2_000
@@ -136,6 +143,23 @@ def gc_paused() -> Iterator[None]:
             _GC_PAUSES[0] -= 1
             if _GC_PAUSES[0] == 0 and _GC_PAUSES[1]:
                 gc.enable()
+
+
+def open_regular(path: str) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading without ever blocking, and refuse anything but a regular file: the file and its
+    size. Opened non-blocking (a FIFO or device swapped in opens at once), then refused (``OSError``) unless it is a
+    regular file; readers read at most its size, so a pseudo-file that says it is empty (``/proc/kmsg``) is never
+    read from."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket: reading it could block)", path)
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- regular expressions from configs --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._bounds import (
+    MAX_INIT_ITERATIONS,
     MAX_PATTERN_CHARS,
     MAX_PATTERN_ENTRIES,
     MAX_REPLICATED_LAYERS,
@@ -36,7 +37,7 @@ from safe_peft.errors import AdapterFormatError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["check_against_model", "check_values", "config_patterns"]
+__all__ = ["check_against_model", "check_config", "check_patterns_on", "check_values", "config_patterns"]
 
 # How peft wraps each pattern-valued setting before matching module names (peft 0.17.1 to 0.21.2;
 # tuners_utils.check_target_module_exists, utils.other.get_pattern_key).
@@ -175,14 +176,41 @@ def _init(value: Any) -> None:
     if not isinstance(value, str):
         raise _Bad(f"is {_show(value)}; peft needs true, false or the name of an initialisation")
     name = value.lower()
-    if name.startswith("pissa_niter_") and not name[len("pissa_niter_") :].isdigit():
-        raise _Bad(f"is {_show(value)}; peft reads the iterations after 'pissa_niter_' as an integer")
+    if name.startswith("pissa_niter_"):
+        count = name[len("pissa_niter_") :]
+        if not count.isdigit():
+            raise _Bad(f"is {_show(value)}; peft reads the iterations after 'pissa_niter_' as an integer")
+        _iterations(count, "pissa_niter_")
     if value == "loftq" and importlib.util.find_spec("scipy") is None:
         raise _Bad(
             "is 'loftq', whose initialisation needs scipy, which is not installed",
             "config_needs_package",
             "install scipy (pip install scipy), which peft needs for init_lora_weights='loftq'.",
         )
+
+
+def _iterations(count: str | int, what: str) -> None:
+    """An iteration count peft runs on load is bounded by :data:`MAX_INIT_ITERATIONS` (each one is SVD work over
+    every targeted weight: a count of 10**8 keeps the load busy for days)."""
+    if len(str(count)) > 12 or int(count) > MAX_INIT_ITERATIONS:
+        raise _Bad(
+            f"asks for {shorten(str(count), 40)} iterations of {what} (limit {MAX_INIT_ITERATIONS:,}; peft's docs use "
+            "4 to 16)",
+            "config_limit_exceeded",
+        )
+
+
+def _loftq(value: Any) -> None:
+    """peft's ``loftq_config``: ``{}`` or ``loftq_bits`` / ``loftq_iter`` positive integers, the iterations bounded."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise _Bad(f"is {_show(value)}; peft needs a mapping (loftq_bits, loftq_iter)")
+    for key in ("loftq_bits", "loftq_iter"):
+        if key in value and (not _is_int(value[key]) or value[key] <= 0):
+            raise _Bad(f"entry {key} is {_show(value[key])}; peft needs a positive integer")
+    if "loftq_iter" in value:
+        _iterations(value["loftq_iter"], "loftq_iter")
 
 
 # key -> check, for the settings peft computes with; a key the installed peft does not know is dropped before
@@ -204,6 +232,7 @@ _LORA: dict[str, Callable[[Any], None]] = {
     "layer_replication": _replication,
     "bias": _lora_bias_mode,
     "init_lora_weights": _init,
+    "loftq_config": _loftq,
 }
 
 
@@ -248,24 +277,38 @@ def config_patterns(data: Mapping[str, Any]) -> list[Pattern]:
 def check_against_model(model: nn.Module, data: Mapping[str, Any], *, path: str, adapter: str) -> None:
     """The model-dependent checks: suspicious patterns run on the model's module names within a deadline, and
     CorDA's precondition (peft's ``preprocess_corda`` ran on the targeted layers)."""
+    check_patterns_on((name for name, _ in model.named_modules()), data, path=path, adapter=adapter)
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith("corda") and str(data.get("peft_type")) == "LORA":
+        _check_corda(model, data, path, adapter)
+
+
+def check_patterns_on(names: Iterable[str], data: Mapping[str, Any], *, path: str, adapter: str) -> None:
+    """Refuse a suspicious pattern of ``data`` that does not finish matching ``names`` (the model's module names,
+    or the adapter's own where there is no model) within :data:`TRIAL_SECONDS`, as ``catastrophic_pattern``."""
     suspicious = []
     for pattern in config_patterns(data):
         _, fault, risky = static_fault(pattern)
         if risky and not fault:
             suspicious.append(pattern)
-    if suspicious:
-        names = [name for name, _ in model.named_modules()]
-        slow = slow_patterns(suspicious, names)
-        if slow:
-            why = (
-                f"{_entry(slow[0])}is a regular expression that did not finish matching the model's "
-                f"{len(names):,} module names within {TRIAL_SECONDS:g} s: it backtracks catastrophically, and peft "
-                "matches it against every module name, so plain peft would hang on it too"
-            )
-            raise _error(path, adapter, slow[0].key, _Bad(why, "catastrophic_pattern"))
-    init = data.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith("corda") and str(data.get("peft_type")) == "LORA":
-        _check_corda(model, data, path, adapter)
+    if not suspicious:
+        return
+    listed = list(names)
+    slow = slow_patterns(suspicious, listed)
+    if slow:
+        why = (
+            f"{_entry(slow[0])}is a regular expression that did not finish matching the "
+            f"{len(listed):,} module names within {TRIAL_SECONDS:g} s: it backtracks catastrophically, and peft "
+            "matches it against every module name, so plain peft would hang on it too"
+        )
+        raise _error(path, adapter, slow[0].key, _Bad(why, "catastrophic_pattern"))
+
+
+def check_config(data: Mapping[str, Any], names: Iterable[str], *, path: str, adapter: str) -> None:
+    """Every check of a config's values that needs no peft and no model: :func:`check_values` on each key, then
+    the trial of suspicious patterns on ``names``. Surfaces without a model (the engine checks) use this."""
+    check_values(data, list(data), peft_type=str(data.get("peft_type", "")), path=path, adapter=adapter)
+    check_patterns_on(names, data, path=path, adapter=adapter)
 
 
 def _check_corda(model: nn.Module, data: Mapping[str, Any], path: str, adapter: str) -> None:

@@ -15,7 +15,7 @@ from safe_peft._engine_rules import ENGINES
 
 __all__ = ["add_target_arguments", "run_check_target", "run_fix_target"]
 
-OK, INCOMPATIBLE = 0, 1
+OK, INCOMPATIBLE, USAGE = 0, 1, 2
 
 
 class _Output(Protocol):
@@ -56,26 +56,35 @@ def _engine_args(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_check_target(args: argparse.Namespace, adapters: list[str], out: _Output) -> int:
-    from safe_peft._engines import TargetReport, check_target
+    from safe_peft._engines import TargetReport, check_target, unreadable
+    from safe_peft.errors import AdapterFormatError
 
     engine_args = _engine_args(args.engine_arg)
-    reports: list[TargetReport] = [
-        check_target(path, args.target, base=args.base, version=args.engine_version, engine_args=engine_args)
-        for path in adapters
-    ]
+    reports: list[TargetReport] = []
+    for path in adapters:
+        try:
+            report = check_target(
+                path, args.target, base=args.base, version=args.engine_version, engine_args=engine_args
+            )
+        except AdapterFormatError as exc:  # one unreadable adapter is a row of the table, as in plain check
+            report = unreadable(path, args.target, args.engine_version, exc)
+        reports.append(report)
     if args.json:
         document = {
             "schema_version": 1,
             "engine": reports[0].engine if reports else args.target,
             "engine_version": reports[0].version if reports else args.engine_version,
             "summary": {
-                v: sum(1 for r in reports if r.verdict == v) for v in ("serves", "serves_wrong", "refuses", "unknown")
+                v: sum(1 for r in reports if r.verdict == v)
+                for v in ("serves", "serves_wrong", "refuses", "unknown", "unreadable")
             },
             "results": [r.to_dict() for r in reports],
         }
         out.write(json.dumps(document, indent=2))
     else:
         out.write(_render(reports, out))
+    if any(r.verdict == "unreadable" for r in reports):
+        return USAGE
     return OK if all(r.ok for r in reports) else INCOMPATIBLE
 
 

@@ -23,10 +23,18 @@ from safe_peft._adapter_files import locate_adapter
 from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
 from safe_peft._safetensors_header import read_header
-from safe_peft.errors import AdapterFormatError
+from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, _json_safe
 
-__all__ = ["AdapterFacts", "BaseFacts", "TargetReport", "check_target", "detect_features", "module_scales"]
+__all__ = [
+    "AdapterFacts",
+    "BaseFacts",
+    "TargetReport",
+    "check_target",
+    "detect_features",
+    "module_scales",
+    "unreadable",
+]
 
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (
@@ -79,7 +87,12 @@ class AdapterFacts:
         header = read_header(files.weights_path)
         shapes = {t.name: t.shape for t in header.tensors.values()}
         dtypes = {t.name: t.dtype for t in header.tensors.values()}
-        return cls(str(files.location), config, shapes, dtypes, _modules(shapes))
+        modules = _modules(shapes)
+        from safe_peft._config_values import check_config  # the values and patterns, bounded as on every surface
+
+        names = {m.name for m in modules} | {_module(k) for k in shapes}
+        check_config(config, sorted(names), path=files.config_path, adapter=files.location)
+        return cls(str(files.location), config, shapes, dtypes, modules)
 
     @property
     def peft_type(self) -> str:
@@ -87,9 +100,11 @@ class AdapterFacts:
 
     @property
     def max_rank(self) -> int:
-        ranks = [m.rank for m in self.modules]
-        r = self.config.get("r")
-        return max(ranks) if ranks else (int(r) if isinstance(r, int) else 0)
+        """The rank an engine must serve: the largest of the weights' ranks and the config's own ``r`` (vLLM's
+        ``PEFTHelper.validate_legal``, vllm/lora/peft_helper.py, checks ``r`` against ``max_lora_rank``)."""
+        r = self.config.get("r", 8)
+        own = [r] if isinstance(r, int) and not isinstance(r, bool) else []
+        return max([m.rank for m in self.modules] + own + [0])
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,8 @@ class TargetReport:
     """The verdict of one engine on one adapter.
 
     ``verdict`` is ``serves`` (outputs equal peft's), ``serves_wrong`` (the engine loads it with exit code 0 and
-    serves different outputs), ``refuses`` (a loud error) or ``unknown`` (a feature no rule covers).
+    serves different outputs), ``refuses`` (a loud error), ``unknown`` (a feature no rule covers) or, on the command
+    line, ``unreadable`` (the adapter's files cannot be read: the findings say why).
     ``engine_args`` are the settings the engine needs (e.g. ``{"max_lora_rank": 64}``), ``command`` the same as
     command-line flags; ``conversions`` the exact ``safe-peft fix --target`` conversions that make it serve.
     """
@@ -212,6 +228,12 @@ def check_target(
     facts = AdapterFacts.read(adapter)
     base_facts = BaseFacts.read(base)
     return evaluate(facts, rules, base_facts, dict(engine_args or {}))
+
+
+def unreadable(adapter: str, target: str, version: str | None, error: AdapterLoadError) -> TargetReport:
+    """The report on an adapter whose files cannot be read (verdict ``unreadable``): the reading error's findings."""
+    rules = rule_set(target, version)
+    return TargetReport(os.fspath(adapter), rules.engine, rules.version, "unreadable", tuple(error.report.causes))
 
 
 def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine_args: dict[str, Any]) -> TargetReport:

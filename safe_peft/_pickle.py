@@ -16,8 +16,17 @@ def load_pickle(path: str) -> dict[str, Any]:
 
     import torch
 
+    from safe_peft._bounds import open_regular
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        f, _ = open_regular(path)  # a device or FIFO in its place is refused, never read
+    except OSError as exc:
+        raise AdapterFormatError.of(
+            "unreadable_pickle", f"{path}: cannot be read ({exc.strerror or exc})", adapter=path
+        ) from None
+    try:
+        with f:
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for refused or damaged pickles
         foreign = pickle_globals(path)
         if not foreign and not isinstance(exc, pickle.UnpicklingError):
@@ -53,6 +62,8 @@ def pickle_globals(path: str) -> list[str]:
     import pickletools
     import zipfile
 
+    from safe_peft._bounds import open_regular
+
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -61,8 +72,9 @@ def pickle_globals(path: str) -> list[str]:
                     return []
                 data = archive.read(member)
         else:
-            with open(path, "rb") as f:
-                data = f.read(64 * 1024 * 1024)
+            f, size = open_regular(path)
+            with f:
+                data = f.read(min(size, 64 * 1024 * 1024))
     except (OSError, zipfile.BadZipFile):
         return []
     names: list[str] = []

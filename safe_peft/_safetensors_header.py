@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, gc_paused
+from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, gc_paused, open_regular
 from safe_peft.errors import AdapterFormatError
 
 __all__ = [
@@ -109,9 +109,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
+        f, file_size = open_regular(path)
+        with f:
+            prefix = f.read(8) if file_size >= 8 else b""  # never more than it says it holds
             if len(prefix) < 8:
                 raise _fault(
                     path, "truncated_file", f"the file has {file_size} bytes, fewer than the 8-byte header length"
