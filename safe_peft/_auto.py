@@ -80,7 +80,7 @@ def from_pretrained(
         )
     try:
         base = target.from_pretrained(base_path, revision=base_revision, **kwargs)
-    except (OSError, ValueError) as exc:  # what transformers raises for names it cannot find or reach
+    except Exception as exc:  # a name it cannot reach (OSError), a damaged checkpoint (RuntimeError), ...
         raise _error(
             finding(
                 "base_model_unreachable",

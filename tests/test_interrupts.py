@@ -13,7 +13,7 @@ import dataclasses
 import os
 import random
 import signal
-import threading
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -257,29 +257,27 @@ def _injected(model: torch.nn.Module) -> bool:
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind", ["plain", "embedding", "vocab"])
 def test_ctrl_c_at_random_moments(kind: str, kinds: dict[str, Any]) -> None:
-    """A timer thread sends Ctrl-C (``_thread.interrupt_main``) at a random moment of a load, round after round,
-    into the same base: whenever it lands inside the load, the base is as it was and the next load is exact."""
+    """Ctrl-C (``_thread.interrupt_main``) at a random moment of a load, round after round, into the same base:
+    whenever it lands inside the load, the base is as it was and the next load is exact. The moment is the N-th
+    Python function call of the load (N drawn from a count of one whole load), not a time: the same rounds land
+    inside the load on a fast machine and on a busy one."""
     make, directory, kwargs, reference = kinds[kind]
     pristine = make()
-    started = time.perf_counter()
-    safe_load_adapter(copy.deepcopy(pristine), directory, **kwargs)
-    duration = time.perf_counter() - started
+    calls = _calls_in(lambda: safe_load_adapter(copy.deepcopy(pristine), directory, **kwargs))
     rng = random.Random(16)
     base = copy.deepcopy(pristine)
     before = whole_model(base)
     landed = 0
     for _ in range(ROUNDS // 3):
-        timer = threading.Timer(rng.uniform(0, duration * 1.1), _thread.interrupt_main)
         model = None
         try:
-            timer.start()
-            model = safe_load_adapter(base, directory, **kwargs)
-            timer.join()
+            with _interrupt_at_call(rng.randint(1, calls)):
+                model = safe_load_adapter(base, directory, **kwargs)
             time.sleep(0.002)  # an interrupt already on its way lands here, not in the next round
         except KeyboardInterrupt:
             pass
-        finally:
-            timer.cancel()
+        except AdapterLoadError as exc:  # safetensors' Rust reader turns a Ctrl-C inside it into a ValueError
+            assert exc.report.primary is not None and exc.report.primary.code == "load_failed"
         with contextlib.suppress(KeyboardInterrupt):  # one that arrives during the bookkeeping
             time.sleep(0.002)
         if model is None and not _injected(base):  # stopped inside the load: undone
@@ -293,8 +291,41 @@ def test_ctrl_c_at_random_moments(kind: str, kinds: dict[str, Any]) -> None:
             assert torch.equal(outputs(model), reference)
             base = copy.deepcopy(pristine)  # loaded: start the next round from a fresh copy
             before = whole_model(base)
-    assert landed >= ROUNDS // 12, landed  # most rounds really landed inside a load
+    assert landed >= ROUNDS // 6, landed  # most rounds really landed inside a load
     assert torch.equal(outputs(safe_load_adapter(base, directory, **kwargs)), reference)
+
+
+def _calls_in(run: Any) -> int:
+    """How many Python function calls ``run()`` makes (the profiler's ``call`` events)."""
+    count = [0]
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        count[0] += event == "call"
+
+    sys.setprofile(trace)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return count[0]
+
+
+@contextlib.contextmanager
+def _interrupt_at_call(n: int) -> Iterator[None]:
+    """Ctrl-C delivered at the ``n``-th Python function call inside the block (if it makes that many)."""
+    left = [n]
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        left[0] -= event == "call"
+        if left[0] == 0:
+            sys.setprofile(None)
+            _thread.interrupt_main()
+
+    sys.setprofile(trace)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
 
 
 def _hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
