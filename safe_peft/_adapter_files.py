@@ -14,7 +14,7 @@ from safe_peft._catalog import finding
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Diagnosis
 
-__all__ = ["CONFIG_NAME", "PICKLE_NAME", "SAFETENSORS_NAME", "AdapterFiles", "locate_adapter"]
+__all__ = ["CONFIG_NAME", "PICKLE_NAME", "SAFETENSORS_NAME", "AdapterFiles", "locate_adapter", "no_config_error"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -82,6 +82,17 @@ def locate_adapter(
         f"{directory}: has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {PICKLE_NAME}",
         adapter=location,
         details={"directory": directory, "files": _listdir(directory)[:20]},
+    )
+
+
+def no_config_error(files: AdapterFiles) -> AdapterFormatError:
+    """A weights file with no adapter_config.json beside it, in no layout safe-peft converts (``missing_config``)."""
+    return AdapterFormatError.of(
+        "missing_config",
+        f"{files.directory}: has no adapter_config.json, and {os.path.basename(files.weights_path)} is not a "
+        "LoRA layout safe_peft can convert",
+        fix="pass the directory peft's save_pretrained() wrote.",
+        adapter=files.location,
     )
 
 

@@ -232,7 +232,6 @@ _LORA: dict[str, Callable[[Any], None]] = {
     "layer_replication": _replication,
     "bias": _lora_bias_mode,
     "init_lora_weights": _init,
-    "loftq_config": _loftq,
 }
 
 
@@ -249,6 +248,11 @@ def check_values(data: Mapping[str, Any], known: Iterable[str], *, peft_type: st
             check(data[key])
         except _Bad as bad:
             raise _error(path, adapter, key, bad) from None
+    if str(data.get("init_lora_weights", "")).lower() == "loftq" and "loftq_config" in data:  # only then peft runs it
+        try:
+            _loftq(data["loftq_config"])
+        except _Bad as bad:
+            raise _error(path, adapter, "loftq_config", bad) from None
     for pattern in config_patterns(data):
         code, fault, _ = static_fault(pattern)
         if fault:

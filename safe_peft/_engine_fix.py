@@ -25,7 +25,7 @@ from typing import Any
 
 from safe_peft._catalog import finding
 from safe_peft._engines import AdapterFacts, TargetReport, _module, _role, check_target
-from safe_peft.errors import AdapterLoadError
+from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
 __all__ = ["FixReport", "fix_for_target"]
@@ -96,6 +96,9 @@ def fix_for_target(
     from safe_peft._writer import write_output
 
     rules = rule_set(target, version)
+    past = _pattern_past_bounds(facts, rules.scaling, pad_rank_to)
+    if past is not None:  # decided from the header, before a tensor is read
+        raise AdapterLoadError(_refusal(before, [past]))
     checked: list[TargetReport] = []
     factors: dict[str, float] = {}
 
@@ -105,7 +108,10 @@ def fix_for_target(
         _write(staging, _vlm_prefix(tensors) if "vlm_prefix" in conversions else tensors, config, facts, conversions)
 
     def verify(staging: str) -> None:  # the engine's own check of the output, before it is moved into place
-        after = check_target(staging, target, base, version)
+        try:
+            after = check_target(staging, target, base, version)
+        except AdapterFormatError as exc:  # the conversion itself is past a bound (a 25,000-entry rank_pattern)
+            raise AdapterLoadError(exc.report) from None
         if not after.ok:
             raise AdapterLoadError(_refusal(after, list(after.findings)))
         checked.append(replace(after, adapter=os.fspath(out_dir)))
@@ -113,6 +119,28 @@ def fix_for_target(
     record = {"source": facts.path, "target": before.engine, "conversions": conversions}
     write_output(out_dir, [facts.path], fill, verify=verify, force=force, record=record)
     return FixReport(facts.path, os.fspath(out_dir), before.engine, tuple(conversions), factors, before, checked[0])
+
+
+def _pattern_past_bounds(facts: AdapterFacts, scaling: str, pad_rank_to: int | None) -> Diagnosis | None:
+    """The finding when the converted config's rank_pattern would hold more entries than any reader takes."""
+    from safe_peft._bounds import MAX_PATTERN_ENTRIES
+
+    pad = pad_rank_to or 0
+    if scaling == "global_alpha_over_r":
+        pad = max([pad] + [m.rank for m in facts.modules])
+    r = facts.config.get("r", 8)
+    base_rank = pad if scaling == "global_alpha_over_r" and pad else max(r if isinstance(r, int) else 8, pad)
+    entries = sum(1 for m in facts.modules if max(m.rank, pad) != base_rank)
+    if entries <= MAX_PATTERN_ENTRIES:
+        return None
+    return finding(
+        "config_limit_exceeded",
+        f"the converted adapter_config.json would list {entries:,} modules in rank_pattern (limit "
+        f"{MAX_PATTERN_ENTRIES:,}): their ranks differ from r={base_rank}",
+        fix="pad every module to one rank (pad_rank_to / --pad-rank at the adapter's largest rank), or serve the "
+        "merged model.",
+        details={"entries": entries, "limit": MAX_PATTERN_ENTRIES},
+    )
 
 
 def _check_pad_rank(rank: object, report: TargetReport) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safe_peft._adapter_config import read_config
-from safe_peft._adapter_files import locate_adapter
+from safe_peft._adapter_files import locate_adapter, no_config_error
 from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
 from safe_peft._safetensors_header import read_header
@@ -69,6 +69,8 @@ class AdapterFacts:
     @classmethod
     def read(cls, adapter: str | os.PathLike[str]) -> AdapterFacts:
         files = locate_adapter(adapter)
+        if not files.config_path and not _is_kohya_file(files.weights_path):
+            raise no_config_error(files)  # as the peft check says it
         if not files.config_path:
             raise AdapterFormatError.of(
                 "no_peft_config",
@@ -347,6 +349,15 @@ def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
         refuses_when="conversion",
     )
     return _from_rule(rules, rule, Feature("architecture", detail=f"the base is {base.model_type!r}"))
+
+
+def _is_kohya_file(path: str) -> bool:
+    from safe_peft._foreign import is_kohya
+
+    try:
+        return is_kohya({k: t.shape for k, t in read_header(path).tensors.items()})
+    except AdapterFormatError:
+        return False
 
 
 # --- features ------------------------------------------------------------------------------------------------

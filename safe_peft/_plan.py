@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import AdapterSource, read_adapter
-from safe_peft._adapter_files import AdapterFiles
+from safe_peft._adapter_files import AdapterFiles, no_config_error
 from safe_peft._catalog import finding
 from safe_peft._checks import (
     adapter_name_findings,
@@ -37,7 +37,6 @@ from safe_peft._layout import (
 )
 from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
-from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Cause, Diagnosis, LoadReport
 from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
 
@@ -405,13 +404,7 @@ def _foreign_plan(model: nn.Module, source: AdapterSource, adapter_name: str, re
     files, shapes, header = source.files, source.shapes, source.header
     assert header is not None
     if not is_kohya(shapes):
-        raise AdapterFormatError.of(
-            "missing_config",
-            f"{files.directory}: has no adapter_config.json, and {os.path.basename(files.weights_path)} is not a "
-            "LoRA layout safe_peft can convert",
-            fix="pass the directory peft's save_pretrained() wrote.",
-            adapter=source.location,
-        )
+        raise no_config_error(files)
     conversion = convert_kohya(shapes, (n for n, _ in model.named_modules()), lambda k: read_scalar(header, k))
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 

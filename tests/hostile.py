@@ -115,8 +115,20 @@ def _padded_config(size: int) -> Callable[[str, str], str]:
     return _text(text)
 
 
+_SPECIAL = {"dev_zero": "/dev/zero", "kmsg": "/proc/kmsg"}
+
+
+def _kmsg_code(readable: str, unreadable: str) -> str:
+    """/proc/kmsg is a regular file that says it is empty and blocks a reader (root may open it); a container may
+    mask it with a device instead."""
+    if not os.path.isfile("/proc/kmsg"):
+        return "missing_config" if readable == "bad_config_json" else "missing_weights"
+    return readable if os.access("/proc/kmsg", os.R_OK) else unreadable
+
+
 def _special(kind: str) -> Callable[[str, str], str]:
-    """adapter_config.json replaced by a FIFO, or by a link to /dev/zero (reading either blocks or never ends)."""
+    """adapter_config.json replaced by a FIFO, or by a link to /dev/zero or /proc/kmsg (reading blocks or never
+    ends)."""
 
     def make(good: str, directory: str) -> str:
         _copy(good, directory)
@@ -125,7 +137,7 @@ def _special(kind: str) -> Callable[[str, str], str]:
         if kind == "fifo":
             os.mkfifo(path)
         else:
-            os.symlink("/dev/zero", path)
+            os.symlink(_SPECIAL[kind], path)
         return directory
 
     return make
@@ -207,9 +219,9 @@ def _weights(change: str) -> Callable[[str, str], str]:
             os.remove(path)
             with open(os.path.join(directory, "adapter_model.bin"), "wb") as f:
                 f.write(b"\x80\x04K\x01.")
-        elif change == "dev_zero":
+        elif change in _SPECIAL:
             os.remove(path)
-            os.symlink("/dev/zero", path)
+            os.symlink(_SPECIAL[change], path)
         return directory
 
     return make
@@ -318,6 +330,13 @@ CASES: list[Case] = [
     Case("init_int", _set(init_lora_weights=5), "invalid_config_value"),
     Case("init_pissa_niter_x", _set(init_lora_weights="pissa_niter_x"), "invalid_config_value"),
     Case("init_gaussian_fine", _set(init_lora_weights="gaussian"), None),
+    Case("init_pissa_niter_huge", _set(init_lora_weights="pissa_niter_100000000"), "config_limit_exceeded"),
+    Case(
+        "init_loftq_iter_huge",
+        _set(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 10**9}),
+        "config_limit_exceeded",
+    ),
+    Case("loftq_iter_huge_unused_fine", _set(loftq_config={"loftq_bits": 4, "loftq_iter": 10**9}), None),
     Case("peft_version_10mb", _set(peft_version="1" * HUGE), None),
     Case("base_name_10mb_in_a_failure", _renamed_keys_with_huge_base, "unknown_modules"),
     Case("peft_type_unknown", _set(peft_type="NOPE"), "unknown_peft_type"),
@@ -331,6 +350,7 @@ CASES: list[Case] = [
     Case("config_nested_200k", _text(lambda _: "[" * 200_000 + "]" * 200_000), "bad_config_json"),
     Case("config_fifo", _special("fifo"), "missing_config"),
     Case("config_link_to_dev_zero", _special("dev_zero"), "missing_config"),
+    Case("config_link_to_proc_kmsg", _special("kmsg"), _kmsg_code("bad_config_json", "unreadable_config")),
     # -- the weights file -----------------------------------------------------------------------------------------
     Case("header_50k_tensors_layers", _tiny_header(50_000, names=False), "fewer_layers"),
     Case("header_50k_tensors_modules", _tiny_header(50_000, names=True), "unknown_modules"),
@@ -370,6 +390,7 @@ CASES: list[Case] = [
     Case("weights_a_directory", _weights("directory"), "missing_weights"),
     Case("weights_pickle_only", _weights("pickle"), "pickle_refused"),
     Case("weights_link_to_dev_zero", _weights("dev_zero"), "missing_weights"),
+    Case("weights_link_to_proc_kmsg", _weights("kmsg"), _kmsg_code("truncated_file", "unreadable_file")),
     # -- arguments ------------------------------------------------------------------------------------------------
     Case("subfolder_nul", _copy, "invalid_subfolder", {"subfolder": "a\x00b"}, cli=False),
     Case("subfolder_escapes", _copy, "subfolder_escapes", {"subfolder": "../.."}, cli=False),
@@ -448,15 +469,22 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def run_case(case: Case, directory: str, base: Any, base_dir: str, trained: Any) -> dict[str, Any]:
-    """Every route on one case: what each said, how long each took, what escaped."""
-    import torch
-    from helpers import outputs
+@dataclass
+class Surfaces:
+    """What every surface needs besides the case: the base (and its config-only directory), the trained outputs, a
+    PeftModel holding the good adapter (for the routes into a model that carries one) and a scratch directory."""
 
-    from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
-    from safe_peft._cli import main
+    base: Any
+    base_dir: str
+    trained: Any
+    peft_model: Any
+    scratch: str
 
+
+def run_case(case: Case, directory: str, on: Surfaces) -> dict[str, Any]:
+    """Every surface on one case: what each said, how long each took, what escaped."""
     result: dict[str, Any] = {"name": case.name, "expected": case.code, "raw": [], "seconds": {}, "cpu": {}}
+    result["codes"], result["unchanged"] = {}, {}
     result["input_bytes"] = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(directory))
 
     @contextlib.contextmanager
@@ -469,45 +497,93 @@ def run_case(case: Case, directory: str, base: Any, base_dir: str, trained: Any)
             result["cpu"][call] = _cpu() - cpu
 
     with _hidden(case.hide):
+        _python_surfaces(case, directory, on, result, timed)
+        if case.cli:
+            _cli_surfaces(case, directory, on, result, timed)
+    return result
+
+
+def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, Any], timed: Any) -> None:
+    """diagnose and load on a base; diagnose and a further adapter on a PeftModel; transformers' in-place route."""
+    import torch
+    from helpers import outputs
+
+    from safe_peft import AdapterLoadError, diagnose, safe_load_adapter, safe_load_adapter_inplace
+
+    further = {"adapter_name": "b", **case.kwargs}
+    for surface, model, call, kwargs in (
+        ("diagnose", on.base, diagnose, case.kwargs),
+        ("diagnose_peft", on.peft_model, diagnose, further),
+    ):
         try:
-            with timed("diagnose"):
-                report = diagnose(base, directory, **case.kwargs)
-            result["diagnose"] = report.primary.code if report.primary else None
-            result["message_chars"] = max([len(str(report)), *(len(d.message) for d in report.causes)])
+            with timed(surface):
+                report = call(model, directory, **kwargs)
+            result["codes"][surface] = report.primary.code if report.primary else None
+            result.setdefault("message_chars", 0)
+            result["message_chars"] = max(
+                [result["message_chars"], len(str(report))] + [len(d.message) for d in report.causes]
+            )
             result["diagnose_json_chars"] = len(json.dumps(report.to_dict(), allow_nan=False))
         except Exception as exc:
-            result["raw"].append(f"diagnose: {type(exc).__name__}: {str(exc)[:300]}")
-        fresh = copy.deepcopy(base)
+            result["raw"].append(f"{surface}: {type(exc).__name__}: {str(exc)[:300]}")
+    for surface, model, call, kwargs in (
+        ("load", on.base, safe_load_adapter, case.kwargs),
+        ("load_further", on.peft_model, safe_load_adapter, further),
+        ("inplace", on.base, safe_load_adapter_inplace, case.kwargs),
+    ):
+        fresh = copy.deepcopy(model)
         before = {k: v.clone() for k, v in fresh.state_dict().items()}
         try:
-            with timed("load"):
-                model = safe_load_adapter(fresh, directory, **case.kwargs)
-            result["load"] = None
-            result["outputs_exact"] = bool(torch.allclose(outputs(model), trained, atol=1e-5))
+            with timed(surface):
+                loaded = call(fresh, directory, **kwargs)
+            result["codes"][surface] = None
+            if surface == "load":
+                result["outputs_exact"] = bool(torch.allclose(outputs(loaded), on.trained, atol=1e-5))
         except AdapterLoadError as exc:
-            result["load"] = exc.report.primary.code if exc.report.primary else "?"
-            result["load_message_chars"] = len(str(exc))
+            result["codes"][surface] = exc.report.primary.code if exc.report.primary else "?"
+            result["load_message_chars"] = max(result.get("load_message_chars", 0), len(str(exc)))
             after = fresh.state_dict()
-            result["base_unchanged"] = before.keys() == after.keys() and all(
+            result["unchanged"][surface] = before.keys() == after.keys() and all(
                 torch.equal(before[k], after[k]) for k in before
             )
         except Exception as exc:
-            result["raw"].append(f"load: {type(exc).__name__}: {str(exc)[:300]}")
-        if case.cli:
-            out, err = io.StringIO(), io.StringIO()
-            try:
-                with timed("check"), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    result["exit"] = main(["check", directory, "--base", base_dir, "--json"])
-                document = strict_json(out.getvalue())
-                row = document["results"][0]
-                result["check"] = row["report"]["causes"][0]["code"] if row["report"]["causes"] else None
-                result["verdict"] = row["verdict"]
-                result["json_chars"] = len(out.getvalue())
-                if "Traceback" in err.getvalue():
-                    result["raw"].append(f"check: traceback on stderr: {err.getvalue()[-300:]}")
-            except BaseException as exc:
-                result["raw"].append(f"check: {type(exc).__name__}: {str(exc)[:300]}")
-    return result
+            result["raw"].append(f"{surface}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _cli_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, Any], timed: Any) -> None:
+    """safe-peft check (peft and an engine, --json) and fix (plain and --target), as a user runs them."""
+    for surface, extra in (("check", ["--base", on.base_dir]), ("check_target", ["--target", "vllm"])):
+        document, exit_code = _cli(surface, ["check", directory, *extra, "--json"], result, timed)
+        if document is None:
+            continue
+        row = document["results"][0]
+        causes = row["report"]["causes"] if surface == "check" else row["findings"]
+        result["codes"][surface] = causes[0]["code"] if causes else None
+        result.setdefault("verdicts", {})[surface] = row["verdict"]
+        result.setdefault("exits", {})[surface] = exit_code
+        result["json_chars"] = max(result.get("json_chars", 0), len(json.dumps(document)))
+    for surface, extra in (("fix", ["--base", on.base_dir]), ("fix_target", ["--target", "llamacpp"])):
+        out = os.path.join(on.scratch, f"{case.name}-{surface}")
+        _, exit_code = _cli(surface, ["fix", directory, *extra, "--out", out], result, timed)
+        result.setdefault("exits", {})[surface] = exit_code
+        result.setdefault("written", {})[surface] = os.path.exists(out)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _cli(surface: str, argv: list[str], result: dict[str, Any], timed: Any) -> tuple[Any, int | None]:
+    """One command through the console script's ``main``: its parsed --json document (strict) and exit code."""
+    from safe_peft._cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with timed(surface), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            exit_code = main(argv)
+        if "Traceback" in err.getvalue() or "safe-peft's fault" in err.getvalue():
+            result["raw"].append(f"{surface}: {err.getvalue()[-300:]}")
+        return (strict_json(out.getvalue()) if "--json" in argv else None), exit_code
+    except BaseException as exc:
+        result["raw"].append(f"{surface}: {type(exc).__name__}: {str(exc)[:300]}")
+        return None, None
 
 
 def run_all(root: str, out: str) -> None:
@@ -520,14 +596,18 @@ def run_all(root: str, out: str) -> None:
     base_dir = os.path.join(root, "base")
     with open(os.path.join(root, "trained.json")) as f:
         trained = torch.tensor(json.load(f))
-    base = build("causal")
+    from safe_peft import safe_load_adapter
+
     good = os.path.join(root, "cases", "control_good")
+    scratch = os.path.join(root, "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    on = Surfaces(build("causal"), base_dir, trained, safe_load_adapter(build("causal"), good), scratch)
     for _ in range(2):  # the clean run, twice: imports and caches warm, its peak is the baseline
-        clean = run_case(CASES[0], good, base, base_dir, trained)
+        clean = run_case(CASES[0], good, on)
     baseline = _hwm()
     results = []
     for case in CASES:
-        result = run_case(case, os.path.join(root, "cases", case.name), base, base_dir, trained)
+        result = run_case(case, os.path.join(root, "cases", case.name), on)
         result["hwm_kb"] = _hwm()
         results.append(result)
     worst = max(r["hwm_kb"] for r in results) / baseline

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from helpers import build, derive
 
+import safe_peft._engine_fix as engine_fix
+from safe_peft import AdapterLoadError, fix_for_target, merge_rank_shards
 from safe_peft._writer import MARKER, OutputDirError, fix_adapter
 
 ROUNDS = 40 if os.environ.get("SAFE_PEFT_STRESS") else 10
@@ -50,6 +52,7 @@ def inputs(adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
         "base": str(root / "base"),
         "compiled": derive(good, str(root / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1)),
         "rank4": derive(good, str(root / "rank4"), config=lambda c: c.update(r=4)),
+        "good": good,
     }
 
 
@@ -77,31 +80,121 @@ def _itself(_tmp: str, i: dict[str, str]) -> str:
     return i["copy"]
 
 
+def _parent(tmp: str, i: dict[str, str]) -> str:
+    with open(os.path.join(tmp, "notes.txt"), "w") as f:  # the user's other files beside the adapter
+        f.write("the user's")
+    return tmp
+
+
 REFUSED = {
     "symlink": (_symlink, OutputDirError, "symbolic link"),
     "filesystem_root": (lambda _t, _i: "/", OutputDirError, "root"),
     "non_empty_foreign": (_foreign, FileExistsError, "did not write"),
     "inside_the_input": (_inside, OutputDirError, "inside the adapter"),
     "the_input_itself": (_itself, OutputDirError, "own directory"),
+    "the_input_s_parent": (_parent, OutputDirError, "holds it"),
 }
 
 
+def _rank_files(good: str, directory: str) -> str:
+    """A sharded save's per-rank directories (every tensor replicated: the merge keeps one copy)."""
+    import shutil
+
+    for rank in (0, 1):
+        shutil.copytree(good, os.path.join(directory, f"rank_{rank}"))
+    return directory
+
+
+# Every writer of an adapter directory, each through the one writer (safe_peft._writer.write_output):
+# name -> (how its input is made from the inputs, how it writes).
+WRITERS: dict[str, tuple[Any, Any]] = {
+    "fix": (
+        lambda i, copy: shutil_copy(i["rank4"], copy),
+        lambda i, copy, out, force: fix_adapter(build("causal"), copy, out, repair=("rank",), force=force),
+    ),
+    "fix_target": (
+        lambda i, copy: shutil_copy(i["good"], copy),
+        lambda i, copy, out, force: fix_for_target(copy, "llamacpp", out, base=i["base"], force=force),
+    ),
+    "merge_ranks": (
+        lambda i, copy: _rank_files(i["good"], copy),
+        lambda i, copy, out, force: merge_rank_shards(build("causal"), copy, out, force=force),
+    ),
+}
+
+
+def shutil_copy(source: str, copy: str) -> str:
+    import shutil
+
+    shutil.copytree(source, copy)
+    return copy
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unsafe_output_directories_are_refused_touching_nothing(
-    case: str, force: bool, inputs: dict[str, str], tmp_path: Any
+    case: str, force: bool, writer: str, inputs: dict[str, str], tmp_path: Any
 ) -> None:
-    import shutil
-
-    copy = str(tmp_path / "adapter")
-    shutil.copytree(inputs["rank4"], copy)
+    make_input, write = WRITERS[writer]
+    copy = make_input(inputs, str(tmp_path / "adapter"))
     make, error, words = REFUSED[case]
     out = make(str(tmp_path), {**inputs, "copy": copy})
     before = tree(str(tmp_path))
     with pytest.raises(error, match=words):
-        fix_adapter(build("causal"), copy, out, repair=("rank",), force=force)
+        write(inputs, copy, out, force)
     assert tree(str(tmp_path)) == before
     assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path) if not n.startswith(".safe_peft_"))
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_every_writer_replaces_its_own_output_and_refuses_without_force(
+    writer: str, inputs: dict[str, str], tmp_path: Any
+) -> None:
+    make_input, write = WRITERS[writer]
+    copy = make_input(inputs, str(tmp_path / "adapter"))
+    out = str(tmp_path / "out")
+    write(inputs, copy, out, False)
+    assert {MARKER, "adapter_model.safetensors"} <= set(tree(out))
+    first = _content(out)
+    with pytest.raises(FileExistsError, match="force=True"):
+        write(inputs, copy, out, False)
+    write(inputs, copy, out, True)
+    assert _content(out) == first  # the same input, written again: the same output
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "out"]
+
+
+def _content(directory: str) -> dict[str, Any]:
+    """The files of an output, the weights as tensors and metadata (safetensors writes its metadata map in a
+    per-process order)."""
+    from safetensors import safe_open
+
+    found: dict[str, Any] = {k: v for k, v in tree(directory).items() if not k.endswith(".safetensors")}
+    with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
+        found["metadata"] = f.metadata()
+        found["tensors"] = {k: f.get_tensor(k).tolist() for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    return found
+
+
+def test_a_refused_after_check_leaves_the_output_as_it_was(inputs: dict[str, str], tmp_path: Any) -> None:
+    """fix --target checks its output with the engine's rules in the staging directory: when that check refuses,
+    nothing is moved into place (an old output stays whole, a new one never appears)."""
+    from safe_peft._engines import TargetReport
+
+    out = str(tmp_path / "out")
+    fix_for_target(inputs["good"], "llamacpp", out, base=inputs["base"])
+    old = tree(out)
+    refusing = TargetReport("x", "llamacpp", "test", "refuses")
+    with pytest.MonkeyPatch.context() as patch:
+        real = engine_fix.check_target
+        patch.setattr(
+            engine_fix, "check_target", lambda a, *r, **k: refusing if ".safe_peft_" in str(a) else real(a, *r, **k)
+        )
+        with pytest.raises(AdapterLoadError):
+            fix_for_target(inputs["good"], "llamacpp", out, base=inputs["base"], force=True)
+        with pytest.raises(AdapterLoadError):
+            fix_for_target(inputs["good"], "llamacpp", str(tmp_path / "new"), base=inputs["base"])
+    assert tree(out) == old and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_a_fix_failing_verification_leaves_nothing_behind(inputs: dict[str, str], tmp_path: Any) -> None:
