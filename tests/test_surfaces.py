@@ -1,0 +1,177 @@
+"""Every surface keeps the core's promises through the shared mechanisms: the one writer, the one planning sequence,
+the one set of bounds. Each defect found on a newer surface is held here, where it is tested through the mechanism
+(the hostile battery, ``tests/test_hostile.py``, runs every hostile case through every surface; the writer's table,
+``tests/test_writer_safety.py``, runs every writer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+from helpers import build, derive, outputs
+
+import safe_peft
+from safe_peft import AdapterLoadError, check_target, diagnose, fix_for_target, safe_load_adapter
+from safe_peft._cli import main
+
+# -- the one planning sequence --------------------------------------------------------------------------------
+
+
+def test_every_route_plans_with_the_one_sequence() -> None:
+    """No route has a planning sequence of its own: each is a set of hooks of make_plan's."""
+    import safe_peft._routes as routes
+    from safe_peft._plan import Route
+
+    assert issubclass(routes.CarryingRoute, Route)
+    assert not hasattr(routes, "_route_plan")
+    own = {name for name in vars(routes) if "plan" in name and callable(getattr(routes, name))}
+    assert own <= {"plan_for", "route_plan", "make_plan", "LoadPlan"}, own
+
+
+@pytest.mark.parametrize("route", ["further", "reload", "inplace"])
+def test_a_further_adapter_refuses_a_catastrophic_target_pattern(
+    route: str, adapters: dict[str, Any], tmp_path: Any
+) -> None:
+    """The model-dependent config checks run on every route (a PeftModel's further adapter hung in peft's matcher)."""
+    good = adapters["causal"][0]
+    hostile = derive(good, str(tmp_path / "slow"), config=lambda c: c.update(target_modules="(a*)*b|model(.*)*x"))
+    model = safe_load_adapter(build("causal"), good) if route != "inplace" else build("causal")
+    kwargs = {"further": {"adapter_name": "b"}, "reload": {"replace": "weights"}, "inplace": {"inplace": True}}[route]
+    assert diagnose(model, hostile, **kwargs).primary.code == "catastrophic_pattern"  # type: ignore[union-attr]
+
+
+# -- the engine checks read the config as every surface does ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"r": "x"}, "invalid_config_value"),
+        ({"lora_alpha": "x"}, "invalid_config_value"),
+        ({"r": -1}, "invalid_config_value"),
+        ({"rank_pattern": {"(.+)+Z": 4}}, "catastrophic_pattern"),
+        ({"alpha_pattern": {"(.+)+Z": 4}}, "catastrophic_pattern"),
+        ({"init_lora_weights": "pissa_niter_100000000"}, "config_limit_exceeded"),
+    ],
+)
+def test_the_engine_check_refuses_what_the_peft_check_refuses(
+    change: dict[str, Any], code: str, adapters: dict[str, Any], tmp_path: Any
+) -> None:
+    bad = derive(adapters["causal"][0], str(tmp_path / "bad"), config=lambda c: c.update(change))
+    with pytest.raises(AdapterLoadError) as caught:
+        check_target(bad, "vllm")
+    assert caught.value.report.primary.code == code  # type: ignore[union-attr]
+    assert diagnose(build("causal"), bad).primary.code == code  # type: ignore[union-attr]
+
+
+def test_the_engine_check_judges_the_config_s_own_rank(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """vLLM validates the config's r against max_lora_rank (PEFTHelper.validate_legal), not only the tensors'."""
+    huge = derive(adapters["causal"][0], str(tmp_path / "huge"), config=lambda c: c.update(r=2**40))
+    report = check_target(huge, "vllm")
+    assert report.verdict == "refuses" and report.findings[0].code == "vllm_max_lora_rank"
+    wide = derive(adapters["causal"][0], str(tmp_path / "wide"), config=lambda c: c.update(r=64))
+    assert check_target(wide, "vllm").engine_args == {"max_lora_rank": 64}
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2**40, "16"])
+def test_pad_rank_is_a_rank_the_engine_serves(rank: Any, adapters: dict[str, Any], tmp_path: Any) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="pad_rank_to"):
+        fix_for_target(adapters["causal"][0], "vllm", out, pad_rank_to=rank)
+    assert not os.path.exists(out)
+
+
+def test_check_target_json_lists_an_unreadable_adapter(adapters: dict[str, Any], tmp_path: Any, capsys: Any) -> None:
+    bad = derive(adapters["causal"][0], str(tmp_path / "bad"), config=lambda c: c.update(r="x"))
+    assert main(["check", adapters["causal"][0], bad, "--target", "vllm", "--json"]) == 2
+    document = json.loads(capsys.readouterr().out)
+    assert [r["verdict"] for r in document["results"]] == ["serves", "unreadable"]
+    assert document["results"][1]["findings"][0]["code"] == "invalid_config_value"
+    assert document["summary"]["unreadable"] == 1
+
+
+# -- typed everywhere ------------------------------------------------------------------------------------------
+
+
+def test_a_base_that_cannot_be_built_is_base_model_unreachable(adapters: dict[str, Any], tmp_path: Any) -> None:
+    """A base checkpoint with a wrong-shaped tensor: transformers raises RuntimeError, the Auto route a typed error."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir = str(tmp_path / "base")
+    model = build("causal")
+    model.save_pretrained(base_dir)
+    weights = os.path.join(base_dir, "model.safetensors")
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key] = torch.zeros(3, 3)
+    save_file(state, weights, metadata={"format": "pt"})
+    adapter = derive(
+        adapters["causal"][0], str(tmp_path / "adapter"), config=lambda c: c.update(base_model_name_or_path=base_dir)
+    )
+    with pytest.raises(AdapterLoadError) as caught:
+        safe_peft.from_pretrained(adapter)
+    assert caught.value.report.primary.code == "base_model_unreachable"  # type: ignore[union-attr]
+
+
+# -- narrow windows --------------------------------------------------------------------------------------------
+
+
+def _scratch() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("safe_peft_")}
+
+
+def test_a_failure_while_remapped_weights_are_written_leaves_no_scratch_copy(
+    adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safe_peft._execute as execute
+
+    good, trained = adapters["causal"][0], adapters["causal"][1]
+    compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
+
+    def half_written(source: str, out: str, **kwargs: Any) -> None:
+        with open(out, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device", out)
+
+    before = _scratch()
+    monkeypatch.setattr(execute, "write_weights", half_written)
+    base = build("causal")
+    with pytest.raises(AdapterLoadError):
+        safe_load_adapter(base, compiled, remap="auto")
+    assert _scratch() == before
+    monkeypatch.undo()
+    assert torch.allclose(outputs(safe_load_adapter(base, compiled, remap="auto")), trained, atol=1e-5)
+
+
+def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
+    adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scratch copy is removed inside the undo: a Ctrl-C then leaves the base as it was (the caller can tell),
+    never a loaded adapter behind a KeyboardInterrupt."""
+    from helpers import assert_same_state, model_state
+
+    import safe_peft._execute as execute
+
+    good = adapters["causal"][0]
+    compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
+    real = shutil.rmtree
+    calls = [0]
+
+    def interrupted(path: Any, *args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        real(path, *args, **kwargs)
+        if calls[0] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(execute.shutil, "rmtree", interrupted)
+    base = build("causal")
+    before = model_state(base)
+    with pytest.raises(KeyboardInterrupt):
+        safe_load_adapter(base, compiled, remap="auto")
+    assert calls[0] >= 1
+    assert_same_state(before, base)
