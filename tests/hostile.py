@@ -508,9 +508,16 @@ def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str,
     import torch
     from helpers import outputs
 
-    from safe_peft import AdapterLoadError, diagnose, safe_load_adapter, safe_load_adapter_inplace
+    from safe_peft import AdapterLoadError, diagnose, safe_hotswap_adapter, safe_load_adapter, safe_load_adapter_inplace
 
     further = {"adapter_name": "b", **case.kwargs}
+    loads: list[tuple[str, Any, Any, dict[str, Any]]] = [
+        ("load", on.base, safe_load_adapter, case.kwargs),
+        ("load_further", on.peft_model, safe_load_adapter, further),
+        ("inplace", on.base, safe_load_adapter_inplace, case.kwargs),
+    ]
+    if not case.kwargs:  # a hot-swap replaces the weights of the adapter that is there: no name of its own
+        loads.append(("hotswap", on.peft_model, safe_hotswap_adapter, {}))
     for surface, model, call, kwargs in (
         ("diagnose", on.base, diagnose, case.kwargs),
         ("diagnose_peft", on.peft_model, diagnose, further),
@@ -526,11 +533,7 @@ def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str,
             result["diagnose_json_chars"] = len(json.dumps(report.to_dict(), allow_nan=False))
         except Exception as exc:
             result["raw"].append(f"{surface}: {type(exc).__name__}: {str(exc)[:300]}")
-    for surface, model, call, kwargs in (
-        ("load", on.base, safe_load_adapter, case.kwargs),
-        ("load_further", on.peft_model, safe_load_adapter, further),
-        ("inplace", on.base, safe_load_adapter_inplace, case.kwargs),
-    ):
+    for surface, model, call, kwargs in loads:
         fresh = copy.deepcopy(model)
         before = {k: v.clone() for k, v in fresh.state_dict().items()}
         try:

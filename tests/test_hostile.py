@@ -2,12 +2,12 @@
 files, a second one measures them, so each case's time and peak memory are its own and not the building's.
 
 For every case, on every surface that reads an adapter (``diagnose`` on a base and on a PeftModel, the first adapter,
-a further adapter, transformers' in-place route, ``safe-peft check --json`` with a base and with ``--target``,
-``safe-peft fix`` and ``fix --target``): no exception that is not safe-peft's own escapes; every surface gives the
-case's code (the engine check: for the files it reads); a refused load leaves the model unchanged, a load that goes
-through is exact, and a refused fix writes nothing; every call finishes within :data:`SECONDS` of CPU time (and a
-bounded wall time); the process's peak memory stays within :data:`MEMORY_RATIO` of a clean run's; messages and JSON
-are bounded and the JSON is strict.
+a further adapter, transformers' in-place route, a hot-swap, ``safe-peft check --json`` with a base and with
+``--target``, ``safe-peft fix`` and ``fix --target``): no exception that is not safe-peft's own escapes; every
+surface gives the case's code (the engine check: for the files it reads); a refused load leaves the model unchanged,
+a load that goes through is exact, and a refused fix writes nothing; every call finishes within :data:`SECONDS` of
+CPU time (and a bounded wall time); the process's peak memory stays within :data:`MEMORY_RATIO` of a clean run's;
+messages and JSON are bounded and the JSON is strict.
 ``SAFE_PEFT_STRESS=1`` adds the heavy variants (``hostile.py``'s ``STRESS`` cases).
 """
 
@@ -73,8 +73,8 @@ def test_the_clean_run_loads_exactly(battery: dict[str, Any]) -> None:
 
 
 # Every surface that reads an adapter. The Python ones give the case's code; so does `safe-peft check --base`.
-PYTHON_SURFACES = ("diagnose", "load", "diagnose_peft", "load_further", "inplace")
-LOADS = ("load", "load_further", "inplace")
+PYTHON_SURFACES = ("diagnose", "load", "diagnose_peft", "load_further", "inplace", "hotswap")
+LOADS = ("load", "load_further", "inplace", "hotswap")
 # Where a surface rightly gives another code than the first adapter's, and why (none today).
 SURFACE_DIFFERS: dict[tuple[str, str], str | None] = {}
 # Cases whose refusal comes from the base model, which an engine check (no model) does not have: it reads the files
@@ -95,12 +95,15 @@ def test_hostile_case(name: str, battery: dict[str, Any]) -> None:
     result = battery["by_name"][name]
     assert result["raw"] == [], result["raw"]
     for surface in PYTHON_SURFACES:
+        if surface not in result["codes"]:  # a hot-swap takes no adapter_name of its own
+            assert surface == "hotswap" and case.kwargs
+            continue
         expected = SURFACE_DIFFERS.get((name, surface), case.code)
         assert result["codes"][surface] == expected, (surface, result["codes"])
     if case.code is None:
         assert result["outputs_exact"], "the load went through but the model is not the trained one"
     else:
-        assert all(result["unchanged"][s] for s in LOADS), f"a refused load changed the model: {result['unchanged']}"
+        assert all(result["unchanged"].get(s, True) for s in LOADS), f"a refused load changed: {result['unchanged']}"
         assert result["load_message_chars"] <= MESSAGE_CHARS
     if case.cli:
         _cli_surfaces_agree(case, result)
