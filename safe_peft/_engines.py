@@ -22,6 +22,7 @@ from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter, no_config_error
 from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
+from safe_peft._keys import pattern_value
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, _json_safe
@@ -472,18 +473,8 @@ def _modules(shapes: Mapping[str, tuple[int, ...]]) -> tuple[LoraModule, ...]:
 
 
 def _pattern(pattern: Mapping[str, Any], name: str) -> Any:
-    """peft's ``get_pattern_key``: a key matches a module name as a suffix starting at a '.' boundary."""
-    for key, value in pattern.items():
-        if _matches(key, name):
-            return value
-    return None
-
-
-def _matches(key: str, name: str) -> bool:
-    try:
-        return re.match(rf"(.*\.)?({key})$", name) is not None
-    except re.error:  # not a valid regex: peft would fail; match it literally
-        return name == key or name.endswith("." + key)
+    """The value ``pattern`` gives module ``name``, matched as peft matches it (``_keys.pattern_value``)."""
+    return pattern_value(pattern, name)
 
 
 def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, float]]:

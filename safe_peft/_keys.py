@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "is_method_key",
     "lora_key",
     "module_of",
+    "pattern_key",
+    "pattern_keys",
+    "pattern_value",
     "rank_axis",
     "role_of",
     "strip_prefix",
@@ -253,3 +257,31 @@ def is_adapter_key(key: str) -> bool:
         return True
     prefixes = adapter_prefixes()
     return any(segment.startswith(prefixes) for segment in strip_prefix(key).split(".")[1:])
+
+
+# -- rank_pattern / alpha_pattern keys ---------------------------------------------------------------------------
+
+
+def pattern_keys(pattern: Mapping[str, Any] | None) -> list[tuple[str, re.Pattern[str]]]:
+    """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
+    (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds).
+    The config's values were checked before (:mod:`safe_peft._config_values`): every key is a valid expression."""
+    from safe_peft._bounds import compiled
+
+    return [(str(key), compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]
+
+
+def pattern_key(keys: list[tuple[str, re.Pattern[str]]], name: str) -> str:
+    """peft's ``get_pattern_key(keys, name)``: the first key matching ``name`` as a dotted suffix, else ``name``.
+
+    >>> pattern_key(pattern_keys({"q_proj": 4}), "model.layers.0.self_attn.q_proj")
+    'q_proj'
+    """
+    return next((key for key, regex in keys if regex.match(name)), name)
+
+
+def pattern_value(pattern: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
+    """The value a rank_pattern / alpha_pattern gives module ``name`` (``default`` when no key matches it)."""
+    if not pattern:
+        return default
+    return pattern.get(pattern_key(pattern_keys(pattern), name), default)

@@ -9,7 +9,7 @@ from typing import Any
 
 from safe_peft._adapter_config import AdapterConfig, read_config
 from safe_peft._adapter_files import locate_adapter
-from safe_peft._keys import Role, module_of, role_of
+from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefix
 from safe_peft._safetensors_header import read_header
 from safe_peft.report import Diagnosis
 
@@ -78,8 +78,13 @@ def inspect_adapter(
         total = sum(v.numel() * v.element_size() for v in data.values())
     ranks = {module_of(t.key): t.shape[0] for t in tensors if role_of(t.key) is Role.A and t.shape}
     cfg = config.data
+    if files.config_path:  # the values read as every surface reads them: a summary of what peft cannot load says so
+        from safe_peft._config_values import check_config
+
+        names = sorted({*ranks, *(strip_prefix(t.key) for t in tensors)})
+        check_config(cfg, names, path=files.config_path, adapter=files.location)
     pattern = cfg.get("rank_pattern") or {}
-    agrees = all(r == _configured_rank(m, cfg.get("r"), pattern) for m, r in ranks.items())
+    agrees = all(r == pattern_value(pattern, m, cfg.get("r", 8)) for m, r in ranks.items())
     parameters = 0
     for t in tensors:
         n = 1
@@ -104,13 +109,6 @@ def inspect_adapter(
         read_data=files.weights_format != "safetensors",
         warnings=list(files.warnings) + list(config.warnings),
     )
-
-
-def _configured_rank(module: str, r: Any, pattern: dict[str, int]) -> Any:
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
-            return value
-    return r
 
 
 def dtype_summary(manifest: AdapterManifest) -> dict[str, int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of
+from safe_peft._keys import PEFT_PREFIX, Role, lora_key, pattern_key, pattern_keys, role_of
 from safe_peft._versions import TASK_HEADS
 from safe_peft._walk import every_module, named_modules
 from safe_peft.report import Diagnosis
@@ -177,19 +177,6 @@ def has_weight_conversions(model: nn.Module) -> bool:
     return lookup is not None and lookup(model_type) is not None
 
 
-def _pattern_keys(pattern: Any) -> list[tuple[str, re.Pattern[str]]]:
-    """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
-    (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds)."""
-    from safe_peft._bounds import compiled
-
-    return [(key, compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]
-
-
-def _pattern_key(keys: list[tuple[str, re.Pattern[str]]], name: str) -> str:
-    """peft's ``get_pattern_key(keys, name)``: the first key matching ``name`` as a dotted suffix, else ``name``."""
-    return next((key for key, regex in keys if regex.match(name)), name)
-
-
 def _analytic(
     model: nn.Module, config: Any, task_heads: tuple[str, ...]
 ) -> tuple[dict[str, ExpectedKey], Diagnosis | None] | None:
@@ -210,14 +197,14 @@ def _analytic(
     lora_bias = bool(getattr(cfg, "lora_bias", False))
     expected: dict[str, ExpectedKey] = {}
     targeted: list[str] = []
-    rank_keys = _pattern_keys(cfg.rank_pattern)
+    rank_keys = pattern_keys(cfg.rank_pattern)
     for name, module in named_modules(model):
         if not name:
             continue
         found = check_target_module_exists(cfg, name)
         if not found or isinstance(found, _ExcludedModule):
             continue
-        rank = cfg.rank_pattern.get(_pattern_key(rank_keys, name), cfg.r)
+        rank = cfg.rank_pattern.get(pattern_key(rank_keys, name), cfg.r)
         if isinstance(module, (nn.Linear, Conv1D)):
             if isinstance(module, Conv1D):
                 in_f, out_f = (int(d) for d in module.weight.shape)

@@ -554,7 +554,8 @@ def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str,
 
 
 def _cli_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, Any], timed: Any) -> None:
-    """safe-peft check (peft and an engine, --json) and fix (plain and --target), as a user runs them."""
+    """safe-peft check (peft and an engine, --json), inspect --json and fix (plain and --target), as a user runs
+    them."""
     for surface, extra in (("check", ["--base", on.base_dir]), ("check_target", ["--target", "vllm"])):
         document, exit_code = _cli(surface, ["check", directory, *extra, "--json"], result, timed)
         if document is None:
@@ -565,6 +566,8 @@ def _cli_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, An
         result.setdefault("verdicts", {})[surface] = row["verdict"]
         result.setdefault("exits", {})[surface] = exit_code
         result["json_chars"] = max(result.get("json_chars", 0), len(json.dumps(document)))
+    document, exit_code = _cli("inspect", ["inspect", directory, "--json"], result, timed)
+    result.setdefault("exits", {})["inspect"] = exit_code
     for surface, extra in (("fix", ["--base", on.base_dir]), ("fix_target", ["--target", "llamacpp"])):
         out = os.path.join(on.scratch, f"{case.name}-{surface}")
         _, exit_code = _cli(surface, ["fix", directory, *extra, "--out", out], result, timed)
@@ -583,7 +586,8 @@ def _cli(surface: str, argv: list[str], result: dict[str, Any], timed: Any) -> t
             exit_code = main(argv)
         if "Traceback" in err.getvalue() or "safe-peft's fault" in err.getvalue():
             result["raw"].append(f"{surface}: {err.getvalue()[-300:]}")
-        return (strict_json(out.getvalue()) if "--json" in argv else None), exit_code
+        wants_json = "--json" in argv and (exit_code == 0 or argv[0] != "inspect")  # inspect fails with one line
+        return (strict_json(out.getvalue()) if wants_json else None), exit_code
     except BaseException as exc:
         result["raw"].append(f"{surface}: {type(exc).__name__}: {str(exc)[:300]}")
         return None, None

@@ -3,11 +3,11 @@ files, a second one measures them, so each case's time and peak memory are its o
 
 For every case, on every surface that reads an adapter (``diagnose`` on a base and on a PeftModel, the first adapter,
 a further adapter, transformers' in-place route, a hot-swap, ``safe-peft check --json`` with a base and with
-``--target``, ``safe-peft fix`` and ``fix --target``): no exception that is not safe-peft's own escapes; every
-surface gives the case's code (the engine check: for the files it reads); a refused load leaves the model unchanged,
-a load that goes through is exact, and a refused fix writes nothing; every call finishes within :data:`SECONDS` of
-CPU time (and a bounded wall time); the process's peak memory stays within :data:`MEMORY_RATIO` of a clean run's;
-messages and JSON are bounded and the JSON is strict.
+``--target``, ``safe-peft inspect --json``, ``safe-peft fix`` and ``fix --target``): no exception that is not
+safe-peft's own escapes; every surface gives the case's code (the engine check: for the files it reads); a refused
+load leaves the model unchanged, a load that goes through is exact, and a refused fix writes nothing; every call
+finishes within :data:`SECONDS` of CPU time (and a bounded wall time); the process's peak memory stays within
+:data:`MEMORY_RATIO` of a clean run's; messages and JSON are bounded and the JSON is strict.
 ``SAFE_PEFT_STRESS=1`` adds the heavy variants (``hostile.py``'s ``STRESS`` cases).
 """
 
@@ -67,7 +67,8 @@ def test_the_battery_is_large_enough() -> None:
 def test_the_clean_run_loads_exactly(battery: dict[str, Any]) -> None:
     clean = battery["clean"]
     assert clean["raw"] == [] and set(clean["codes"].values()) == {None}
-    assert clean["outputs_exact"] and clean["exits"] == {"check": 0, "check_target": 0, "fix": 0, "fix_target": 0}
+    assert clean["outputs_exact"]
+    assert clean["exits"] == {"check": 0, "check_target": 0, "inspect": 0, "fix": 0, "fix_target": 0}
     assert clean["verdicts"] == {"check": "compatible", "check_target": "serves"}
     assert battery["baseline_kb"] > 0
 
@@ -131,6 +132,7 @@ def _cli_surfaces_agree(case: hostile.Case, result: dict[str, Any]) -> None:
         assert verdicts["check_target"] == "unreadable" and exits["check_target"] == 2
     else:
         assert verdicts["check_target"] != "unreadable", result["codes"]
+    assert exits["inspect"] in (0, 2), exits  # a summary, or one line saying why the files cannot be read
     want_fix = 0 if case.code is None else (2 if unreadable else 1)
     assert exits["fix"] == want_fix and written["fix"] == (want_fix == 0), (exits, written)
     if unreadable and case.name not in NEEDS_THE_MODEL:
