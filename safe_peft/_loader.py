@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from safe_peft._execute import execute, is_fatal
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft._plan import make_plan
 from safe_peft.errors import AdapterLoadError
 
@@ -53,6 +54,7 @@ def safe_load_adapter(
 ) -> tuple[PeftModel, LoadReport]: ...
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_load_adapter(
     base_model: nn.Module,
     model_id: str | os.PathLike[str],

@@ -1,0 +1,509 @@
+"""The base fingerprint: a small, deterministic sample of the base weights an adapter modifies, kept in the adapter's
+safetensors ``__metadata__`` under :data:`KEY`, and its comparison with the base a load is given.
+
+What is sampled: for every tensor of the base the adapter touches (the weights of its target modules, the originals
+of ``modules_to_save`` and trainable-token embeddings), a grid of ``rows x cols`` elements whose positions are
+derived from a hash of the tensor's name and shape alone, so that they are the same on any device, in any dtype,
+sharded or not. At most :data:`MAX_TENSORS` tensors and :data:`BUDGET` values in all: a few KB whatever the model.
+
+Comparing reads only the sampled elements (never a whole weight, never the adapter's tensors) and allows for the
+rounding of both sides' precision (a bfloat16 copy of the same base verifies); anything more is a different base.
+The tolerance and the numbers behind it are in docs/fingerprint.md.
+
+>>> positions("model.layers.0.self_attn.q_proj.weight", (64, 64), 2)
+((10, 31), (24, 41))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import inspect
+import json
+import math
+import struct
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from safe_peft._catalog import finding
+from safe_peft.report import Diagnosis
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from safe_peft._adapter_files import AdapterFiles
+
+__all__ = [
+    "KEY",
+    "BaseCheck",
+    "Fingerprint",
+    "FingerprintError",
+    "Sampled",
+    "base_check",
+    "compare",
+    "positions",
+    "read_stamp",
+    "sample_tensor",
+    "verify_base_keyword",
+]
+
+KEY = "safe_peft.base_fingerprint"
+VERSION = 1
+BUDGET = 1024  # sampled values in all (4 bytes each before compression)
+MAX_TENSORS = 256  # tensors sampled; a larger set is thinned deterministically by the hash of their names
+MIN_GRID, MAX_GRID = 2, 16
+MAX_STAMP_CHARS = 64 * 1024  # a stamp longer than this is refused unread: bounded parsing
+MAX_DECODED = 256 * 1024
+MAX_NAME = 1000
+_PREFIX = "v1."
+# Unit roundoff of each precision (relative error of one rounding); quantized formats use a relative-L2 bound
+ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float8": 2.0**-3}
+QUANTIZED = {"int8": 0.05, "nf4": 0.25, "fp4": 0.3}  # relative L2 of the sample, per side (docs/fingerprint.md)
+ABSOLUTE_FLOOR = 1e-7  # float16 subnormals and values near zero
+OTHER_WEIGHTS = 0.5  # a relative difference above this: not the same weights changed, other weights
+_VERIFY: ContextVar[bool] = ContextVar("safe_peft_verify_base", default=True)
+
+
+class FingerprintError(ValueError):
+    """A fingerprint that cannot be made or read: the base is on the meta device or sharded, no tensor the adapter
+    modifies is in the base, the adapter is not a local safetensors file, or a stored stamp is malformed.
+
+    ``str(err)``: ``"/data/adapter/adapter_model.safetensors: the base fingerprint is malformed (not valid
+    base64); stamp the adapter again (safe-peft stamp ADAPTER --base BASE)"``
+    """
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sampled tensor: its name in the base, its shape, and the values at :func:`positions` (row-major)."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The stamp: sampled tensors, the grid size, the precision they were read in, and the base's class."""
+
+    tensors: tuple[Sampled, ...]
+    grid: int
+    precision: str
+    base: str = ""
+
+    def encode(self) -> str:
+        """The metadata value: ``v1.`` + base64 of zlib-compressed JSON (names, shapes, float32 values)."""
+        values = [v for t in self.tensors for v in t.values]
+        payload = {
+            "version": VERSION,
+            "grid": self.grid,
+            "precision": self.precision,
+            "base": self.base[:200],
+            "tensors": [[t.name, list(t.shape)] for t in self.tensors],
+            "values": base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii"),
+        }
+        text = json.dumps(payload, separators=(",", ":"))
+        return _PREFIX + base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+    @classmethod
+    def decode(cls, text: str, path: str) -> Fingerprint:
+        """Parse a stored stamp; raises :class:`FingerprintError` naming ``path`` for anything malformed."""
+        if len(text) > MAX_STAMP_CHARS:
+            raise _malformed(path, f"{len(text):,} characters (limit {MAX_STAMP_CHARS:,})")
+        if not text.startswith(_PREFIX):
+            raise _malformed(path, f"unknown format {text[:8]!r} (expected {_PREFIX!r}; a newer safe_peft?)")
+        try:
+            packed = base64.b64decode(text[len(_PREFIX) :], validate=True)
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(packed, MAX_DECODED)
+            if inflate.unconsumed_tail:
+                raise _malformed(path, f"it decompresses to more than {MAX_DECODED:,} bytes")
+            data = json.loads(raw.decode("utf-8"))
+        except (binascii.Error, ValueError, zlib.error, RecursionError) as exc:
+            raise _malformed(path, f"not valid base64 / zlib / JSON ({str(exc)[:80]})") from None
+        return _from_payload(data, path)
+
+
+def _from_payload(data: Any, path: str) -> Fingerprint:
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise _malformed(path, "not a version-1 fingerprint object")
+    grid, precision, base, entries = data.get("grid"), data.get("precision"), data.get("base", ""), data.get("tensors")
+    if type(grid) is not int or not MIN_GRID <= grid <= MAX_GRID:
+        raise _malformed(path, f"grid must be an integer in [{MIN_GRID}, {MAX_GRID}]")
+    if precision not in ROUNDOFF and precision not in QUANTIZED:
+        raise _malformed(path, f"unknown precision {str(precision)[:20]!r}")
+    if not isinstance(base, str) or not isinstance(entries, list) or len(entries) > MAX_TENSORS:
+        raise _malformed(path, f"tensors must be a list of at most {MAX_TENSORS} entries")
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for entry in entries:
+        named = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        if not named or len(entry[0]) > MAX_NAME:
+            raise _malformed(path, "each tensor entry must be [name, shape]")
+        shape = entry[1]
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(type(d) is int and d > 0 for d in shape)):
+            raise _malformed(path, f"tensor {entry[0][:80]!r}: shape must be 1 to 8 positive integers")
+        shapes.append((entry[0], tuple(shape)))
+    counts = [len(r) * len(c) for r, c in (positions(n, s, grid) for n, s in shapes)]
+    try:
+        blob = base64.b64decode(str(data.get("values")), validate=True)
+    except (binascii.Error, ValueError):
+        raise _malformed(path, "values are not valid base64") from None
+    if len(blob) != 4 * sum(counts):
+        raise _malformed(path, f"{len(blob) // 4} values for {sum(counts)} sampled positions")
+    flat = struct.unpack(f"<{sum(counts)}f", blob)
+    if not all(math.isfinite(v) for v in flat):
+        raise _malformed(path, "a sampled value is not finite")
+    tensors, at = [], 0
+    for (name, shape), n in zip(shapes, counts, strict=True):
+        tensors.append(Sampled(name, shape, tuple(flat[at : at + n])))
+        at += n
+    return Fingerprint(tuple(tensors), grid, str(precision), base)
+
+
+def _malformed(path: str, what: str) -> FingerprintError:
+    return FingerprintError(
+        f"{path}: the base fingerprint is malformed ({what}); stamp the adapter again "
+        "(safe-peft stamp ADAPTER --base BASE), or load with verify_base=False"
+    )
+
+
+# -- where the samples are ---------------------------------------------------------------------------------------
+
+
+def grid_for(count: int) -> int:
+    """The grid side for ``count`` tensors: as many values as the budget allows, 2 to 16 per side."""
+    return max(MIN_GRID, min(MAX_GRID, math.isqrt(BUDGET // max(count, 1))))
+
+
+@functools.lru_cache(maxsize=4096)
+def positions(name: str, shape: tuple[int, ...], grid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The sampled rows (first dimension) and columns (the other dimensions flattened) of a tensor: a function of
+    its name and shape alone. A 1-D tensor has one row."""
+    rows = shape[0] if len(shape) > 1 else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    seed = f"{name}|{','.join(map(str, shape))}"
+    return _pick(seed + "|r", rows, grid), _pick(seed + "|c", cols, grid)
+
+
+def _pick(seed: str, n: int, k: int) -> tuple[int, ...]:
+    if n <= k:
+        return tuple(range(n))
+    chosen: set[int] = set()
+    i = 0
+    while len(chosen) < k:
+        digest = hashlib.sha256(f"{seed}|{i}".encode()).digest()
+        chosen.add(int.from_bytes(digest[:8], "little") % n)
+        i += 1
+    return tuple(sorted(chosen))
+
+
+def _coordinates(shape: tuple[int, ...], grid: int, name: str) -> list[tuple[int, ...]]:
+    rows, cols = positions(name, shape, grid)
+    if len(shape) == 1:
+        return [(c,) for c in cols]
+    rest = shape[1:]
+    out = []
+    for r in rows:
+        for c in cols:
+            coord = []
+            for d in reversed(rest):
+                coord.append(c % d)
+                c //= d
+            out.append((r, *reversed(coord)))
+    return out
+
+
+# -- reading the sampled elements -----------------------------------------------------------------------------
+
+
+def precision_of(tensor: Tensor) -> str:
+    """The precision a base tensor holds its values in: a float dtype, or a bitsandbytes quantization."""
+    kind = type(tensor).__name__
+    if kind == "Params4bit":
+        state = getattr(tensor, "quant_state", None)
+        return "fp4" if getattr(state, "quant_type", "nf4") == "fp4" else "nf4"
+    if kind == "Int8Params":
+        return "int8"
+    name = str(tensor.dtype).rsplit(".", 1)[-1]
+    if name.startswith("float8"):
+        return "float8"
+    return name if name in ROUNDOFF else "float32"
+
+
+def sample_tensor(tensor: Tensor, name: str, shape: tuple[int, ...], grid: int) -> list[float | None] | None:
+    """The values at the sampled positions, as floats (None for positions another rank holds), or None when the
+    tensor holds no values here (meta device, or a form this cannot read). Reads only those elements."""
+    import torch
+
+    coords = _coordinates(shape, grid, name)
+    if tensor.device.type == "meta":
+        return None
+    kind = type(tensor).__name__
+    with torch.no_grad():
+        if kind in ("Params4bit", "Int8Params"):
+            return _quantized(tensor, coords)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return _local(tensor, coords)
+        if tuple(tensor.shape) != shape:
+            return None
+        return _gather(tensor.detach(), coords)
+
+
+def _gather(tensor: Tensor, coords: Sequence[tuple[int, ...]]) -> list[float | None]:
+    import torch
+
+    index = tuple(torch.tensor(axis, device=tensor.device) for axis in zip(*coords, strict=True))
+    return list(tensor[index].double().cpu().tolist())
+
+
+def _local(tensor: Any, coords: list[tuple[int, ...]]) -> list[float | None] | None:
+    """A DTensor's sampled elements that this rank holds (no collective: every rank reads its own)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(isinstance(p, (Replicate, Shard)) for p in tensor.placements):
+        return None
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements
+        )
+    except (ImportError, RuntimeError, TypeError, ValueError):
+        return None
+    local = tensor.to_local()
+    inside = [
+        i
+        for i, c in enumerate(coords)
+        if all(o <= x < o + n for x, o, n in zip(c, offset, local_shape, strict=True))
+    ]
+    values: list[float | None] = [None] * len(coords)
+    if inside:
+        shifted = [tuple(x - o for x, o in zip(coords[i], offset, strict=True)) for i in inside]
+        for i, v in zip(inside, _gather(local, shifted), strict=True):
+            values[i] = v
+    return values
+
+
+def _quantized(tensor: Any, coords: list[tuple[int, ...]]) -> list[float | None] | None:
+    """bitsandbytes weights: int8 from its row scales (only the sampled elements); 4-bit dequantized."""
+    import torch
+
+    try:
+        if type(tensor).__name__ == "Int8Params":
+            scale = getattr(tensor, "SCB", None)
+            if scale is None or tensor.dtype != torch.int8:  # not quantized yet: the values are the weights
+                return _gather(tensor.data, coords)
+            codes = _gather(tensor.data, coords)
+            rows = _gather(scale.reshape(-1, 1), [(c[0], 0) for c in coords])
+            return [None if q is None or s is None else q * s / 127.0 for q, s in zip(codes, rows, strict=True)]
+        import bitsandbytes.functional as bnb_functional
+
+        state = tensor.quant_state
+        full = bnb_functional.dequantize_4bit(tensor.data, state)
+        return _gather(full.reshape(tuple(state.shape)), coords)
+    except (ImportError, AttributeError, RuntimeError, TypeError, ValueError):
+        return None
+
+
+# -- comparing --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorVerdict:
+    """One sampled tensor compared: ``kind`` is ``same``, ``other`` (other weights), ``low_rank`` (the same plus a
+    low-rank difference) or ``changed`` (the same, changed throughout); ``relative`` is |difference| / |stamped|."""
+
+    name: str
+    kind: str
+    relative: float
+
+
+def compare(
+    stamped: Sampled, now: Sequence[float | None], grid: int, stamp_precision: str, precision: str
+) -> TensorVerdict:
+    """Compare one tensor's stamped values with the values read now, allowing for both sides' precision."""
+    pairs = [(s, c) for s, c in zip(stamped.values, now, strict=True) if c is not None]
+    if not pairs:
+        return TensorVerdict(stamped.name, "same", 0.0)
+    norm = math.sqrt(sum(s * s for s, _ in pairs)) or 1e-30
+    relative = math.sqrt(sum((c - s) ** 2 for s, c in pairs)) / norm
+    if stamp_precision in QUANTIZED or precision in QUANTIZED:
+        allowed = QUANTIZED.get(stamp_precision, 0.0) + QUANTIZED.get(precision, 0.0)
+        if relative <= allowed:
+            return TensorVerdict(stamped.name, "same", relative)
+    else:
+        unit = ROUNDOFF[stamp_precision] + ROUNDOFF[precision] + ROUNDOFF["float32"]  # the stamp is float32
+        if all(abs(c - s) <= unit * max(abs(s), abs(c)) + ABSOLUTE_FLOOR for s, c in pairs):
+            return TensorVerdict(stamped.name, "same", relative)
+    if relative > OTHER_WEIGHTS:
+        return TensorVerdict(stamped.name, "other", relative)
+    return TensorVerdict(stamped.name, _shape_of_change(stamped, now, grid), relative)
+
+
+def _shape_of_change(stamped: Sampled, now: Sequence[float | None], grid: int) -> str:
+    """``low_rank`` when the sampled grid of differences has at most half its side in rank (a merged LoRA of
+    lower rank than the grid), else ``changed``. Needs a grid of at least 4 x 4, fully read here."""
+    import torch
+
+    rows, cols = (len(axis) for axis in positions(stamped.name, stamped.shape, grid))
+    if len(stamped.shape) < 2 or rows < 4 or cols < 4 or any(c is None for c in now):
+        return "changed"
+    diff = [float(c) - s for s, c in zip(stamped.values, now, strict=True) if c is not None]
+    sigma = torch.linalg.svdvals(torch.tensor(diff, dtype=torch.float64).reshape(rows, cols))
+    rank = int((sigma > sigma[0] * 1e-3).sum())
+    return "low_rank" if rank <= min(rows, cols) // 2 else "changed"
+
+
+# -- the hook in the plan's verdict -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseCheck:
+    """What the stamp says about the base: fatal findings (``causes``) and notes (``warnings``)."""
+
+    causes: tuple[Diagnosis, ...] = ()
+    warnings: tuple[Diagnosis, ...] = ()
+
+
+def read_stamp(path: str) -> Fingerprint | None:
+    """The fingerprint stored in a safetensors file, or None when it has none. Reads the header only; raises
+    :class:`FingerprintError` for a malformed stamp and ``AdapterFormatError`` for a malformed header."""
+    from safe_peft._safetensors_header import MAX_HEADER_BYTES, read_header
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            raw = f.read(min(length, MAX_HEADER_BYTES))
+    except OSError:
+        return None  # the reading stage reports unreadable files
+    if KEY.encode() not in raw:
+        return None
+    text = read_header(path).metadata.get(KEY)
+    return None if text is None else Fingerprint.decode(text, path)
+
+
+def base_check(model: nn.Module, files: AdapterFiles) -> BaseCheck:
+    """Compare a present stamp with ``model``'s weights (a model seen through its adapters). No stamp, or
+    ``verify_base=False``: nothing. A meta-device base: a note. A mismatch: ``base_weights_differ``."""
+    if not _VERIFY.get() or files.weights_format != "safetensors" or not files.weights_path:
+        return BaseCheck()
+    try:
+        stamp = read_stamp(files.weights_path)
+    except FingerprintError as exc:
+        return BaseCheck(causes=(finding("bad_fingerprint", str(exc), details={"file": files.weights_path}),))
+    if stamp is None:
+        return BaseCheck()
+    return _verify(model, stamp, files.weights_path)
+
+
+def _verify(model: nn.Module, stamp: Fingerprint, path: str) -> BaseCheck:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    verdicts: list[TensorVerdict] = []
+    unread: list[str] = []
+    precisions: set[str] = set()
+    for sampled in stamp.tensors:
+        found = resolve(params, sampled.name, prefix)
+        tensor = params[found] if found is not None else None
+        now = None if tensor is None else sample_tensor(tensor, sampled.name, sampled.shape, stamp.grid)
+        if tensor is None or now is None:
+            unread.append(sampled.name)
+            continue
+        precisions.add(precision_of(tensor))
+        verdicts.append(compare(sampled, now, stamp.grid, stamp.precision, precision_of(tensor)))
+    notes = () if not unread else (_not_verified(unread, len(stamp.tensors), path),)
+    differ = [v for v in verdicts if v.kind != "same"]
+    if not differ:
+        return BaseCheck(warnings=notes)
+    return BaseCheck(causes=(_differ(differ, len(verdicts), stamp, sorted(precisions), path),), warnings=notes)
+
+
+def resolve(names: Mapping[str, Any], name: str, prefix: str) -> str | None:
+    """``name`` as ``names`` spells it: itself, or with the model's ``base_model_prefix`` level added or removed
+    (an adapter of a causal LM on its bare model)."""
+    if name in names:
+        return name
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in names:
+        return name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{name}" in names:
+        return f"{prefix}.{name}"
+    return None
+
+
+_HOW = {
+    "other": "other weights: another checkpoint (or another seed) of this architecture",
+    "low_rank": "the same weights plus a low-rank difference: something was merged into this base (an adapter "
+    "merged with merge_and_unload, say)",
+    "changed": "the same weights, changed throughout: a fine-tuned base (or something of higher rank merged in)",
+}
+
+
+def _differ(
+    differ: list[TensorVerdict], checked: int, stamp: Fingerprint, precision: list[str], path: str
+) -> Diagnosis:
+    kinds = sorted({v.kind for v in differ}, key=lambda k: -sum(1 for v in differ if v.kind == k))
+    how = "; ".join(f"{sum(1 for v in differ if v.kind == k)} {_HOW[k]}" for k in kinds)
+    example = ", ".join(v.name for v in differ[:3])
+    return finding(
+        "base_weights_differ",
+        f"{path}: the base model's weights are not those the adapter was stamped with: {len(differ)} of {checked} "
+        f"sampled tensors differ ({how}), e.g. {example}",
+        details={
+            "file": path,
+            "kind": kinds[0],
+            "tensors": [v.name for v in differ[:20]],
+            "relative_difference": {v.name: round(v.relative, 6) for v in differ[:20]},
+            "checked": checked,
+            "stamp_precision": stamp.precision,
+            "base_precision": precision,
+        },
+    )
+
+
+def _not_verified(unread: list[str], total: int, path: str) -> Diagnosis:
+    why = "they are on the meta device (no weights loaded) or not in this model"
+    reason = "meta" if len(unread) == total else "partial"
+    return finding(
+        "base_not_verified",
+        f"{path}: the adapter carries a base fingerprint, but {len(unread)} of {total} sampled tensors could not be "
+        f"compared ({why}), e.g. {unread[0]}",
+        details={"file": path, "reason": reason, "tensors": unread[:20]},
+    )
+
+
+# -- verify_base=: the keyword of every public loading function ---------------------------------------------------
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def verify_base_keyword(func: Callable[P, R]) -> Callable[P, R]:
+    """Give ``func`` the keyword ``verify_base`` (default True): ``False`` skips the comparison of a stamped
+    adapter with the base, for this call and the calls it makes. Without the keyword, the caller's setting holds."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if "verify_base" not in kwargs:
+            return func(*args, **kwargs)
+        verify = kwargs.pop("verify_base")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify_base must be True or False, not {verify!r}")
+        token = _VERIFY.set(verify)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _VERIFY.reset(token)
+
+    signature = inspect.signature(func)
+    listed = list(signature.parameters.values())
+    extra = inspect.Parameter("verify_base", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
+    at = next((i for i, p in enumerate(listed) if p.kind is inspect.Parameter.VAR_KEYWORD), len(listed))
+    wrapper.__signature__ = signature.replace(parameters=[*listed[:at], extra, *listed[at:]])  # type: ignore[attr-defined]
+    return wrapper
