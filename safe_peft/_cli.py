@@ -305,7 +305,8 @@ def stamp_status(path: str, report: LoadReport) -> str:
             "stamped, not verified (meta base)" if note.details.get("reason") == "meta" else "stamped, partly verified"
         )
     from safe_peft._adapter_files import locate_adapter
-    from safe_peft._fingerprint import FingerprintError, read_stamp
+    from safe_peft._fingerprint import read_stamp
+    from safe_peft._fingerprint_format import FingerprintError
 
     try:
         files = locate_adapter(path)
@@ -320,7 +321,8 @@ def stamp_status(path: str, report: LoadReport) -> str:
 
 def _stamp(args: argparse.Namespace, out: Output) -> int:
     from safe_peft._adapter_files import locate_adapter
-    from safe_peft._fingerprint import KEY, read_stamp
+    from safe_peft._fingerprint import read_stamp
+    from safe_peft._fingerprint_format import KEY
     from safe_peft._safetensors_header import read_header
     from safe_peft._stamp import stamp_adapter
 

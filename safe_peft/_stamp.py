@@ -13,17 +13,8 @@ import os
 import struct
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._fingerprint import (
-    KEY,
-    MAX_TENSORS,
-    Fingerprint,
-    FingerprintError,
-    Sampled,
-    grid_for,
-    precision_of,
-    resolve,
-    sample_tensor,
-)
+from safe_peft._fingerprint import precision_of, resolve, sample_tensor
+from safe_peft._fingerprint_format import KEY, MAX_TENSORS, Fingerprint, FingerprintError, Sampled, grid_for
 
 if TYPE_CHECKING:
     from torch import nn

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import safe_peft
 from safe_peft import AdapterLoadError, Cause, diagnose, safe_load_adapter, stamp_adapter
-from safe_peft._fingerprint import KEY, MAX_STAMP_CHARS, Fingerprint, FingerprintError, read_stamp
+from safe_peft._fingerprint import read_stamp
+from safe_peft._fingerprint_format import KEY, MAX_STAMP_CHARS, Fingerprint, FingerprintError
 from safe_peft._safetensors_header import read_header
 from safe_peft._stamp import _write_metadata
 from safe_peft._writer import replace_file
@@ -378,7 +379,7 @@ def test_cli_stamp_and_check(stamped: dict[str, Any], capsys: pytest.CaptureFixt
 
 
 def test_positions_depend_on_name_and_shape_only() -> None:
-    from safe_peft._fingerprint import positions
+    from safe_peft._fingerprint_format import positions
 
     assert positions("a.weight", (64, 32), 4) == positions("a.weight", (64, 32), 4)
     assert positions("a.weight", (64, 32), 4) != positions("b.weight", (64, 32), 4)
