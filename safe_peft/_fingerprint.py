@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -99,9 +100,32 @@ def sample_tensor(tensor: Tensor, name: str, shape: tuple[int, ...], grid: int) 
 
         if isinstance(tensor, DTensor):
             return _local(tensor, coords)
-        if tuple(tensor.shape) != shape:
-            return None
-        return _gather(tensor.detach(), coords)
+        taken = _take(tensor, name, shape, grid)
+        return None if taken is None else list(taken.to("cpu", torch.float64).tolist())
+
+
+def _take(tensor: Tensor, name: str, shape: tuple[int, ...], grid: int) -> Tensor | None:
+    """A plain tensor's sampled elements, in its own dtype and on its device (``torch.take``: only those elements,
+    whatever the strides); None for any other kind of tensor."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if type(tensor).__name__ in ("Params4bit", "Int8Params") or isinstance(tensor, DTensor):
+        return None
+    if tensor.device.type == "meta" or tuple(tensor.shape) != shape:
+        return None
+    index = _flat_index(name, shape, grid)
+    with torch.no_grad():
+        return torch.take(tensor.detach(), index if tensor.device.type == "cpu" else index.to(tensor.device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_index(name: str, shape: tuple[int, ...], grid: int) -> Tensor:
+    import torch
+
+    rows, cols = positions(name, shape, grid)
+    width = math.prod(shape[1:]) if len(shape) > 1 else 0
+    return torch.tensor([r * width + c for r in rows for c in cols] if width else list(cols), dtype=torch.int64)
 
 
 def _gather(tensor: Tensor, coords: Sequence[tuple[int, ...]]) -> list[float | None]:
@@ -180,16 +204,15 @@ def compare(
     element within the rounding of both (float formats), or the sample's relative L2 difference within the
     quantization error of both (bitsandbytes formats)."""
     pairs = [(s, c) for s, c in zip(stamped.values, now, strict=True) if c is not None]
+    allowed = quantized_allowance(stamp_precision, precision)
+    if allowed is None:  # the common case first, and cheaply: every element within both sides' rounding
+        unit = ROUNDOFF[stamp_precision] + ROUNDOFF[precision] + ROUNDOFF["float32"]  # the stamp is float32
+        if all(abs(c - s) <= unit * (abs(s) if abs(s) > abs(c) else abs(c)) + ABSOLUTE_FLOOR for s, c in pairs):
+            return TensorVerdict(stamped.name, "same", 0.0)
     error = sum((c - s) ** 2 for s, c in pairs)
     norm = sum(s * s for s, _ in pairs)
     relative = math.sqrt(error / norm) if norm else math.sqrt(error)
-    allowed = quantized_allowance(stamp_precision, precision)
-    if allowed is not None:
-        same = relative <= allowed
-    else:
-        unit = ROUNDOFF[stamp_precision] + ROUNDOFF[precision] + ROUNDOFF["float32"]  # the stamp is float32
-        same = all(abs(c - s) <= unit * max(abs(s), abs(c)) + ABSOLUTE_FLOOR for s, c in pairs)
-    if same:
+    if allowed is not None and relative <= allowed:
         return TensorVerdict(stamped.name, "same", relative, error, norm)
     kind = _shape_of_change(stamped, now, grid)
     if kind != "low_rank" and relative > OTHER_WEIGHTS:
@@ -233,7 +256,7 @@ class BaseCheck:
 def read_stamp(path: str) -> Fingerprint | None:
     """The fingerprint stored in a safetensors file, or None when it has none. Reads the header only; raises
     :class:`FingerprintError` for a malformed stamp and ``AdapterFormatError`` for a malformed header."""
-    from safe_peft._safetensors_header import MAX_HEADER_BYTES, read_header
+    from safe_peft._safetensors_header import MAX_HEADER_BYTES
 
     try:
         with open(path, "rb") as f:
@@ -243,7 +266,13 @@ def read_stamp(path: str) -> Fingerprint | None:
         return None  # the reading stage reports unreadable files
     if KEY.encode() not in raw:
         return None
-    text = read_header(path).metadata.get(KEY)
+    try:  # the header itself is validated by the reading stage (read_header); only the metadata is read here
+        metadata = json.loads(raw).get("__metadata__")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    text = metadata.get(KEY) if isinstance(metadata, dict) else None
+    if text is not None and not isinstance(text, str):
+        raise FingerprintError(f"{path}: the base fingerprint is malformed (not a string)")
     return None if text is None else Fingerprint.decode(text, path)
 
 
@@ -262,21 +291,28 @@ def base_check(model: nn.Module, files: AdapterFiles) -> BaseCheck:
 
 
 def _verify(model: nn.Module, stamp: Fingerprint, path: str) -> BaseCheck:
-    params = dict(model.named_parameters(remove_duplicate=False))
     prefix = str(getattr(model, "base_model_prefix", "") or "")
     verdicts: list[TensorVerdict] = []
     unread: list[str] = []
     precisions: set[str] = set()
+    read: list[tuple[Sampled, Any, str]] = []
     for sampled in stamp.tensors:
-        found = resolve(params, sampled.name, prefix)
-        tensor = params[found] if found is not None else None
-        now = None if tensor is None else sample_tensor(tensor, sampled.name, sampled.shape, stamp.grid)
+        tensor = _parameter(model, sampled.name, prefix)
+        now: Any = None
+        if tensor is not None:
+            now = _take(tensor, sampled.name, sampled.shape, stamp.grid)  # the common case, batched below
+            if now is None:
+                now = sample_tensor(tensor, sampled.name, sampled.shape, stamp.grid)
         if tensor is None or now is None:
             unread.append(sampled.name)
             continue
-        precisions.add(precision_of(tensor))
-        verdicts.append(compare(sampled, now, stamp.grid, stamp.precision, precision_of(tensor)))
+        read.append((sampled, now, precision_of(tensor)))
+        precisions.add(read[-1][2])
     notes = () if not unread else (_not_verified(unread, len(stamp.tensors), path),)
+    if _all_within_rounding(read, stamp.precision):  # the common case, in a few tensor operations
+        return BaseCheck(warnings=notes)
+    for (sampled, _, precision), now in zip(read, _as_lists([now for _, now, _ in read]), strict=True):
+        verdicts.append(compare(sampled, now, stamp.grid, stamp.precision, precision))
     differ = [v for v in verdicts if v.kind != "same"]
     allowed = max((quantized_allowance(stamp.precision, p) or 0.0 for p in precisions), default=0.0)
     if differ and allowed:  # quantized: the sample pooled over all tensors (a few values each are noisy)
@@ -286,6 +322,75 @@ def _verify(model: nn.Module, stamp: Fingerprint, path: str) -> BaseCheck:
     if not differ:
         return BaseCheck(warnings=notes)
     return BaseCheck(causes=(_differ(differ, len(verdicts), stamp, sorted(precisions), path),), warnings=notes)
+
+
+def _parameter(model: nn.Module, name: str, prefix: str) -> Any:
+    """The parameter ``name`` (or with the ``base_model_prefix`` level added or removed), found by its path: no walk
+    of the whole model."""
+    names = [name]
+    if prefix:
+        names += [name[len(prefix) + 1 :]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+    for candidate in names:
+        found = _get_parameter(model, candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def _get_parameter(model: nn.Module, name: str) -> Any:
+    *path, leaf = name.split(".")
+    module: Any = model
+    for part in path:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module._parameters.get(leaf)
+
+
+def _all_within_rounding(read: list[tuple[Sampled, Any, str]], stamp_precision: str) -> bool:
+    """Whether every sampled element read as a plain float tensor is within both sides' rounding of its stamped
+    value (what :func:`compare` checks one tensor at a time), for all tensors at once."""
+    import torch
+
+    if not read or stamp_precision in QUANTIZED or any(p in QUANTIZED for _, _, p in read):
+        return False
+    if not all(isinstance(now, torch.Tensor) for _, now, _ in read):
+        return False
+    now = _joined([t for _, t, _ in read])
+    stamped = torch.tensor([v for s, _, _ in read for v in s.values], dtype=torch.float64)
+    units = {p: ROUNDOFF[stamp_precision] + ROUNDOFF[p] + ROUNDOFF["float32"] for _, _, p in read}
+    unit: Any = next(iter(units.values()))  # one precision (the usual case): a scalar
+    if len(units) > 1:
+        unit = torch.tensor([units[p] for s, _, p in read for _ in s.values], dtype=torch.float64)
+    bound = unit * torch.maximum(stamped.abs(), now.abs()) + ABSOLUTE_FLOOR
+    return bool(((now - stamped).abs() <= bound).all())
+
+
+def _joined(tensors: list[Tensor]) -> Tensor:
+    """Tensors as one float64 CPU tensor: one ``cat`` in their own dtype when they share it and the device."""
+    import torch
+
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return torch.cat(tensors).to("cpu", torch.float64)
+    return torch.cat([t.to("cpu", torch.float64) for t in tensors])
+
+
+def _as_lists(reads: list[Any]) -> list[list[float | None]]:
+    """Sampled values as float lists: the tensors among them moved and converted in one ``cat``."""
+    import torch
+
+    tensors = [r for r in reads if isinstance(r, torch.Tensor)]
+    flat: list[float] = _joined(tensors).tolist() if tensors else []
+    out: list[list[float | None]] = []
+    at = 0
+    for r in reads:
+        if isinstance(r, torch.Tensor):
+            out.append(list(flat[at : at + r.numel()]))
+            at += r.numel()
+        else:
+            out.append(r)
+    return out
 
 
 def resolve(names: Mapping[str, Any], name: str, prefix: str) -> str | None:
