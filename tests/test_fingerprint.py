@@ -385,3 +385,32 @@ def test_positions_depend_on_name_and_shape_only() -> None:
     assert positions("a.weight", (64, 32), 4) != positions("b.weight", (64, 32), 4)
     rows, cols = positions("a.weight", (3, 2), 4)
     assert rows == (0, 1, 2) and cols == (0, 1)
+
+
+# -- a sharded base (FSDP2 on 2 CPU ranks) -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+def test_fsdp2_ranks_verify_the_stamp_on_their_own_shards(stamped: dict[str, Any], tmp_path: Any) -> None:
+    """Every rank compares the sampled elements it holds (no collective): the same base loads on both ranks, another
+    seed's is refused on both, each rank's shards restored."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
+    worker = os.path.join(root, "tests", "fingerprint_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker]
+    done = subprocess.run(
+        [*command, stamped["stamped"], str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            seen = json.load(f)
+        assert seen["same_base"] == {"loaded": True}, rank
+        assert seen["other_base"] == {"loaded": False, "code": "base_weights_differ", "restored": True}, rank
