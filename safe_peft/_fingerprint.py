@@ -21,6 +21,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -254,17 +255,10 @@ class BaseCheck:
 
 
 def read_stamp(path: str) -> Fingerprint | None:
-    """The fingerprint stored in a safetensors file, or None when it has none. Reads the header only; raises
-    :class:`FingerprintError` for a malformed stamp and ``AdapterFormatError`` for a malformed header."""
-    from safe_peft._safetensors_header import MAX_HEADER_BYTES
-
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-            raw = f.read(min(length, MAX_HEADER_BYTES))
-    except OSError:
-        return None  # the reading stage reports unreadable files
-    if KEY.encode() not in raw:
+    """The fingerprint stored in a safetensors file, or None when it has none. Reads the header only (an unstamped
+    file: a search of the mapped header, nothing copied); raises :class:`FingerprintError` for a malformed stamp."""
+    raw = _stamped_header(path)
+    if raw is None:
         return None
     try:  # the header itself is validated by the reading stage (read_header); only the metadata is read here
         metadata = json.loads(raw).get("__metadata__")
@@ -274,6 +268,29 @@ def read_stamp(path: str) -> Fingerprint | None:
     if text is not None and not isinstance(text, str):
         raise FingerprintError(f"{path}: the base fingerprint is malformed (not a string)")
     return None if text is None else Fingerprint.decode(text, path)
+
+
+def _stamped_header(path: str) -> bytes | None:
+    """The header's bytes when they name :data:`KEY`, else None (unreadable files are the reading stage's to
+    report)."""
+    import mmap
+
+    from safe_peft._safetensors_header import MAX_HEADER_BYTES
+
+    key = KEY.encode()
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            size = os.fstat(f.fileno()).st_size
+            if length > min(MAX_HEADER_BYTES, size - 8) or length == 0:
+                return None
+            if length <= 1 << 20:  # small headers: one read
+                raw = f.read(length)
+                return raw if key in raw else None
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return mapped[8 : 8 + length] if mapped.find(key, 8, 8 + length) >= 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def base_check(model: nn.Module, files: AdapterFiles) -> BaseCheck:
