@@ -42,7 +42,8 @@ def diagnose(
     Format faults are reported too (not raised), so one call answers for any adapter.
 
     Given a ``PeftModel`` it predicts a further adapter (``replace=`` as in ``safe_load_adapter``);
-    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route).
+    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route). A stamped adapter's base
+    fingerprint is compared with a real ``base_model`` (``verify_base=False`` skips it; docs/fingerprint.md).
     """
     try:
         return plan_for(
