@@ -172,8 +172,9 @@ def _quantized(tensor: Any, coords: list[tuple[int, ...]]) -> list[float | None]
             codes = _gather(tensor.data, coords)
             rows = _gather(scale.reshape(-1, 1), [(c[0], 0) for c in coords])
             return [None if q is None or s is None else q * s / 127.0 for q, s in zip(codes, rows, strict=True)]
-        import bitsandbytes.functional as bnb_functional
+        import importlib
 
+        bnb_functional: Any = importlib.import_module("bitsandbytes.functional")  # optional: not a dependency
         state = tensor.quant_state
         full = bnb_functional.dequantize_4bit(tensor.data, state)
         return _gather(full.reshape(tuple(state.shape)), coords)
