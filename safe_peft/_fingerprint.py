@@ -207,16 +207,17 @@ def compare(
     quantization error of both (bitsandbytes formats)."""
     pairs = [(s, c) for s, c in zip(stamped.values, now, strict=True) if c is not None]
     allowed = quantized_allowance(stamp_precision, precision)
-    if allowed is None:  # the common case first, and cheaply: every element within both sides' rounding
-        unit = ROUNDOFF[stamp_precision] + ROUNDOFF[precision] + ROUNDOFF["float32"]  # the stamp is float32
-        if all(abs(c - s) <= unit * (abs(s) if abs(s) > abs(c) else abs(c)) + ABSOLUTE_FLOOR for s, c in pairs):
-            return TensorVerdict(stamped.name, "same", 0.0)
+    unit = ROUNDOFF.get(stamp_precision, 0.0) + ROUNDOFF.get(precision, 0.0) + ROUNDOFF["float32"]  # stamp: float32
+    within = (abs(c - s) <= unit * (abs(s) if abs(s) > abs(c) else abs(c)) + ABSOLUTE_FLOOR for s, c in pairs)
+    if allowed is None and all(within):  # the common case first, and cheaply: each element within the rounding
+        return TensorVerdict(stamped.name, "same", 0.0)
     error = sum((c - s) ** 2 for s, c in pairs)
     norm = sum(s * s for s, _ in pairs)
     relative = math.sqrt(error / norm) if norm else math.sqrt(error)
     if allowed is not None and relative <= allowed:
         return TensorVerdict(stamped.name, "same", relative, error, norm)
-    kind = _shape_of_change(stamped, now, grid)
+    noise = (allowed if allowed is not None else unit) * math.sqrt(norm)  # what rounding alone can leave
+    kind = _shape_of_change(stamped, now, grid, noise)
     if kind != "low_rank" and relative > OTHER_WEIGHTS:
         kind = "other"
     return TensorVerdict(stamped.name, kind, relative, error, norm)
@@ -230,9 +231,10 @@ def quantized_allowance(stamp_precision: str, precision: str) -> float | None:
     return QUANTIZED.get(stamp_precision, 0.0) + QUANTIZED.get(precision, 0.0)
 
 
-def _shape_of_change(stamped: Sampled, now: Sequence[float | None], grid: int) -> str:
+def _shape_of_change(stamped: Sampled, now: Sequence[float | None], grid: int, noise: float) -> str:
     """``low_rank`` when the sampled grid of differences has at most half its side in rank (a merged LoRA of
-    lower rank than the grid), else ``changed``. Needs a grid of at least 4 x 4, fully read here."""
+    lower rank than the grid), counting only singular values above the rounding ``noise``, else ``changed``.
+    Needs a grid of at least 4 x 4, fully read here, and a difference well above the rounding."""
     import torch
 
     rows, cols = (len(axis) for axis in positions(stamped.name, stamped.shape, grid))
@@ -240,7 +242,9 @@ def _shape_of_change(stamped: Sampled, now: Sequence[float | None], grid: int) -
         return "changed"
     diff = [float(c) - s for s, c in zip(stamped.values, now, strict=True) if c is not None]
     sigma = torch.linalg.svdvals(torch.tensor(diff, dtype=torch.float64).reshape(rows, cols))
-    rank = int((sigma > sigma[0] * 1e-3).sum())
+    if float(sigma[0]) <= 10 * noise:  # a difference this close to the rounding does not show its shape
+        return "changed"
+    rank = int((sigma > max(float(sigma[0]) * 1e-3, noise)).sum())
     return "low_rank" if rank <= min(rows, cols) // 2 else "changed"
 
 

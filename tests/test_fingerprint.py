@@ -196,9 +196,12 @@ def test_another_base_is_refused_and_left_unchanged(stamped: dict[str, Any], whi
     assert safe_load_adapter(make(), stamped["stamped"], verify_base=False, output_loading_info=True)[1].ok
 
 
-def test_a_half_precision_copy_of_another_base_is_still_refused(stamped: dict[str, Any]) -> None:
-    report = diagnose(_merged().to(torch.bfloat16), stamped["stamped"])
+@pytest.mark.parametrize("which", sorted(OTHER_BASES))
+def test_a_half_precision_copy_of_another_base_is_refused_and_named(stamped: dict[str, Any], which: str) -> None:
+    make, kind = OTHER_BASES[which]
+    report = diagnose(make().to(torch.bfloat16), stamped["stamped"])
     assert report.primary is not None and report.primary.code == "base_weights_differ"
+    assert report.primary.details["kind"] == kind
 
 
 def test_a_meta_base_is_not_verified_with_a_note(stamped: dict[str, Any]) -> None:
