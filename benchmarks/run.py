@@ -147,6 +147,50 @@ def load_speed(size: str) -> dict[str, Any]:
     }
 
 
+def fingerprint_cost(size: str = "33M", repeats: int = 11) -> dict[str, Any]:
+    """The base fingerprint's check (docs/fingerprint.md) against a whole load: ``safe_load_adapter`` of a stamped
+    and of an unstamped copy of the same adapter, alternating, and the check alone (header read, sampled elements
+    read, compared); medians."""
+    import shutil
+
+    from safe_peft import safe_load_adapter, stamp_adapter
+    from safe_peft._adapter_files import locate_adapter
+    from safe_peft._fingerprint import base_check
+    from safe_peft._fingerprint_format import KEY
+    from safe_peft._safetensors_header import read_header
+
+    base = bench_base(size)
+    plain = tempfile.mkdtemp(prefix=f"bench_fingerprint_{size}_")
+    save_bench_adapter(plain, size)
+    stamped = plain + "-stamped"
+    shutil.copytree(plain, stamped)
+    start = time.perf_counter()
+    stamp_adapter(stamped, base)
+    stamp_s = time.perf_counter() - start
+    files = locate_adapter(stamped)
+    times: dict[str, list[float]] = {"plain": [], "stamped": [], "check": []}
+    for round_ in range(repeats):
+        for which in (("plain", "stamped") if round_ % 2 else ("stamped", "plain")):
+            model = copy.deepcopy(base)
+            gc.collect()
+            start = time.perf_counter()
+            safe_load_adapter(model, plain if which == "plain" else stamped)
+            times[which].append(time.perf_counter() - start)
+            del model
+        start = time.perf_counter()
+        assert not base_check(base, files).causes
+        times["check"].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "size": size,
+        "stamp_ms": stamp_s * 1e3,
+        "stamp_bytes": len(read_header(files.weights_path).metadata[KEY]),
+        **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
+        "check_share": medians["check"] / medians["plain"],
+        "ratio": _round_ratio(times["stamped"], times["plain"]),
+    }
+
+
 def _round_ratio(ours: list[float], theirs: list[float]) -> float:
     """The median of each round's ratio: a round's loads run back to back, so a slow spell of this noisy machine
     (seconds long, and it moves plain peft's own time by up to 1.7x) falls on both sides of it."""
@@ -431,12 +475,25 @@ def main() -> None:
         results["memory"][size] = load_memory(size)
         print(json.dumps(results["memory"][size]), flush=True)
     results.update(diagnose=diagnose_70b(), planning=planning(), remap_memory=remapped_memory(), cli=cli_check())
+    results["fingerprint"] = fingerprint_cost()
     from routes import routes_overhead  # the other routes (issue 12), on the 33M model
 
     results["routes"] = routes_overhead(11)
     with open(os.path.join(ROOT, "docs", "performance.md"), "w") as f:
         f.write(render(results))
     json.dump(results, sys.stdout, indent=1)
+
+
+def fingerprint_row(row: dict[str, Any] | None) -> str:
+    """The base fingerprint's row of the "Checking without loading" table."""
+    if not row:
+        return ""
+    return (
+        f"| base fingerprint check of a stamped adapter ({row['size']} model, all-linear r=16; stamp "
+        f"{row['stamp_bytes']:,} bytes, stamping {row['stamp_ms']:.0f} ms) vs its load (docs/fingerprint.md) | "
+        f"**{row['check_ms']:.2f} ms**, {row['check_share'] * 100:.1f}% of a load ({row['plain_ms']:.0f} ms); "
+        f"stamped / unstamped load {row['ratio']:.3f}x | a few % of a load |"
+    )
 
 
 def render(results: dict[str, Any]) -> str:
@@ -527,6 +584,7 @@ one fused pass over the adapter tensors (finite values, all-zero `lora_B`) plus 
 | peak RSS of a remapped load vs a plain load of the same adapter (separate processes, median of 3) | plain {remap["plain_mb"]:.0f} MB, remapped {remap["remap_mb"]:.0f} MB: **{remap["ratio"]:.3f}x** | <= 1.05x |
 | `safe-peft check` of {cli["adapters"]} small adapters against one config-only base directory | start-up with one adapter {cli["startup_s"]:.2f} s (a fresh process); the batch of {cli["adapters"]} after start-up {cli["total_s"]:.2f} s: **{cli["per_second"]:.0f} adapters/s** | >= 50/s |
 | `safe-peft inspect` (imports no torch) | **{cli["inspect_s"] * 1e3:.0f} ms** | < 300 ms |
+{fingerprint_row(results.get("fingerprint"))}
 
 ## The other routes
 

@@ -24,6 +24,7 @@ __all__ = [
     "MissingKey",
     "RemapRule",
     "SizeMismatch",
+    "StampCallback",
     "UnexpectedKey",
     "__version__",
     "check_target",
@@ -41,6 +42,8 @@ __all__ = [
     "safe_load_adapter",
     "safe_load_adapter_inplace",
     "safe_load_state_dict",
+    "save_adapter",
+    "stamp_adapter",
     "unpatch",
 ]
 
@@ -63,10 +66,15 @@ _LAZY = {
     "unpatch": "safe_peft._patch",
     "patched": "safe_peft._patch",
     "is_patched": "safe_peft._patch",
+    # the base fingerprint (docs/fingerprint.md)
+    "stamp_adapter": "safe_peft._stamp",
+    "save_adapter": "safe_peft._stamp",
+    "StampCallback": "safe_peft._callback",
 }
 
 if TYPE_CHECKING:
     from safe_peft._auto import from_pretrained
+    from safe_peft._callback import StampCallback
     from safe_peft._diagnose import diagnose
     from safe_peft._engine_fix import fix_for_target
     from safe_peft._engines import check_target
@@ -77,6 +85,7 @@ if TYPE_CHECKING:
     from safe_peft._merge import merge_rank_shards
     from safe_peft._parse import parse_load_error
     from safe_peft._patch import is_patched, patch, patched, unpatch
+    from safe_peft._stamp import save_adapter, stamp_adapter
     from safe_peft._state_dict import safe_load_state_dict
     from safe_peft._writer import fix_adapter
     from safe_peft.rules import RemapRule

@@ -19,6 +19,7 @@ from safe_peft._adapter import HUB_KWARGS
 from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter
 from safe_peft._catalog import finding
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -28,6 +29,7 @@ __all__ = ["DEFAULT_IMPORT_ALLOWLIST", "auto_class_for", "from_pretrained"]
 DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def from_pretrained(
     model_id: str | os.PathLike[str],
     adapter_name: str = "default",

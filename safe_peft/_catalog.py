@@ -297,6 +297,22 @@ _ENTRIES: tuple[Entry, ...] = (
     ),
     Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
     Entry(
+        "base_weights_differ",
+        _C.WRONG_BASE_MODEL,
+        1,
+        True,
+        "load the adapter into the base it was stamped on (the checkpoint itself, not a chat / newer / merged or "
+        "fine-tuned variant); pass verify_base=False only if this base is the one you mean.",
+    ),
+    Entry("base_not_verified", _C.WRONG_BASE_MODEL, 1, False, warning=True),
+    Entry(
+        "bad_fingerprint",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "stamp the adapter again on its base (safe-peft stamp ADAPTER --base BASE), or pass verify_base=False.",
+    ),
+    Entry(
         "replicated_base",
         _C.WRONG_BASE_MODEL,
         1,

@@ -1,4 +1,4 @@
-"""The ``safe-peft`` command: ``inspect``, ``check`` and ``fix``.
+"""The ``safe-peft`` command: ``inspect``, ``check``, ``fix`` and ``stamp``.
 
 Exit codes: 0 compatible, 1 incompatible, 2 usage error or unreadable input. Errors are one line
 (``--debug`` shows the traceback). ``inspect`` never imports torch, transformers or peft.
@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or glob patterns")
     _model_args(check, base_required=False)
     check.add_argument("--json", action="store_true", help="one JSON document (schema in docs/cli.md)")
+    check.add_argument(
+        "--weights", action="store_true", help="load the base's weights (from_pretrained) to verify base fingerprints"
+    )
     add_target_arguments(check)  # serving engines (docs/serving.md)
     check.set_defaults(run=_check)
 
@@ -115,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_target_arguments(fix, fix=True)  # serving engines (docs/serving.md)
     fix.set_defaults(run=_fix)
+
+    stamp = sub.add_parser("stamp", help="store the base fingerprint in an adapter (docs/fingerprint.md)")
+    stamp.add_argument("adapter")
+    stamp.add_argument("--base", required=True, metavar="MODEL", help="model directory with its weights, or hub id")
+    stamp.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="as for check")
+    stamp.add_argument("--json", action="store_true")
+    stamp.set_defaults(run=_stamp)
     return parser
 
 
@@ -190,7 +200,11 @@ def _check(args: argparse.Namespace, out: Output) -> int:
         return run_check_target(args, adapters, out)
     if args.base is None:
         raise UsageError("check: --base MODEL is required (or --target ENGINE)")
-    model = build_base_model(args.base, args.model_class)
+    model = (
+        load_base_weights(args.base, args.model_class)
+        if args.weights
+        else build_base_model(args.base, args.model_class)
+    )
     results: list[tuple[str, LoadReport, bool]] = []
     progress = Progress(len(adapters), enabled=len(adapters) >= 20 and sys.stderr.isatty() and not args.json)
     for path in adapters:
@@ -203,6 +217,7 @@ def _check(args: argparse.Namespace, out: Output) -> int:
         out.write(json_document(check_document(args.base, type(model).__name__, results), listed))
     else:
         out.write(render_check(results, out))
+        out.write(render_stamps(results))
     if any(unreadable for _, _, unreadable in results):
         return USAGE
     return OK if all(r.ok for _, r, _ in results) else INCOMPATIBLE
@@ -220,7 +235,10 @@ def check_document(base: str, model_class: str, results: list[tuple[str, LoadRep
             "incompatible": sum(1 for _, r, u in results if not r.ok and not u),
             "unreadable": sum(1 for _, _, u in results if u),
         },
-        "results": [{"adapter": path, "verdict": _verdict(r, u), "report": r.to_dict()} for path, r, u in results],
+        "results": [
+            {"adapter": path, "verdict": _verdict(r, u), "stamp": stamp_status(path, r), "report": r.to_dict()}
+            for path, r, u in results
+        ],
     }
 
 
@@ -265,6 +283,79 @@ def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[L
 
 def _verdict(report: LoadReport, unreadable: bool) -> str:
     return "compatible" if report.ok else ("unreadable" if unreadable else "incompatible")
+
+
+def render_stamps(results: list[tuple[str, LoadReport, bool]]) -> str:
+    """One line per stamped adapter: whether its base fingerprint matches this base (docs/fingerprint.md)."""
+    lines = [f"  {path}: {status}" for path, r, _ in results if (status := stamp_status(path, r)) != "not stamped"]
+    return "Base fingerprints:\n" + "\n".join(lines) if lines else ""
+
+
+def stamp_status(path: str, report: LoadReport) -> str:
+    """``not stamped``, ``stamped, matches``, ``stamped, differs``, ``stamped, not verified (meta base)``, ... for
+    one adapter, from its header and the report's findings."""
+    codes = {d.code: d for d in [*report.causes, *report.warnings]}
+    if "bad_fingerprint" in codes:
+        return "stamp malformed"
+    if "base_weights_differ" in codes:
+        return f"stamped, differs ({codes['base_weights_differ'].details.get('kind', '')})"
+    note = codes.get("base_not_verified")
+    if note is not None:
+        return (
+            "stamped, not verified (meta base)" if note.details.get("reason") == "meta" else "stamped, partly verified"
+        )
+    from safe_peft._adapter_files import locate_adapter
+    from safe_peft._fingerprint import read_stamp
+    from safe_peft._fingerprint_format import FingerprintError
+
+    try:
+        files = locate_adapter(path)
+        stamped = files.weights_format == "safetensors" and read_stamp(files.weights_path) is not None
+    except (AdapterLoadError, FingerprintError, OSError):
+        return "not stamped"
+    return "stamped, matches" if stamped and report.ok else "stamped" if stamped else "not stamped"
+
+
+# --- stamp ---------------------------------------------------------------------------------------------------
+
+
+def _stamp(args: argparse.Namespace, out: Output) -> int:
+    from safe_peft._adapter_files import locate_adapter
+    from safe_peft._fingerprint import read_stamp
+    from safe_peft._fingerprint_format import KEY
+    from safe_peft._safetensors_header import read_header
+    from safe_peft._stamp import stamp_adapter
+
+    model = load_base_weights(args.base, args.model_class)
+    stamp_adapter(args.adapter, model)
+    path = locate_adapter(args.adapter).weights_path
+    stamp = read_stamp(path)
+    assert stamp is not None  # stamp_adapter read it back
+    size = len(read_header(path).metadata[KEY])
+    facts = {"adapter": args.adapter, "base": args.base, "model_class": type(model).__name__, "key": KEY}
+    facts |= {"tensors": len(stamp.tensors), "grid": stamp.grid, "precision": stamp.precision, "bytes": size}
+    if args.json:
+        out.write(json.dumps(facts, indent=2))
+    else:
+        out.write(
+            f"Stamped {args.adapter}: {len(stamp.tensors)} tensors of {type(model).__name__} sampled "
+            f"({stamp.grid}x{stamp.grid} each, {stamp.precision}), {size:,} bytes in __metadata__[{KEY!r}]."
+        )
+    return OK
+
+
+def load_base_weights(base: str, model_class: str = "auto") -> nn.Module:
+    """The base model with its weights (``from_pretrained``), on the CPU: a fingerprint needs real values."""
+
+    if os.path.isdir(base) and not glob.glob(os.path.join(base, "*.safetensors")) + glob.glob(
+        os.path.join(base, "*.bin")
+    ):
+        raise UsageError(
+            f"--base {base}: holds no weights (a config-only directory builds a meta-device model, which has no "
+            "values to fingerprint); pass the directory from_pretrained loads the base from"
+        )
+    cls: Any = type(build_base_model(base, model_class))
+    return cls.from_pretrained(base).eval()  # type: ignore[no-any-return]
 
 
 # --- fix -----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft._routes import plan_for
 from safe_peft.errors import AdapterFormatError
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["diagnose"]
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def diagnose(
     base_model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -40,7 +42,8 @@ def diagnose(
     Format faults are reported too (not raised), so one call answers for any adapter.
 
     Given a ``PeftModel`` it predicts a further adapter (``replace=`` as in ``safe_load_adapter``);
-    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route).
+    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route). A stamped adapter's base
+    fingerprint is compared with a real ``base_model`` (``verify_base=False`` skips it; docs/fingerprint.md).
     """
     try:
         return plan_for(

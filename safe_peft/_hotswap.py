@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._execute import adapter_tensors, atomically, copy_into, load_directory, scan_values, takes_in_place
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft._keys import PEFT_PREFIX, Role, module_of, rank_axis, role_of
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import is_peft_model, route_plan
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["hotswap_plan", "safe_hotswap_adapter"]
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_hotswap_adapter(
     model: nn.Module,
     model_name_or_path: str | os.PathLike[str],

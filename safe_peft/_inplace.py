@@ -20,6 +20,7 @@ from safe_peft._execute import (
     settled,
     verify,
 )
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft._guard import plain_calls
 from safe_peft._keys import PEFT_PREFIX
 from safe_peft._plan import LoadPlan
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["hub_kwargs", "run_inplace", "safe_load_adapter_inplace"]
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_load_adapter_inplace(
     model: nn.Module,
     model_id: str | os.PathLike[str],

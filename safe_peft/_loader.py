@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from safe_peft._execute import execute, is_fatal
+from safe_peft._fingerprint import verify_base_keyword
 from safe_peft._plan import make_plan
 from safe_peft.errors import AdapterLoadError
 
@@ -53,6 +54,7 @@ def safe_load_adapter(
 ) -> tuple[PeftModel, LoadReport]: ...
 
 
+@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_load_adapter(
     base_model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -86,6 +88,9 @@ def safe_load_adapter(
     it loads; it is active if the old one was) or ``replace="weights"`` (the checkpoint's weights are written into
     the adapter as it is, as peft and the Trainer's resume do; its config must compute the same way). See
     docs/routes.md.
+
+    An adapter stamped with its base's fingerprint (``stamp_adapter``) is refused on a base whose weights differ
+    (``base_weights_differ``); ``verify_base=False`` skips that comparison (docs/fingerprint.md).
     """
     kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
     from safe_peft._routes import is_peft_model  # hook: further adapters into a PeftModel (issue 12, _carried)

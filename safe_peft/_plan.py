@@ -353,6 +353,10 @@ def verdict(
     from safe_peft._sharding import sharding_findings  # hook: layouts a sharded model cannot take
 
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)
+    from safe_peft._fingerprint import base_check  # hook: a stamped adapter's base weights
+
+    stamp = base_check(model, source.files)
+    causes += stamp.causes
     ok = not causes and diff.ok
     if not ok:  # the config of the base it was trained on says why (ranked before the keys' story)
         causes = [*other_base, *causes]
@@ -362,7 +366,7 @@ def verdict(
         unexpected=diff.unexpected,
         size_mismatches=diff.size_mismatches,
         causes=causes,
-        warnings=[*source.warnings, *layout.warnings, *(other_base if ok else [])],
+        warnings=[*source.warnings, *layout.warnings, *(other_base if ok else []), *stamp.warnings],
         renames=dict(renaming.renames),
         repairs=list(repaired.repairs),
         adapter=source.location,

@@ -262,3 +262,38 @@ def provenance(plan: LoadPlan, original_keys: list[str]) -> dict[str, str]:
         "safe_peft.rules": ",".join(plan.rules),
         "safe_peft.repairs": json.dumps(plan.report.repairs),
     }
+
+
+def replace_file(path: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
+    """Replace the file at ``path`` atomically with what ``write(f)`` writes into a binary file object.
+
+    The new content goes to a temporary file in the same directory, is flushed and fsynced, takes the old file's
+    permissions, and is renamed over ``path`` in one step (``os.replace``); the directory is fsynced after. Nothing
+    else in the directory is touched. When ``write`` (or anything before the rename) fails, ``path`` is unchanged
+    and no temporary file is left. A symbolic link is refused (replacing it would cut the link: a hub cache).
+
+    >>> replace_file("adapter/adapter_model.safetensors", lambda f: f.write(new_bytes))  # doctest: +SKIP
+    """
+    target = os.fspath(path)
+    if os.path.islink(target):
+        raise OutputDirError(f"{target}: is a symbolic link (a hub cache?); copy the adapter to a directory first")
+    mode = os.stat(target).st_mode & 0o7777
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, temporary = tempfile.mkstemp(prefix=".safe_peft_", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a crash once the directory is synced
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
