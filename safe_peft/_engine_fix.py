@@ -251,10 +251,16 @@ def _pattern_name(module: str) -> str:
 def _write(out: str, tensors: dict[str, Any], cfg: dict[str, Any], facts: AdapterFacts, conversions: list[str]) -> None:
     from safetensors.torch import save_file
 
+    from safe_peft._adapter_files import locate_adapter
+    from safe_peft._fingerprint_format import KEY
+    from safe_peft._safetensors_header import read_header
+
+    source = read_header(locate_adapter(facts.path).weights_path).metadata
     metadata = {
         "format": "pt",
         "safe_peft_fix": ",".join(conversions),
         "safe_peft_source": os.path.basename(facts.path.rstrip(os.sep)),
+        **({KEY: source[KEY]} if KEY in source else {}),  # the base is the same: its fingerprint still holds
     }
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata=metadata)
     with open(os.path.join(out, "adapter_config.json"), "w", encoding="utf-8") as f:

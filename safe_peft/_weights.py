@@ -51,7 +51,8 @@ def write_weights(
                 for k, v in tensors.items()
             }
         kept = {renames.get(k, k): v.contiguous() for k, v in tensors.items() if k not in gone}
-        save_file(kept, out, metadata=metadata(list(tensors)))
+        carried = read_header(source).metadata if weights_format == "safetensors" else {}  # the stamp, say
+        save_file(kept, out, metadata={**carried, **metadata(list(tensors))})
         return
     header = read_header(source)
     missing = [k for k in renames if k not in header.tensors]

@@ -46,6 +46,7 @@ __all__ = [
     "fix_adapter",
     "provenance",
     "recover_output",
+    "replace_file",
     "temporary_directory",
     "write_fix",
     "write_output",

@@ -276,6 +276,15 @@ def test_fix_keeps_the_stamp(stamped: dict[str, Any], tmp_path: Any) -> None:
     assert not diagnose(build("causal", seed=5), str(tmp_path / "fixed")).ok
 
 
+def test_fix_target_keeps_the_stamp(stamped: dict[str, Any], tmp_path: Any) -> None:
+    """An engine conversion rescales lora_B, never the base: the base's fingerprint still holds."""
+    from safe_peft import fix_for_target
+
+    fix_for_target(stamped["stamped"], "llamacpp", str(tmp_path / "gguf_ready"))
+    stamp = read_header(os.path.join(stamped["stamped"], WEIGHTS)).metadata[KEY]
+    assert read_header(str(tmp_path / "gguf_ready" / WEIGHTS)).metadata[KEY] == stamp
+
+
 # -- a tampered or malformed stamp ---------------------------------------------------------------------------
 
 
