@@ -22,7 +22,7 @@ from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter, no_config_error
 from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
-from safe_peft._keys import pattern_value
+from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefix
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, _json_safe
@@ -37,13 +37,6 @@ __all__ = [
     "unreadable",
 ]
 
-PEFT_PREFIX = "base_model.model."
-_LORA_SUFFIXES = (
-    (".lora_A.weight", "A"),
-    (".lora_B.weight", "B"),
-    (".lora_embedding_A", "A"),
-    (".lora_embedding_B", "B"),
-)
 _BASE_REWRITING = ("pissa", "olora", "corda", "loftq")
 _HALF = frozenset({"F16", "BF16"})
 
@@ -434,18 +427,15 @@ def detect_features(facts: AdapterFacts, base: BaseFacts | None) -> list[Feature
 
 
 def _role(key: str) -> str | None:
-    for suffix, role in _LORA_SUFFIXES:
-        if key.endswith(suffix):
-            return role
-    return None
+    """``"A"`` / ``"B"`` for a LoRA down / up projection (linear or embedding), None for any other tensor (the
+    grammar is :mod:`safe_peft._keys`')."""
+    role = role_of(key)
+    return "A" if role is Role.A else "B" if role is Role.B else None
 
 
 def _module(key: str) -> str:
-    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-    for suffix, _ in _LORA_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0]
+    """The module a key belongs to, without peft's prefix: a LoRA key's layer, else the tensor's parent."""
+    return module_of(key) if _role(key) is not None else strip_prefix(key).rsplit(".", 1)[0]
 
 
 def _is_fused_expert(name: str) -> bool:
