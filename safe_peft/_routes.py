@@ -30,7 +30,7 @@ from safe_peft._adapter import AdapterSource
 from safe_peft._catalog import finding
 from safe_peft._keys import PEFT_PREFIX
 from safe_peft._model_view import ModelView
-from safe_peft._plan import Layout, LoadPlan, Route, convert_layout, make_plan
+from safe_peft._plan import FIRST_ADAPTER, Layout, LoadPlan, Route, convert_layout, make_plan
 from safe_peft.report import Diagnosis, LoadReport
 
 if TYPE_CHECKING:
@@ -123,26 +123,16 @@ def plan_for(
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
     """The plan of whichever route the arguments name (``diagnose`` uses this)."""
-    route = resolve_route(model, adapter_name, replace, inplace)
-    if route == "from_pretrained":
-        return make_plan(
-            model,
-            model_id,
-            adapter_name,
-            remap=remap,
-            repair=repair,
-            allow_pickle=allow_pickle,
-            peft_kwargs=peft_kwargs,
-        )
-    return route_plan(
+    name = resolve_route(model, adapter_name, replace, inplace)
+    return make_plan(
         model,
         model_id,
         adapter_name,
-        route=route,
         remap=remap,
         repair=repair,
         allow_pickle=allow_pickle,
         peft_kwargs=peft_kwargs,
+        route=FIRST_ADAPTER if name == "from_pretrained" else CarryingRoute(name),
     )
 
 
