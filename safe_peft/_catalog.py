@@ -13,12 +13,12 @@ wrong wrapper, keys laid out differently); 2 shapes and keys the model does not 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from safe_peft.report import Cause, Diagnosis
 
-__all__ = ["CATALOG", "Entry", "entry", "finding", "register"]
+__all__ = ["CATALOG", "Entry", "entry", "finding", "register", "without_spent_fix"]
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,16 @@ _ENTRIES: tuple[Entry, ...] = (
         "save again with the parameters gathered "
         "(DeepSpeed: zero3 gathered 16-bit weights / GatheredParameters; FSDP: FULL_STATE_DICT), or with "
         "accelerator.get_state_dict(model).",
+    ),
+    Entry(
+        "empty_checkpoint",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save the adapter again from the trained model, with its tensors gathered: under DeepSpeed ZeRO-3, "
+        "with accelerator.get_state_dict(model) or zero3 gathered 16-bit weights; without a patched "
+        "model.state_dict that filters the adapter's tensors a second time. A Trainer checkpoint saved this way "
+        "holds nothing to resume from.",
     ),
     Entry(
         "unpaired_lora",
@@ -701,6 +711,23 @@ def finding(
         remap=e.remap if remap is None else remap,
         repair=e.repair if repair is None else repair,
         details=facts,
+    )
+
+
+def without_spent_fix(diagnosis: Diagnosis, remap: object, repair: tuple[str, ...]) -> Diagnosis:
+    """A finding never offers a fix that, applied, ends in the same finding again: one still found with its own
+    opt-in already given (every repair it names among ``repair``, its remap the ``remap`` given) offers none."""
+    if not diagnosis.remap and not diagnosis.repair:
+        return diagnosis
+    if not set(diagnosis.repair) <= set(repair) or (diagnosis.remap is not None and diagnosis.remap != remap):
+        return diagnosis
+    spent = diagnosis.fix_arguments()
+    return replace(
+        diagnosis,
+        remap=None,
+        repair=(),
+        fix=f"{spent} was given and does not resolve this; {diagnosis.fix}",
+        details={**diagnosis.details, "spent_fix": spent},
     )
 
 

@@ -94,8 +94,10 @@ def register_detector(detector: Detector) -> Detector:
 
 
 def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
-    findings = []
     checkpoint = ev.checkpoint
+    if ev.adapter and not checkpoint and ev.diff.missing:
+        return [_empty(ev)]
+    findings = []
     known = ev.shapes_known
     empty = [k for k, s in checkpoint.items() if known and role_of(k) in (Role.A, Role.B) and (len(s) < 2 or 0 in s)]
     if empty:
@@ -129,6 +131,22 @@ def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
             )
         )
     return findings
+
+
+def _empty(ev: Evidence) -> Found:
+    """No tensors at all: no rename or config repair can give the model what the file does not hold."""
+    missing = [m.key for m in ev.diff.missing]
+    return Found(
+        finding(
+            "empty_checkpoint",
+            f"the adapter file holds no tensors at all, where the model expects {len(missing)} (e.g. {missing[0]!r}): "
+            "it was saved without its weights (DeepSpeed ZeRO-3 without gathering the parameters, or a patched "
+            "model.state_dict that filtered the adapter's tensors twice)",
+            details={"expected": len(missing)},
+        ),
+        len(missing),
+        frozenset(missing),
+    )
 
 
 def _own_method_keys(ev: Evidence) -> bool:
@@ -294,6 +312,8 @@ def _shapes(ev: Evidence, explained: frozenset[str]) -> list[Found]:
         is_embedding = ev.view.layers.get(module) is not None and ev.view.layers[module].kind == "embedding"
         base_rows = want is not None and want.role is Role.BASE_EMBEDDING  # the saved base embedding weights
         vocab_rows = axes == {"rows"} and (base_rows or _is_vocab_module(ev, module, is_embedding))
+        # a LoRA on the output embedding (lm_head): its out_features are the vocabulary
+        vocab_rows |= axes == {"out_features"} and not is_embedding and _is_vocab_module(ev, module, is_embedding)
         if axes == {"rank"}:
             rank_keys.append(mm)
         elif axes == {"vocab"} or vocab_rows:

@@ -96,6 +96,13 @@ BUILTIN: tuple[RemapRule, ...] = (
         "remove an adapter name saved inside the keys (`lora_A.default.weight` -> `lora_A.weight`)",
     ),
     RemapRule(
+        "old_peft_lora_name",
+        r"\.(?!lora_)([^.]+?)_((?:embedding_)?[AB](?:\.weight|\.bias)?|magnitude_vector)(?:(?<=vector)\.weight)?$",
+        r".\1.lora_\2",
+        "peft <= 0.17 removed an adapter named `lora` with `replace('.lora', '')`, which also cut `.lora` out of "
+        "every LoRA part (`q_proj.lora_A.lora.weight` -> `q_proj_A.weight`): put `.lora_` back",
+    ),
+    RemapRule(
         "modules_to_save_name_out",
         r"\.modules_to_save\.[A-Za-z0-9_\-]+\.",
         ".",

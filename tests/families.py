@@ -1,0 +1,442 @@
+"""Families of layouts that real training stacks write, each case rebuilt as the user's stack makes it (the same
+peft / transformers calls, the same save, the base loaded from a directory where a real run does).
+
+For each case: plain peft behaves as the case says (loads exactly, or fails); where plain peft loads exactly,
+safe_peft must load exactly (a refusal is a false alarm); otherwise safe_peft's primary finding is the expected
+code, the refused load leaves the base as it was, and every fix any finding names (``remap=`` / ``repair=``) is
+executed and must give the trained adapter's outputs.
+
+Used by ``tests/test_families.py`` (a fixed sample, in ``make test``) and ``tests/run_sweep.py --family NAME``
+(the whole of each family; ``make sweep`` runs them all).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sweep import forward, make_inputs, same
+from tiny import quiet
+
+Make = Callable[[str], "Situation"]
+
+# what can go wrong with a case (the counts docs/sweep.md gives per family)
+OK = "ok"
+FALSE_REFUSAL = "false_refusal"  # plain peft loads it exactly, safe_peft refuses
+WRONG_RESULT = "wrong_result"  # safe_peft loads it, to other outputs
+WRONG_CAUSE = "wrong_cause"  # refused, as expected, with another primary finding (or loaded where it must refuse)
+FIX_FAILS = "fix_fails"  # a fix a finding names is refused, or loads to other outputs
+PREMISE = "premise"  # plain peft does not behave as the case says: the case is wrong, not safe_peft
+KINDS = (OK, FALSE_REFUSAL, WRONG_RESULT, WRONG_CAUSE, FIX_FAILS, PREMISE)
+
+
+@dataclass
+class Situation:
+    """An adapter as saved, the model it is loaded into, and the outputs it was trained to give."""
+
+    directory: str
+    trained: list[torch.Tensor]
+    base: Callable[[], torch.nn.Module]
+    plain: str = "exact"  # what plain peft does with it: "exact" | "fails" (raises, warns, or other outputs)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # adapter_name, allow_pickle, ...
+    plain_load: Callable[[torch.nn.Module, str], torch.nn.Module] | None = None  # how plain peft loads it
+    load: Callable[..., torch.nn.Module] | None = None  # how safe_peft loads it (default: safe_load_adapter)
+    columns: int | None = None  # compare only the first columns of each output (the rows the adapter decides)
+
+    def differs(self, model: torch.nn.Module) -> float:
+        got, want = outputs(model), self.trained
+        if self.columns is not None:
+            got, want = [t[..., : self.columns] for t in got], [t[..., : self.columns] for t in want]
+        return same(got, want)
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    name: str
+    make: Make
+    code: str | None  # the expected primary finding; None: plain peft and safe_peft both load it exactly
+    fix: tuple[str, ...] = ()  # the opt-ins ("remap", "repair") the report must offer
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.name}"
+
+
+@dataclass
+class Outcome:
+    name: str
+    kind: str
+    detail: str = ""
+    code: str = ""  # safe_peft's primary finding ("" when it loaded)
+    fixes_run: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "detail": self.detail, "code": self.code, "fixes": self.fixes_run}
+
+
+def outputs(model: torch.nn.Module) -> list[torch.Tensor]:
+    return forward(model, make_inputs(model))
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 1) -> None:
+    """Move every trainable tensor away from its initial value, as training would."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point():
+                param.add_(torch.randn_like(param) * 0.05)
+
+
+def train_and_save(model: torch.nn.Module, config: Any, directory: str, **save: Any) -> list[torch.Tensor]:
+    from peft import get_peft_model
+
+    with quiet():
+        peft_model = get_peft_model(model, config)
+        perturb_trainable(peft_model)
+        peft_model.eval()
+        trained = outputs(peft_model)
+        peft_model.save_pretrained(directory, **save)
+    return trained
+
+
+# -- running a case --------------------------------------------------------------------------------------------
+
+
+def _plain(s: Situation) -> str:
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings(record=True) as caught, quiet():
+            warnings.simplefilter("always")
+            load = s.plain_load or (lambda base, d: PeftModel.from_pretrained(base, d, **s.kwargs))
+            model = load(s.base(), s.directory)
+            if s.kwargs.get("adapter_name"):
+                model.set_adapter(s.kwargs["adapter_name"])
+            got = outputs(model)
+    except Exception:  # noqa: BLE001 - any failure of plain peft is "fails"
+        return "fails"
+    if any("missing adapter keys" in str(w.message) for w in caught):
+        return "fails"
+    del got
+    return "exact" if s.differs(model) <= 1e-5 else "fails"
+
+
+def _load(s: Situation, **fix: Any) -> torch.nn.Module:
+    from safe_peft import safe_load_adapter
+
+    with quiet():
+        load = s.load or (lambda base, d, **kw: safe_load_adapter(base, d, **kw))
+        model = load(s.base(), s.directory, **s.kwargs, **fix)
+        if s.kwargs.get("adapter_name"):
+            model.set_adapter(s.kwargs["adapter_name"])
+        return model
+
+
+def _state(model: torch.nn.Module) -> Any:
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {
+        k: v.detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def _unchanged(before: Any, model: torch.nn.Module) -> bool:
+    types, state = _state(model)
+    return types == before[0] and state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+
+
+def run(case: Case) -> Outcome:
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            return _run(case, directory)
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed case, with its reason
+            return Outcome(case.id, WRONG_CAUSE, f"raised {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _run(case: Case, directory: str) -> Outcome:
+    from safe_peft import AdapterLoadError, diagnose
+
+    s = case.make(directory)
+    plain = _plain(s)
+    if plain != s.plain:
+        return Outcome(case.id, PREMISE, f"plain peft: {plain}, the case says {s.plain}")
+    with quiet():  # a route of its own (a resume into the PeftModel being trained) is diagnosed by its load
+        report = None if s.load else diagnose(s.base(), s.directory, **s.kwargs)
+    base = s.base()
+    before = _state(base)
+    try:
+        model = _load(s) if s.load else _load_into(s, base)
+    except AdapterLoadError as exc:
+        refused = exc.report
+    else:
+        if case.code is not None:
+            return Outcome(case.id, WRONG_CAUSE, f"loaded, expected {case.code}")
+        if s.differs(model) > 1e-5:
+            return Outcome(case.id, WRONG_RESULT, "safe_peft's load differs from the trained adapter")
+        if report is not None and not report.ok:
+            return Outcome(case.id, FALSE_REFUSAL, f"diagnose: {report.primary.code if report.primary else '?'}")
+        return Outcome(case.id, OK)
+    primary = refused.primary
+    code = primary.code if primary else "?"
+    if case.code is None:
+        return Outcome(case.id, FALSE_REFUSAL, primary.message[:200] if primary else "", code)
+    report = report or refused
+    predicted = report.primary.code if report.primary else "?"
+    if code != case.code or predicted != code:
+        return Outcome(case.id, WRONG_CAUSE, f"load {code}, diagnose {predicted}, expected {case.code}", code)
+    if not s.load and not _unchanged(before, base):
+        return Outcome(case.id, WRONG_RESULT, "the refused load changed the base model", code)
+    return _fixes(case, s, report, code)
+
+
+def _load_into(s: Situation, base: torch.nn.Module) -> torch.nn.Module:
+    from safe_peft import safe_load_adapter
+
+    with quiet():
+        model = safe_load_adapter(base, s.directory, **s.kwargs)
+        if s.kwargs.get("adapter_name"):
+            model.set_adapter(s.kwargs["adapter_name"])
+        return model
+
+
+def _fixes(case: Case, s: Situation, report: Any, code: str) -> Outcome:
+    from safe_peft import AdapterLoadError
+
+    offered = [d for d in report.causes if d.remap or d.repair]
+    kinds = {k for d in offered for k, v in (("remap", d.remap), ("repair", d.repair)) if v}
+    if kinds != set(case.fix):
+        return Outcome(case.id, FIX_FAILS, f"offers {sorted(d.fix_arguments() for d in offered)}, expected {case.fix}", code)
+    run_fixes = []
+    for diagnosis in offered:
+        arguments = {k: v for k, v in (("remap", diagnosis.remap), ("repair", diagnosis.repair)) if v}
+        try:
+            model = _load(s, **arguments)
+        except AdapterLoadError as exc:
+            again = exc.report.primary.code if exc.report.primary else "?"
+            return Outcome(case.id, FIX_FAILS, f"{diagnosis.fix_arguments()} refused: {again}", code)
+        if s.differs(model) > 1e-5:
+            return Outcome(case.id, FIX_FAILS, f"{diagnosis.fix_arguments()} loads other outputs", code)
+        run_fixes.append(diagnosis.fix_arguments())
+    return Outcome(case.id, OK, "", code, run_fixes)
+
+
+# -- family: a vocabulary resized before training --------------------------------------------------------------
+
+_NEW_ROWS = 103
+
+
+def llama_base(directory: str, from_dir: bool) -> Callable[[], torch.nn.Module]:
+    """The tiny Llama as a real run gets it: saved and loaded back with from_pretrained, or built in code."""
+    from helpers import build
+
+    if not from_dir:
+        return lambda: build("causal")
+    from transformers import LlamaForCausalLM
+
+    path = os.path.join(directory, "base")
+    with quiet():
+        build("causal").save_pretrained(path)
+
+    def load() -> torch.nn.Module:
+        with quiet():
+            return LlamaForCausalLM.from_pretrained(path).eval()
+
+    return load
+
+
+def resized(model: torch.nn.Module, pad: int | None) -> torch.nn.Module:
+    torch.manual_seed(0)  # the new rows are drawn alike in training and in loading (rows the adapter does not save)
+    with quiet():
+        model.resize_token_embeddings(_NEW_ROWS, pad_to_multiple_of=pad)
+    return model
+
+
+_TRAINED: dict[str, dict[str, Any]] = {
+    "modules_to_save": {"modules_to_save": ["embed_tokens", "lm_head"]},
+    "trainable_tokens": {"trainable_token_indices": [1, 100, 102]},
+    "lora_lm_head": {"target_modules": ["q_proj", "v_proj", "lm_head"]},
+    "lora_embedding": {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+}
+
+
+def _resize_case(trained: str, pad: int | None, from_dir: bool, into_resized: bool) -> Make:
+    def make(directory: str) -> Situation:
+        from peft import LoraConfig
+
+        fresh = llama_base(directory, from_dir)
+        options: dict[str, Any] = {"r": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+        options.update(_TRAINED[trained])
+        adapter = os.path.join(directory, "adapter")
+        outputs_ = train_and_save(resized(fresh(), pad), LoraConfig(**options), adapter)
+        # a LoRA on the input embedding alone leaves the resized head's new rows untrained and unsaved: no load can
+        # give them the values they had in training, so only the original vocabulary's logits are compared
+        columns = 100 if trained == "lora_embedding" else None
+        if into_resized:
+            return Situation(adapter, outputs_, lambda: resized(fresh(), pad), columns=columns)
+        return Situation(adapter, outputs_, fresh, plain="fails", columns=columns)
+
+    return make
+
+
+def resize_cases() -> list[Case]:
+    cases = []
+    for trained in _TRAINED:
+        for pad in (None, 8):
+            for from_dir in (True, False):
+                for into in (True, False):
+                    name = f"{trained}/pad{pad or 1}/{'dir' if from_dir else 'code'}/{'resized' if into else 'original'}"
+                    code, fix = (None, ()) if into else ("resized_embeddings", ("repair",))
+                    if not into and trained == "trainable_tokens" and not from_dir:
+                        # peft saves no embedding weights for a base built in code: nothing records the vocabulary
+                        code, fix = "token_indices_out_of_range", ()
+                    cases.append(Case("resize", name, _resize_case(trained, pad, from_dir, into), code, fix))
+    return cases
+
+
+# -- family: checkpoints with no tensors at all -----------------------------------------------------------------
+
+
+def _lora(**options: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(**{"r": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **options})
+
+
+def _empty_case(producer: str) -> Make:
+    def make(directory: str) -> Situation:
+        from safetensors.torch import save_file
+
+        fresh = llama_base(directory, True)
+        adapter = os.path.join(directory, "adapter")
+        trained = train_and_save(fresh(), _lora(), adapter)
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        if producer == "patched_state_dict":
+            _patched_state_dict_save(fresh(), adapter)
+            return Situation(adapter, trained, fresh, plain="fails", kwargs={"allow_pickle": True})
+        os.remove(weights)
+        save_file({}, weights, metadata={"format": "pt"})  # what ZeRO-3 + SFTTrainer writes: 40 bytes
+        if producer == "zero3":
+            return Situation(adapter, trained, fresh, plain="fails")
+        return _resume(adapter, trained, fresh)
+
+    return make
+
+
+def _patched_state_dict_save(model: torch.nn.Module, adapter: str) -> None:
+    """alpaca-lora's ``model.state_dict`` patch, then ``save_pretrained``: peft <= 0.17 filters the filtered state
+    dict again and writes an empty ``adapter_model.bin``; later peft no longer reads ``state_dict()`` there, so the
+    file peft 0.17 wrote is written directly."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    peft_model = get_peft_model(model, _lora())
+    old_state_dict = peft_model.state_dict
+    patched = (lambda self, *_, **__: get_peft_model_state_dict(self, old_state_dict())).__get__(peft_model)
+    peft_model.state_dict = patched  # type: ignore[method-assign]
+    with quiet():
+        peft_model.save_pretrained(adapter, safe_serialization=False)
+    path = os.path.join(adapter, "adapter_model.bin")
+    if torch.load(path, weights_only=True):
+        torch.save({}, path)
+
+
+def _resume(adapter: str, trained: list[torch.Tensor], fresh: Callable[[], torch.nn.Module]) -> Situation:
+    """A Trainer resuming from the checkpoint: ``model.load_adapter(checkpoint, "default", is_trainable=True)`` on
+    the PeftModel it trains, through the switch (the code is Trainer's, not the user's)."""
+    from peft import PeftModel, get_peft_model
+
+    def peft_model() -> torch.nn.Module:
+        with quiet():
+            return get_peft_model(fresh(), _lora())
+
+    def resume(model: PeftModel, directory: str, **options: Any) -> torch.nn.Module:
+        model.load_adapter(directory, "default", is_trainable=True)
+        return model
+
+    def safe(model: PeftModel, directory: str, **options: Any) -> torch.nn.Module:
+        import safe_peft
+
+        with safe_peft.patched(**options):
+            return resume(model, directory)
+
+    return Situation(adapter, trained, peft_model, plain="fails", plain_load=resume, load=safe)
+
+
+def empty_cases() -> list[Case]:
+    return [Case("empty", p, _empty_case(p), "empty_checkpoint") for p in ("zero3", "patched_state_dict", "resume")]
+
+
+# -- family: peft <= 0.17 keys of adapters with unusual names ----------------------------------------------------
+
+
+def _old_peft_case(variant: str, load_as: str) -> Make:
+    """An adapter named ``lora`` saved by peft <= 0.17, whose ``k.replace(".lora", "")`` also cut ``.lora`` out of
+    every LoRA part. Saved by the installed peft itself where it is that old; otherwise its file is rewritten the
+    way peft 0.17's save wrote it."""
+
+    def make(directory: str) -> Situation:
+        import re
+
+        from peft import get_peft_model
+        from safetensors.torch import load_file, save_file
+
+        from helpers import build
+
+        options: dict[str, Any] = {
+            "dora": {"use_dora": True},
+            "embedding": {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
+        }.get(variant, {})
+        with quiet():
+            peft_model = get_peft_model(build("causal"), _lora(**options), adapter_name="lora")
+            perturb_trainable(peft_model)
+            peft_model.eval()
+            trained = outputs(peft_model)
+            peft_model.save_pretrained(os.path.join(directory, "adapter"))
+        adapter = os.path.join(directory, "adapter", "lora")  # peft saves a named adapter in a subfolder
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        state = load_file(weights)
+        if any(".lora_" in k for k in state):  # a newer peft: write what 0.17 wrote
+            named = r"\.(lora_(?:A|B|embedding_A|embedding_B))(\.|$)"
+            state = {re.sub(named, r".\1.lora\2", k).replace(".lora", ""): v for k, v in state.items()}
+            state = {re.sub(r"\.lora_magnitude_vector$", "_magnitude_vector", k): v for k, v in state.items()}
+            save_file(state, weights)
+        kwargs = {"adapter_name": load_as} if load_as != "default" else {}
+        return Situation(adapter, trained, lambda: build("causal"), plain="fails", kwargs=kwargs)
+
+    return make
+
+
+def old_peft_cases() -> list[Case]:
+    return [
+        Case("old_peft", f"lora/{v}/as_{n}", _old_peft_case(v, n), "old_peft_lora_name", ("remap",))
+        for v in ("plain", "dora", "embedding")
+        for n in ("default", "lora")
+    ]
+
+
+FAMILIES: dict[str, Callable[[], list[Case]]] = {
+    "resize": resize_cases,
+    "empty": empty_cases,
+    "old_peft": old_peft_cases,
+}
+
+
+def cases(families: tuple[str, ...] = ()) -> list[Case]:
+    return [c for name, make in FAMILIES.items() if not families or name in families for c in make()]
+
+
+def run_all(families: tuple[str, ...] = (), progress: Callable[[Outcome], None] = lambda _o: None) -> list[Outcome]:
+    outcomes = []
+    for case in cases(families):
+        outcome = run(case)
+        outcomes.append(outcome)
+        progress(outcome)
+    return outcomes

@@ -1,0 +1,87 @@
+"""A fixed sample of the real-layout families (tests/families.py; each whole family: `run_sweep.py --family`): plain
+peft behaves as the case says, safe_peft loads what plain peft loads exactly, names the expected primary finding
+otherwise, and every fix it names loads the trained outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import families
+import pytest
+
+from safe_peft import Cause, Diagnosis
+
+SAMPLE = [
+    "resize/modules_to_save/pad1/dir/resized",
+    "resize/modules_to_save/pad8/dir/resized",
+    "resize/modules_to_save/pad1/dir/original",
+    "resize/modules_to_save/pad8/code/original",
+    "resize/lora_lm_head/pad1/dir/original",
+    "resize/lora_embedding/pad8/dir/original",
+    "resize/trainable_tokens/pad1/dir/original",
+    "resize/trainable_tokens/pad1/code/original",
+    "empty/zero3",
+    "empty/patched_state_dict",
+    "empty/resume",
+    "old_peft/lora/plain/as_default",
+    "old_peft/lora/embedding/as_lora",
+]
+CASES = {c.id: c for c in families.cases()}
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_family_case(name: str) -> None:
+    case = CASES[name]
+    outcome = families.run(case)
+    assert (outcome.kind, outcome.code) == (families.OK, case.code or ""), outcome.detail
+    assert len(outcome.fixes_run) == len(case.fix)
+
+
+def test_every_family_has_cases_and_every_expected_code_is_in_the_catalog() -> None:
+    from safe_peft._catalog import CATALOG
+
+    assert {c.family for c in CASES.values()} == set(families.FAMILIES)
+    assert all(c.code is None or c.code in CATALOG for c in CASES.values())
+
+
+def test_an_empty_checkpoint_offers_no_fix_even_when_one_is_asked_for(tmp_path: Any) -> None:
+    from helpers import build
+
+    from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+
+    situation = families._empty_case("zero3")(str(tmp_path))
+    for repair in ((), ("targets",), ("targets", "rank", "vocab")):
+        report = diagnose(build("causal"), situation.directory, repair=repair)
+        assert report.primary is not None
+        assert (report.primary.cause, report.primary.code) == (Cause.CORRUPT_CHECKPOINT, "empty_checkpoint")
+        assert [d for d in report.causes if d.remap or d.repair] == []
+    with pytest.raises(AdapterLoadError) as info:
+        safe_load_adapter(build("causal"), situation.directory, repair=("targets",))
+    assert [d.code for d in info.value.report.causes] == ["empty_checkpoint"]
+
+
+@pytest.mark.parametrize(
+    ("offered", "remap", "repair", "still_offered"),
+    [
+        ({"repair": ("targets",)}, None, ("targets",), False),
+        ({"repair": ("targets",)}, None, ("rank",), True),
+        ({"repair": ("vocab",)}, "auto", ("vocab", "rank"), False),
+        ({"remap": "auto"}, "auto", (), False),
+        ({"remap": "auto"}, None, (), True),
+        ({"remap": "auto", "repair": ("rank",)}, "auto", (), True),
+        ({"remap": "auto", "repair": ("rank",)}, "auto", ("rank",), False),
+        ({}, "auto", ("rank",), False),
+    ],
+)
+def test_a_finding_never_offers_the_fix_already_given(
+    offered: dict[str, Any], remap: Any, repair: tuple[str, ...], still_offered: bool
+) -> None:
+    """A finding still found with its own opt-in given would offer a fix that is refused with itself again."""
+    from safe_peft._catalog import without_spent_fix
+
+    found = Diagnosis(Cause.CONFIG_MISMATCH, "x", "m", "f", remap=offered.get("remap"), repair=offered.get("repair", ()))
+    after = without_spent_fix(found, remap, repair)
+    assert bool(after.remap or after.repair) is still_offered
+    assert after.code == found.code and after.cause == found.cause
+    if offered and not still_offered:
+        assert after.details["spent_fix"] == found.fix_arguments()
