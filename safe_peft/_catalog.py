@@ -18,7 +18,7 @@ from typing import Any
 
 from safe_peft.report import Cause, Diagnosis
 
-__all__ = ["CATALOG", "Entry", "entry", "finding", "register", "without_spent_fix"]
+__all__ = ["CATALOG", "EXPLAINS", "Entry", "entry", "finding", "order", "proven", "register", "without_spent_fix"]
 
 
 @dataclass(frozen=True)
@@ -729,6 +729,46 @@ def without_spent_fix(diagnosis: Diagnosis, remap: object, repair: tuple[str, ..
         fix=f"{spent} was given and does not resolve this; {diagnosis.fix}",
         details={**diagnosis.details, "spent_fix": spent},
     )
+
+
+# -- the order of findings when several apply ---------------------------------------------------------------------
+
+# code -> the codes of the findings it explains: the trained base's config names the dimension the keys' story shows
+EXPLAINS: dict[str, frozenset[str]] = {
+    "base_config_differs": frozenset(
+        {
+            "dimension_mismatch",
+            "fewer_layers",
+            "more_layers",
+            "unknown_modules",
+            "untargeted_modules",
+            "targets_without_weights",
+            "incomplete_checkpoint",
+            "unexplained",
+            "target_modules_not_found",
+            "replicated_base",
+        }
+    ),
+}
+
+
+def proven(diagnosis: Diagnosis) -> bool:
+    """Whether the finding's opt-in fix was proven exact while planning (a rename every key then fits)."""
+    return bool(diagnosis.details.get("proven")) and bool(diagnosis.remap or diagnosis.repair)
+
+
+def order(findings: list[Diagnosis]) -> list[Diagnosis]:
+    """The one rule for ordering findings when several apply: a finding whose opt-in fix is proven exact comes
+    first (what it fixes, a config difference included, is secondary); then a finding that explains another
+    (:data:`EXPLAINS`) comes before the first one it explains; otherwise the order given (by :attr:`Entry.rank`,
+    then by how many keys each explains) is kept."""
+    result: list[Diagnosis] = [d for d in findings if proven(d)]
+    first = len(result)
+    for diagnosis in (d for d in findings if not proven(d)):
+        explained = EXPLAINS.get(diagnosis.code, frozenset())
+        at = next((i for i in range(first, len(result)) if result[i].code in explained), len(result))
+        result.insert(at, diagnosis)
+    return result
 
 
 def rank(diagnosis: Diagnosis) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft._catalog import finding, rank
+from safe_peft._catalog import finding, order, rank
 from safe_peft._compare import KeyDiff
 from safe_peft._keys import Role, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
 from safe_peft._model_view import ModelView
@@ -81,7 +81,7 @@ def classify(ev: Evidence) -> list[Diagnosis]:
             Found(finding("unexplained", "the checkpoint and the model disagree in a way no known cause explains"), 0)
         )
     ordered = sorted(enumerate(found), key=lambda t: (rank(t[1].diagnosis), -t[1].weight, t[0]))
-    return [f.diagnosis for _, f in ordered]
+    return order([f.diagnosis for _, f in ordered])
 
 
 def register_detector(detector: Detector) -> Detector:
@@ -254,7 +254,7 @@ def _layout(ev: Evidence, _: frozenset[str]) -> list[Found]:
             lead.name,
             message,
             fix=fix,
-            details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped)},
+            details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped), "proven": True},
             rules=", ".join(names),
         )
         return [Found(diagnosis, len(plan.renames) + len(plan.dropped), frozenset(plan.renames) | set(plan.dropped))]

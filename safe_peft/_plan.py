@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import AdapterSource, read_adapter
 from safe_peft._adapter_files import AdapterFiles
-from safe_peft._catalog import finding, without_spent_fix
+from safe_peft._catalog import finding, order, without_spent_fix
 from safe_peft._checks import (
     adapter_name_findings,
     base_config_findings,
@@ -315,8 +315,8 @@ def verdict(
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)
     causes = [without_spent_fix(d, remap, tuple(repair)) for d in causes]
     ok = not causes and diff.ok
-    if not ok:  # the config of the base it was trained on says why (ranked before the keys' story)
-        causes = [*other_base, *causes]
+    if not ok:  # the config of the base it was trained on says why (before the keys' story it explains)
+        causes = order([*other_base, *causes])
     report = LoadReport(
         ok=ok,
         missing=diff.missing,

@@ -123,7 +123,7 @@ def _plain(s: Situation) -> str:
             if s.kwargs.get("adapter_name"):
                 model.set_adapter(s.kwargs["adapter_name"])
             got = outputs(model)
-    except Exception:  # noqa: BLE001 - any failure of plain peft is "fails"
+    except Exception:
         return "fails"
     if any("missing adapter keys" in str(w.message) for w in caught):
         return "fails"
@@ -150,14 +150,18 @@ def _state(model: torch.nn.Module) -> Any:
 
 def _unchanged(before: Any, model: torch.nn.Module) -> bool:
     types, state = _state(model)
-    return types == before[0] and state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+    return (
+        types == before[0]
+        and state.keys() == before[1].keys()
+        and all(torch.equal(state[k], before[1][k]) for k in state)
+    )
 
 
 def run(case: Case) -> Outcome:
     with tempfile.TemporaryDirectory() as directory:
         try:
             return _run(case, directory)
-        except Exception as exc:  # noqa: BLE001 - a crash is a failed case, with its reason
+        except Exception as exc:
             return Outcome(case.id, WRONG_CAUSE, f"raised {type(exc).__name__}: {str(exc)[:200]}")
 
 
@@ -213,7 +217,9 @@ def _fixes(case: Case, s: Situation, report: Any, code: str) -> Outcome:
     offered = [d for d in report.causes if d.remap or d.repair]
     kinds = {k for d in offered for k, v in (("remap", d.remap), ("repair", d.repair)) if v}
     if kinds != set(case.fix):
-        return Outcome(case.id, FIX_FAILS, f"offers {sorted(d.fix_arguments() for d in offered)}, expected {case.fix}", code)
+        return Outcome(
+            case.id, FIX_FAILS, f"offers {sorted(d.fix_arguments() for d in offered)}, expected {case.fix}", code
+        )
     run_fixes = []
     for diagnosis in offered:
         arguments = {k: v for k, v in (("remap", diagnosis.remap), ("repair", diagnosis.repair)) if v}
@@ -292,7 +298,9 @@ def resize_cases() -> list[Case]:
         for pad in (None, 8):
             for from_dir in (True, False):
                 for into in (True, False):
-                    name = f"{trained}/pad{pad or 1}/{'dir' if from_dir else 'code'}/{'resized' if into else 'original'}"
+                    name = (
+                        f"{trained}/pad{pad or 1}/{'dir' if from_dir else 'code'}/{'resized' if into else 'original'}"
+                    )
                     code, fix = (None, ()) if into else ("resized_embeddings", ("repair",))
                     if not into and trained == "trainable_tokens" and not from_dir:
                         # peft saves no embedding weights for a base built in code: nothing records the vocabulary
@@ -385,10 +393,9 @@ def _old_peft_case(variant: str, load_as: str) -> Make:
     def make(directory: str) -> Situation:
         import re
 
+        from helpers import build
         from peft import get_peft_model
         from safetensors.torch import load_file, save_file
-
-        from helpers import build
 
         options: dict[str, Any] = {
             "dora": {"use_dora": True},
@@ -422,7 +429,66 @@ def old_peft_cases() -> list[Case]:
     ]
 
 
+# -- family: vision-language wrappers and their text models -------------------------------------------------------
+
+
+def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Module]:
+    """The text model whose weights the VL wrapper's language model has (Qwen2.5-VL's is a Qwen2), saved and loaded
+    back from a directory, as a real run gets it."""
+    import transformers
+
+    values = {k: v for k, v in vl.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    for generation in ("top_k", "top_p", "temperature", "do_sample"):  # sampling flags do not belong to the model
+        values.pop(generation, None)
+    for where in ("rope_parameters", "rope_scaling"):
+        if isinstance(values.get(where), dict):
+            values[where] = {k: v for k, v in values[where].items() if k not in ("mrope_section", "type")} or None
+    path = os.path.join(directory, "text")
+    with quiet():
+        text = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**values))
+        text.model.load_state_dict(vl.model.language_model.state_dict())
+        text.lm_head.load_state_dict(vl.lm_head.state_dict())
+        text.save_pretrained(path)
+
+    def load() -> torch.nn.Module:
+        with quiet():
+            return transformers.Qwen2ForCausalLM.from_pretrained(path).eval()
+
+    return load
+
+
+def _vl_case(direction: str) -> Make:
+    def make(directory: str) -> Situation:
+        from tiny import tiny_config
+
+        def vl() -> torch.nn.Module:
+            import transformers
+
+            config = tiny_config("qwen2_5_vl")
+            text = config.text_config
+            head = text.hidden_size // text.num_attention_heads
+            sections = [head // 8, head // 8 + (head // 2 - 3 * (head // 8)) // 2, head // 8 + 1]
+            where = "rope_parameters" if hasattr(text, "rope_parameters") else "rope_scaling"  # transformers 5 / 4
+            setattr(text, where, {**(getattr(text, where) or {"rope_type": "default"}), "mrope_section": sections})
+            with quiet():
+                torch.manual_seed(0)
+                return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+        text = _text_of(vl(), directory)
+        adapter = os.path.join(directory, "adapter")
+        trained = train_and_save(text(), _lora(), adapter)
+        # the text model's outputs: the VL wrapper on text alone computes the same logits
+        return Situation(adapter, trained, vl, plain="fails")
+
+    return make
+
+
+def vl_cases() -> list[Case]:
+    return [Case("vl", "text_into_vl", _vl_case("text_into_vl"), "text_to_vl_nesting", ("remap",))]
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
+    "vl": vl_cases,
     "resize": resize_cases,
     "empty": empty_cases,
     "old_peft": old_peft_cases,
