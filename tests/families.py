@@ -487,7 +487,62 @@ def vl_cases() -> list[Case]:
     return [Case("vl", "text_into_vl", _vl_case("text_into_vl"), "text_to_vl_nesting", ("remap",))]
 
 
+# -- family: kohya-ss text-encoder LoRAs of Stable Diffusion -------------------------------------------------------
+
+# kohya's prefix per text encoder, and the transformers class it is loaded into: SD1 and SD2 have one text encoder
+# (lora_te_), SDXL two (lora_te1_: CLIPTextModel, lora_te2_: CLIPTextModelWithProjection)
+_KOHYA: dict[str, tuple[str, str]] = {
+    "sd1": ("lora_te_", "CLIPTextModel"),
+    "sd2": ("lora_te_", "CLIPTextModel"),
+    "sdxl_te1": ("lora_te1_", "CLIPTextModel"),
+    "sdxl_te2": ("lora_te2_", "CLIPTextModelWithProjection"),
+}
+
+
+def _kohya_case(variant: str) -> Make:
+    """A kohya LoRA of a Stable Diffusion text encoder: module names as kohya's sd-scripts wrote them from
+    transformers 4's CLIP text model (``text_model.encoder.layers.0...``, dots as ``_``), ``lora_down`` /
+    ``lora_up`` / ``alpha``, no adapter_config.json."""
+
+    def make(directory: str) -> Situation:
+        import re
+
+        import transformers
+        from safetensors.torch import load_file, save_file
+
+        prefix, class_name = _KOHYA[variant]
+        act = "gelu" if variant == "sd2" else "quick_gelu"  # SD2's OpenCLIP encoder uses gelu
+
+        def clip() -> torch.nn.Module:
+            config = transformers.CLIPTextConfig(
+                hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=99
+            )
+            config.hidden_act = act
+            torch.manual_seed(0)
+            with quiet():
+                return getattr(transformers, class_name)(config).eval()
+
+        peft_dir, kohya_dir = os.path.join(directory, "peft"), os.path.join(directory, "kohya")
+        trained = train_and_save(clip(), _lora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]), peft_dir)
+        state = {}
+        for key, value in load_file(os.path.join(peft_dir, "adapter_model.safetensors")).items():
+            module = re.sub(r"^base_model\.model\.", "", key).rsplit(".", 2)[0]
+            flat = prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
+            state[f"{flat}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.weight"] = value
+            state[f"{flat}.alpha"] = torch.tensor(8.0)
+        os.makedirs(kohya_dir)
+        save_file(state, os.path.join(kohya_dir, "pytorch_lora_weights.safetensors"))
+        return Situation(kohya_dir, trained, clip, plain="fails")
+
+    return make
+
+
+def kohya_cases() -> list[Case]:
+    return [Case("kohya", v, _kohya_case(v), "kohya", ("remap",)) for v in _KOHYA]
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
+    "kohya": kohya_cases,
     "vl": vl_cases,
     "resize": resize_cases,
     "empty": empty_cases,

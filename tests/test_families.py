@@ -26,6 +26,8 @@ SAMPLE = [
     "old_peft/lora/plain/as_default",
     "old_peft/lora/embedding/as_lora",
     "vl/text_into_vl",
+    "kohya/sd1",
+    "kohya/sdxl_te2",
 ]
 CASES = {c.id: c for c in families.cases()}
 
