@@ -305,6 +305,14 @@ _ENTRIES: tuple[Entry, ...] = (
         False,
         "load the base model with {wanted}.from_pretrained(...) and pass that model.",
     ),
+    Entry(
+        "vl_adapter_on_text_model",
+        _C.MODEL_CLASS_MISMATCH,
+        1,
+        True,
+        "load the adapter into the vision-language model it was trained with (its *ForConditionalGeneration "
+        "class); the text-only model has no {where} for its weights.",
+    ),
     Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
     Entry(
         "replicated_base",

@@ -261,10 +261,32 @@ def _layout(ev: Evidence, _: frozenset[str]) -> list[Found]:
     if cause is not Cause.MODEL_CLASS_MISMATCH:
         return []
     left = [k for k in ev.checkpoint if plan.renames.get(k, k) not in ev.view.expected]
+    vision = _vision_part(ev, plan, left, names)
+    if vision:
+        return [Found(vision, len(ev.checkpoint), frozenset(ev.checkpoint) | {m.key for m in ev.diff.missing})]
     if not left or any(role_of(k) for k in left) or len(left) * 4 > len(ev.checkpoint):
         return []  # only plain head weights may be left over: anything else is not a class mismatch
     heads = sorted({module_of(k) for k in left})
     return [Found(_missing_head(ev, heads, task, example, names), len(ev.checkpoint), frozenset(ev.checkpoint))]
+
+
+def _vision_part(ev: Evidence, plan: RemapPlan, left: list[str], rules: list[str]) -> Diagnosis | None:
+    """A vision-language adapter on its text model: the language model's keys all land by the VL-to-text rename,
+    and what is left are the adapter's tensors of the parts a text-only model does not have (the vision tower,
+    the projector). No rename can load them, and leaving them out would not be the trained adapter."""
+    if "vl_to_text_nesting" not in rules or not left or any(module_of(k) in ev.view.module_names for k in left):
+        return None
+    landed = {plan.renames.get(k, k) for k in ev.checkpoint if k not in left}
+    if not {k for k, e in ev.view.expected.items() if e.required} <= landed:
+        return None
+    parts = sorted({".".join(module_of(k).split(".")[:2]) for k in left})
+    return finding(
+        "vl_adapter_on_text_model",
+        f"a vision-language adapter on the text-only {ev.view.model_class}: its language-model weights fit after "
+        f"the VL-to-text rename, but {len(left)} tensors of {', '.join(parts)} have no module here",
+        details={"parts": parts, "keys": left[:20], "count": len(left), "rules": rules},
+        where=", ".join(parts),
+    )
 
 
 def _missing_head(ev: Evidence, heads: list[str], task: str, example: str, rules: list[str]) -> Diagnosis:

@@ -476,15 +476,22 @@ def _vl_case(direction: str) -> Make:
 
         text = _text_of(vl(), directory)
         adapter = os.path.join(directory, "adapter")
-        trained = train_and_save(text(), _lora(), adapter)
-        # the text model's outputs: the VL wrapper on text alone computes the same logits
-        return Situation(adapter, trained, vl, plain="fails")
+        # on text alone, the VL wrapper and its text model compute the same logits: either's trained outputs serve
+        if direction == "text_into_vl":
+            return Situation(adapter, train_and_save(text(), _lora(), adapter), vl, plain="fails")
+        targets = ["q_proj", "v_proj", "qkv"] if direction == "vision_too_into_text" else ["q_proj", "v_proj"]
+        trained = train_and_save(vl(), _lora(target_modules=targets), adapter)
+        return Situation(adapter, trained, text, plain="fails")
 
     return make
 
 
 def vl_cases() -> list[Case]:
-    return [Case("vl", "text_into_vl", _vl_case("text_into_vl"), "text_to_vl_nesting", ("remap",))]
+    return [
+        Case("vl", "text_into_vl", _vl_case("text_into_vl"), "text_to_vl_nesting", ("remap",)),
+        Case("vl", "text_only_into_text", _vl_case("text_only_into_text"), "vl_to_text_nesting", ("remap",)),
+        Case("vl", "vision_too_into_text", _vl_case("vision_too_into_text"), "vl_adapter_on_text_model"),
+    ]
 
 
 # -- family: kohya-ss text-encoder LoRAs of Stable Diffusion -------------------------------------------------------

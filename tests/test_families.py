@@ -26,6 +26,7 @@ SAMPLE = [
     "old_peft/lora/plain/as_default",
     "old_peft/lora/embedding/as_lora",
     "vl/text_into_vl",
+    "vl/vision_too_into_text",
     "kohya/sd1",
     "kohya/sdxl_te2",
 ]
