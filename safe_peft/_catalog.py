@@ -741,8 +741,12 @@ def without_spent_fix(diagnosis: Diagnosis, remap: object, repair: tuple[str, ..
 
 # -- the order of findings when several apply ---------------------------------------------------------------------
 
-# code -> the codes of the findings it explains: the trained base's config names the dimension the keys' story shows
+# code -> the codes of the findings it explains: the trained base's config names the dimension the keys' story shows;
+# a task model's adapter on a model its task's wrapper cannot take is why peft's injection fails
 EXPLAINS: dict[str, frozenset[str]] = {
+    "task_type_mismatch": frozenset(
+        {"injection_rejected", "unknown_modules", "targets_without_weights", "unexplained"}
+    ),
     "base_config_differs": frozenset(
         {
             "dimension_mismatch",

@@ -512,7 +512,14 @@ def _saved_heads(ev: Evidence) -> set[str]:
 
 
 def _matching_modules(ev: Evidence, name: str) -> set[str]:
-    return {module_of(k) for k in ev.checkpoint if module_of(k) == name or module_of(k).endswith("." + name)} | {name}
+    """The checkpoint's modules a saved-module name covers: the module itself and every module inside it (a head
+    with submodules: RoBERTa's ``classifier.dense`` / ``classifier.out_proj``)."""
+    return {m for k in ev.checkpoint if _within(m := module_of(k), name)} | {name}
+
+
+def _within(module: str, name: str) -> bool:
+    dotted = f".{module}."
+    return f".{name}." in dotted
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

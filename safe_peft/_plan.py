@@ -165,6 +165,7 @@ class Renaming:
     applied: tuple[str, ...] = ()  # rule names
     closest: RemapPlan | None = None  # the best plan found, when the keys do not fit as they are
     findings: tuple[Diagnosis, ...] = ()
+    auto: bool = False  # remap='auto' and the keys fit, as they are or renamed: its conversions apply
 
 
 def choose_renames(layout: Layout, view: ModelView, remap: object, repair: tuple[str, ...]) -> Renaming:
@@ -182,10 +183,11 @@ def choose_renames(layout: Layout, view: ModelView, remap: object, repair: tuple
         if remap == "auto" and not plan.exact:
             findings.append(_remap_refused(plan, "no combination of the built-in rules"))
     if remap is None or plan is None or not plan.exact:
-        return Renaming(checkpoint, closest=plan, findings=tuple(findings))
+        fits = remap == "auto" and plan is None
+        return Renaming(checkpoint, closest=plan, findings=tuple(findings), auto=fits)
     gone = set(plan.dropped)
     moved = {plan.renames.get(k, k): s for k, s in checkpoint.items() if k not in gone}
-    return Renaming(moved, dict(plan.renames), plan.dropped, tuple(r.name for r in plan.rules))
+    return Renaming(moved, dict(plan.renames), plan.dropped, tuple(r.name for r in plan.rules), auto=remap == "auto")
 
 
 # -- stage: repairs (opt-in) -----------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def apply_repairs(
     peft_config, config_data = source.peft_config, source.config_data
     repairs = list(source.repairs)
     checkpoint = renaming.checkpoint
-    if renaming.applied and wrapper_needs(model, getattr(peft_config, "task_type", None)):
+    if (renaming.applied or renaming.auto) and wrapper_needs(model, getattr(peft_config, "task_type", None)):
         # remap='auto' loads a task model's adapter into the bare model: it is wrapped as a plain PeftModel
         task = str(peft_config.task_type).rsplit(".", 1)[-1]
         peft_config = replace_config(peft_config, task_type=None)
@@ -304,7 +306,8 @@ def verdict(
         causes = classify(evidence)  # the real cause first
     causes += renaming.findings
     if not any(d.cause is Cause.MODEL_CLASS_MISMATCH for d in causes):
-        causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None))
+        keys_fit = diff.ok and view.error is None  # only the task's wrapper is in the way: remap='auto' drops it
+        causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None), keys_fit)
     if not any(d.cause is Cause.VOCAB_SIZE_MISMATCH for d in causes):
         causes += token_index_findings(model, repaired.peft_config, repaired.vocab_size)
     causes += replication_findings(model, repaired.peft_config)

@@ -47,9 +47,10 @@ class Situation:
     plain_load: Callable[[torch.nn.Module, str], torch.nn.Module] | None = None  # how plain peft loads it
     load: Callable[..., torch.nn.Module] | None = None  # how safe_peft loads it (default: safe_load_adapter)
     columns: int | None = None  # compare only the first columns of each output (the rows the adapter decides)
+    view: Callable[[torch.nn.Module], list[torch.Tensor]] | None = None  # what is compared (default: outputs)
 
     def differs(self, model: torch.nn.Module) -> float:
-        got, want = outputs(model), self.trained
+        got, want = (self.view or outputs)(model), self.trained
         if self.columns is not None:
             got, want = [t[..., : self.columns] for t in got], [t[..., : self.columns] for t in want]
         return same(got, want)
@@ -62,6 +63,7 @@ class Case:
     make: Make
     code: str | None  # the expected primary finding; None: plain peft and safe_peft both load it exactly
     fix: tuple[str, ...] = ()  # the opt-ins ("remap", "repair") the report must offer
+    predicted: bool = True  # False: only the load can find it (values, which diagnose never reads)
 
     @property
     def id(self) -> str:
@@ -97,14 +99,16 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 1) -> None:
                 param.add_(torch.randn_like(param) * 0.05)
 
 
-def train_and_save(model: torch.nn.Module, config: Any, directory: str, **save: Any) -> list[torch.Tensor]:
+def train_and_save(
+    model: torch.nn.Module, config: Any, directory: str, view: Callable[..., Any] | None = None, **save: Any
+) -> list[torch.Tensor]:
     from peft import get_peft_model
 
     with quiet():
         peft_model = get_peft_model(model, config)
         perturb_trainable(peft_model)
         peft_model.eval()
-        trained = outputs(peft_model)
+        trained = (view or outputs)(peft_model)
         peft_model.save_pretrained(directory, **save)
     return trained
 
@@ -173,7 +177,7 @@ def _run(case: Case, directory: str) -> Outcome:
     if plain != s.plain:
         return Outcome(case.id, PREMISE, f"plain peft: {plain}, the case says {s.plain}")
     with quiet():  # a route of its own (a resume into the PeftModel being trained) is diagnosed by its load
-        report = None if s.load else diagnose(s.base(), s.directory, **s.kwargs)
+        report = None if s.load or not case.predicted else diagnose(s.base(), s.directory, **s.kwargs)
     base = s.base()
     before = _state(base)
     try:
@@ -548,7 +552,100 @@ def kohya_cases() -> list[Case]:
     return [Case("kohya", v, _kohya_case(v), "kohya", ("remap",)) for v in _KOHYA]
 
 
+# -- family: negative controls (the task class, the task head, values) ---------------------------------------------
+
+
+def _tiny(model_type: str, class_name: str) -> Callable[[], torch.nn.Module]:
+    from tiny import build_tiny
+
+    def build() -> torch.nn.Module:
+        with quiet():
+            return build_tiny(model_type, class_name).eval()
+
+    return build
+
+
+def _decoder_states(model: torch.nn.Module) -> list[torch.Tensor]:
+    """T5's decoder hidden states: what T5ForConditionalGeneration and the bare T5Model share."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = torch.tensor([[4, 9, 13, 21, 2]])
+    with torch.no_grad(), quiet():
+        encoded = inner.encoder(input_ids=ids).last_hidden_state
+        return [inner.decoder(input_ids=ids[:, :3], encoder_hidden_states=encoded).last_hidden_state.clone()]
+
+
+def _bare_t5() -> torch.nn.Module:
+    """T5Model with the weights of the T5ForConditionalGeneration the adapter was trained on (the bare model of the
+    same checkpoint, as from_pretrained gives it)."""
+    import transformers
+
+    trained_on = _tiny("t5", "T5ForConditionalGeneration")()
+    with quiet():
+        bare = transformers.T5Model(trained_on.config).eval()
+        bare.load_state_dict({k: v for k, v in trained_on.state_dict().items() if not k.startswith("lm_head.")})
+    return bare
+
+
+def _control_case(name: str) -> Make:
+    def make(directory: str) -> Situation:
+        from peft import PromptTuningConfig, TrainableTokensConfig
+
+        adapter = os.path.join(directory, "adapter")
+        if name == "roberta_seq_cls_into_lm":
+            config = _lora(target_modules=["query", "value"], task_type="SEQ_CLS")
+            trained = train_and_save(_tiny("roberta", "RobertaForSequenceClassification")(), config, adapter)
+            return Situation(adapter, trained, _tiny("roberta", "RobertaForMaskedLM"), plain="fails")
+        if name == "prompt_tuning_into_bare":
+            config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+            trained = train_and_save(_tiny("llama", "LlamaForCausalLM")(), config, adapter)
+            return Situation(adapter, trained, _tiny("llama", "LlamaModel"), plain="fails")
+        if name == "t5_seq2seq_into_bare":
+            config = _lora(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+            trained = train_and_save(_tiny("t5", "T5ForConditionalGeneration")(), config, adapter, _decoder_states)
+            return Situation(adapter, trained, _bare_t5, plain="fails", view=_decoder_states)
+        arch, cls, tied = {
+            "gpt2": ("gpt2", "GPT2LMHeadModel", "transformer.wte"),
+            "t5": ("t5", "T5ForConditionalGeneration", "shared"),
+        }[name.rsplit("_", 1)[1]]
+        trained = train_and_save(_tiny(arch, cls)(), TrainableTokensConfig(token_indices=[1, 2, 3]), adapter)
+        _nan_in(os.path.join(adapter, "adapter_model.safetensors"), f"base_model.model.{tied}.trainable_tokens_delta")
+        return Situation(adapter, trained, _tiny(arch, cls), plain="exact")
+
+    return make
+
+
+def _nan_in(path: str, key: str) -> None:
+    """A NaN in one saved tensor (a diverged step): here the input embedding's token delta, which a tied copy saved
+    after it (lm_head's) hides from the model after loading."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    state[key][0, 0] = float("nan")
+    save_file(state, path)
+
+
+def control_cases() -> list[Case]:
+    return [
+        Case("controls", "roberta_seq_cls_into_lm", _control_case("roberta_seq_cls_into_lm"), "missing_task_head"),
+        Case("controls", "prompt_tuning_into_bare", _control_case("prompt_tuning_into_bare"), "task_type_mismatch"),
+        Case(
+            "controls", "t5_seq2seq_into_bare", _control_case("t5_seq2seq_into_bare"), "task_type_mismatch", ("remap",)
+        ),
+        *(
+            Case(
+                "controls",
+                f"trainable_tokens_nan_{a}",
+                _control_case(f"trainable_tokens_nan_{a}"),
+                "non_finite_values",
+                predicted=False,
+            )
+            for a in ("gpt2", "t5")
+        ),
+    ]
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
+    "controls": control_cases,
     "kohya": kohya_cases,
     "vl": vl_cases,
     "resize": resize_cases,

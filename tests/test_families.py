@@ -29,6 +29,11 @@ SAMPLE = [
     "vl/vision_too_into_text",
     "kohya/sd1",
     "kohya/sdxl_te2",
+    "controls/roberta_seq_cls_into_lm",
+    "controls/prompt_tuning_into_bare",
+    "controls/t5_seq2seq_into_bare",
+    "controls/trainable_tokens_nan_gpt2",
+    "controls/trainable_tokens_nan_t5",
 ]
 CASES = {c.id: c for c in families.cases()}
 
