@@ -40,10 +40,6 @@ CASES = {c.id: c for c in families.cases()}
 
 @pytest.mark.parametrize("name", SAMPLE)
 def test_family_case(name: str) -> None:
-    import transformers
-
-    if name.startswith("vl/") and int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4's checkpoint conversion mapping renames these keys on load: not this case")
     case = CASES[name]
     outcome = families.run(case)
     assert (outcome.kind, outcome.code) == (families.OK, case.code or ""), outcome.detail
