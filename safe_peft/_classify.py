@@ -596,6 +596,10 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
             )
         ]
     modules = sorted({ev.view.expected[k].module for k in missing})
+    # the targets repair takes target_modules from the checkpoint's lora_A stems: it can help only when every stem
+    # is a layer of this model (a stem that is not, peft's injection refuses)
+    stems = {module_of(k) for k in ev.checkpoint if role_of(k) is Role.A}
+    repairable = bool(stems) and stems <= ev.view.layers.keys()
     return [
         Found(
             finding(
@@ -603,6 +607,8 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
                 f"adapter_config.json targets {len(modules)} modules the checkpoint has no weights for "
                 f"(e.g. {modules[0]}): they would run with lora_B at its initial value",
                 details={"modules": modules[:20]},
+                repair=None if repairable else (),
+                fix=None if repairable else "save the adapter again, with its weights for these modules.",
             ),
             len(missing),
         )

@@ -389,10 +389,11 @@ def empty_cases() -> list[Case]:
 # -- family: peft <= 0.17 keys of adapters with unusual names ----------------------------------------------------
 
 
-def _old_peft_case(variant: str, load_as: str) -> Make:
-    """An adapter named ``lora`` saved by peft <= 0.17, whose ``k.replace(".lora", "")`` also cut ``.lora`` out of
-    every LoRA part. Saved by the installed peft itself where it is that old; otherwise its file is rewritten the
-    way peft 0.17's save wrote it."""
+def _old_peft_case(name: str, variant: str, load_as: str) -> Make:
+    """An adapter with an unusual name saved by peft <= 0.17, whose ``k.replace(f".{name}", "")`` also cut the name
+    out of the keys' other segments (``lora``: ``q_proj_A.weight``; ``weight``: ``q_proj.lora_A``; ``lora_A``:
+    ``q_proj.weight``). Saved by the installed peft itself where it is that old; otherwise its file is rewritten
+    the way peft 0.17's save wrote it."""
 
     def make(directory: str) -> Situation:
         import re
@@ -406,18 +407,21 @@ def _old_peft_case(variant: str, load_as: str) -> Make:
             "embedding": {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
         }.get(variant, {})
         with quiet():
-            peft_model = get_peft_model(build("causal"), _lora(**options), adapter_name="lora")
+            peft_model = get_peft_model(build("causal"), _lora(**options), adapter_name=name)
             perturb_trainable(peft_model)
             peft_model.eval()
             trained = outputs(peft_model)
             peft_model.save_pretrained(os.path.join(directory, "adapter"))
-        adapter = os.path.join(directory, "adapter", "lora")  # peft saves a named adapter in a subfolder
+        adapter = os.path.join(directory, "adapter", name)  # peft saves a named adapter in a subfolder
         weights = os.path.join(adapter, "adapter_model.safetensors")
-        state = load_file(weights)
-        if any(".lora_" in k for k in state):  # a newer peft: write what 0.17 wrote
+        if not _saves_like_old_peft():  # a newer peft: write what 0.17 wrote
+            state = load_file(weights)
             named = r"\.(lora_(?:A|B|embedding_A|embedding_B))(\.|$)"
-            state = {re.sub(named, r".\1.lora\2", k).replace(".lora", ""): v for k, v in state.items()}
-            state = {re.sub(r"\.lora_magnitude_vector$", "_magnitude_vector", k): v for k, v in state.items()}
+            state = {re.sub(named, rf".\1.{name}\2", k): v for k, v in state.items()}  # the model's keys
+            state = {
+                re.sub(r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{name}", k): v for k, v in state.items()
+            }
+            state = {k.replace(f".{name}", ""): v for k, v in state.items()}
             save_file(state, weights)
         kwargs = {"adapter_name": load_as} if load_as != "default" else {}
         return Situation(adapter, trained, lambda: build("causal"), plain="fails", kwargs=kwargs)
@@ -425,12 +429,29 @@ def _old_peft_case(variant: str, load_as: str) -> Make:
     return make
 
 
+def _saves_like_old_peft() -> bool:
+    """Whether the installed peft removes the adapter name with ``str.replace`` (0.17 and before)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return not hasattr(BaseTuner, "_remove_adapter_name_from_key")
+
+
 def old_peft_cases() -> list[Case]:
-    return [
-        Case("old_peft", f"lora/{v}/as_{n}", _old_peft_case(v, n), "old_peft_lora_name", ("remap",))
+    cases = [
+        Case("old_peft", f"lora/{v}/as_{n}", _old_peft_case("lora", v, n), "old_peft_lora_name", ("remap",))
         for v in ("plain", "dora", "embedding")
         for n in ("default", "lora")
     ]
+    cases += [
+        Case("old_peft", f"{name}/plain/as_default", _old_peft_case(name, "plain", "default"), code, ("remap",))
+        for name, code in (("weight", "old_peft_weight_name"), ("lora_A", "old_peft_lora_A_name"))
+    ]
+    # an adapter named like a targeted module: its name cut out of the module paths, no rename can tell which
+    # module a key was (`self_attn.q_proj.lora_A.q_proj.weight` -> `self_attn.lora_A.weight`)
+    cases.append(
+        Case("old_peft", "q_proj/plain/as_default", _old_peft_case("q_proj", "plain", "default"), "unknown_modules")
+    )
+    return cases
 
 
 # -- family: vision-language wrappers and their text models -------------------------------------------------------
