@@ -333,6 +333,11 @@ def _empty_case(producer: str) -> Make:
         if producer == "patched_state_dict":
             _patched_state_dict_save(fresh(), adapter)
             return Situation(adapter, trained, fresh, plain="fails", kwargs={"allow_pickle": True})
+        if producer == "zero3_partitions":  # ZeRO-3 without gathering, per tensor: each one torch.Size([0])
+            from safetensors.torch import load_file
+
+            save_file({k: torch.empty(0) for k in load_file(weights)}, weights, metadata={"format": "pt"})
+            return Situation(adapter, trained, fresh, plain="fails")
         os.remove(weights)
         save_file({}, weights, metadata={"format": "pt"})  # what ZeRO-3 + SFTTrainer writes: 40 bytes
         if producer == "zero3":
@@ -383,7 +388,8 @@ def _resume(adapter: str, trained: list[torch.Tensor], fresh: Callable[[], torch
 
 
 def empty_cases() -> list[Case]:
-    return [Case("empty", p, _empty_case(p), "empty_checkpoint") for p in ("zero3", "patched_state_dict", "resume")]
+    cases = [Case("empty", p, _empty_case(p), "empty_checkpoint") for p in ("zero3", "patched_state_dict", "resume")]
+    return [*cases, Case("empty", "zero3_partitions", _empty_case("zero3_partitions"), "zero3_empty_tensors")]
 
 
 # -- family: peft <= 0.17 keys of adapters with unusual names ----------------------------------------------------

@@ -132,6 +132,12 @@ def with_families(text: str, outcomes: list[dict[str, Any]]) -> str:
     return head + "\n".join(_family_section([rows[k] for k in sorted(rows)], failures)) + "\n\n" + tail
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def _family_rows(outcomes: list[dict[str, Any]]) -> dict[str, str]:
     by_family: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for o in outcomes:
@@ -150,6 +156,7 @@ def _family_section(rows: list[str], failures: list[dict[str, Any]]) -> list[str
         "(`tests/families.py`; `python tests/run_sweep.py --family NAME` runs one family and rewrites its row):",
         "where plain peft loads the adapter exactly, safe_peft must too; otherwise the primary finding must be the",
         "expected one, and every fix any finding names is executed and must give the trained outputs.",
+        f"These rows: peft {_version('peft')}, transformers {_version('transformers')}.",
         "",
         "| family | cases | " + " | ".join(families.KINDS) + " |",
         "|---|---|" + "---|" * len(families.KINDS),
