@@ -103,8 +103,8 @@ def wrapper_needs(model: nn.Module, task_type: Any) -> list[str]:
 
 def wrapper_findings(model: nn.Module, task_type: Any, keys_fit: bool = False) -> list[Diagnosis]:
     """A config whose task type's PeftModel class cannot wrap this model (plain peft fails with AttributeError).
-    ``keys_fit``: the adapter's keys fit this model as they are, so ``remap='auto'`` loads it as a plain PeftModel
-    (the bare model of a task model: T5Model for a SEQ_2_SEQ_LM adapter)."""
+    ``keys_fit``: the adapter's keys fit this model as they are; when it is the bare model of the task's class
+    (T5Model for a SEQ_2_SEQ_LM adapter), ``remap='auto'`` loads it as a plain PeftModel."""
     lacking = wrapper_needs(model, task_type)
     if not lacking:
         return []
@@ -112,6 +112,8 @@ def wrapper_findings(model: nn.Module, task_type: Any, keys_fit: bool = False) -
     wanted = TASK_CLASS.get(task, "the class the adapter was trained with")
     cls = type(model).__name__
     plain = f", or pass remap='auto' to load it into this {cls} as a plain PeftModel (task_type -> None)"
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    keys_fit = keys_fit and not (prefix and hasattr(model, prefix))  # the bare model, not another task's class
     return [
         finding(
             "task_type_mismatch",

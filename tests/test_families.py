@@ -138,3 +138,18 @@ def test_the_ordering_rule(given: list[tuple[str, bool]], expected: list[str]) -
     from safe_peft._catalog import order
 
     assert [d.code for d in order([_d(c, p) for c, p in given])] == expected
+
+
+@pytest.mark.parametrize(("kind", "offered"), [("seqcls", None)])
+def test_task_type_mismatch_offers_remap_only_on_the_bare_model(
+    adapters: dict[str, Any], kind: str, offered: str | None
+) -> None:
+    """A CAUSAL_LM adapter on another task's class (its keys fit) is not loaded as a plain PeftModel there: the
+    class is the mistake (the bare model case is tests/families.py's t5_seq2seq_into_bare)."""
+    from helpers import build
+
+    from safe_peft import diagnose
+
+    report = diagnose(build(kind), adapters["causal_task"][0])
+    task = next(d for d in report.causes if d.code == "task_type_mismatch")
+    assert task.remap == offered
