@@ -153,3 +153,15 @@ def test_task_type_mismatch_offers_remap_only_on_the_bare_model(
     report = diagnose(build(kind), adapters["causal_task"][0])
     task = next(d for d in report.causes if d.code == "task_type_mismatch")
     assert task.remap == offered
+
+
+def test_the_resized_saved_heads_layout_loads_through_the_switch_too(tmp_path: Any) -> None:
+    """peft's own from_pretrained under safe_peft.patched(): the same plan, the same exact load."""
+    from peft import PeftModel
+
+    import safe_peft
+
+    situation = families._resize_case("modules_to_save", 8, True, True)(str(tmp_path))
+    with safe_peft.patched(), families.quiet():
+        model = PeftModel.from_pretrained(situation.base(), situation.directory)
+    assert situation.differs(model) <= 1e-5
