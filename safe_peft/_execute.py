@@ -485,10 +485,12 @@ def tied_copies_not_finite(plan: LoadPlan, state: dict[str, Any]) -> list[str]:
     """Checkpoint keys naming one tensor of the model together (tied embeddings: T5's shared / encoder / decoder /
     lm_head token deltas) keep only the value written last, so the model cannot show a NaN in the others: their
     values are read from the file (those keys alone) and scanned."""
+    from safe_peft._sharding import local_tensor  # hook: a DTensor's storage is its local shard's
+
     shared: dict[tuple[str, int], list[str]] = {}
     for key, tensor in state.items():
-        if tensor.device.type != "meta" and tensor.is_floating_point():
-            shared.setdefault((str(tensor.device), tensor.data_ptr()), []).append(key)
+        if tensor.device.type != "meta" and tensor.is_floating_point() and tensor.numel():
+            shared.setdefault((str(tensor.device), local_tensor(tensor).data_ptr()), []).append(key)
     tied = [k for keys in shared.values() if len(keys) > 1 for k in keys if k in plan.checkpoint]
     if not tied or plan.files.weights_format != "safetensors":
         return []
