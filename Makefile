@@ -88,4 +88,4 @@ clean:
 # The breadth sweep (issue 10): every architecture that builds tiny x {default targets, all-linear}, and every
 # PeftType on a few architectures; writes docs/sweep.md. A fixed sample runs in `make test` (tests/test_sweep.py).
 sweep: $(STAMP)
-	$(PY) tests/run_sweep.py --methods --negative
+	$(PY) tests/run_sweep.py --methods --negative --families

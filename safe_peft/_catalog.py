@@ -13,12 +13,12 @@ wrong wrapper, keys laid out differently); 2 shapes and keys the model does not 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from safe_peft.report import Cause, Diagnosis
 
-__all__ = ["CATALOG", "Entry", "entry", "finding", "register"]
+__all__ = ["CATALOG", "EXPLAINS", "Entry", "entry", "finding", "order", "proven", "register", "without_spent_fix"]
 
 
 @dataclass(frozen=True)
@@ -258,6 +258,16 @@ _ENTRIES: tuple[Entry, ...] = (
         "accelerator.get_state_dict(model).",
     ),
     Entry(
+        "empty_checkpoint",
+        _C.CORRUPT_CHECKPOINT,
+        0,
+        True,
+        "save the adapter again from the trained model, with its tensors gathered: under DeepSpeed ZeRO-3, "
+        "with accelerator.get_state_dict(model) or zero3 gathered 16-bit weights; without a patched "
+        "model.state_dict that filters the adapter's tensors a second time. A Trainer checkpoint saved this way "
+        "holds nothing to resume from.",
+    ),
+    Entry(
         "unpaired_lora",
         _C.CORRUPT_CHECKPOINT,
         0,
@@ -294,6 +304,14 @@ _ENTRIES: tuple[Entry, ...] = (
         1,
         False,
         "load the base model with {wanted}.from_pretrained(...) and pass that model.",
+    ),
+    Entry(
+        "vl_adapter_on_text_model",
+        _C.MODEL_CLASS_MISMATCH,
+        1,
+        True,
+        "load the adapter into the vision-language model it was trained with (its *ForConditionalGeneration "
+        "class); the text-only model has no {where} for its weights.",
     ),
     Entry("base_config_differs", _C.WRONG_BASE_MODEL, 1, True, _TRAINED_BASE),
     Entry(
@@ -718,6 +736,67 @@ def finding(
         repair=e.repair if repair is None else repair,
         details=facts,
     )
+
+
+def without_spent_fix(diagnosis: Diagnosis, remap: object, repair: tuple[str, ...]) -> Diagnosis:
+    """A finding never offers a fix that, applied, ends in the same finding again: one still found with its own
+    opt-in already given (every repair it names among ``repair``, its remap the ``remap`` given) offers none."""
+    if not diagnosis.remap and not diagnosis.repair:
+        return diagnosis
+    if not set(diagnosis.repair) <= set(repair) or (diagnosis.remap is not None and diagnosis.remap != remap):
+        return diagnosis
+    spent = diagnosis.fix_arguments()
+    return replace(
+        diagnosis,
+        remap=None,
+        repair=(),
+        fix=f"{spent} was given and does not resolve this; {diagnosis.fix}",
+        details={**diagnosis.details, "spent_fix": spent},
+    )
+
+
+# -- the order of findings when several apply ---------------------------------------------------------------------
+
+# code -> the codes of the findings it explains: the trained base's config names the dimension the keys' story shows;
+# a task model's adapter on a model its task's wrapper cannot take is why peft's injection fails
+EXPLAINS: dict[str, frozenset[str]] = {
+    "task_type_mismatch": frozenset(
+        {"injection_rejected", "unknown_modules", "targets_without_weights", "unexplained"}
+    ),
+    "base_config_differs": frozenset(
+        {
+            "dimension_mismatch",
+            "fewer_layers",
+            "more_layers",
+            "unknown_modules",
+            "untargeted_modules",
+            "targets_without_weights",
+            "incomplete_checkpoint",
+            "unexplained",
+            "target_modules_not_found",
+            "replicated_base",
+        }
+    ),
+}
+
+
+def proven(diagnosis: Diagnosis) -> bool:
+    """Whether the finding's opt-in fix was proven exact while planning (a rename every key then fits)."""
+    return bool(diagnosis.details.get("proven")) and bool(diagnosis.remap or diagnosis.repair)
+
+
+def order(findings: list[Diagnosis]) -> list[Diagnosis]:
+    """The one rule for ordering findings when several apply: a finding whose opt-in fix is proven exact comes
+    first (what it fixes, a config difference included, is secondary); then a finding that explains another
+    (:data:`EXPLAINS`) comes before the first one it explains; otherwise the order given (by :attr:`Entry.rank`,
+    then by how many keys each explains) is kept."""
+    result: list[Diagnosis] = [d for d in findings if proven(d)]
+    first = len(result)
+    for diagnosis in (d for d in findings if not proven(d)):
+        explained = EXPLAINS.get(diagnosis.code, frozenset())
+        at = next((i for i in range(first, len(result)) if result[i].code in explained), len(result))
+        result.insert(at, diagnosis)
+    return result
 
 
 def rank(diagnosis: Diagnosis) -> int:

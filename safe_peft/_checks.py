@@ -101,21 +101,29 @@ def wrapper_needs(model: nn.Module, task_type: Any) -> list[str]:
     return [name for name in TASK_NEEDS.get(task, ()) if not callable(getattr(model, name, None))]
 
 
-def wrapper_findings(model: nn.Module, task_type: Any) -> list[Diagnosis]:
-    """A config whose task type's PeftModel class cannot wrap this model (plain peft fails with AttributeError)."""
+def wrapper_findings(model: nn.Module, task_type: Any, keys_fit: bool = False) -> list[Diagnosis]:
+    """A config whose task type's PeftModel class cannot wrap this model (plain peft fails with AttributeError).
+    ``keys_fit``: the adapter's keys fit this model as they are; when it is the bare model of the task's class
+    (T5Model for a SEQ_2_SEQ_LM adapter), ``remap='auto'`` loads it as a plain PeftModel."""
     lacking = wrapper_needs(model, task_type)
     if not lacking:
         return []
     task = str(task_type).rsplit(".", 1)[-1].upper()
     wanted = TASK_CLASS.get(task, "the class the adapter was trained with")
     cls = type(model).__name__
+    plain = f", or pass remap='auto' to load it into this {cls} as a plain PeftModel (task_type -> None)"
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    keys_fit = keys_fit and not (prefix and hasattr(model, prefix))  # the bare model, not another task's class
     return [
         finding(
             "task_type_mismatch",
             f"the adapter was saved with task_type={task}, so peft wraps the model in the PeftModel class for that "
             f"task, which needs {', '.join(lacking)}; {cls} has no such method (it is not a {wanted} model)",
             details={"task_type": task, "lacking": lacking, "model_class": cls},
-            advice=f"load the base model with {wanted}.from_pretrained(...) and pass that model.",
+            advice=f"load the base model with {wanted}.from_pretrained(...) and pass that model"
+            + (plain if keys_fit else "")
+            + ".",
+            remap="auto" if keys_fit else None,
         )
     ]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft._catalog import finding, rank
+from safe_peft._catalog import finding, order, rank
 from safe_peft._compare import KeyDiff
 from safe_peft._keys import Role, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
 from safe_peft._model_view import ModelView
@@ -81,7 +81,7 @@ def classify(ev: Evidence) -> list[Diagnosis]:
             Found(finding("unexplained", "the checkpoint and the model disagree in a way no known cause explains"), 0)
         )
     ordered = sorted(enumerate(found), key=lambda t: (rank(t[1].diagnosis), -t[1].weight, t[0]))
-    return [f.diagnosis for _, f in ordered]
+    return order([f.diagnosis for _, f in ordered])
 
 
 def register_detector(detector: Detector) -> Detector:
@@ -94,8 +94,10 @@ def register_detector(detector: Detector) -> Detector:
 
 
 def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
-    findings = []
     checkpoint = ev.checkpoint
+    if ev.adapter and not checkpoint and ev.diff.missing:
+        return [_empty(ev)]
+    findings = []
     known = ev.shapes_known
     empty = [k for k, s in checkpoint.items() if known and role_of(k) in (Role.A, Role.B) and (len(s) < 2 or 0 in s)]
     if empty:
@@ -129,6 +131,22 @@ def _corrupt(ev: Evidence, _: frozenset[str]) -> list[Found]:
             )
         )
     return findings
+
+
+def _empty(ev: Evidence) -> Found:
+    """No tensors at all: no rename or config repair can give the model what the file does not hold."""
+    missing = [m.key for m in ev.diff.missing]
+    return Found(
+        finding(
+            "empty_checkpoint",
+            f"the adapter file holds no tensors at all, where the model expects {len(missing)} (e.g. {missing[0]!r}): "
+            "it was saved without its weights (DeepSpeed ZeRO-3 without gathering the parameters, or a patched "
+            "model.state_dict that filtered the adapter's tensors twice)",
+            details={"expected": len(missing)},
+        ),
+        len(missing),
+        frozenset(missing),
+    )
 
 
 def _own_method_keys(ev: Evidence) -> bool:
@@ -236,17 +254,39 @@ def _layout(ev: Evidence, _: frozenset[str]) -> list[Found]:
             lead.name,
             message,
             fix=fix,
-            details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped)},
+            details={"rules": names, "renamed": len(plan.renames), "dropped": len(plan.dropped), "proven": True},
             rules=", ".join(names),
         )
         return [Found(diagnosis, len(plan.renames) + len(plan.dropped), frozenset(plan.renames) | set(plan.dropped))]
     if cause is not Cause.MODEL_CLASS_MISMATCH:
         return []
     left = [k for k in ev.checkpoint if plan.renames.get(k, k) not in ev.view.expected]
+    vision = _vision_part(ev, plan, left, names)
+    if vision:
+        return [Found(vision, len(ev.checkpoint), frozenset(ev.checkpoint) | {m.key for m in ev.diff.missing})]
     if not left or any(role_of(k) for k in left) or len(left) * 4 > len(ev.checkpoint):
         return []  # only plain head weights may be left over: anything else is not a class mismatch
     heads = sorted({module_of(k) for k in left})
     return [Found(_missing_head(ev, heads, task, example, names), len(ev.checkpoint), frozenset(ev.checkpoint))]
+
+
+def _vision_part(ev: Evidence, plan: RemapPlan, left: list[str], rules: list[str]) -> Diagnosis | None:
+    """A vision-language adapter on its text model: the language model's keys all land by the VL-to-text rename,
+    and what is left are the adapter's tensors of the parts a text-only model does not have (the vision tower,
+    the projector). No rename can load them, and leaving them out would not be the trained adapter."""
+    if "vl_to_text_nesting" not in rules or not left or any(module_of(k) in ev.view.module_names for k in left):
+        return None
+    landed = {plan.renames.get(k, k) for k in ev.checkpoint if k not in left}
+    if not {k for k, e in ev.view.expected.items() if e.required} <= landed:
+        return None
+    parts = sorted({".".join(module_of(k).split(".")[:2]) for k in left})
+    return finding(
+        "vl_adapter_on_text_model",
+        f"a vision-language adapter on the text-only {ev.view.model_class}: its language-model weights fit after "
+        f"the VL-to-text rename, but {len(left)} tensors of {', '.join(parts)} have no module here",
+        details={"parts": parts, "keys": left[:20], "count": len(left), "rules": rules},
+        where=", ".join(parts),
+    )
 
 
 def _missing_head(ev: Evidence, heads: list[str], task: str, example: str, rules: list[str]) -> Diagnosis:
@@ -294,6 +334,8 @@ def _shapes(ev: Evidence, explained: frozenset[str]) -> list[Found]:
         is_embedding = ev.view.layers.get(module) is not None and ev.view.layers[module].kind == "embedding"
         base_rows = want is not None and want.role is Role.BASE_EMBEDDING  # the saved base embedding weights
         vocab_rows = axes == {"rows"} and (base_rows or _is_vocab_module(ev, module, is_embedding))
+        # a LoRA on the output embedding (lm_head): its out_features are the vocabulary
+        vocab_rows |= axes == {"out_features"} and not is_embedding and _is_vocab_module(ev, module, is_embedding)
         if axes == {"rank"}:
             rank_keys.append(mm)
         elif axes == {"vocab"} or vocab_rows:
@@ -470,7 +512,14 @@ def _saved_heads(ev: Evidence) -> set[str]:
 
 
 def _matching_modules(ev: Evidence, name: str) -> set[str]:
-    return {module_of(k) for k in ev.checkpoint if module_of(k) == name or module_of(k).endswith("." + name)} | {name}
+    """The checkpoint's modules a saved-module name covers: the module itself and every module inside it (a head
+    with submodules: RoBERTa's ``classifier.dense`` / ``classifier.out_proj``)."""
+    return {m for k in ev.checkpoint if _within(m := module_of(k), name)} | {name}
+
+
+def _within(module: str, name: str) -> bool:
+    dotted = f".{module}."
+    return f".{name}." in dotted
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -547,6 +596,10 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
             )
         ]
     modules = sorted({ev.view.expected[k].module for k in missing})
+    # the targets repair takes target_modules from the checkpoint's lora_A stems: it can help only when every stem
+    # is a layer of this model (a stem that is not, peft's injection refuses)
+    stems = {module_of(k) for k in ev.checkpoint if role_of(k) is Role.A}
+    repairable = bool(stems) and stems <= ev.view.layers.keys()
     return [
         Found(
             finding(
@@ -554,6 +607,8 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
                 f"adapter_config.json targets {len(modules)} modules the checkpoint has no weights for "
                 f"(e.g. {modules[0]}): they would run with lora_B at its initial value",
                 details={"modules": modules[:20]},
+                repair=None if repairable else (),
+                fix=None if repairable else "save the adapter again, with its weights for these modules.",
             ),
             len(missing),
         )

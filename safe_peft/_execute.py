@@ -451,6 +451,7 @@ def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str,
             )
         )
     non_finite, zero_b = scan_values(state)
+    non_finite += [k for k in tied_copies_not_finite(plan, state) if k not in non_finite]
     if non_finite:
         causes.append(
             finding(
@@ -485,6 +486,28 @@ def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str,
         model_class=plan.report.model_class,
         adapter_name=adapter_name,
     )
+
+
+def tied_copies_not_finite(plan: LoadPlan, state: dict[str, Any]) -> list[str]:
+    """Checkpoint keys naming one tensor of the model together (tied embeddings: T5's shared / encoder / decoder /
+    lm_head token deltas) keep only the value written last, so the model cannot show a NaN in the others: their
+    values are read from the file (those keys alone) and scanned."""
+    from safe_peft._sharding import local_tensor  # hook: a DTensor's storage is its local shard's
+
+    shared: dict[tuple[str, int], list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.is_floating_point() and tensor.numel():
+            shared.setdefault((str(tensor.device), local_tensor(tensor).data_ptr()), []).append(key)
+    tied = [k for keys in shared.values() if len(keys) > 1 for k in keys if k in plan.checkpoint]
+    if not tied or plan.files.weights_format != "safetensors":
+        return []
+    from safetensors import safe_open
+
+    original = {new: old for old, new in plan.renames.items()}
+    with safe_open(plan.files.weights_path, "pt") as f:
+        names = set(f.keys())
+        values = {k: f.get_tensor(original.get(k, k)) for k in tied if original.get(k, k) in names}
+    return scan_values(values)[0]
 
 
 def scan_values(state: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -54,12 +54,14 @@ def convert_kohya(
     unresolved: list[str] = []
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    flats = {k: _strip_prefix(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0]) for k in shapes if _KOHYA.match(k)}
+    wrapper = _gone_wrapper(set(flats.values()), by_flat)
     for key, shape in shapes.items():
         match = _KOHYA.match(key)
         if match is None:
             unresolved.append(key)
             continue
-        flat = _strip_prefix(key.rsplit(".", 2 if key.endswith(".weight") else 1)[0])
+        flat = flats[key].removeprefix(wrapper)
         candidates = by_flat.get(flat, [])
         if len(candidates) != 1:
             unresolved.append(key)
@@ -89,6 +91,21 @@ def convert_kohya(
         "bias": "none",
     }
     return KohyaConversion(renames, tuple(dropped), config, unresolved)
+
+
+def _gone_wrapper(flats: set[str], by_flat: Mapping[str, list[str]]) -> str:
+    """A leading wrapper module every name has and the model no longer has, so that without it every name
+    resolves to exactly one module: kohya's SD1 / SD2 names come from transformers 4's ``CLIPTextModel``, whose
+    layers sat under ``text_model.`` (``lora_te_text_model_encoder_layers_0_...``); transformers 5's has no such
+    wrapper. '' when the names resolve as they are, or no single wrapper makes all of them resolve."""
+    if not flats or all(len(by_flat.get(f, [])) == 1 for f in flats):
+        return ""
+    first = min(flats)
+    for cut in (i + 1 for i, c in enumerate(first) if c == "_"):
+        wrapper = first[:cut]
+        if all(f.startswith(wrapper) and len(by_flat.get(f[cut:], [])) == 1 for f in flats):
+            return wrapper
+    return ""
 
 
 def _strip_prefix(name: str) -> str:

@@ -233,11 +233,13 @@ def _analytic(
         targeted.append(name)
     if not targeted and cfg.target_modules:
         return {}, _no_target_found(cfg.target_modules)  # peft raises NoMatchingPeftModuleError here
+    saved_modules = set()
     for name, module in _modules_to_save(model, cfg.modules_to_save or []):
+        saved_modules.add(name)
         for pname, tensor in module.state_dict(keep_vars=True).items():  # buffers too (BatchNorm statistics)
             key = f"{PEFT_PREFIX}{name}.{pname}"
             expected[key] = ExpectedKey(key, tuple(tensor.shape), name, Role.SAVED_MODULE)
-    _add_embedding_layers(model, expected, set(targeted))
+    _add_embedding_layers(model, expected, set(targeted), saved_modules)
     return expected, None
 
 
@@ -277,15 +279,26 @@ def _embedding_parameters(model: nn.Module) -> list[tuple[str, Any]]:
     ]
 
 
-def _add_embedding_layers(model: nn.Module, expected: dict[str, ExpectedKey], targeted: set[str]) -> None:
-    """peft also saves the base embedding weights when embeddings were targeted or resized (a LoRA on an
-    embedding wraps it, so its weight then sits under ``base_layer.``)."""
-    for name, param in _embedding_parameters(model):
+def _add_embedding_layers(
+    model: nn.Module, expected: dict[str, ExpectedKey], targeted: set[str], saved: set[str]
+) -> None:
+    """peft also saves the embedding layers' whole state when embeddings were targeted or resized: every entry under
+    the layer's name, adapter name removed. When a LoRA targets an embedding, only the targeted ones, whose weight
+    then sits under ``base_layer.``; otherwise every embedding layer, where a saved module (``modules_to_save``) is
+    wrapped, so its copy and the original sit under ``modules_to_save.`` and ``original_module.`` (beside the saved
+    module's own key)."""
+    parameters = _embedding_parameters(model)
+    any_targeted = any(name.rpartition(".")[0] in targeted for name, _ in parameters)
+    for name, param in parameters:
         module, _, pname = name.rpartition(".")
-        inner = "base_layer." if module in targeted else ""
-        key = f"{PEFT_PREFIX}{module}.{inner}{pname}"
-        if key not in expected:
-            expected[key] = ExpectedKey(key, tuple(param.shape), module, Role.BASE_EMBEDDING, required=False)
+        if any_targeted:
+            inner = ["base_layer."] if module in targeted else []
+        else:
+            inner = ["modules_to_save.", "original_module."] if module in saved else [""]
+        for where in inner:
+            key = f"{PEFT_PREFIX}{module}.{where}{pname}"
+            if key not in expected:
+                expected[key] = ExpectedKey(key, tuple(param.shape), module, Role.BASE_EMBEDDING, required=False)
 
 
 def _no_target_found(target_modules: Any) -> Diagnosis:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import AdapterSource, read_adapter
 from safe_peft._adapter_files import AdapterFiles, no_config_error
-from safe_peft._catalog import finding
+from safe_peft._catalog import finding, order, without_spent_fix
 from safe_peft._checks import (
     adapter_name_findings,
     base_config_findings,
@@ -205,6 +205,7 @@ class Renaming:
     applied: tuple[str, ...] = ()  # rule names
     closest: RemapPlan | None = None  # the best plan found, when the keys do not fit as they are
     findings: tuple[Diagnosis, ...] = ()
+    auto: bool = False  # remap='auto' and the keys fit, as they are or renamed: its conversions apply
 
 
 def choose_renames(layout: Layout, view: ModelView, remap: object, repair: tuple[str, ...]) -> Renaming:
@@ -222,10 +223,11 @@ def choose_renames(layout: Layout, view: ModelView, remap: object, repair: tuple
         if remap == "auto" and not plan.exact:
             findings.append(_remap_refused(plan, "no combination of the built-in rules"))
     if remap is None or plan is None or not plan.exact:
-        return Renaming(checkpoint, closest=plan, findings=tuple(findings))
+        fits = remap == "auto" and plan is None
+        return Renaming(checkpoint, closest=plan, findings=tuple(findings), auto=fits)
     gone = set(plan.dropped)
     moved = {plan.renames.get(k, k): s for k, s in checkpoint.items() if k not in gone}
-    return Renaming(moved, dict(plan.renames), plan.dropped, tuple(r.name for r in plan.rules))
+    return Renaming(moved, dict(plan.renames), plan.dropped, tuple(r.name for r in plan.rules), auto=remap == "auto")
 
 
 # -- stage: repairs (opt-in) -----------------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def apply_repairs(
     peft_config, config_data = source.peft_config, source.config_data
     repairs = list(source.repairs)
     checkpoint = renaming.checkpoint
-    if renaming.applied and wrapper_needs(model, getattr(peft_config, "task_type", None)):
+    if (renaming.applied or renaming.auto) and wrapper_needs(model, getattr(peft_config, "task_type", None)):
         # remap='auto' loads a task model's adapter into the bare model: it is wrapped as a plain PeftModel
         task = str(peft_config.task_type).rsplit(".", 1)[-1]
         peft_config = replace_config(peft_config, task_type=None)
@@ -344,7 +346,8 @@ def verdict(
         causes = classify(evidence)  # the real cause first
     causes += renaming.findings
     if not any(d.cause is Cause.MODEL_CLASS_MISMATCH for d in causes):
-        causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None))
+        keys_fit = diff.ok and view.error is None  # only the task's wrapper is in the way: remap='auto' drops it
+        causes += wrapper_findings(model, getattr(repaired.peft_config, "task_type", None), keys_fit)
     if not any(d.cause is Cause.VOCAB_SIZE_MISMATCH for d in causes):
         causes += token_index_findings(model, repaired.peft_config, repaired.vocab_size)
     causes += replication_findings(model, repaired.peft_config)
@@ -357,9 +360,10 @@ def verdict(
 
     stamp = base_check(model, source.files)
     causes += stamp.causes
+    causes = [without_spent_fix(d, remap, tuple(repair)) for d in causes]
     ok = not causes and diff.ok
-    if not ok:  # the config of the base it was trained on says why (ranked before the keys' story)
-        causes = [*other_base, *causes]
+    if not ok:  # the config of the base it was trained on says why (before the keys' story it explains)
+        causes = order([*other_base, *causes])
     report = LoadReport(
         ok=ok,
         missing=diff.missing,

@@ -96,6 +96,27 @@ BUILTIN: tuple[RemapRule, ...] = (
         "remove an adapter name saved inside the keys (`lora_A.default.weight` -> `lora_A.weight`)",
     ),
     RemapRule(
+        "old_peft_lora_name",
+        r"\.(?!lora_)([^.]+?)_((?:embedding_)?[AB](?:\.weight|\.bias)?|magnitude_vector)(?:(?<=vector)\.weight)?$",
+        r".\1.lora_\2",
+        "peft <= 0.17 removed an adapter named `lora` with `replace('.lora', '')`, which also cut `.lora` out of "
+        "every LoRA part (`q_proj.lora_A.lora.weight` -> `q_proj_A.weight`): put `.lora_` back",
+    ),
+    RemapRule(
+        "old_peft_weight_name",
+        r"\.(lora_[AB])$",
+        r".\1.weight",
+        "peft <= 0.17 removed an adapter named `weight` with `replace('.weight', '')`, which also cut the LoRA "
+        "tensors' own `.weight` (`q_proj.lora_A.weight.weight` -> `q_proj.lora_A`): put it back",
+    ),
+    RemapRule(
+        "old_peft_lora_A_name",
+        r"^(?!.*\.lora_)(.+)\.weight$",
+        r"\1.lora_A.weight",
+        "peft <= 0.17 removed an adapter named `lora_A` with `replace('.lora_A', '')`, which also cut `.lora_A` out "
+        "of every lora_A key (`q_proj.lora_A.lora_A.weight` -> `q_proj.weight`): put it back",
+    ),
+    RemapRule(
         "modules_to_save_name_out",
         r"\.modules_to_save\.[A-Za-z0-9_\-]+\.",
         ".",

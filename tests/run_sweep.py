@@ -1,6 +1,10 @@
 """``make sweep``: every case of the breadth sweep in worker processes; results to JSON and docs/sweep.md.
 
     python tests/run_sweep.py [--mapping causal_lm ...] [--methods] [--workers 2] [--only SUBSTRING]
+    python tests/run_sweep.py --family resize [--family empty ...]   # real-layout families alone
+
+With ``--family``, only those families of tests/families.py run, and only their rows of docs/sweep.md's
+"Real-layout families" section are rewritten (the rest of the page is left as the last full run wrote it).
 
 Exit code 1 when any case breaks the invariant (false refusal, wrong result, warning, diagnose disagreeing).
 """
@@ -20,6 +24,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import families
 import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,10 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-methods", action="store_true", help="only the PeftType sweep")
     parser.add_argument("--only", default="", help="run cases whose name contains this")
     parser.add_argument("--negative", action="store_true", help="also the negative sweep (tests/negative.py)")
+    parser.add_argument(
+        "--family", action="append", choices=sorted(families.FAMILIES), help="only these real-layout families"
+    )
+    parser.add_argument("--families", action="store_true", help="also every real-layout family (tests/families.py)")
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--json", default=os.path.join(ROOT, "build", "sweep.json"))
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs", "sweep.md"), help="'' to skip")
     args = parser.parse_args(argv)
+    if args.family:
+        return run_families(tuple(args.family), args.docs)
 
     jobs: list[sweep.Case] = []
     if not args.only_methods:
@@ -67,18 +78,93 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"negative failed: {outcome.name}: {outcome.detail}", flush=True)
 
         negatives = [o.to_dict() for o in negative.run_all(report)]
+    layouts = [o.to_dict() for o in families.run_all(progress=_report_family)] if args.families else []
     elapsed = time.perf_counter() - started
     results.sort(key=lambda r: r["name"])
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"seconds": round(elapsed), "results": results, "negative": negatives}, f, indent=1)
+        json.dump(
+            {"seconds": round(elapsed), "results": results, "negative": negatives, "families": layouts}, f, indent=1
+        )
     counts = collections.Counter(r["outcome"] for r in results)
     print(f"{len(results)} cases in {elapsed:.0f} s: {dict(counts)}")
     if args.docs and not args.only:
         with open(args.docs, "w") as f:
-            f.write(render(results, elapsed, args.workers, negatives, args.mapping))
+            f.write(render(results, elapsed, args.workers, negatives, args.mapping, layouts))
     failed = any(r["outcome"] in sweep.FAILURES for r in results) or any(not n["ok"] for n in negatives)
-    return 1 if failed else 0
+    return 1 if failed or any(o["kind"] != families.OK for o in layouts) else 0
+
+
+def _report_family(outcome: families.Outcome) -> None:
+    if not outcome.ok:
+        print(f"family case failed: {outcome.name}: {outcome.kind}: {outcome.detail}", flush=True)
+
+
+def run_families(names: tuple[str, ...], docs: str) -> int:
+    """``--family``: the named real-layout families alone; their rows of docs/sweep.md are rewritten."""
+    started = time.perf_counter()
+    outcomes = [o.to_dict() for o in families.run_all(names, progress=_report_family)]
+    counts = collections.Counter(o["kind"] for o in outcomes)
+    print(f"{len(outcomes)} family cases in {time.perf_counter() - started:.0f} s: {dict(counts)}")
+    if docs and os.path.exists(docs):
+        with open(docs) as f:
+            text = f.read()
+        with open(docs, "w") as f:
+            f.write(with_families(text, outcomes))
+    return 1 if any(o["kind"] != families.OK for o in outcomes) else 0
+
+
+FAMILIES_HEADING = "## Real-layout families"
+
+
+def with_families(text: str, outcomes: list[dict[str, Any]]) -> str:
+    """docs/sweep.md with the families section rewritten: rows of the families in ``outcomes`` replaced, other
+    families' rows kept as the page had them."""
+    head, found, rest = text.partition(FAMILIES_HEADING)
+    end = rest.find("\n## ") + 1 if "\n## " in rest else len(rest)
+    section, tail = rest[:end], rest[end:]
+    if not found:
+        head, marker, tail = text.partition("## Exclusions, by reason")
+        tail = marker + tail
+    kept = {row.split("`")[1]: row for row in section.splitlines() if row.startswith("| `")} if found else {}
+    rows = {**kept, **_family_rows(outcomes)}
+    failures = [o for o in outcomes if o["kind"] != families.OK]
+    return head + "\n".join(_family_section([rows[k] for k in sorted(rows)], failures)) + "\n\n" + tail
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _family_rows(outcomes: list[dict[str, Any]]) -> dict[str, str]:
+    by_family: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for o in outcomes:
+        by_family[o["name"].split("/", 1)[0]][o["kind"]] += 1
+    return {
+        name: f"| `{name}` | {sum(c.values())} | " + " | ".join(str(c[k]) for k in families.KINDS) + " |"
+        for name, c in by_family.items()
+    }
+
+
+def _family_section(rows: list[str], failures: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        FAMILIES_HEADING,
+        "",
+        "Layouts real training stacks write, each case rebuilt with the same peft / transformers calls and save",
+        "(`tests/families.py`; `python tests/run_sweep.py --family NAME` runs one family and rewrites its row):",
+        "where plain peft loads the adapter exactly, safe_peft must too; otherwise the primary finding must be the",
+        "expected one, and every fix any finding names is executed and must give the trained outputs.",
+        f"These rows: peft {_version('peft')}, transformers {_version('transformers')}.",
+        "",
+        "| family | cases | " + " | ".join(families.KINDS) + " |",
+        "|---|---|" + "---|" * len(families.KINDS),
+        *rows,
+        "",
+    ]
+    lines += [f"- `{o['name']}` {o['kind']}: {_cell(o['detail'])}" for o in failures] or ["No failed case."]
+    return lines
 
 
 BATCH = 8
@@ -125,6 +211,7 @@ def render(
     workers: int,
     negatives: list[dict[str, Any]] | None = None,
     mappings: list[str] | None = None,
+    layouts: list[dict[str, Any]] | None = None,
 ) -> str:
     """docs/sweep.md: counts per mapping and method, every failure and every exclusion with its reason."""
     import peft
@@ -192,6 +279,9 @@ def render(
             f"{', '.join(f'`{x}`' for x in n['fixes_run']) or '-'} |"
             for n in negatives
         ]
+    if layouts:
+        rows = _family_rows(layouts)
+        lines += ["", *_family_section([rows[k] for k in sorted(rows)], [o for o in layouts if o["kind"] != "ok"])]
     reasons: dict[str, list[str]] = collections.defaultdict(list)
     for r in results:
         if r["outcome"] == sweep.EXCLUDED:

@@ -115,3 +115,31 @@ def test_foreign_layouts_are_named(layout: str, code: str, adapters: dict[str, A
     report = diagnose(build("causal"), directory)
     assert report.primary is not None
     assert (report.primary.cause, report.primary.code) == (Cause.FOREIGN_FORMAT, code), str(report)
+
+
+@pytest.mark.parametrize(
+    ("names", "modules", "wrapper"),
+    [
+        # transformers 5's CLIPTextModel has no `text_model.` wrapper; kohya's SD1 / SD2 names still carry it
+        (
+            {"text_model_encoder_layers_0_q", "text_model_encoder_layers_1_q"},
+            ["encoder.layers.0.q", "encoder.layers.1.q"],
+            "text_model_",
+        ),
+        # names that resolve as they are keep them
+        ({"text_model_encoder_layers_0_q"}, ["text_model.encoder.layers.0.q"], ""),
+        # a wrapper only some names have is no wrapper
+        ({"text_model_encoder_layers_0_q", "encoder_layers_1_q"}, ["encoder.layers.0.q", "encoder.layers.1.q"], ""),
+        # a name that stays ambiguous without it: nothing is stripped
+        ({"x_a_b"}, ["a.b", "a_b"], ""),
+    ],
+)
+def test_a_wrapper_the_model_no_longer_has_is_stripped_only_when_every_name_then_resolves(
+    names: set[str], modules: list[str], wrapper: str
+) -> None:
+    from safe_peft._foreign import _gone_wrapper
+
+    by_flat: dict[str, list[str]] = {}
+    for name in modules:
+        by_flat.setdefault(name.replace(".", "_"), []).append(name)
+    assert _gone_wrapper(names, by_flat) == wrapper

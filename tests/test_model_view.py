@@ -19,6 +19,8 @@ CASES = [
     ("causal", dict(target_modules=["q_proj", "v_proj"])),
     ("causal", dict(target_modules="all-linear", use_dora=True)),
     ("causal", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
+    ("causal", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    ("causal", dict(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"])),
     ("causal", dict(target_modules=["v_proj"], lora_bias=True, rank_pattern={"layers.1.self_attn.v_proj": 8})),
     ("causal", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1], layers_pattern="layers")),
     ("causal", dict(target_modules=r".*\.(q|k)_proj")),
