@@ -666,27 +666,6 @@ _ENTRIES: tuple[Entry, ...] = (
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 
 
-def _engine_entries() -> None:
-    """Serving-engine findings (check_target): one code per engine rule, from the rule data (_engine_rules)."""
-    from safe_peft._engine_rules import engine_codes
-
-    for code, (_, fix) in engine_codes().items():
-        CATALOG[code] = Entry(code, _C.ENGINE_INCOMPATIBLE, 2, False, fix.replace("{", "{{").replace("}", "}}"))
-    CATALOG["no_peft_config"] = Entry(
-        "no_peft_config", _C.FOREIGN_FORMAT, 0, True, "convert it to a PEFT adapter first (safe-peft fix --remap auto)."
-    )
-    CATALOG["pickle_not_checked"] = Entry(
-        "pickle_not_checked",
-        _C.UNSAFE_FORMAT,
-        0,
-        True,
-        "convert the adapter to adapter_model.safetensors with `safe-peft fix` first.",
-    )
-
-
-_engine_entries()
-
-
 def register(new: Entry) -> Entry:
     """Add an entry (a new cause); codes are unique."""
     if new.code in CATALOG:

@@ -1009,3 +1009,38 @@ def canonical_engine(engine: str) -> str:
         if key in aliases:
             return name
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+
+
+def _register_codes() -> None:
+    """The engine checks' finding codes join the findings catalog when the engine rules are first imported (a load
+    never imports this data): one code per engine rule under ``engine_incompatible``, and the two reading refusals."""
+    from safe_peft._catalog import CATALOG, Entry
+    from safe_peft.report import Cause
+
+    entries = [
+        Entry(code, Cause.ENGINE_INCOMPATIBLE, 2, False, fix.replace("{", "{{").replace("}", "}}"))
+        for code, (_, fix) in engine_codes().items()
+    ]
+    entries.append(
+        Entry(
+            "no_peft_config",
+            Cause.FOREIGN_FORMAT,
+            0,
+            True,
+            "convert it to a PEFT adapter first (safe-peft fix --remap auto).",
+        )
+    )
+    entries.append(
+        Entry(
+            "pickle_not_checked",
+            Cause.UNSAFE_FORMAT,
+            0,
+            True,
+            "convert the adapter to adapter_model.safetensors with `safe-peft fix` first.",
+        )
+    )
+    for entry in entries:
+        CATALOG.setdefault(entry.code, entry)
+
+
+_register_codes()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -110,3 +112,14 @@ def test_a_new_cause_needs_one_catalog_entry_and_one_detector(adapters: dict[str
 def test_every_error_class_shows_its_message(error: str) -> None:
     cls = getattr(safe_peft, error)
     assert cls.__doc__ and "str(err)" in cls.__doc__
+
+
+def test_a_load_never_imports_the_engine_rule_data() -> None:
+    """The engine rules (a thousand lines of data) join the findings catalog when an engine check imports them."""
+    code = (
+        "import sys, safe_peft._catalog, safe_peft._plan, safe_peft._loader; "
+        "assert 'safe_peft._engine_rules' not in sys.modules, 'imported'; "
+        "import safe_peft._engines; from safe_peft._catalog import CATALOG; assert 'vllm_max_lora_rank' in CATALOG"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
