@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check safe_peft tests benchmarks examples tools
+	$(VENV)/bin/ruff format --check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) docs

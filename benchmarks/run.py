@@ -170,7 +170,7 @@ def fingerprint_cost(size: str = "33M", repeats: int = 11) -> dict[str, Any]:
     files = locate_adapter(stamped)
     times: dict[str, list[float]] = {"plain": [], "stamped": [], "check": []}
     for round_ in range(repeats):
-        for which in (("plain", "stamped") if round_ % 2 else ("stamped", "plain")):
+        for which in ("plain", "stamped") if round_ % 2 else ("stamped", "plain"):
             model = copy.deepcopy(base)
             gc.collect()
             start = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Any
 
 from safe_peft._adapter_config import AdapterConfig, build_peft_config, read_config
 from safe_peft._adapter_files import AdapterFiles, locate_adapter
+from safe_peft._keys import Shape
 from safe_peft._legacy import convert_config, convert_shapes, enabled_parts
 from safe_peft._pickle import load_pickle
 from safe_peft._safetensors_header import SafetensorsHeader, read_header
@@ -24,7 +25,6 @@ from safe_peft.report import Diagnosis
 
 __all__ = ["HUB_KWARGS", "AdapterSource", "read_adapter", "read_checkpoint_shapes"]
 
-Shape = tuple[int, ...]
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only")
 
 

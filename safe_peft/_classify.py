@@ -16,7 +16,7 @@ from typing import Any
 
 from safe_peft._catalog import finding, order, rank
 from safe_peft._compare import KeyDiff
-from safe_peft._keys import Role, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
+from safe_peft._keys import Role, Shape, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
 from safe_peft._model_view import ModelView
 from safe_peft._versions import TASK_CLASS
 from safe_peft.report import Cause, Diagnosis
@@ -24,7 +24,6 @@ from safe_peft.rules import RemapPlan
 
 __all__ = ["DETECTORS", "Evidence", "Found", "classify", "register_detector"]
 
-Shape = tuple[int, ...]
 _FOREIGN = (  # most specific first: LyCORIS files use kohya-style module names too
     (re.compile(r"(^|[._])(hada_w\d_[ab]|lokr_w\d)"), "lycoris", "a LyCORIS (LoHa / LoKr) adapter"),
     (

@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from safe_peft._keys import ANY
+from safe_peft._keys import ANY, Shape
 from safe_peft._model_view import ExpectedKey
 from safe_peft.report import MissingKey, SizeMismatch, UnexpectedKey
 
 __all__ = ["ANY", "KeyDiff", "compare_keys", "shape_fits"]
-
-Shape = tuple[int, ...]
 
 
 def shape_fits(have: Shape, want: Shape) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "PEFT_PREFIX",
     "PROMPT_KEY",
     "Role",
+    "Shape",
     "adapter_parts_pattern",
     "adapter_prefixes",
     "base_tensor_name",
@@ -47,6 +48,7 @@ __all__ = [
     "without_adapter_name",
 ]
 
+Shape = tuple[int, ...]  # a tensor's shape, as headers, checkpoints and the model view give it
 PEFT_PREFIX = "base_model.model."
 PROMPT_KEY = "prompt_embeddings"  # the one tensor prompt-learning methods save
 ANY = -1  # an expected dimension that depends on the base weights' values (unknown on a meta-device model)

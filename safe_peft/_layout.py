@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._keys import PEFT_PREFIX, Role, without_adapter_name
+from safe_peft._keys import PEFT_PREFIX, Role, Shape, without_adapter_name
 from safe_peft._model_view import ExpectedKey, has_weight_conversions
 from safe_peft.report import Diagnosis
 
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["conversion_breaks_keys", "named_keys_peft_accepts", "other_adapters_copies", "peft_conversions"]
-
-Shape = tuple[int, ...]
 
 
 def peft_conversions(

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["convert_config", "convert_lora_b", "convert_shapes", "enabled_parts"]
+from safe_peft._keys import Shape
 
-Shape = tuple[int, ...]
+__all__ = ["convert_config", "convert_lora_b", "convert_shapes", "enabled_parts"]
 
 
 def enabled_parts(data: Mapping[str, Any]) -> tuple[bool, ...] | None:

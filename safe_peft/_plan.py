@@ -28,7 +28,7 @@ from safe_peft._checks import (
 from safe_peft._classify import Evidence, classify
 from safe_peft._compare import compare_keys
 from safe_peft._config_values import check_against_model
-from safe_peft._keys import PEFT_PREFIX, strip_prefix
+from safe_peft._keys import PEFT_PREFIX, Shape, strip_prefix
 from safe_peft._layout import (
     conversion_breaks_keys,
     named_keys_peft_accepts,
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["FIRST_ADAPTER", "LoadPlan", "Route", "make_plan"]
-
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._keys import Role, module_of, rank_axis, role_of
+from safe_peft._keys import Role, Shape, module_of, rank_axis, role_of
 from safe_peft._model_view import ExpectedKey, ModelView
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ __all__ = [
 KNOWN_REPAIRS = ("rank", "dora", "targets", "vocab", "config", "legacy")  # "legacy": see safe_peft._legacy
 # "config" (drop config keys the installed peft does not know, refusing meaning-changing ones) is what every
 # load does anyway, since plain peft drops them too; the name is accepted so that asking for it is explicit.
-Shape = tuple[int, ...]
 
 
 def repair_config(

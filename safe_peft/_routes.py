@@ -47,7 +47,6 @@ __all__ = [
     "see_through",
 ]
 
-Shape = tuple[int, ...]
 ROUTES = ("from_pretrained", "add", "replace", "reload", "inplace", "hotswap")
 _NO_MAPPING = {r"(?!)": ""}  # a key_mapping that matches nothing: the model's own mapping is not peft's to apply here
 # Codes that do not apply on a route that wraps nothing: the PeftModel class is already chosen (or none is used)

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from safe_peft._catalog import finding
-from safe_peft._keys import Role, module_of, role_of
+from safe_peft._keys import Role, Shape, module_of, role_of
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Diagnosis
 
 __all__ = ["RankFile", "distributed_save_error", "find_rank_files", "shard_findings"]
 
-Shape = tuple[int, ...]
 _MAX_WORLD = 4096
 _RANK = re.compile(r"(?:^|[._-])(?:tp_rank|mp_rank|tp|rank)[_-]?(\d+)(?:$|[._-])")
 _MERGE = "safe-peft fix {dir} --base MODEL --out {dir}-merged --merge-ranks"

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from safe_peft._keys import Shape
+
 __all__ = [
     "DOCS_URL",
     "SCHEMA_VERSION",
@@ -24,8 +26,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 DOCS_URL = "https://github.com/safe-peft/safe-peft/blob/main/docs/causes"
-
-Shape = tuple[int, ...]
 
 
 class Cause(str, enum.Enum):

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 from safe_peft._bounds import gc_paused
 from safe_peft._catalog import CATALOG, layout_entry, register
 from safe_peft._compare import shape_fits
-from safe_peft._keys import adapter_parts_pattern
+from safe_peft._keys import Shape, adapter_parts_pattern
 from safe_peft._model_view import ExpectedKey
 from safe_peft.report import Cause
 
@@ -37,7 +37,6 @@ __all__ = [
     "to_rules",
 ]
 
-Shape = tuple[int, ...]
 V = TypeVar("V")
 
 ShapeCheck = Callable[[str, Shape, Shape], bool]  # (new key, checkpoint shape, model shape) -> equal enough

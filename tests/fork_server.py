@@ -63,6 +63,7 @@ def _kill_points(kill_at: int | None, count_to: str | None) -> None:
     writer.write_output = counted  # type: ignore[assignment]
     writer._swap = watched_swap  # type: ignore[assignment]
 
+
 if __name__ == "__main__":
     for line in sys.stdin:
         job = json.loads(line)

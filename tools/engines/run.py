@@ -49,15 +49,30 @@ def build(work: str, names: list[str]) -> dict[str, Any]:
         corpus.build_adapter(case, adir, models[case.model])
         refs[case.name] = corpus.reference_outputs(mdir, adir)
         entries.extend(
-            {"id": case.name, "case": case.name, "engine": engine, "path": adir, "model": case.model,
-             "args": case.engine_args.get(engine, {})}
+            {
+                "id": case.name,
+                "case": case.name,
+                "engine": engine,
+                "path": adir,
+                "model": case.model,
+                "args": case.engine_args.get(engine, {}),
+            }
             for engine in case.engines
         )
         for engine in case.fixes:
             fdir = os.path.join(work, "fixed", engine, case.name)
             fix_for_target(adir, engine, fdir, base=mdir, force=True, pad_rank_to=case.pad_rank)
-            entries.append({"id": f"{case.name}+fix", "case": case.name, "engine": engine, "path": fdir,
-                            "model": case.model, "args": case.engine_args.get(engine, {}), "fixed": True})
+            entries.append(
+                {
+                    "id": f"{case.name}+fix",
+                    "case": case.name,
+                    "engine": engine,
+                    "path": fdir,
+                    "model": case.model,
+                    "args": case.engine_args.get(engine, {}),
+                    "fixed": True,
+                }
+            )
             # the fixed adapter must also give peft's outputs in peft itself
             refs[f"{case.name}+fix:{engine}:peft"] = corpus.reference_outputs(mdir, fdir)
     return {"models": {m: os.path.join(work, "models", m) for m in models}, "refs": refs, "entries": entries}
@@ -72,17 +87,25 @@ def run_vllm(python: str, work: str, built: dict[str, Any]) -> dict[str, Any]:
             groups.setdefault(key, []).append(e)
     for (model, args), entries in sorted(groups.items()):
         engine_args = {"max_lora_rank": 128, **json.loads(args)}
-        job = {"model": built["models"][model], "engine_args": engine_args, "prompts": corpus.PROMPTS,
-               "new_tokens": corpus.NEW_TOKENS,
-               "adapters": [{"id": e["id"], "path": e["path"]} for e in entries]}
+        job = {
+            "model": built["models"][model],
+            "engine_args": engine_args,
+            "prompts": corpus.PROMPTS,
+            "new_tokens": corpus.NEW_TOKENS,
+            "adapters": [{"id": e["id"], "path": e["path"]} for e in entries],
+        }
         tag = f"vllm-{model}-{zlib.crc32(args.encode()) % 10000}"
         results = _run_engine(python, "run_vllm.py", work, tag, job)
         starts = results.get("engine_starts", 0)
         _root_causes(results)
         by_id = {r["id"]: r for r in results["results"]}
         for e in entries:
-            out[(e["id"], "vllm")] = {**by_id.get(e["id"], {"status": "missing"}), "engine_args": engine_args,
-                                      "base": by_id.get("<base>"), "engine_starts": starts}
+            out[(e["id"], "vllm")] = {
+                **by_id.get(e["id"], {"status": "missing"}),
+                "engine_args": engine_args,
+                "base": by_id.get("<base>"),
+                "engine_starts": starts,
+            }
     return out
 
 
@@ -110,13 +133,20 @@ def run_llamacpp(python: str, llama_dir: str, work: str, built: dict[str, Any]) 
     entries = [e for e in built["entries"] if e["engine"] == "llamacpp"]
     if not entries:
         return {}
-    job = {"llama_cpp_dir": llama_dir, "work": os.path.join(work, "gguf"), "prompts": corpus.PROMPTS,
-           "new_tokens": corpus.NEW_TOKENS, "models": built["models"],
-           "adapters": [{"id": e["id"], "path": e["path"], "model": e["model"]} for e in entries]}
+    job = {
+        "llama_cpp_dir": llama_dir,
+        "work": os.path.join(work, "gguf"),
+        "prompts": corpus.PROMPTS,
+        "new_tokens": corpus.NEW_TOKENS,
+        "models": built["models"],
+        "adapters": [{"id": e["id"], "path": e["path"], "model": e["model"]} for e in entries],
+    }
     results = _run_engine(python, "run_llamacpp.py", work, "llamacpp", job)
     by_id = {r["id"]: r for r in results["results"]}
-    return {(e["id"], "llamacpp"): {**by_id.get(e["id"], {"status": "missing"}),
-                                    "base": by_id.get(f"<base:{e['model']}>")} for e in entries}
+    return {
+        (e["id"], "llamacpp"): {**by_id.get(e["id"], {"status": "missing"}), "base": by_id.get(f"<base:{e['model']}>")}
+        for e in entries
+    }
 
 
 REUSE = False  # --reuse: score the engines' saved outputs again instead of running them
@@ -140,8 +170,13 @@ def _run_engine(python: str, script: str, work: str, tag: str, job: dict[str, An
     t0 = time.time()
     with open(log, "w") as f:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        subprocess.run([python, os.path.join(ROOT, "tools", "engines", script), jpath, opath], stdout=f, stderr=f,
-                       env=env, check=False)
+        subprocess.run(
+            [python, os.path.join(ROOT, "tools", "engines", script), jpath, opath],
+            stdout=f,
+            stderr=f,
+            env=env,
+            check=False,
+        )
     print(f"  {tag}: {time.time() - t0:.0f}s (log {log})", flush=True)
     if not os.path.exists(opath):
         raise RuntimeError(f"{script} wrote no result; see {log}")
@@ -155,14 +190,25 @@ def verdict(result: dict[str, Any], ref: dict[str, Any], engine: str) -> dict[st
     """What the engine really did, compared with peft's reference outputs."""
     if result.get("status") != "served":
         error = str(result.get("error", result.get("status")))
-        return {"verdict": "refuses", "error": _headline(error), "stage": result.get("stage", "request"),
-                "kills_engine": bool(result.get("engine_died", False)) or "killed by signal" in error}
-    diff = max(abs(a - b) for ra, rb in zip(result["logprobs"], ref["logprobs"], strict=True)
-               for a, b in zip(ra, rb, strict=True))
+        return {
+            "verdict": "refuses",
+            "error": _headline(error),
+            "stage": result.get("stage", "request"),
+            "kills_engine": bool(result.get("engine_died", False)) or "killed by signal" in error,
+        }
+    diff = max(
+        abs(a - b)
+        for ra, rb in zip(result["logprobs"], ref["logprobs"], strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    )
     same = result["tokens"] == ref["tokens"]
     base = result.get("base") or {}
-    out = {"verdict": "serves" if same and diff <= TOLERANCE[engine] else "serves_wrong", "tokens_equal": same,
-           "max_logprob_diff": round(diff, 6), "serves_base": result["tokens"] == base.get("tokens")}
+    out = {
+        "verdict": "serves" if same and diff <= TOLERANCE[engine] else "serves_wrong",
+        "tokens_equal": same,
+        "max_logprob_diff": round(diff, 6),
+        "serves_base": result["tokens"] == base.get("tokens"),
+    }
     return out
 
 

@@ -61,8 +61,9 @@ def convert_base(job: dict[str, Any], name: str, model_dir: str) -> str:
     out = os.path.join(job["work"], f"base-{name}.gguf")
     if not os.path.exists(out):
         cmd = [sys.executable, "-c", _BASE_CONVERTER, model_dir, "--outfile", out, "--outtype", "f32"]
-        proc = subprocess.run(cmd, cwd=job["llama_cpp_dir"], env=_env(job["llama_cpp_dir"]), capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            cmd, cwd=job["llama_cpp_dir"], env=_env(job["llama_cpp_dir"]), capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"base conversion of {name} failed: {proc.stderr[-3000:]}")
     return out
@@ -72,10 +73,18 @@ def convert_adapter(job: dict[str, Any], adapter: dict[str, Any], model_dir: str
     out = os.path.join(job["work"], f"lora-{adapter['id']}.gguf")
     if os.path.exists(out):
         os.remove(out)
-    cmd = [sys.executable, "convert_lora_to_gguf.py", adapter["path"], "--base", model_dir, "--outfile", out,
-           "--outtype", "f32"]
-    proc = subprocess.run(cmd, cwd=job["llama_cpp_dir"], env=_env(job["llama_cpp_dir"]), capture_output=True,
-                          text=True)
+    cmd = [
+        sys.executable,
+        "convert_lora_to_gguf.py",
+        adapter["path"],
+        "--base",
+        model_dir,
+        "--outfile",
+        out,
+        "--outtype",
+        "f32",
+    ]
+    proc = subprocess.run(cmd, cwd=job["llama_cpp_dir"], env=_env(job["llama_cpp_dir"]), capture_output=True, text=True)
     return proc.returncode, out, (proc.stderr or proc.stdout)[-1500:]
 
 
@@ -84,8 +93,16 @@ def generate(base_gguf: str, lora_gguf: str | None, job: dict[str, Any]) -> dict
     from llama_cpp import Llama
 
     # type_k / type_v 0 = GGML_TYPE_F32: a float32 KV cache (the default F16 one rounds, ~5e-3 in log-probabilities)
-    kwargs: dict[str, Any] = {"model_path": base_gguf, "n_ctx": 64, "logits_all": True, "verbose": False,
-                              "n_threads": 2, "seed": 0, "type_k": 0, "type_v": 0}
+    kwargs: dict[str, Any] = {
+        "model_path": base_gguf,
+        "n_ctx": 64,
+        "logits_all": True,
+        "verbose": False,
+        "n_threads": 2,
+        "seed": 0,
+        "type_k": 0,
+        "type_v": 0,
+    }
     if lora_gguf is not None:
         kwargs["lora_path"] = lora_gguf
     llm = Llama(**kwargs)

@@ -74,8 +74,14 @@ def main() -> None:
             try:
                 results.append({"id": "<base>", **_run(llm, job, None, 0)})
             except Exception as exc:  # the base model itself fails with enable_lora: every adapter will too
-                results.append({"id": "<base>", "status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
-                                "engine_died": True})
+                results.append(
+                    {
+                        "id": "<base>",
+                        "status": "error",
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                        "engine_died": True,
+                    }
+                )
                 print(f"<base>: {exc} (engine died)", file=sys.stderr, flush=True)
                 del llm
                 continue
@@ -90,9 +96,7 @@ def main() -> None:
                 if cause is not None and str(cause) and str(cause) not in message:
                     message += f" (caused by {type(cause).__name__}: {cause})"
                 died = _dead(llm, job)
-                results.append(
-                    {"id": adapter["id"], "status": "error", "error": message[:2000], "engine_died": died}
-                )
+                results.append({"id": adapter["id"], "status": "error", "error": message[:2000], "engine_died": died})
                 print(f"{adapter['id']}: {message[:300]} (engine died: {died})", file=sys.stderr, flush=True)
                 if died:
                     traceback.print_exc(file=sys.stderr)
