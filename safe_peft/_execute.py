@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._adapter import HUB_KWARGS
 from safe_peft._catalog import fatal, finding
-from safe_peft._keys import Role, base_tensor_name, checkpoint_key, role_of
+from safe_peft._keys import LORA_OWN, Role, base_tensor_name, checkpoint_key, role_of
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft._walk import named_paths
 from safe_peft._weights import write_weights
@@ -170,10 +170,9 @@ def rounds_on_meta(base_model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]
 def _adapter_tensors_only(base_model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> bool:
     """The checkpoint holds LoRA's own tensors only, under their own keys: each has a place in the adapter to copy
     the file's values into. (A saved base tensor or head would be assigned in the file's dtype by the meta route.)"""
-    own = (Role.A, Role.B, Role.BIAS, Role.MAGNITUDE)
     if kwargs.get("key_mapping") or getattr(base_model, "_checkpoint_conversion_mapping", None):
         return False
-    return not plan.renames and all(role_of(key) in own for key in plan.checkpoint)
+    return not plan.renames and all(role_of(key) in LORA_OWN for key in plan.checkpoint)
 
 
 def _half_precision_targets(base_model: nn.Module, plan: LoadPlan) -> bool:
@@ -287,9 +286,8 @@ def overwritten_base_tensors(
     the targeted weights when the config's initialisation rewrites them (PiSSA, OLoRA, CorDA, LoftQ).
     ``through``: ``model`` carries adapters, and its base is seen through them with this function (called only when
     there is anything to look for)."""
-    own = (Role.A, Role.B, Role.BIAS, Role.MAGNITUDE)  # LoRA's own tensors: never a base tensor
     rewrites = plan.view is not None and rewrites_base(plan.peft_config)
-    if not rewrites and all(role_of(key) in own for key in plan.checkpoint):
+    if not rewrites and all(role_of(key) in LORA_OWN for key in plan.checkpoint):  # never a base tensor
         return []
     if through is not None:
         model = through(model)

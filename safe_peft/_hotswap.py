@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from safe_peft._catalog import finding
 from safe_peft._execute import adapter_tensors, atomically, copy_into, load_directory, scan_values, takes_in_place
 from safe_peft._fingerprint import verify_base_keyword
-from safe_peft._keys import PEFT_PREFIX, Role, module_of, rank_axis, role_of
+from safe_peft._keys import LORA_OWN, PEFT_PREFIX, Role, module_of, rank_axis, role_of
 from safe_peft._plan import LoadPlan
 from safe_peft._routes import is_peft_model, route_plan
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
@@ -156,7 +156,7 @@ def _compare(
     tensors = adapter_tensors(peft_model, adapter_name, True, layers.items())  # the LoRA layers: all a swap writes
     loaded = {k: tuple(t.shape) for k, t in tensors.items()}
     new_keys = dict(plan.checkpoint)
-    other = sorted(k for k in new_keys if role_of(k) not in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS))
+    other = sorted(k for k in new_keys if role_of(k) not in LORA_OWN)
     if other:
         causes.append(
             finding(
@@ -341,7 +341,7 @@ def _swaps_in_place(
 
     if len(peft_model.peft_config) != 1 or not (compiled or hotswap_copies(peft.__version__)):
         return False
-    lora = {k: t for k, t in loaded.items() if role_of(k) in (Role.A, Role.B, Role.MAGNITUDE, Role.BIAS)}
+    lora = {k: t for k, t in loaded.items() if role_of(k) in LORA_OWN}
     if not takes_in_place(plan.checkpoint, lora):
         return False
     return all(".".join(names[key].split(".")[:-3]) in layers for key in plan.checkpoint)

@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "ANY",
+    "LORA_OWN",
     "PEFT_PREFIX",
     "PROMPT_KEY",
     "Role",
@@ -68,6 +69,8 @@ class Role(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+
+LORA_OWN = frozenset({Role.A, Role.B, Role.BIAS, Role.MAGNITUDE})  # LoRA's own tensors: never a base tensor
 
 # LoRA part -> (role, whether the part is a parameter of its own rather than a submodule with .weight)
 _LORA_PARTS: dict[str, tuple[Role, bool]] = {
