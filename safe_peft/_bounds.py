@@ -51,6 +51,7 @@ __all__ = [
     "bounded_details",
     "compiled",
     "gc_paused",
+    "json_safe",
     "open_regular",
     "shorten",
     "slow_patterns",
@@ -115,6 +116,21 @@ def bounded_details(value: Any, depth: int = 0) -> Any:
         cut = [bounded_details(v, depth + 1) for v in items[:MAX_DETAIL_ITEMS]]
         return tuple(cut) if isinstance(value, tuple) else cut
     return shorten(str(value), MAX_DETAIL_CHARS)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON data: maps with string keys, lists (sets sorted), non-finite floats spelled out
+    (``"nan"``: strict JSON has none), anything else as its text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else value
+        return [json_safe(v) for v in items]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN / Infinity
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 # -- time: bulk parsing without needless collections -----------------------------------------------------

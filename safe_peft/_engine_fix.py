@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from safe_peft._catalog import finding
-from safe_peft._engines import AdapterFacts, TargetReport, _module, _role, check_target
+from safe_peft._engines import AdapterFacts, TargetReport, check_target
+from safe_peft._keys import Role, module_of, pattern_value, role_of
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -180,23 +181,21 @@ def _convert(
     tensors = load_file(locate_adapter(facts.path).weights_path)
     cfg = dict(facts.config)
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    from safe_peft._engines import _pattern
-
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     one_rank = scaling == "global_alpha_over_r"  # one scale alpha / r for every module: pad all to one rank
     if one_rank:
-        pad_rank_to = max([pad_rank_to or 0] + [int(t.shape[0]) for k, t in tensors.items() if _role(k) == "A"])
+        pad_rank_to = max([pad_rank_to or 0] + [int(t.shape[0]) for k, t in tensors.items() if role_of(k) is Role.A])
     new_ranks: dict[str, int] = {}
     factors: dict[str, float] = {}
     for key in sorted(tensors):
-        if _role(key) != "B":
+        if role_of(key) is not Role.B:
             continue
-        module = _module(key)
+        module = module_of(key)
         a_key = key.replace(".lora_B.weight", ".lora_A.weight").replace(".lora_embedding_B", ".lora_embedding_A")
         rank = int(tensors[a_key].shape[0])
         name = _pattern_name(module)
-        r_m = _pattern(rank_pattern, name) or r
-        a_m = _pattern(alpha_pattern, name)
+        r_m = pattern_value(rank_pattern, name) or r
+        a_m = pattern_value(alpha_pattern, name)
         a_m = alpha if a_m is None else float(a_m)
         peft = a_m / math.sqrt(r_m) if cfg.get("use_rslora") else a_m / r_m
         target_rank = max(rank, pad_rank_to or 0)

@@ -20,12 +20,13 @@ from typing import Any
 
 from safe_peft._adapter_config import read_config
 from safe_peft._adapter_files import locate_adapter, no_config_error
+from safe_peft._bounds import json_safe
 from safe_peft._catalog import finding
 from safe_peft._engine_rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
 from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefix
 from safe_peft._safetensors_header import read_header
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
-from safe_peft.report import Diagnosis, _json_safe
+from safe_peft.report import Diagnosis
 
 __all__ = [
     "AdapterFacts",
@@ -184,7 +185,7 @@ class TargetReport:
             "verdict": self.verdict,
             "fixable": self.fixable,
             "conversions": list(self.conversions),
-            "engine_args": _json_safe(self.engine_args),
+            "engine_args": json_safe(self.engine_args),
             "command": list(self.command),
             "findings": [d.to_dict() for d in self.findings],
             "notes": list(self.notes),
@@ -462,11 +463,6 @@ def _modules(shapes: Mapping[str, tuple[int, ...]]) -> tuple[LoraModule, ...]:
 # --- scaling -------------------------------------------------------------------------------------------------
 
 
-def _pattern(pattern: Mapping[str, Any], name: str) -> Any:
-    """The value ``pattern`` gives module ``name``, matched as peft matches it (``_keys.pattern_value``)."""
-    return pattern_value(pattern, name)
-
-
 def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, float]]:
     """Module -> (peft's scale, the engine's scale) for the engine scaling model ``scaling``."""
     cfg = facts.config
@@ -476,8 +472,8 @@ def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, f
     for m in facts.modules:
         if _is_fused_expert(m.name):  # stored as rank r * experts; judged by the moe_target_parameters rule
             continue
-        rank = _pattern(rank_pattern, m.name) or r
-        a = _pattern(alpha_pattern, m.name)
+        rank = pattern_value(rank_pattern, m.name) or r
+        a = pattern_value(alpha_pattern, m.name)
         a = alpha if a is None else a
         peft = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
         if scaling == "peft":
@@ -502,7 +498,7 @@ def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
     cfg = facts.config
     if cfg.get("use_rslora"):
         feature = "rslora"
-    elif any(_pattern(cfg.get("alpha_pattern") or {}, m) is not None for m in wrong):
+    elif any(pattern_value(cfg.get("alpha_pattern"), m) is not None for m in wrong):
         feature = "alpha_pattern"
     else:
         feature = "rank_pattern"

@@ -45,12 +45,12 @@ class AdapterManifest:
     warnings: list[Diagnosis] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        from safe_peft.report import _json_safe
+        from safe_peft._bounds import json_safe
 
         data = {k: v for k, v in self.__dict__.items() if k not in {"tensors", "warnings"}}
         data["tensors"] = [{"key": t.key, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors]
         data["warnings"] = [w.to_dict() for w in self.warnings]
-        return _json_safe(data)  # type: ignore[no-any-return]
+        return json_safe(data)  # type: ignore[no-any-return]
 
 
 def inspect_adapter(

@@ -7,10 +7,10 @@ Everything here is plain data: no torch, no peft. Reports are built by the diagn
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from safe_peft._bounds import json_safe
 from safe_peft._keys import Shape
 
 __all__ = [
@@ -117,7 +117,7 @@ class Diagnosis:
             "remap": self.remap,
             "repair": list(self.repair),
             "url": self.url,
-            "details": _json_safe(self.details),
+            "details": json_safe(self.details),
         }
 
 
@@ -182,16 +182,3 @@ class LoadReport:
 
 def _shape(shape: Shape | None) -> list[int] | None:
     return None if shape is None else list(shape)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value) if isinstance(value, (set, frozenset)) else value
-        return [_json_safe(v) for v in items]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # strict JSON has no NaN / Infinity
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
