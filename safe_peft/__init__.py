@@ -17,14 +17,17 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdapterFormatError",
     "AdapterLoadError",
+    "AdapterManifest",
     "AdapterNotFoundError",
     "Cause",
     "Diagnosis",
+    "FixReport",
     "LoadReport",
     "MissingKey",
     "RemapRule",
     "SizeMismatch",
     "StampCallback",
+    "TargetReport",
     "UnexpectedKey",
     "__version__",
     "check_target",
@@ -52,13 +55,16 @@ _LAZY = {
     "safe_load_state_dict": "safe_peft._state_dict",
     "diagnose": "safe_peft._diagnose",
     "inspect_adapter": "safe_peft._manifest",
+    "AdapterManifest": "safe_peft._manifest",
     "fix_adapter": "safe_peft._writer",
     "merge_rank_shards": "safe_peft._merge",
     "parse_load_error": "safe_peft._parse",
     "RemapRule": "safe_peft.rules",
     "check_target": "safe_peft._engines",
+    "TargetReport": "safe_peft._engines",
     "fix_for_target": "safe_peft._engine_fix",
-    # every route an adapter takes into a model (issue 12)
+    "FixReport": "safe_peft._engine_fix",
+    # every route an adapter takes into a model
     "from_pretrained": "safe_peft._auto",
     "safe_load_adapter_inplace": "safe_peft._inplace",
     "safe_hotswap_adapter": "safe_peft._hotswap",
@@ -76,12 +82,12 @@ if TYPE_CHECKING:
     from safe_peft._auto import from_pretrained
     from safe_peft._callback import StampCallback
     from safe_peft._diagnose import diagnose
-    from safe_peft._engine_fix import fix_for_target
-    from safe_peft._engines import check_target
+    from safe_peft._engine_fix import FixReport, fix_for_target
+    from safe_peft._engines import TargetReport, check_target
     from safe_peft._hotswap import safe_hotswap_adapter
     from safe_peft._inplace import safe_load_adapter_inplace
     from safe_peft._loader import safe_load_adapter
-    from safe_peft._manifest import inspect_adapter
+    from safe_peft._manifest import AdapterManifest, inspect_adapter
     from safe_peft._merge import merge_rank_shards
     from safe_peft._parse import parse_load_error
     from safe_peft._patch import is_patched, patch, patched, unpatch
