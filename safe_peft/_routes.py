@@ -122,16 +122,16 @@ def plan_for(
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
     """The plan of whichever route the arguments name (``diagnose`` uses this)."""
-    name = resolve_route(model, adapter_name, replace, inplace)
-    return make_plan(
+    route = resolve_route(model, adapter_name, replace, inplace)
+    return route_plan(
         model,
         model_id,
         adapter_name,
+        route=route,
         remap=remap,
         repair=repair,
         allow_pickle=allow_pickle,
         peft_kwargs=peft_kwargs,
-        route=FIRST_ADAPTER if name == "from_pretrained" else CarryingRoute(name),
     )
 
 
@@ -146,8 +146,8 @@ def route_plan(
     allow_pickle: bool = False,
     peft_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadPlan:
-    """The plan of ``route`` (one of :data:`ROUTES` but ``from_pretrained``): the one planning sequence,
-    :func:`~safe_peft._plan.make_plan`, with this route's hooks (:class:`CarryingRoute`)."""
+    """The plan of ``route`` (one of :data:`ROUTES`): the one planning sequence, :func:`~safe_peft._plan.make_plan`,
+    with the route's hooks (:class:`CarryingRoute` for every route but the first adapter's)."""
     return make_plan(
         model,
         model_id,
@@ -156,7 +156,7 @@ def route_plan(
         repair=repair,
         allow_pickle=allow_pickle,
         peft_kwargs=peft_kwargs,
-        route=CarryingRoute(route),
+        route=FIRST_ADAPTER if route == "from_pretrained" else CarryingRoute(route),
     )
 
 
