@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._keys import strip_prefix
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, TP_PLACEMENT_TORCH_SINCE, torch_at_least
 from safe_peft._walk import every_parameter
 from safe_peft.report import Diagnosis
 
@@ -85,11 +86,8 @@ class Sharding:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (cheap: False unless torch's DTensor was imported)."""
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in every_parameter(model))
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in every_parameter(model))
 
 
 def local_tensor(tensor: Any) -> Any:
@@ -99,11 +97,18 @@ def local_tensor(tensor: Any) -> Any:
 
 
 def _is_dtensor(tensor: Any) -> bool:
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
-    return isinstance(tensor, DTensor)
+
+def _dtensor_type() -> Any:
+    """torch's DTensor class once torch has imported it, else None (imports nothing). It is public as
+    ``torch.distributed.tensor.DTensor`` from torch 2.5 on, ``torch.distributed._tensor.DTensor`` before."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
 
 
 def survey(model: nn.Module) -> Sharding:
@@ -226,15 +231,31 @@ def sharding_findings(
     expected: Mapping[str, Any],
     repair: tuple[str, ...],
     checkpoint: Mapping[str, Any] | None = None,
+    torch_version: str | None = None,
 ) -> list[Diagnosis]:
     """Why an adapter with ``config`` (and the ``checkpoint`` keys) cannot be loaded into this sharded ``model``
     (empty: it can).
 
-    ``expected`` is the model view's expected keys (``ExpectedKey`` with ``module`` and ``role``).
+    ``expected`` is the model view's expected keys (``ExpectedKey`` with ``module`` and ``role``);
+    ``torch_version`` the torch whose APIs would place the adapter (default: the installed one).
     Pure: reads the model's parameters and hooks, and changes nothing.
     """
     if not is_sharded(model):
         return []
+    if torch_version is None:
+        import torch
+
+        torch_version = str(torch.__version__)
+    if not torch_at_least(torch_version, SHARDED_LOAD_TORCH_SINCE):
+        return [
+            finding(
+                "load_before_sharding",
+                f"loading an adapter into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE} (FSDP2's "
+                f"public fully_shard and DTensor); this is torch {torch_version}",
+                fix=_load_first_fix(Sharding({}, True), [], "default"),
+                details={"torch": torch_version, "needs_torch": f">= {SHARDED_LOAD_TORCH_SINCE}"},
+            )
+        ]
     sharding = survey(model)
     peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
     is_lora = peft_type.upper().endswith("LORA") and not peft_type.upper().endswith("ADALORA")
@@ -268,7 +289,7 @@ def sharding_findings(
             continue
         if layer.engine in {"tp", "tp_transformers"}:
             tp_modules.append((module, layer.style))
-            why = _tp_refusal(layer, config, is_lora)
+            why = _tp_refusal(layer, config, is_lora, torch_version)
         elif layer.engine == "fsdp_tp":
             why = "FSDP over tensor-parallel parameters (a 2-D mesh) is not placed by safe_peft"
         else:
@@ -299,11 +320,16 @@ def _owner(key: str, owners: set[str]) -> str:
     return ""
 
 
-def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool) -> str:
+def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool, torch_version: str) -> str:
     if not is_lora:
         return "only LoRA adapters are placed on tensor-parallel layers"
     if layer.engine == "tp" and layer.style not in {"colwise", "rowwise"}:
         return f"the layer's tensor-parallel style ({layer.style or 'unknown'}) is not one safe_peft places"
+    if layer.engine == "tp" and not torch_at_least(torch_version, TP_PLACEMENT_TORCH_SINCE):
+        return (
+            f"placing a LoRA half on a parallelize_module layer without a collective needs torch >= "
+            f"{TP_PLACEMENT_TORCH_SINCE} (parallelize_module's src_data_rank); this is torch {torch_version}"
+        )
     if layer.engine == "tp_transformers":
         if not _peft_shards_transformers_tp():
             return "the installed peft does not shard LoRA by transformers' tp_plan (peft >= 0.21 does)"

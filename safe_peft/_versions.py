@@ -17,6 +17,8 @@ __all__ = [
     "LOAD_ADAPTER_PASSES_AUTOCAST_SINCE",
     "LOAD_ADAPTER_READ_BELOW",
     "LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE",
+    "SHARDED_LOAD_TORCH_SINCE",
+    "TP_PLACEMENT_TORCH_SINCE",
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
@@ -26,6 +28,7 @@ __all__ = [
     "introduced_in",
     "is_newer",
     "load_adapter_facts",
+    "torch_at_least",
 ]
 
 # peft's hot-swap writes a tensor of the same shape with copy_ from this release on; before it, it swapped the new
@@ -41,6 +44,14 @@ HOTSWAP_COPIES_SINCE = "0.20.0"
 LOAD_ADAPTER_PASSES_AUTOCAST_SINCE = "0.19.0"
 LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
 LOAD_ADAPTER_READ_BELOW = "0.22"
+
+# torch releases that loading into a sharded model needs (safe_peft._sharding). FSDP2 became public as
+# torch.distributed.fsdp.fully_shard / FSDPModule in 2.6 (torch.distributed._composable.fsdp before), DTensor as
+# torch.distributed.tensor.DTensor in 2.5 (torch.distributed._tensor before): safe_peft recognises an FSDP2 unit
+# only through the public names. Placing a LoRA half on a parallelize_module layer without a collective takes
+# parallelize_module(..., src_data_rank=None), added in torch 2.7 (torch 2.6 scatters every slice from rank 0).
+SHARDED_LOAD_TORCH_SINCE = "2.6"
+TP_PLACEMENT_TORCH_SINCE = "2.7"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {
@@ -178,6 +189,15 @@ def load_adapter_facts(peft_version: str | None = None) -> LoadAdapterFacts:
         passes_autocast=version >= Version(LOAD_ADAPTER_PASSES_AUTOCAST_SINCE),
         sets_requires_grad=version >= Version(LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE),
     )
+
+
+def torch_at_least(torch_version: str, since: str) -> bool:
+    """Whether ``torch_version`` (``torch.__version__``, local tag and pre-release included) is release ``since`` or
+    later; a version that does not parse counts as recent (a source build of torch's main branch)."""
+    try:
+        return Version(Version(torch_version).base_version) >= Version(since)
+    except InvalidVersion:
+        return True
 
 
 def introduced_in(key: str) -> str | None:

@@ -121,9 +121,27 @@ def _route_files(where: Any, good: str) -> None:
     config.write_text(json.dumps(data))
 
 
+# Pages whose examples need a newer torch than the oldest supported one, and why (plain torch / transformers too).
+NEEDS_TORCH = {
+    "docs/distributed.md": ("2.6", "FSDP2's public fully_shard and sharded loading"),
+    "docs/routes.md": ("2.6", "transformers' Trainer resume (torch.load below torch 2.6 is refused: CVE-2025-32434)"),
+}
+
+
+def _runs_on_this_torch(page: str) -> None:
+    import torch
+
+    from safe_peft._versions import torch_at_least
+
+    since, why = NEEDS_TORCH.get(page, ("0", ""))
+    if not torch_at_least(str(torch.__version__), since):
+        pytest.skip(f"{page} needs torch >= {since}: {why}")
+
+
 @pytest.mark.parametrize("page", sorted(_python_examples()))
 def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Python example in the docs runs, in a workspace holding the adapters it names."""
+    _runs_on_this_torch(page)
     from helpers import build
     from peft import PeftModel
 
