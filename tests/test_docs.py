@@ -163,3 +163,17 @@ def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.Mon
     for value in list(namespace.values()):
         if callable(value) and getattr(value, "__name__", "").startswith("test_"):
             value(assert_adapter_loads)
+
+
+def test_the_compatibility_matrix_is_the_rendering_of_the_ci_records() -> None:
+    """docs/compatibility.md's tested matrix is tools/compat.py's rendering of docs/compat/*.json (make compat-docs)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("compat_tool", os.path.join(root, "tools", "compat.py"))
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--check"]) == 0
+    for record in tool.load_records():
+        assert record["whole_suite"] and record["tests"]["failed"] == record["tests"]["errors"] == 0, record["env"]

@@ -132,9 +132,7 @@ def test_diagnose_agrees(quantized: dict[str, Any]) -> None:
     assert not report.ok and report.primary.code == "rank_mismatch"
 
 
-def test_check_from_a_config_only_quantized_base(
-    quantized: dict[str, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_from_a_config_only_quantized_base(quantized: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     directory = quantized["config_only"]
     assert os.listdir(directory) == ["config.json"]
     with open(os.path.join(directory, "config.json")) as f:
