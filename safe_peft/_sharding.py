@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._keys import strip_prefix
-from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, TP_PLACEMENT_TORCH_SINCE, torch_at_least
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 from safe_peft._walk import every_parameter
 from safe_peft.report import Diagnosis
 
@@ -147,7 +147,11 @@ def _fsdp_groups(model: nn.Module) -> dict[int, Any]:
         if not isinstance(module, FSDPModule):
             continue
         state = module._get_fsdp_state()
-        for group in getattr(state, "_fsdp_param_groups", None) or ():
+        groups_of_state = getattr(state, "_fsdp_param_groups", None)
+        if groups_of_state is None:  # torch 2.7 / 2.8 keep one group per state (later: a list, and this a property)
+            single = getattr(state, "_fsdp_param_group", None)
+            groups_of_state = [single] if single is not None else []
+        for group in groups_of_state:
             for fsdp_param in group.fsdp_params:
                 groups[id(fsdp_param.sharded_param)] = group
     return groups
@@ -250,8 +254,8 @@ def sharding_findings(
         return [
             finding(
                 "load_before_sharding",
-                f"loading an adapter into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE} (FSDP2's "
-                f"public fully_shard and DTensor); this is torch {torch_version}",
+                f"loading an adapter into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE} (fully_shard's "
+                f"ignored_params, parallelize_module's src_data_rank); this is torch {torch_version}",
                 fix=_load_first_fix(Sharding({}, True), [], "default"),
                 details={"torch": torch_version, "needs_torch": f">= {SHARDED_LOAD_TORCH_SINCE}"},
             )
@@ -289,7 +293,7 @@ def sharding_findings(
             continue
         if layer.engine in {"tp", "tp_transformers"}:
             tp_modules.append((module, layer.style))
-            why = _tp_refusal(layer, config, is_lora, torch_version)
+            why = _tp_refusal(layer, config, is_lora)
         elif layer.engine == "fsdp_tp":
             why = "FSDP over tensor-parallel parameters (a 2-D mesh) is not placed by safe_peft"
         else:
@@ -320,16 +324,11 @@ def _owner(key: str, owners: set[str]) -> str:
     return ""
 
 
-def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool, torch_version: str) -> str:
+def _tp_refusal(layer: LayerSharding, config: Any, is_lora: bool) -> str:
     if not is_lora:
         return "only LoRA adapters are placed on tensor-parallel layers"
     if layer.engine == "tp" and layer.style not in {"colwise", "rowwise"}:
         return f"the layer's tensor-parallel style ({layer.style or 'unknown'}) is not one safe_peft places"
-    if layer.engine == "tp" and not torch_at_least(torch_version, TP_PLACEMENT_TORCH_SINCE):
-        return (
-            f"placing a LoRA half on a parallelize_module layer without a collective needs torch >= "
-            f"{TP_PLACEMENT_TORCH_SINCE} (parallelize_module's src_data_rank); this is torch {torch_version}"
-        )
     if layer.engine == "tp_transformers":
         if not _peft_shards_transformers_tp():
             return "the installed peft does not shard LoRA by transformers' tp_plan (peft >= 0.21 does)"

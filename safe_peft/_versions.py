@@ -21,7 +21,6 @@ __all__ = [
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
-    "TP_PLACEMENT_TORCH_SINCE",
     "KnownChange",
     "LoadAdapterFacts",
     "hotswap_copies",
@@ -45,13 +44,14 @@ LOAD_ADAPTER_PASSES_AUTOCAST_SINCE = "0.19.0"
 LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
 LOAD_ADAPTER_READ_BELOW = "0.22"
 
-# torch releases that loading into a sharded model needs (safe_peft._sharding). FSDP2 became public as
-# torch.distributed.fsdp.fully_shard / FSDPModule in 2.6 (torch.distributed._composable.fsdp before), DTensor as
-# torch.distributed.tensor.DTensor in 2.5 (torch.distributed._tensor before): safe_peft recognises an FSDP2 unit
-# only through the public names. Placing a LoRA half on a parallelize_module layer without a collective takes
-# parallelize_module(..., src_data_rank=None), added in torch 2.7 (torch 2.6 scatters every slice from rank 0).
-SHARDED_LOAD_TORCH_SINCE = "2.6"
-TP_PLACEMENT_TORCH_SINCE = "2.7"
+# The torch release that loading into a sharded model needs (safe_peft._sharding): the oldest on which the sharded
+# suite (tests/test_distributed.py: FSDP2 and parallelize_module, loads, training, failures) passes. What older
+# releases lack: FSDP2 public as torch.distributed.fsdp.fully_shard in 2.6 (torch.distributed._composable.fsdp
+# before), DTensor public in 2.5; fully_shard(..., ignored_params=) and parallelize_module(..., src_data_rank=), which
+# the placement calls, in 2.7 (read in the 2.6.0, 2.7.0 and 2.8.0 wheels); on 2.7.0 the loads and refusals pass but an
+# adapter placed under FSDP2 then trains to other values than in one process. Older torch gets a
+# load_before_sharding refusal naming this release.
+SHARDED_LOAD_TORCH_SINCE = "2.13"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {

@@ -21,7 +21,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 from safe_peft._sharding import _peft_shards_transformers_tp
-from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, TP_PLACEMENT_TORCH_SINCE, torch_at_least
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -48,10 +48,9 @@ pytestmark = [
     ),
     pytest.mark.skipif(  # the refusal on an older torch: tests/test_torch_versions.py
         not torch_at_least(str(torch.__version__), SHARDED_LOAD_TORCH_SINCE),
-        reason=f"loading into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE} (FSDP2's public fully_shard)",
+        reason=f"loading into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE}: refused on this one",
     ),
 ]
-TP_PLACES = torch_at_least(str(torch.__version__), TP_PLACEMENT_TORCH_SINCE)
 
 
 def _train(model: Any, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,8 +162,6 @@ def _results(launch: Any, name: str) -> list[dict[str, Any]]:
 def _engine(engine: str) -> None:
     if engine == "tp_plan" and not TP_PLAN:
         pytest.skip("the installed peft does not shard LoRA by transformers' tp_plan (peft >= 0.21 does)")
-    if engine == "tp" and not TP_PLACES:
-        pytest.skip(f"placing on parallelize_module layers needs torch >= {TP_PLACEMENT_TORCH_SINCE}: refused")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from safe_peft import Cause
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -123,7 +124,7 @@ def _route_files(where: Any, good: str) -> None:
 
 # Pages whose examples need a newer torch than the oldest supported one, and why (plain torch / transformers too).
 NEEDS_TORCH = {
-    "docs/distributed.md": ("2.6", "FSDP2's public fully_shard and sharded loading"),
+    "docs/distributed.md": (SHARDED_LOAD_TORCH_SINCE, "loading into a sharded model"),
     "docs/routes.md": ("2.6", "transformers' Trainer resume (torch.load below torch 2.6 is refused: CVE-2025-32434)"),
 }
 

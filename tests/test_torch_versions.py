@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._model_view import expected_keys
 from safe_peft._sharding import is_sharded, sharding_findings
-from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, TP_PLACEMENT_TORCH_SINCE, torch_at_least
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 
 INSTALLED = str(torch.__version__)
 
@@ -67,9 +67,9 @@ def tensor_parallel(tmp_path: Any) -> Iterator[tuple[Any, str]]:
         dist.destroy_process_group()
 
 
-def _needs_public_names() -> None:
+def _needs_placing_torch() -> None:
     if not torch_at_least(INSTALLED, SHARDED_LOAD_TORCH_SINCE):
-        pytest.skip(f"this torch ({INSTALLED}) lacks the public DTensor / FSDP2 names the layers are surveyed with")
+        pytest.skip(f"torch {INSTALLED}: a sharded model is refused before its layers are read")
 
 
 def _findings(model: Any, adapter: str, torch_version: str) -> list[Any]:
@@ -77,33 +77,26 @@ def _findings(model: Any, adapter: str, torch_version: str) -> list[Any]:
     return sharding_findings(model, config, expected_keys(model, config).expected, (), None, torch_version)
 
 
-@pytest.mark.parametrize(
-    ("version", "needs"),
-    [("2.4.1", SHARDED_LOAD_TORCH_SINCE), ("2.5.1", SHARDED_LOAD_TORCH_SINCE), ("2.6.0", TP_PLACEMENT_TORCH_SINCE)],
-)
-def test_an_older_torch_is_refused_naming_the_release_it_needs(
-    tensor_parallel: tuple[Any, str], version: str, needs: str
-) -> None:
+@pytest.mark.parametrize("version", ["2.4.1", "2.5.1", "2.6.0+cu124", "2.7.0"])
+def test_an_older_torch_is_refused_naming_the_release_it_needs(tensor_parallel: tuple[Any, str], version: str) -> None:
     model, adapter = tensor_parallel
-    if needs == TP_PLACEMENT_TORCH_SINCE:
-        _needs_public_names()
     (found,) = _findings(model, adapter, version)
     assert found.code == "load_before_sharding"
-    assert f"torch >= {needs}" in found.message and f"torch {version}" in found.message
-    assert found.fix
+    assert f"torch >= {SHARDED_LOAD_TORCH_SINCE}" in found.message and f"torch {version}" in found.message
+    assert found.details["needs_torch"] == f">= {SHARDED_LOAD_TORCH_SINCE}" and found.fix
 
 
 def test_a_torch_with_every_api_places_it(tensor_parallel: tuple[Any, str]) -> None:
-    _needs_public_names()
+    _needs_placing_torch()
     model, adapter = tensor_parallel
-    assert _findings(model, adapter, "2.7.0") == []
+    assert _findings(model, adapter, SHARDED_LOAD_TORCH_SINCE + ".0") == []
 
 
 def test_the_installed_torch_decides(tensor_parallel: tuple[Any, str]) -> None:
     """On a torch without the APIs (the oldest CI environment) the real load is refused and changes nothing; on one
     with them, the verdict is the placement's (loading itself runs in tests/test_distributed.py)."""
     model, adapter = tensor_parallel
-    if torch_at_least(INSTALLED, TP_PLACEMENT_TORCH_SINCE):
+    if torch_at_least(INSTALLED, SHARDED_LOAD_TORCH_SINCE):
         assert diagnose(model, adapter).ok
         return
     assert not diagnose(model, adapter).ok
