@@ -26,6 +26,20 @@ QUANTIZATION = ("bitsandbytes", "torchao", "optimum-quanto", "hqq")
 QUANTIZED_TESTS = "tests/test_quantized.py::"
 
 
+def _commit(root: str) -> str | None:
+    """The commit the suite ran at (with ``+changes`` when the work tree differed from it), or None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -69,6 +83,7 @@ class Recorder:
         selected = bool(config.getoption("keyword") or config.getoption("markexpr") or config.getoption("lf", False))
         return {
             "env": self.env,
+            "commit": _commit(str(config.rootpath)),
             "python": platform.python_version(),
             "platform": f"{platform.system()} {platform.machine()}, CPU only",
             "packages": {name: _version(name) for name in PACKAGES},

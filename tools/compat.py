@@ -51,8 +51,9 @@ def render(records: list[dict[str, Any]]) -> str:
     for r in records:
         p, t = r["packages"], r["tests"]
         scope = "" if r.get("whole_suite") else " (part of the suite)"
+        at = f" at {r['commit']}" if r.get("commit") else ""
         lines.append(
-            f"| `{r['env']}`{scope} | {r['python']} | {p['torch']} | {p['peft']} | {p['transformers']} | "
+            f"| `{r['env']}`{at}{scope} | {r['python']} | {p['torch']} | {p['peft']} | {p['transformers']} | "
             f"{p['safetensors']} | {p['accelerate']} | {t['passed']} | {t['failed'] + t['errors']} | "
             f"{t['skipped']} | {_duration(r['seconds'])} |"
         )
