@@ -148,7 +148,7 @@ def _fsdp_groups(model: nn.Module) -> dict[int, Any]:
             continue
         state = module._get_fsdp_state()
         groups_of_state = getattr(state, "_fsdp_param_groups", None)
-        if groups_of_state is None:  # torch 2.7 / 2.8 keep one group per state (later: a list, and this a property)
+        if groups_of_state is None:  # torch <= 2.10 keeps one group per state (later: a list, and this a property)
             single = getattr(state, "_fsdp_param_group", None)
             groups_of_state = [single] if single is not None else []
         for group in groups_of_state:

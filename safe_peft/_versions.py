@@ -45,13 +45,13 @@ LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
 LOAD_ADAPTER_READ_BELOW = "0.22"
 
 # The torch release that loading into a sharded model needs (safe_peft._sharding): the oldest on which the sharded
-# suite (tests/test_distributed.py: FSDP2 and parallelize_module, loads, training, failures) passes. What older
-# releases lack: FSDP2 public as torch.distributed.fsdp.fully_shard in 2.6 (torch.distributed._composable.fsdp
-# before), DTensor public in 2.5; fully_shard(..., ignored_params=) and parallelize_module(..., src_data_rank=), which
-# the placement calls, in 2.7 (read in the 2.6.0, 2.7.0 and 2.8.0 wheels); on 2.7.0 the loads and refusals pass but an
-# adapter placed under FSDP2 then trains to other values than in one process. Older torch gets a
-# load_before_sharding refusal naming this release.
-SHARDED_LOAD_TORCH_SINCE = "2.13"
+# suite (tests/test_distributed.py: FSDP2 and parallelize_module, loads, training, failures) passes, with peft 0.17.1
+# and transformers 4.56.2: it passes on 2.9.0, 2.10.0 and 2.13.0. On 2.7.0 and 2.8.0 the loads and refusals pass but
+# an adapter placed under FSDP2 then trains to other values than in one process. torch 2.6 lacks
+# fully_shard(..., ignored_params=) and parallelize_module(..., src_data_rank=), which the placement calls; FSDP2
+# became public (torch.distributed.fsdp.fully_shard) in 2.6, DTensor in 2.5. Older torch gets a load_before_sharding
+# refusal naming this release.
+SHARDED_LOAD_TORCH_SINCE = "2.9"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {
