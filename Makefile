@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest docs bench sweep clean engines
+.PHONY: demo test test-oldest compat-docs docs bench sweep clean engines
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,quant-tests]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,28 +20,42 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/ruff format --check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -p no:cacheprovider
+	SAFE_PEFT_COMPAT_ENV=newest $(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) docs
 
 # Without -q: mkdocs' --strict counts the warnings it prints (a broken link, a stale reference).
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict -d build/site
 
-# The oldest supported pair, in its own environment (CI runs both). Old peft warns about its own saves in the
-# test set-up, so third-party warnings are not errors here.
+# The oldest supported torch, peft and transformers, in their own environment (CI runs both). Old peft warns about
+# its own saves in the test set-up, so third-party warnings are not errors here.
 OLD := .venv-oldest
 OLD_STAMP := $(OLD)/.installed
-OLDEST := "peft==0.17.1" "transformers==4.56.2"
+OLDEST_TORCH := 2.4.1
+# accelerate (a peft dependency) needs torch >= 2.6 from 1.16 on: pip would upgrade torch for it.
+OLDEST := "peft==0.17.1" "transformers==4.56.2" "accelerate<1.16"
 
 $(OLD_STAMP): pyproject.toml
 	test -x $(OLD)/bin/python || $(PYTHON) -m venv $(OLD)
-	$(OLD)/bin/python -m pip install -q torch==2.13.0
+	# Not on this machine's disk: PyPI's CUDA build, 2.8 GB with its nvidia-* wheels (about 3 minutes here); it runs
+	# on CPU.
+	$(OLD)/bin/python -m pip install -q torch==$(OLDEST_TORCH)
 	$(OLD)/bin/python -m pip install -q $(OLDEST) -e ".[test]"
+	# Installing the package next to the oldest torch must leave that torch as it is.
+	$(OLD)/bin/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+		sys.exit(None if v == '$(OLDEST_TORCH)' else f'pip changed torch $(OLDEST_TORCH) to {v}')"
 	touch $(OLD_STAMP)
 
 test-oldest: $(OLD_STAMP)
-	$(OLD)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::FutureWarning \
-		-W ignore::DeprecationWarning
+	SAFE_PEFT_COMPAT_ENV=oldest $(OLD)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
+		-W ignore::FutureWarning -W ignore::DeprecationWarning
+
+# docs/compatibility.md's tested matrix, from the records the last `make test` / `make test-oldest` wrote
+# (build/compat/*.json, see tests/compat_record.py): copied to docs/compat/ (committed) and rendered there.
+compat-docs: $(STAMP)
+	mkdir -p docs/compat
+	cp build/compat/*.json docs/compat/
+	$(PY) tools/compat.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -459,14 +459,24 @@ def build_base_model(base: str, model_class: str = "auto") -> nn.Module:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--base {base}: cannot read a model config ({str(exc).splitlines()[0][:200]})") from None
     name = MODEL_CLASSES[model_class]
+    # The model class is resolved, and its modeling module imported, before the meta device is set: some releases
+    # compute tensors while importing (transformers 4.56's generation utilities call .item() under torch 2.6).
+    if name is None and getattr(config, "architectures", None):
+        cls = getattr(transformers, config.architectures[0], None)
+        if cls is None:
+            raise UsageError(f"--base {base}: transformers has no class {config.architectures[0]!r}")
+        make = cls._from_config
+    else:
+        auto = getattr(transformers, name or "AutoModel")
+        mapping = getattr(auto, "_model_mapping", None)
+        try:
+            if mapping is not None and type(config) in mapping:
+                mapping[type(config)]  # imports the modeling module; from_config below raises what is wrong
+        except (KeyError, ImportError, AttributeError, ValueError):
+            pass
+        make = auto.from_config
     with torch.device("meta"):
-        if name is None and getattr(config, "architectures", None):
-            cls = getattr(transformers, config.architectures[0], None)
-            if cls is None:
-                raise UsageError(f"--base {base}: transformers has no class {config.architectures[0]!r}")
-            model = cls._from_config(config)
-        else:
-            model = getattr(transformers, name or "AutoModel").from_config(config)
+        model = make(config)
     return model.eval()  # type: ignore[no-any-return]
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._keys import strip_prefix
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 from safe_peft._walk import every_parameter
 from safe_peft.report import Diagnosis
 
@@ -85,11 +86,8 @@ class Sharding:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (cheap: False unless torch's DTensor was imported)."""
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in every_parameter(model))
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in every_parameter(model))
 
 
 def local_tensor(tensor: Any) -> Any:
@@ -99,11 +97,18 @@ def local_tensor(tensor: Any) -> Any:
 
 
 def _is_dtensor(tensor: Any) -> bool:
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
-    return isinstance(tensor, DTensor)
+
+def _dtensor_type() -> Any:
+    """torch's DTensor class once torch has imported it, else None (imports nothing). It is public as
+    ``torch.distributed.tensor.DTensor`` from torch 2.5 on, ``torch.distributed._tensor.DTensor`` before."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
 
 
 def survey(model: nn.Module) -> Sharding:
@@ -142,7 +147,11 @@ def _fsdp_groups(model: nn.Module) -> dict[int, Any]:
         if not isinstance(module, FSDPModule):
             continue
         state = module._get_fsdp_state()
-        for group in getattr(state, "_fsdp_param_groups", None) or ():
+        groups_of_state = getattr(state, "_fsdp_param_groups", None)
+        if groups_of_state is None:  # torch <= 2.10 keeps one group per state (later: a list, and this a property)
+            single = getattr(state, "_fsdp_param_group", None)
+            groups_of_state = [single] if single is not None else []
+        for group in groups_of_state:
             for fsdp_param in group.fsdp_params:
                 groups[id(fsdp_param.sharded_param)] = group
     return groups
@@ -226,15 +235,31 @@ def sharding_findings(
     expected: Mapping[str, Any],
     repair: tuple[str, ...],
     checkpoint: Mapping[str, Any] | None = None,
+    torch_version: str | None = None,
 ) -> list[Diagnosis]:
     """Why an adapter with ``config`` (and the ``checkpoint`` keys) cannot be loaded into this sharded ``model``
     (empty: it can).
 
-    ``expected`` is the model view's expected keys (``ExpectedKey`` with ``module`` and ``role``).
+    ``expected`` is the model view's expected keys (``ExpectedKey`` with ``module`` and ``role``);
+    ``torch_version`` the torch whose APIs would place the adapter (default: the installed one).
     Pure: reads the model's parameters and hooks, and changes nothing.
     """
     if not is_sharded(model):
         return []
+    if torch_version is None:
+        import torch
+
+        torch_version = str(torch.__version__)
+    if not torch_at_least(torch_version, SHARDED_LOAD_TORCH_SINCE):
+        return [
+            finding(
+                "load_before_sharding",
+                f"loading an adapter into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE} (fully_shard's "
+                f"ignored_params, parallelize_module's src_data_rank); this is torch {torch_version}",
+                fix=_load_first_fix(Sharding({}, True), [], "default"),
+                details={"torch": torch_version, "needs_torch": f">= {SHARDED_LOAD_TORCH_SINCE}"},
+            )
+        ]
     sharding = survey(model)
     peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
     is_lora = peft_type.upper().endswith("LORA") and not peft_type.upper().endswith("ADALORA")

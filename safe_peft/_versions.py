@@ -17,6 +17,7 @@ __all__ = [
     "LOAD_ADAPTER_PASSES_AUTOCAST_SINCE",
     "LOAD_ADAPTER_READ_BELOW",
     "LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE",
+    "SHARDED_LOAD_TORCH_SINCE",
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
@@ -26,6 +27,7 @@ __all__ = [
     "introduced_in",
     "is_newer",
     "load_adapter_facts",
+    "torch_at_least",
 ]
 
 # peft's hot-swap writes a tensor of the same shape with copy_ from this release on; before it, it swapped the new
@@ -41,6 +43,15 @@ HOTSWAP_COPIES_SINCE = "0.20.0"
 LOAD_ADAPTER_PASSES_AUTOCAST_SINCE = "0.19.0"
 LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
 LOAD_ADAPTER_READ_BELOW = "0.22"
+
+# The torch release that loading into a sharded model needs (safe_peft._sharding): the oldest on which the sharded
+# suite (tests/test_distributed.py: FSDP2 and parallelize_module, loads, training, failures) passes, with peft 0.17.1
+# and transformers 4.56.2: it passes on 2.9.0, 2.10.0 and 2.13.0. On 2.7.0 and 2.8.0 the loads and refusals pass but
+# an adapter placed under FSDP2 then trains to other values than in one process. torch 2.6 lacks
+# fully_shard(..., ignored_params=) and parallelize_module(..., src_data_rank=), which the placement calls; FSDP2
+# became public (torch.distributed.fsdp.fully_shard) in 2.6, DTensor in 2.5. Older torch gets a load_before_sharding
+# refusal naming this release.
+SHARDED_LOAD_TORCH_SINCE = "2.9"
 
 # peft task_type -> the transformers Auto class a model of that task is loaded with
 TASK_CLASS: dict[str, str] = {
@@ -178,6 +189,15 @@ def load_adapter_facts(peft_version: str | None = None) -> LoadAdapterFacts:
         passes_autocast=version >= Version(LOAD_ADAPTER_PASSES_AUTOCAST_SINCE),
         sets_requires_grad=version >= Version(LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE),
     )
+
+
+def torch_at_least(torch_version: str, since: str) -> bool:
+    """Whether ``torch_version`` (``torch.__version__``, local tag and pre-release included) is release ``since`` or
+    later; a version that does not parse counts as recent (a source build of torch's main branch)."""
+    try:
+        return Version(Version(torch_version).base_version) >= Version(since)
+    except InvalidVersion:
+        return True
 
 
 def introduced_in(key: str) -> str | None:

@@ -33,3 +33,19 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     make("causal_task", "causal", task_type="CAUSAL_LM")  # what TRL and most tutorials save
     make("all_linear_task", "causal", r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     return made
+
+
+# --- the CI record of this environment (tests/compat_record.py; only when SAFE_PEFT_COMPAT_ENV is set) ---------
+from compat_record import recorder_from_environment, write  # noqa: E402
+
+_RECORDER = recorder_from_environment()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _RECORDER is not None:
+        _RECORDER.add(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _RECORDER is not None and not hasattr(session.config, "workerinput"):
+        write(_RECORDER, session, exitstatus)

@@ -216,10 +216,23 @@ def assert_same_state(before: dict[str, Any], model: nn.Module) -> None:
         now, now_grad, now_dtype, now_device = after["params"][name]
         assert (now_grad, now_dtype, now_device, now.shape) == (grad, dtype, device, value.shape), name
         if value.device.type != "meta":
-            assert torch.equal(now, value), name
+            assert _equal(now, value), name
     assert after["buffers"].keys() == before["buffers"].keys()
     for name, value in before["buffers"].items():
         assert torch.equal(after["buffers"][name], value), name
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, also for tensor subclasses that do not implement it (torchao's quantized weights): their inner
+    tensors and metadata, as ``__tensor_flatten__`` gives them, are compared instead."""
+    try:
+        return torch.equal(a, b)
+    except NotImplementedError:
+        if type(a) is not type(b) or not hasattr(a, "__tensor_flatten__"):
+            raise
+    names, meta = a.__tensor_flatten__()
+    names_b, meta_b = b.__tensor_flatten__()
+    return names == names_b and meta == meta_b and all(_equal(getattr(a, n), getattr(b, n)) for n in names)
 
 
 def _active(model: nn.Module) -> list[str]:

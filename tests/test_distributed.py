@@ -21,6 +21,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 from safe_peft._sharding import _peft_shards_transformers_tp
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -40,10 +41,16 @@ BIG = dict(  # for the memory measurement: a base of 24 MB, an adapter of 0.4 MB
 ENGINES = ["fsdp", "tp", "tp_plan"]
 TP_PLAN = _peft_shards_transformers_tp()
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+    pytest.mark.skipif(  # the refusal on an older torch: tests/test_torch_versions.py
+        not torch_at_least(str(torch.__version__), SHARDED_LOAD_TORCH_SINCE),
+        reason=f"loading into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE}: refused on this one",
+    ),
+]
 
 
 def _train(model: Any, batch: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from safe_peft import Cause
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -122,9 +123,27 @@ def _route_files(where: Any, good: str) -> None:
     config.write_text(json.dumps(data))
 
 
+# Pages whose examples need a newer torch than the oldest supported one, and why (plain torch / transformers too).
+NEEDS_TORCH = {
+    "docs/distributed.md": (SHARDED_LOAD_TORCH_SINCE, "loading into a sharded model"),
+    "docs/routes.md": ("2.6", "transformers' Trainer resume (torch.load below torch 2.6 is refused: CVE-2025-32434)"),
+}
+
+
+def _runs_on_this_torch(page: str) -> None:
+    import torch
+
+    from safe_peft._versions import torch_at_least
+
+    since, why = NEEDS_TORCH.get(page, ("0", ""))
+    if not torch_at_least(str(torch.__version__), since):
+        pytest.skip(f"{page} needs torch >= {since}: {why}")
+
+
 @pytest.mark.parametrize("page", sorted(_python_examples()))
 def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Python example in the docs runs, in a workspace holding the adapters it names."""
+    _runs_on_this_torch(page)
     from helpers import build
     from peft import PeftModel
 
@@ -146,3 +165,17 @@ def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.Mon
     for value in list(namespace.values()):
         if callable(value) and getattr(value, "__name__", "").startswith("test_"):
             value(assert_adapter_loads)
+
+
+def test_the_compatibility_matrix_is_the_rendering_of_the_ci_records() -> None:
+    """docs/compatibility.md's tested matrix is tools/compat.py's rendering of docs/compat/*.json (make compat-docs)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("compat_tool", os.path.join(root, "tools", "compat.py"))
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--check"]) == 0
+    for record in tool.load_records():
+        assert record["whole_suite"] and record["tests"]["failed"] == record["tests"]["errors"] == 0, record["env"]

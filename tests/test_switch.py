@@ -24,7 +24,17 @@ from transformers.integrations.peft import PeftAdapterMixin
 
 import safe_peft
 from safe_peft import AdapterLoadError
+from safe_peft._versions import torch_at_least
 
+# What the oldest supported torch cannot do, plain peft and transformers included (the skips name them):
+RESUMES = pytest.mark.skipif(  # transformers >= 4.50 refuses torch.load (the Trainer's optimizer.pt) below torch 2.6
+    not torch_at_least(str(torch.__version__), "2.6"),
+    reason="transformers refuses to resume a Trainer (torch.load of optimizer.pt) below torch 2.6: CVE-2025-32434",
+)
+COMPILES = pytest.mark.skipif(  # transformers 4.56's sdpa_mask_older_torch fails to trace: a plain run fails too
+    not torch_at_least(str(torch.__version__), "2.5"),
+    reason="torch.compile of a transformers Llama training step fails below torch 2.5 (plain peft included)",
+)
 MISSING = "Found missing adapter keys"  # plain peft's only word about an adapter that did not load
 
 
@@ -219,6 +229,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
+@RESUMES
 def test_the_trainer_resumes_through_safe_peft_as_it_resumes_plainly(
     run: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +249,7 @@ def test_the_trainer_resumes_through_safe_peft_as_it_resumes_plainly(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@RESUMES
 def test_the_trainer_refuses_to_resume_from_a_checkpoint_whose_adapter_did_not_load(run: str, tmp_path: Any) -> None:
     """Plain: the Trainer resumes from v_proj's initial weights, without a word. Switched: a strict error, and the
     adapter is as it was before the resume."""
@@ -259,6 +271,8 @@ def test_the_trainer_refuses_to_resume_from_a_checkpoint_whose_adapter_did_not_l
     assert not os.path.isdir(str(tmp_path / "ours" / "checkpoint-3"))  # it did not train on
 
 
+@RESUMES
+@COMPILES
 def test_a_run_under_the_trainer_s_torch_compile_resumes_through_safe_peft(tmp_path: Any) -> None:
     """torch_compile=True: the Trainer compiles for the steps and saves the uncompiled model's keys (checked), so
     the resume loads them exactly, switched or not."""
@@ -277,6 +291,7 @@ def test_a_run_under_the_trainer_s_torch_compile_resumes_through_safe_peft(tmp_p
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
+@COMPILES
 def test_a_checkpoint_of_a_compiled_peft_model_is_refused_and_remap_auto_loads_it(tmp_path: Any) -> None:
     """A PeftModel compiled by the user and trained by the Trainer: transformers 4.x saves its keys with
     `_orig_mod.` (plain peft then loads nothing, with one warning); transformers 5.24 saves an adapter file without
