@@ -26,6 +26,7 @@ from safe_peft._catalog import finding
 from safe_peft._keys import PEFT_PREFIX, Role, lora_key, role_of
 from safe_peft._versions import TASK_HEADS
 from safe_peft._walk import every_module, named_modules
+from safe_peft.errors import RAISED, raised_by
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -306,7 +307,7 @@ def _no_target_found(target_modules: Any) -> Diagnosis:
     return finding(
         "target_modules_not_found",
         f"none of the adapter's target modules ({', '.join(map(str, targets[:10]))}) exists in the model",
-        details={"target_modules": targets},
+        details={"target_modules": targets, RAISED: "ValueError"},  # peft: NoMatchingPeftModuleError(ValueError)
     )
 
 
@@ -384,11 +385,14 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
             peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights under
-        # base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself
-        try:
-            extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
-        except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
-            extra = {}
+        # base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself, only of a model
+        # where peft looks for them (elsewhere it finds none and warns: a notice the load itself does not give)
+        extra = {}
+        if hasattr(peft_model, "get_input_embeddings"):
+            try:
+                extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+            except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
+                pass
         for key, tensor in extra.items():
             if key not in state:
                 embedding_keys[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), Role.BASE_EMBEDDING, False)
@@ -524,8 +528,10 @@ def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis
             "injection_rejected",
             f"peft warned while applying this config, and the active warning filters make the warning an error (the "
             f"load would stop at it too): {type(exc).__name__}: {str(exc)[:300]}",
+            details=raised_by(exc),
         )
     return finding(
         "injection_rejected",
         f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",
+        details=raised_by(exc),
     )

@@ -7,6 +7,8 @@ checkpoint and runs under torch.compile. Off, everything is plain and the origin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import thirdparty
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs
+from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers.integrations.peft import PeftAdapterMixin
@@ -302,3 +304,177 @@ def test_a_checkpoint_of_a_compiled_peft_model_is_refused_and_remap_auto_loads_i
         assert torch.allclose(outputs(model), outputs(trained), atol=1e-6)
     else:  # nothing was saved: every expected key is missing
         assert not report.unexpected and len(report.missing) == 8
+
+
+# -- a drop-in: what callers of plain peft rely on, beyond the loaded weights --------------------------------------
+
+
+def test_a_config_object_passed_to_from_pretrained_is_the_one_installed(files: dict[str, str]) -> None:
+    """peft installs the caller's ``config=`` object itself and sets ``inference_mode`` on it; so does the switch
+    (and safe_load_adapter), only once the load committed."""
+    config = LoraConfig.from_pretrained(files["good"])
+    config.inference_mode = False
+    plain = PeftModel.from_pretrained(build("causal"), files["good"], config=config)
+    assert plain.peft_config["default"] is config and config.inference_mode
+    for trainable in (False, True):
+        config = LoraConfig.from_pretrained(files["good"])
+        with safe_peft.patched():
+            model = thirdparty.load_for_inference(build("causal"), files["good"], config=config, is_trainable=trainable)
+        assert model.peft_config["default"] is config and config.inference_mode is not trainable
+        assert torch.equal(outputs(model), outputs(plain))
+    config = LoraConfig.from_pretrained(files["good"])
+    before = dict(vars(config))
+    with safe_peft.patched(), pytest.raises(AdapterLoadError):
+        thirdparty.load_for_inference(build("causal"), files["broken"], config=config)
+    assert vars(config) == before  # a refused load leaves the caller's object as it was
+
+
+def _adalora(directory: str) -> str:
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(total_step=10, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(build("causal"), config).save_pretrained(directory)
+    return directory
+
+
+def test_where_plain_peft_raises_a_value_error_the_switch_raises_one_too(tmp_path: Any) -> None:
+    """peft refuses a second trainable AdaLoRA adapter with a ValueError: under the switch the AdapterLoadError is
+    also a ValueError (callers' ``except ValueError`` keep working), still a RuntimeError, and survives pickle."""
+    import pickle
+
+    path = _adalora(str(tmp_path / "adalora"))
+    plain = PeftModel.from_pretrained(build("causal"), path, is_trainable=True)
+    with pytest.raises(ValueError, match="only 1 trainable adapter"):
+        plain.load_adapter(path, "b", is_trainable=True)
+    with safe_peft.patched():
+        model = PeftModel.from_pretrained(build("causal"), path, is_trainable=True)
+        try:
+            model.load_adapter(path, "b", is_trainable=True)
+        except ValueError as err:  # a caller's clause, written for plain peft
+            caught: Any = err
+    assert isinstance(caught, AdapterLoadError) and isinstance(caught, RuntimeError)
+    assert "only 1 trainable adapter" in str(caught)  # peft's own refusal, in the report
+    again = pickle.loads(pickle.dumps(caught))
+    assert type(again) is type(caught) and isinstance(again, ValueError) and again.report == caught.report
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_refusal_plain_peft_does_not_make_is_no_other_builtin_error(files: dict[str, str]) -> None:
+    with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
+        thirdparty.load_for_inference(build("causal"), files["broken"])  # plain peft: a warning, no exception
+    assert type(caught.value) is AdapterLoadError and not isinstance(caught.value, ValueError)
+
+
+def test_ignore_mismatched_sizes_is_honoured_as_peft_honours_it(tmp_path: Any) -> None:
+    """A LoRA on the embedding, trained on a vocabulary of 100, into a base of 128 rows: refused without the
+    argument (resized_embeddings), loaded as plain peft loads it with ``ignore_mismatched_sizes=True`` (the
+    mismatched tensor keeps its initial value, the same warnings), and the report names the skipped key."""
+    import warnings
+
+    path = str(tmp_path / "embedding")
+    train_adapter(build("causal"), path, target_modules=["embed_tokens", "q_proj"])
+
+    def resized() -> torch.nn.Module:
+        model = build("causal")
+        model.resize_token_embeddings(128)
+        return model
+
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        plain = PeftModel.from_pretrained(resized(), path, ignore_mismatched_sizes=True)
+    with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
+        thirdparty.load_for_inference(resized(), path)
+    assert caught.value.report.primary.code == "resized_embeddings"
+    for strict in (True, False):
+        with warnings.catch_warnings(record=True) as ours, safe_peft.patched(strict=strict):
+            warnings.simplefilter("always")
+            model = thirdparty.load_for_inference(resized(), path, ignore_mismatched_sizes=True)
+        assert [str(w.message) for w in ours] == [str(w.message) for w in told]
+        assert torch.equal(outputs(model), outputs(plain))
+    with warnings.catch_warnings(record=True):  # peft's, as in the plain load
+        warnings.simplefilter("always")
+        _, report = safe_peft.safe_load_adapter(resized(), path, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert report.ok and [w.code for w in report.warnings] == ["mismatched_sizes_ignored"]
+    embedding = "base_model.model.model.embed_tokens"
+    assert report.warnings[0].details["keys"] == [f"{embedding}.base_layer.weight", f"{embedding}.lora_embedding_A"]
+
+
+class _Custom(torch.nn.Module):
+    """Not a transformers model: peft finds no embedding layers in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = torch.nn.Linear(8, 8)
+        self.lin1 = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def test_a_non_lora_method_on_a_custom_model_warns_as_plain_peft_does(tmp_path: Any) -> None:
+    """No notice of safe_peft's own (peft's "Could not identify embedding layer(s)") on a load plain peft makes
+    without a word. Recorded, not raised: an error inside safe_peft's own look at the model would be swallowed."""
+    import warnings
+
+    from peft import LoKrConfig
+
+    get_peft_model(_Custom(), LoKrConfig(target_modules=["lin0"], init_weights=False)).save_pretrained(tmp_path)
+    x = torch.randn(3, 8)
+    told: dict[str, list[str]] = {}
+    for mode in ("plain", "switch"):
+        switch = safe_peft.patched() if mode == "switch" else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, switch:
+            warnings.simplefilter("always")
+            model = thirdparty.load_for_inference(_Custom(), str(tmp_path))
+        told[mode] = [str(w.message) for w in caught]
+        assert torch.equal(model(x), PeftModel.from_pretrained(_Custom(), str(tmp_path))(x))
+    assert told["switch"] == told["plain"] == []
+
+
+# -- the switch composes with other libraries' wrappers ---------------------------------------------------------
+
+
+def _telemetry(function: Any, calls: list[str], wraps: bool) -> Any:
+    """A tracing library's generic wrapper, with or without functools.wraps."""
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        calls.append(function.__name__)
+        return function(*args, **kwargs)
+
+    return functools.wraps(function)(traced) if wraps else traced
+
+
+@pytest.mark.parametrize("wraps", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_generic_wrapper_installed_before_or_after_the_switch_keeps_working(
+    files: dict[str, str], wraps: bool, when: str
+) -> None:
+    """A telemetry wrapper ``(*args, **kwargs)`` on PeftModel.load_adapter, installed before or after patch():
+    every call still binds peft's arguments (adapter_name positional or by keyword), goes through safe_peft, and
+    unpatch() puts back exactly what was there."""
+    calls: list[str] = []
+    original = PeftModel.__dict__["load_adapter"]
+    try:
+        if when == "before":
+            PeftModel.load_adapter = _telemetry(original, calls, wraps)  # type: ignore[method-assign]
+        wrapped = PeftModel.__dict__["load_adapter"]
+        safe_peft.patch()
+        if when == "after":
+            PeftModel.load_adapter = _telemetry(PeftModel.__dict__["load_adapter"], calls, wraps)  # type: ignore[method-assign]
+        model = PeftModel.from_pretrained(build("causal"), files["good"])
+        model.load_adapter(files["other"], "b")
+        model.load_adapter(files["other"], adapter_name="c")
+        with pytest.raises(AdapterLoadError) as caught:
+            model.load_adapter(files["broken"], "d")
+        assert caught.value.report.primary.code == "targets_without_weights"
+        assert list(model.peft_config) == ["default", "b", "c"]
+        assert len(calls) == (3 if when == "after" else 0)  # before: safe_peft loads these itself, not via peft
+        safe_peft.unpatch()
+        if when == "before":
+            assert PeftModel.__dict__["load_adapter"] is wrapped  # by identity: the other library's wrapper
+        calls.clear()
+        model.load_adapter(files["broken"], "e")  # off: plain again (loads what matches, silently), via the wrapper
+        assert "e" in model.peft_config and calls == ["load_adapter"]
+    finally:
+        PeftModel.load_adapter = original  # type: ignore[method-assign]
