@@ -17,6 +17,7 @@ Two ways to compute them, both without touching the caller's model:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,15 @@ __all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions"
 
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
+# Config features whose tensors peft's injection leaves out on the meta device (created at the first forward on a
+# real device: MonteCLoRA's sampler); the view injects them with the targeted modules real.
+_DEFERRED_ON_META = ("monteclora_config",)
+
+
+class _DeferredOnMeta(Exception):
+    """The config's injection on meta would leave tensors out (see ``_DEFERRED_ON_META``)."""
+
+
 # Config features the analytic path does not model; any of them sends the computation to injection.
 _INJECTION_ONLY = (
     "target_parameters",
@@ -155,11 +165,24 @@ def _analytic_applies(model: nn.Module, config: Any) -> bool:
 
     if config.peft_type != PeftType.LORA or getattr(config, "bias", "none") != "none":
         return False
-    if any(getattr(config, name, None) for name in _INJECTION_ONLY):
+    if any(getattr(config, name, None) for name in _INJECTION_ONLY) or _variant_beyond_dora(config):
         return False
     if any(isinstance(m, BaseTunerLayer) for m in every_module(model)):
         return False  # the model already carries adapters: let peft itself work out what is new
     return not has_weight_conversions(model)
+
+
+def _variant_beyond_dora(config: Any) -> bool:
+    """Whether the config asks for a LoRA variant other than DoRA (KaSA, VeLoRA, MonteCLoRA, BD-LoRA, MiCA, ...),
+    whose extra tensors and shapes only injection knows: read from peft's own declaration of its variants (the
+    field metadata ``is_lora_variant``, and ``lora_variants`` for the values of ``init_lora_weights``)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        if field.metadata.get("is_lora_variant") and field.name != "use_dora" and value:
+            return True
+        if isinstance(value, str) and value in (field.metadata.get("lora_variants") or ()):
+            return True
+    return False
 
 
 def has_weight_conversions(model: nn.Module) -> bool:
@@ -399,6 +422,8 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
         return skeleton, state
 
     try:
+        if any(getattr(config, name, None) for name in _DEFERRED_ON_META):
+            raise _DeferredOnMeta  # straight to the injection with real targets
         _, state = inject(frozenset())
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
         # Methods whose initialisation computes from the base weights (SHiRA's mask, FRoD / AdaMSS decompositions,
@@ -415,9 +440,24 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     expected = {}
     for key, tensor in state.items():
         expected[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), role_of(key) or Role.OTHER)
-    for key, want in embedding_keys.items():
+    for key, want in [*embedding_keys.items(), *_filled_on_load(state).items()]:
         expected.setdefault(key, want)
     return expected, None
+
+
+def _filled_on_load(state: dict[str, Any]) -> dict[str, ExpectedKey]:
+    """Entries peft's load creates from the file rather than finds in the model: SHiRA's indices live in a plain
+    dict on the layer, which its ``_remap_adapter_state_dict_for_load`` fills from ``<layer>.shira_indices`` (two
+    rows, one column per SHiRA weight); a layer injected without a mask (a custom ``mask_fn``, which is never
+    saved) has none until then."""
+    from safe_peft._keys import module_of
+
+    found = {}
+    for key, tensor in state.items():
+        if key.endswith(".shira_weight"):
+            indices = f"{key.removesuffix('shira_weight')}shira_indices"
+            found[indices] = ExpectedKey(indices, (2, int(tensor.shape[0])), module_of(indices), Role.OTHER)
+    return found
 
 
 _QUIET: dict[type, type] = {}  # model class -> its subclass for skeletons (see _quiet_checkpointing_flag)

@@ -478,3 +478,75 @@ def test_a_generic_wrapper_installed_before_or_after_the_switch_keeps_working(
         assert "e" in model.peft_config and calls == ["load_adapter"]
     finally:
         PeftModel.load_adapter = original  # type: ignore[method-assign]
+
+
+# -- peft's own layouts load through the switch as they load plainly ---------------------------------------------
+
+
+class _MLP(torch.nn.Module):
+    """peft's test model: lin0 (10 -> 20), lin1 (20 -> 40), lin2 (40 -> 30); fixed weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.lin1, self.lin2 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 40), torch.nn.Linear(40, 30)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def _variant(name: str) -> Any:
+    """A LoRA variant that saves tensors beyond lora_A / lora_B (or other shapes), as peft's tests configure it."""
+    from peft.tuners.lora import config as lora
+
+    needed = {"kasa": "Kasa", "velora": "Velora", "monteclora": "Monteclora", "bdlora": "BdLora"}[name] + "Config"
+    if not hasattr(lora, needed):
+        pytest.skip(f"the installed peft has no {needed}")
+    options: dict[str, Any] = {
+        "kasa": {"target_modules": ["lin0"], "kasa_config": lora.KasaConfig(), "r": 4},
+        "velora": {"target_modules": ["lin0"], "velora_config": lora.VeloraConfig(num_groups=2, init_type="random")},
+        "monteclora": {"target_modules": ["lin0"], "monteclora_config": lora.MontecloraConfig(num_samples=2)},
+        "bdlora": {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": lora.BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2),
+        },
+    }[name]
+    return LoraConfig(init_lora_weights=False, **options)
+
+
+def _shira_custom_mask() -> Any:
+    """SHiRA with a custom mask function (never saved: the file's shira_indices carry the mask)."""
+    from peft import ShiraConfig
+
+    def mask_fn(base_layer: torch.nn.Module, r: int, **kwargs: Any) -> torch.Tensor:
+        out_f, in_f = base_layer.weight.shape
+        generator = torch.Generator().manual_seed(120)
+        chosen = torch.randperm(out_f * in_f, generator=generator)[: r * (out_f + in_f)]
+        mask = torch.zeros(out_f * in_f)
+        mask[chosen] = 1.0
+        return mask.view(out_f, in_f)
+
+    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)
+    config.mask_fn = mask_fn
+    return config
+
+
+@pytest.mark.filterwarnings("ignore:Argument self.mask_type='custom' is not recognized")  # peft's, on every load
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")  # torch's, in SHiRA's forward
+@pytest.mark.parametrize("method", ["kasa", "velora", "monteclora", "bdlora", "shira_custom_mask"])
+def test_peft_s_own_layouts_load_exactly_as_plain_peft_loads_them(tmp_path: Any, method: str) -> None:
+    """LoRA variants whose files hold more than lora_A / lora_B (KaSA's singular values, MonteCLoRA's sampler,
+    BD-LoRA's blocks of other shapes) and SHiRA's saved indices of a custom mask: plain peft reloads them exactly,
+    and so does the switch (the model view knows their tensors), with the same outputs."""
+    config = _shira_custom_mask() if method == "shira_custom_mask" else _variant(method)
+    trained = get_peft_model(_MLP(), config).eval()
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        want = trained(x)
+    trained.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(_MLP(), str(tmp_path)).eval()
+    with safe_peft.patched():
+        model = thirdparty.load_for_inference(_MLP(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), want) and torch.equal(model(x), plain(x))
+    assert set(model.state_dict()) == set(plain.state_dict())
