@@ -64,7 +64,10 @@ def _compatible(cls: type[AdapterLoadError], plain: type[Exception] | None) -> t
 class AdapterLoadError(RuntimeError):
     """An adapter does not fit the model (or could not be loaded). ``.report`` says why.
 
-    A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working.
+    A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working. Where plain peft
+    raises an exception of its own for the same call (a ``ValueError`` for a second trainable AdaLoRA adapter, for
+    a target module that does not exist, ...), the error is also an instance of that builtin class, so
+    ``except ValueError`` written for plain peft keeps catching it (the finding records the class).
     ``str(err)`` is the rendered report::
 
         Cannot load adapter 'out/adapter' into LlamaForCausalLM: 0 missing, 0 unexpected, 8 size-mismatched keys.
