@@ -241,6 +241,7 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
             f"{config.path}: peft cannot build this config: {str(exc)[:300]}",
             fix="install the package named above, which peft needs for an option of this adapter.",
             adapter=adapter,
+            details=raised_by(exc),
         ) from None
     except Exception as exc:  # noqa: BLE001 - peft's config classes validate with several exception types
         rejected = f"{config.path}: is rejected by peft: {str(exc)[:300]}"
