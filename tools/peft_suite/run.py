@@ -77,7 +77,7 @@ def _pytest(files: list[str], keyword: str | None, xml: str, env: dict[str, str]
     subprocess.run(command, cwd=SOURCE, env=env, check=False, stdout=subprocess.DEVNULL)
 
 
-def run(out: str, files: list[str] | None, allow_pickle: bool) -> None:
+def run(out: str, files: list[str] | None, allow_pickle: bool, modes: list[str]) -> None:
     import peft
 
     if peft.__version__ != PEFT_VERSION:
@@ -87,7 +87,7 @@ def run(out: str, files: list[str] | None, allow_pickle: bool) -> None:
     if files:
         groups = [([f for f in fs if f in files], k) for fs, k in groups]
     base = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    for mode in ("plain", "switch"):
+    for mode in modes:
         env = dict(base, SAFE_PEFT_SUITE_SWITCH="1" if mode == "switch" else "0",
                    SAFE_PEFT_SUITE_ALLOW_PICKLE="1" if allow_pickle else "0")
         for index, (group, keyword) in enumerate(groups):
@@ -157,6 +157,8 @@ def main() -> None:
     runner.add_argument("--out", default=os.path.join(WORK, "out"))
     runner.add_argument("--files", nargs="*", help="only these of the files (names as listed in run.py)")
     runner.add_argument("--allow-pickle", action="store_true", help="the switch with allow_pickle=True")
+    runner.add_argument("--modes", nargs="+", default=["plain", "switch"], choices=["plain", "switch"],
+                        help="the runs to make (a plain run's XML files already in --out are reused)")
     comparer = sub.add_parser("compare", help="compare the XML files of an earlier run")
     comparer.add_argument("--out", default=os.path.join(WORK, "out"))
     args = parser.parse_args()
@@ -166,7 +168,7 @@ def main() -> None:
         prepare_done = os.path.exists(os.path.join(SOURCE, ".unpacked"))
         if not prepare_done:
             sys.exit("peft's tests are not unpacked: run `python tools/peft_suite/run.py prepare` first")
-        run(args.out, args.files, args.allow_pickle)
+        run(args.out, args.files, args.allow_pickle, args.modes)
     else:
         compare(args.out)
 
