@@ -550,3 +550,17 @@ def test_peft_s_own_layouts_load_exactly_as_plain_peft_loads_them(tmp_path: Any,
     with torch.no_grad():
         assert torch.allclose(model(x), want) and torch.equal(model(x), plain(x))
     assert set(model.state_dict()) == set(plain.state_dict())
+
+
+def test_a_refused_kasa_load_leaves_the_base_weights_it_truncates(tmp_path: Any) -> None:
+    """KaSA truncates the targeted base weight when it is injected: a load refused after that point (here: the
+    checkpoint's lora_B holds a NaN, found after peft loaded it) restores the base weight's values too."""
+    trained = get_peft_model(_MLP(), _variant("kasa"))
+    trained.save_pretrained(tmp_path / "kasa")
+    poisoned = lambda k, v: v * torch.nan if "lora_B" in k else v  # noqa: E731
+    nan = derive(str(tmp_path / "kasa"), str(tmp_path / "nan"), tensors=poisoned)
+    base = _MLP()
+    before = base.lin0.weight.detach().clone()
+    with safe_peft.patched(), pytest.raises(AdapterLoadError):
+        thirdparty.load_for_inference(base, nan)
+    assert torch.equal(base.lin0.weight, before)
