@@ -38,12 +38,15 @@ __all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions"
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
 # Config features whose tensors peft's injection leaves out on the meta device (created at the first forward on a
-# real device: MonteCLoRA's sampler); the view injects them with the targeted modules real.
+# real device: MonteCLoRA's sampler), and methods whose initialisation computes from the base weights and so fails
+# on meta (SHiRA's mask, FRoD's and AdaMSS' decompositions): the view injects them with the targeted modules real
+# at once, without a first attempt on meta.
 _DEFERRED_ON_META = ("monteclora_config",)
+_COMPUTED_FROM_WEIGHTS = frozenset({"SHIRA", "FROD", "ADAMSS"})
 
 
 class _DeferredOnMeta(Exception):
-    """The config's injection on meta would leave tensors out (see ``_DEFERRED_ON_META``)."""
+    """The config's injection on meta would fail or leave tensors out (see ``_DEFERRED_ON_META``)."""
 
 
 # Config features the analytic path does not model; any of them sends the computation to injection.
@@ -422,7 +425,8 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
         return skeleton, state
 
     try:
-        if any(getattr(config, name, None) for name in _DEFERRED_ON_META):
+        kind = str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1]
+        if kind in _COMPUTED_FROM_WEIGHTS or any(getattr(config, name, None) for name in _DEFERRED_ON_META):
             raise _DeferredOnMeta  # straight to the injection with real targets
         _, state = inject(frozenset())
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
