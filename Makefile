@@ -91,12 +91,12 @@ sweep: $(STAMP)
 	$(PY) tests/run_sweep.py --methods --negative
 
 # peft's own saving / loading tests (the newest supported peft's, from its sdist, pinned by sha256), run plain and
-# with safe_peft.patch() on; lists every test whose outcome differs (docs/routes.md). Long: about an hour on 2
+# with safe_peft.patch() on; lists every test whose outcome differs (docs/routes.md). Long: about 25 minutes on 2
 # cores; never part of `make test`. Only the one-time download of peft's sdist reaches the network.
 PEFT_SUITE_STAMP := .peft-suite/peft-0.21.2/.unpacked
 
-$(PEFT_SUITE_STAMP): tools/peft_suite/run.py
-	$(PY) -m pip install -q parameterized attrs  # peft's tests import them
+$(PEFT_SUITE_STAMP):
+	$(PY) -m pip install -q parameterized==0.9.0 attrs==26.1.0  # peft's tests import them
 	$(PY) tools/peft_suite/run.py prepare
 
 peft-suite: $(STAMP) $(PEFT_SUITE_STAMP)
