@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest compat-docs docs bench sweep clean engines
+.PHONY: demo test test-oldest compat-docs docs bench sweep clean engines peft-suite
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -104,3 +104,15 @@ clean:
 # PeftType on a few architectures; writes docs/sweep.md. A fixed sample runs in `make test` (tests/test_sweep.py).
 sweep: $(STAMP)
 	$(PY) tests/run_sweep.py --methods --negative --families
+
+# peft's own saving / loading tests (the newest supported peft's, from its sdist, pinned by sha256), run plain and
+# with safe_peft.patch() on; lists every test whose outcome differs (docs/routes.md). Long: about 25 minutes on 2
+# cores; never part of `make test`. Only the one-time download of peft's sdist reaches the network.
+PEFT_SUITE_STAMP := .peft-suite/peft-0.21.2/.unpacked
+
+$(PEFT_SUITE_STAMP):
+	$(PY) -m pip install -q parameterized==0.9.0 attrs==26.1.0  # peft's tests import them
+	$(PY) tools/peft_suite/run.py prepare
+
+peft-suite: $(STAMP) $(PEFT_SUITE_STAMP)
+	nice $(PY) tools/peft_suite/run.py run

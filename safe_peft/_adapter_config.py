@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from safe_peft._catalog import finding
 from safe_peft._legacy import convert_config, enabled_parts
 from safe_peft._versions import introduced_in, is_newer
-from safe_peft.errors import AdapterFormatError
+from safe_peft.errors import AdapterFormatError, raised_by
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -242,9 +242,11 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
             f"{config.path}: peft cannot build this config: {str(exc)[:300]}",
             fix="install the package named above, which peft needs for an option of this adapter.",
             adapter=adapter,
+            details=raised_by(exc),
         ) from None
     except Exception as exc:  # noqa: BLE001 - peft's config classes validate with several exception types
-        raise _bad(config.path, adapter, "invalid_config", f"is rejected by peft: {str(exc)[:300]}") from None
+        rejected = f"{config.path}: is rejected by peft: {str(exc)[:300]}"
+        raise AdapterFormatError.of("invalid_config", rejected, adapter=adapter, details=raised_by(exc)) from None
     harmless = [k for k in unknown if k not in meaning]
     return BuiltConfig(peft_config, _skew_findings(config, harmless), causes, repairs)
 

@@ -364,6 +364,7 @@ _ENTRIES: tuple[Entry, ...] = (
         "the load.",
         repair=("vocab",),
     ),
+    Entry("mismatched_sizes_ignored", _C.VOCAB_SIZE_MISMATCH, 2, False, warning=True),
     Entry(
         "token_indices_out_of_range",
         _C.VOCAB_SIZE_MISMATCH,

@@ -20,7 +20,7 @@ from safe_peft._keys import LORA_OWN, Role, base_tensor_name, checkpoint_key, ro
 from safe_peft._snapshot import ModuleSnapshot, ValueSnapshot
 from safe_peft._walk import named_paths
 from safe_peft._weights import write_weights
-from safe_peft.errors import AdapterLoadError
+from safe_peft.errors import AdapterLoadError, raised_by
 from safe_peft.report import LoadReport, MissingKey, SizeMismatch, UnexpectedKey
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ __all__ = [
     "atomically",
     "copy_into",
     "execute",
+    "install_given_config",
     "is_fatal",
     "late_failure",
     "load_directory",
@@ -81,7 +82,21 @@ def execute(
                 config = plan.peft_config
                 model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
         report = verify(model, plan, adapter_name, state=state)
-        return model, settled(plan, replace(report, route=route), strict)
+        report = settled(plan, replace(report, route=route), strict)
+    install_given_config(model, adapter_name, kwargs.get("config"))
+    return model, report
+
+
+def install_given_config(model: Any, adapter_name: str, given: Any) -> None:
+    """A caller's ``config=`` object is the adapter's config after the load, as peft installs it: it takes what
+    the load set on the checked copy (``inference_mode = not is_trainable``, filled-in ``target_modules``, ...).
+    Only after the load committed: on a failure the caller's object is untouched."""
+    if given is None:
+        return
+    installed = model.peft_config[adapter_name]
+    if installed is not given:
+        given.__dict__.update(installed.__dict__)
+        model.peft_config[adapter_name] = given
 
 
 def load_directory(plan: LoadPlan, *, with_config: bool) -> tuple[str, str | None]:
@@ -431,7 +446,7 @@ def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str,
         state = adapter_tensors(model, adapter_name, plan.view is not None and plan.view.method == "analytic")
     checkpoint = plan.checkpoint
     optional = {k for k, e in (plan.view.expected.items() if plan.view else ()) if not e.required}
-    missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint]
+    missing = [MissingKey(k, tuple(t.shape)) for k, t in state.items() if k not in checkpoint and k not in optional]
     unexpected = [UnexpectedKey(k, s) for k, s in checkpoint.items() if k not in state and k not in optional]
     mismatches = [
         SizeMismatch(k, checkpoint[k], tuple(t.shape))
@@ -558,6 +573,7 @@ def late_failure(report: LoadReport, exc: Exception) -> LoadReport:
     late = finding(
         "load_failed",
         f"peft failed while loading: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+        details=raised_by(exc),
     )
     return replace(
         report,

@@ -6,6 +6,7 @@ transformers do to keys when they load an adapter happens here too, and a plain 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,13 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["conversion_breaks_keys", "named_keys_peft_accepts", "other_adapters_copies", "peft_conversions"]
+__all__ = [
+    "conversion_breaks_keys",
+    "named_keys_peft_accepts",
+    "other_adapters_copies",
+    "peft_conversions",
+    "sizes_peft_ignores",
+]
 
 
 def peft_conversions(
@@ -129,6 +136,21 @@ def other_adapters_copies(
     passes_through = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
     loaded = passes_through and any(f".{adapter_name}." in key or key.endswith(f".{adapter_name}") for key in stray)
     return stray, loaded
+
+
+def sizes_peft_ignores(checkpoint: Mapping[str, Shape], expected: Mapping[str, ExpectedKey]) -> tuple[str, ...]:
+    """The checkpoint keys peft leaves out when the caller passes ``ignore_mismatched_sizes=True``: each whose shape
+    differs from the model's tensor of that key (``_find_mismatched_keys``), except what peft takes for a packed
+    4-bit weight (the model's last dimension 1, half the checkpoint's elements)."""
+    found = []
+    for key, shape in checkpoint.items():
+        want = expected.get(key)
+        if want is None or want.shape == shape:
+            continue
+        if want.shape and want.shape[-1] == 1 and math.prod(want.shape) * 2 == math.prod(shape):
+            continue
+        found.append(key)
+    return tuple(found)
 
 
 def _map_key(key: str, mapping: Mapping[str, str]) -> str:

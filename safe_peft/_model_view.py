@@ -17,6 +17,7 @@ Two ways to compute them, both without touching the caller's model:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from safe_peft._catalog import finding
 from safe_peft._keys import PEFT_PREFIX, Role, lora_key, pattern_key, pattern_keys, role_of
 from safe_peft._versions import TASK_HEADS
 from safe_peft._walk import every_module, named_modules
+from safe_peft.errors import RAISED, raised_by
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -35,6 +37,18 @@ __all__ = ["ExpectedKey", "ModelView", "expected_keys", "has_weight_conversions"
 
 # Prompt-learning methods whose virtual tokens are key/value states (token_dim = head_dim x the KV heads)
 _KV_PROMPTS = ("PREFIX_TUNING", "CARTRIDGE")
+# Config features whose tensors peft's injection leaves out on the meta device (created at the first forward on a
+# real device: MonteCLoRA's sampler), and methods whose initialisation computes from the base weights and so fails
+# on meta (SHiRA's mask, FRoD's and AdaMSS' decompositions): the view injects them with the targeted modules real
+# at once, without a first attempt on meta.
+_DEFERRED_ON_META = ("monteclora_config",)
+_COMPUTED_FROM_WEIGHTS = frozenset({"SHIRA", "FROD", "ADAMSS"})
+
+
+class _DeferredOnMeta(Exception):
+    """The config's injection on meta would fail or leave tensors out (see ``_DEFERRED_ON_META``)."""
+
+
 # Config features the analytic path does not model; any of them sends the computation to injection.
 _INJECTION_ONLY = (
     "target_parameters",
@@ -154,11 +168,24 @@ def _analytic_applies(model: nn.Module, config: Any) -> bool:
 
     if config.peft_type != PeftType.LORA or getattr(config, "bias", "none") != "none":
         return False
-    if any(getattr(config, name, None) for name in _INJECTION_ONLY):
+    if any(getattr(config, name, None) for name in _INJECTION_ONLY) or _variant_beyond_dora(config):
         return False
     if any(isinstance(m, BaseTunerLayer) for m in every_module(model)):
         return False  # the model already carries adapters: let peft itself work out what is new
     return not has_weight_conversions(model)
+
+
+def _variant_beyond_dora(config: Any) -> bool:
+    """Whether the config asks for a LoRA variant other than DoRA (KaSA, VeLoRA, MonteCLoRA, BD-LoRA, MiCA, ...),
+    whose extra tensors and shapes only injection knows: read from peft's own declaration of its variants (the
+    field metadata ``is_lora_variant``, and ``lora_variants`` for the values of ``init_lora_weights``)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        if field.metadata.get("is_lora_variant") and field.name != "use_dora" and value:
+            return True
+        if isinstance(value, str) and value in (field.metadata.get("lora_variants") or ()):
+            return True
+    return False
 
 
 def has_weight_conversions(model: nn.Module) -> bool:
@@ -306,7 +333,7 @@ def _no_target_found(target_modules: Any) -> Diagnosis:
     return finding(
         "target_modules_not_found",
         f"none of the adapter's target modules ({', '.join(map(str, targets[:10]))}) exists in the model",
-        details={"target_modules": targets},
+        details={"target_modules": targets, RAISED: "ValueError"},  # peft: NoMatchingPeftModuleError(ValueError)
     )
 
 
@@ -384,17 +411,23 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
             peft_model = peft_cls(skeleton, copy.deepcopy(config), adapter_name, low_cpu_mem_usage=False)
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         # what peft adds when it saves the embedding layers too (resized vocabularies): the base weights under
-        # base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself
-        try:
-            extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
-        except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
-            extra = {}
+        # base_layer. / token_adapter.base_layer., a tied head's entries, ... asked of peft itself, only of a model
+        # where peft looks for them (elsewhere it finds none and warns: a notice the load itself does not give)
+        extra = {}
+        if hasattr(peft_model, "get_input_embeddings"):
+            try:
+                extra = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+            except Exception:  # noqa: BLE001 - a model peft cannot find embeddings in saves none
+                pass
         for key, tensor in extra.items():
             if key not in state:
                 embedding_keys[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), Role.BASE_EMBEDDING, False)
         return skeleton, state
 
     try:
+        kind = str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1]
+        if kind in _COMPUTED_FROM_WEIGHTS or any(getattr(config, name, None) for name in _DEFERRED_ON_META):
+            raise _DeferredOnMeta  # straight to the injection with real targets
         _, state = inject(frozenset())
     except Exception as exc:  # noqa: BLE001 - peft signals a config the model cannot take with several types
         # Methods whose initialisation computes from the base weights (SHiRA's mask, FRoD / AdaMSS decompositions,
@@ -411,9 +444,24 @@ def _by_injection(model: nn.Module, config: Any, adapter_name: str) -> tuple[dic
     expected = {}
     for key, tensor in state.items():
         expected[key] = ExpectedKey(key, tuple(tensor.shape), module_of(key), role_of(key) or Role.OTHER)
-    for key, want in embedding_keys.items():
+    for key, want in [*embedding_keys.items(), *_filled_on_load(state).items()]:
         expected.setdefault(key, want)
     return expected, None
+
+
+def _filled_on_load(state: dict[str, Any]) -> dict[str, ExpectedKey]:
+    """Entries peft's load creates from the file rather than finds in the model: SHiRA's indices live in a plain
+    dict on the layer, which its ``_remap_adapter_state_dict_for_load`` fills from ``<layer>.shira_indices`` (two
+    rows, one column per SHiRA weight); a layer injected without a mask (a custom ``mask_fn``, which is never
+    saved) has none until then."""
+    from safe_peft._keys import module_of
+
+    found = {}
+    for key, tensor in state.items():
+        if key.endswith(".shira_weight"):
+            indices = f"{key.removesuffix('shira_weight')}shira_indices"
+            found[indices] = ExpectedKey(indices, (2, int(tensor.shape[0])), module_of(indices), Role.OTHER)
+    return found
 
 
 _QUIET: dict[type, type] = {}  # model class -> its subclass for skeletons (see _quiet_checkpointing_flag)
@@ -524,8 +572,10 @@ def _injection_error(exc: Exception, config: Any, model: nn.Module) -> Diagnosis
             "injection_rejected",
             f"peft warned while applying this config, and the active warning filters make the warning an error (the "
             f"load would stop at it too): {type(exc).__name__}: {str(exc)[:300]}",
+            details=raised_by(exc),
         )
     return finding(
         "injection_rejected",
         f"peft cannot apply this adapter config to the model: {type(exc).__name__}: {str(exc)[:300]}",
+        details=raised_by(exc),
     )

@@ -151,9 +151,45 @@ def _uninstall() -> None:
 # -- the wrappers ----------------------------------------------------------------------------------------------
 
 
+def _own_signature(original: Any, name: str) -> inspect.Signature:
+    """The signature of peft's (or transformers') own function under ``original``, which may be another library's
+    wrapper (telemetry, tracing) installed before the switch: followed through ``__wrapped__`` (``functools.wraps``)
+    and through the closure of a generic ``(*args, **kwargs)`` wrapper to the function of the same name it calls."""
+    seen: set[int] = set()
+    queue = [original]
+    while queue:
+        function = queue.pop(0)
+        function = getattr(function, "__func__", function)  # classmethod, bound method
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        try:
+            signature = inspect.signature(function, follow_wrapped=False)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None and not _generic(signature):
+            return signature
+        if getattr(function, "__wrapped__", None) is not None:
+            queue.append(function.__wrapped__)
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value) and getattr(getattr(value, "__func__", value), "__name__", None) == name:
+                queue.append(value)
+    return inspect.signature(getattr(original, "__func__", original))
+
+
+def _generic(signature: inspect.Signature) -> bool:
+    """``(self, *args, **kwargs)``: a wrapper's signature, which names none of the arguments."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return all(p.kind in variadic for p in list(signature.parameters.values())[1:])
+
+
 def _wrap_from_pretrained(original: Any) -> Any:
     function = original.__func__
-    signature = inspect.signature(function)
+    signature = _own_signature(original, "from_pretrained")
 
     @functools.wraps(function)
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
@@ -179,7 +215,7 @@ def _wrap_from_pretrained(original: Any) -> Any:
 
 
 def _wrap_peft_load_adapter(original: Any) -> Any:
-    signature = inspect.signature(original)
+    signature = _own_signature(original, "load_adapter")
 
     @functools.wraps(original)
     def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -209,7 +245,7 @@ def _wrap_peft_load_adapter(original: Any) -> Any:
 
 
 def _wrap_transformers_load_adapter(original: Any) -> Any:
-    signature = inspect.signature(original)
+    signature = _own_signature(original, "load_adapter")
 
     @functools.wraps(original)
     def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:

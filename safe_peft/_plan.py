@@ -34,6 +34,7 @@ from safe_peft._layout import (
     named_keys_peft_accepts,
     other_adapters_copies,
     peft_conversions,
+    sizes_peft_ignores,
 )
 from safe_peft._model_view import ModelView, expected_keys
 from safe_peft._repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
@@ -143,6 +144,8 @@ def _make_plan(
     if retarget is not None:  # plan against the renamed targets; keep them only if the keys are renamed too
         view = retarget.view
     layout = route.convert(planning, source, view, adapter_name, kwargs)
+    if kwargs.get("ignore_mismatched_sizes"):  # the caller asked peft to leave out what does not fit
+        layout, view = sizes_ignored(layout, view)
     renaming = choose_renames(layout, view, remap, repair)
     if retarget is not None and renaming.applied:
         source = replace(source, peft_config=retarget.config, repairs=(*source.repairs, retarget.note))
@@ -188,6 +191,28 @@ def convert_layout(
             )
         )
     return Layout({k: v for k, v in checkpoint.items() if k not in gone}, tuple(notes), dropped=stray)
+
+
+def sizes_ignored(layout: Layout, view: ModelView) -> tuple[Layout, ModelView]:
+    """``ignore_mismatched_sizes=True``: the tensors whose shape differs from the model's are out of the plan, as
+    peft leaves them out of the load, and their adapter tensors keep their initial values (not missing: the caller
+    asked); a warning names them."""
+    skipped = sizes_peft_ignores(layout.checkpoint, view.expected)
+    if not skipped:
+        return layout, view
+    gone = set(skipped)
+    shapes = {k: f"checkpoint {list(layout.checkpoint[k])}, model {list(view.expected[k].shape)}" for k in skipped}
+    note = finding(
+        "mismatched_sizes_ignored",
+        f"{len(skipped)} checkpoint tensor(s) whose shape differs from the model's were skipped, as "
+        f"ignore_mismatched_sizes=True asks (e.g. {skipped[0]}: {shapes[skipped[0]]}); those adapter tensors keep "
+        "their initial values",
+        details={"keys": list(skipped[:20]), "shapes": [shapes[k] for k in skipped[:20]]},
+    )
+    checkpoint = {k: s for k, s in layout.checkpoint.items() if k not in gone}
+    expected = {k: replace(e, required=False) if k in gone else e for k, e in view.expected.items()}
+    # the file keeps them: peft, given the same argument, leaves them out itself and warns as it does plainly
+    return replace(layout, checkpoint=checkpoint, warnings=(*layout.warnings, note)), replace(view, expected=expected)
 
 
 # -- stage: choose renames (opt-in) ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from safe_peft._catalog import finding
 from safe_peft._keys import PEFT_PREFIX
 from safe_peft._model_view import ModelView
 from safe_peft._plan import FIRST_ADAPTER, Layout, LoadPlan, Route, convert_layout, make_plan
+from safe_peft.errors import RAISED
 from safe_peft.report import Diagnosis, LoadReport
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ def route_findings(
                 "adapter_combination_refused",
                 f"peft refuses to combine this adapter with {', '.join(n for n in names if n != adapter_name)}: "
                 f"{refusal}",
-                details={"peft_error": refusal},
+                details={"peft_error": refusal, RAISED: "ValueError"},  # what peft's check raises
                 advice="load it into a separate model, or change the configs as peft's message says.",
             )
         )

@@ -3,21 +3,71 @@
 Each also is the builtin exception callers already catch: ``AdapterLoadError`` is a ``RuntimeError`` (what torch
 raises for a failed ``load_state_dict``), and ``AdapterNotFoundError`` a ``FileNotFoundError`` (what peft raises
 for a missing adapter), so existing ``except`` clauses keep working.
+
+Where plain peft (or transformers) would have raised an exception of its own for the same call, the error is also
+of that exception's builtin class: a finding made from peft's own refusal records the class in its details
+(``details["raised"]``, e.g. ``"ValueError"``; see :func:`raised_by`), and ``AdapterLoadError(report)`` is then an
+instance of a subclass of both (one per pair, cached; it pickles as the report), so ``except ValueError`` keeps
+catching what it caught before the switch.
 """
 
 from __future__ import annotations
 
+import builtins
+import threading
 from typing import Any
 
 from safe_peft.report import LoadReport
 
 __all__ = ["AdapterFormatError", "AdapterLoadError", "AdapterNotFoundError"]
 
+RAISED = "raised"  # the details key of a finding made from peft's own exception: that exception's builtin class
+
+
+def raised_by(exc: BaseException) -> dict[str, str]:
+    """The details that record which builtin exception class plain peft raised (``{}`` if none but Exception)."""
+    for kind in type(exc).__mro__:
+        if kind.__module__ == "builtins" and kind not in (Exception, BaseException, object):
+            return {RAISED: kind.__name__}
+    return {}
+
+
+def _plainly_raised(report: LoadReport) -> type[Exception] | None:
+    """The builtin class plain peft raises for this load: the first finding that records one."""
+    for diagnosis in report.causes:
+        kind = getattr(builtins, str(diagnosis.details.get(RAISED, "")), None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            return kind
+    return None
+
+
+_COMPATIBLE: dict[tuple[type, type], type] = {}
+_COMPATIBLE_LOCK = threading.Lock()
+
+
+def _compatible(cls: type[AdapterLoadError], plain: type[Exception] | None) -> type[AdapterLoadError]:
+    """``cls``, or its subclass that is also ``plain`` (created once per pair)."""
+    if plain is None or issubclass(cls, plain):
+        return cls
+    with _COMPATIBLE_LOCK:
+        kind = _COMPATIBLE.get((cls, plain))
+        if kind is None:
+            names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+            try:
+                kind = type(cls.__name__, (cls, plain), {**names, "_declared": cls})
+            except TypeError:  # two builtin classes whose instances cannot share a layout: keep ours
+                kind = cls
+            _COMPATIBLE[(cls, plain)] = kind
+    return kind
+
 
 class AdapterLoadError(RuntimeError):
     """An adapter does not fit the model (or could not be loaded). ``.report`` says why.
 
-    A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working.
+    A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working. Where plain peft
+    raises an exception of its own for the same call (a ``ValueError`` for a second trainable AdaLoRA adapter, for
+    a target module that does not exist, ...), the error is also an instance of that builtin class, so
+    ``except ValueError`` written for plain peft keeps catching it (the finding records the class).
     ``str(err)`` is the rendered report::
 
         Cannot load adapter 'out/adapter' into LlamaForCausalLM: 0 missing, 0 unexpected, 8 size-mismatched keys.
@@ -30,12 +80,23 @@ class AdapterLoadError(RuntimeError):
         Docs: https://github.com/safe-peft/safe-peft/blob/main/docs/causes/config_mismatch.md#rank_mismatch
     """
 
+    _declared: type[AdapterLoadError] | None = None  # on a compatible subclass: the class it was made from
+
+    def __new__(cls, report: LoadReport, *args: Any, **kwargs: Any) -> AdapterLoadError:
+        kind = _compatible(cls._declared or cls, _plainly_raised(report))
+        # the builtin base that lays the instance out (OSError's for a FileNotFoundError) creates it
+        solid: Any = max((b for b in kind.__mro__ if b.__module__ == "builtins"), key=lambda b: b.__basicsize__)
+        error: AdapterLoadError = solid.__new__(kind, report)
+        return error
+
     def __init__(self, report: LoadReport) -> None:
         self.report = report
         super().__init__(str(report))
 
+    __str__ = BaseException.__str__  # the report as given (KeyError's would quote it)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.report,))
+        return (self._declared or type(self), (self.report,))
 
 
 class AdapterFormatError(AdapterLoadError):

@@ -106,7 +106,8 @@ def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, 
 
 
 def _route_files(where: Any, good: str) -> None:
-    """docs/routes.md: a second adapter, a retrained copy, a broken copy, a saved base and an adapter naming it."""
+    """docs/routes.md: a second adapter, a retrained copy, an AdaLoRA, a broken copy, a saved base and an adapter
+    naming it."""
     import json
     import shutil
 
@@ -114,6 +115,10 @@ def _route_files(where: Any, good: str) -> None:
 
     train_adapter(build("causal"), str(where / "second"), seed=2, r=4, target_modules=["q_proj", "k_proj", "o_proj"])
     train_adapter(build("causal"), str(where / "retrained"), seed=3)
+    from peft import AdaLoraConfig, get_peft_model
+
+    adalora = AdaLoraConfig(total_step=10, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(build("causal"), adalora).save_pretrained(where / "adalora")
     derive(good, str(where / "broken"), keys=lambda k: None if "v_proj" in k else k)
     build("causal").save_pretrained(where / "base")
     shutil.copytree(good, where / "auto-adapter")

@@ -7,7 +7,16 @@ import pickle
 
 import pytest
 
-from safe_peft import AdapterFormatError, AdapterLoadError, Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch
+from safe_peft import (
+    AdapterFormatError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    Cause,
+    Diagnosis,
+    LoadReport,
+    MissingKey,
+    SizeMismatch,
+)
 from safe_peft._render import collapse_keys, render_report
 
 REPORT = LoadReport(
@@ -92,6 +101,29 @@ def test_errors_survive_pickle(cls: type[AdapterLoadError]) -> None:
     assert back.report == err.report
     assert str(back) == str(err)
     assert isinstance(back, RuntimeError)
+
+
+@pytest.mark.parametrize("cls", [AdapterLoadError, AdapterFormatError, AdapterNotFoundError])
+@pytest.mark.parametrize("plain", [ValueError, TypeError, KeyError, IndexError, NotImplementedError])
+def test_an_error_is_also_the_builtin_class_peft_raised(cls: type[AdapterLoadError], plain: type[Exception]) -> None:
+    """A finding made from peft's own exception records its builtin class; the error is then also that class (one
+    cached subclass per pair), still ours and a RuntimeError, its text the report (KeyError's would quote it), and
+    it pickles as the report."""
+    from safe_peft._catalog import finding
+    from safe_peft.errors import raised_by
+
+    class PeftOwn(plain):  # type: ignore[valid-type,misc]  # peft's own subclass (NoMatchingPeftModuleError)
+        pass
+
+    cause = finding("load_failed", "peft failed while loading", details=raised_by(PeftOwn("x")))
+    report = LoadReport(ok=False, causes=[cause])
+    err = cls(report)
+    assert isinstance(err, plain) and isinstance(err, cls) and isinstance(err, RuntimeError)
+    assert type(err) is type(cls(report)) and type(err).__name__ == cls.__name__
+    assert str(err) == str(report)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and back.report == report
+    assert type(cls(REPORT)) is cls  # nothing recorded: only ours
 
 
 def test_cause_values_are_stable_strings() -> None:

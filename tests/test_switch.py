@@ -7,6 +7,8 @@ checkpoint and runs under torch.compile. Off, everything is plain and the origin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import thirdparty
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs
+from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers.integrations.peft import PeftAdapterMixin
@@ -317,3 +319,263 @@ def test_a_checkpoint_of_a_compiled_peft_model_is_refused_and_remap_auto_loads_i
         assert torch.allclose(outputs(model), outputs(trained), atol=1e-6)
     else:  # nothing was saved: every expected key is missing
         assert not report.unexpected and len(report.missing) == 8
+
+
+# -- a drop-in: what callers of plain peft rely on, beyond the loaded weights --------------------------------------
+
+
+def test_a_config_object_passed_to_from_pretrained_is_the_one_installed(files: dict[str, str]) -> None:
+    """peft installs the caller's ``config=`` object itself and sets ``inference_mode`` on it; so does the switch
+    (and safe_load_adapter), only once the load committed."""
+    config = LoraConfig.from_pretrained(files["good"])
+    config.inference_mode = False
+    plain = PeftModel.from_pretrained(build("causal"), files["good"], config=config)
+    assert plain.peft_config["default"] is config and config.inference_mode
+    for trainable in (False, True):
+        config = LoraConfig.from_pretrained(files["good"])
+        with safe_peft.patched():
+            model = thirdparty.load_for_inference(build("causal"), files["good"], config=config, is_trainable=trainable)
+        assert model.peft_config["default"] is config and config.inference_mode is not trainable
+        assert torch.equal(outputs(model), outputs(plain))
+    config = LoraConfig.from_pretrained(files["good"])
+    before = dict(vars(config))
+    with safe_peft.patched(), pytest.raises(AdapterLoadError):
+        thirdparty.load_for_inference(build("causal"), files["broken"], config=config)
+    assert vars(config) == before  # a refused load leaves the caller's object as it was
+
+
+def _adalora(directory: str) -> str:
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(total_step=10, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(build("causal"), config).save_pretrained(directory)
+    return directory
+
+
+def test_where_plain_peft_raises_a_value_error_the_switch_raises_one_too(tmp_path: Any) -> None:
+    """peft refuses a second trainable AdaLoRA adapter with a ValueError: under the switch the AdapterLoadError is
+    also a ValueError (callers' ``except ValueError`` keep working), still a RuntimeError, and survives pickle."""
+    import pickle
+
+    path = _adalora(str(tmp_path / "adalora"))
+    plain = PeftModel.from_pretrained(build("causal"), path, is_trainable=True)
+    with pytest.raises(ValueError, match="only 1 trainable adapter"):
+        plain.load_adapter(path, "b", is_trainable=True)
+    with safe_peft.patched():
+        model = PeftModel.from_pretrained(build("causal"), path, is_trainable=True)
+        try:
+            model.load_adapter(path, "b", is_trainable=True)
+        except ValueError as err:  # a caller's clause, written for plain peft
+            caught: Any = err
+    assert isinstance(caught, AdapterLoadError) and isinstance(caught, RuntimeError)
+    assert "only 1 trainable adapter" in str(caught)  # peft's own refusal, in the report
+    again = pickle.loads(pickle.dumps(caught))
+    assert type(again) is type(caught) and isinstance(again, ValueError) and again.report == caught.report
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_refusal_plain_peft_does_not_make_is_no_other_builtin_error(files: dict[str, str]) -> None:
+    with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
+        thirdparty.load_for_inference(build("causal"), files["broken"])  # plain peft: a warning, no exception
+    assert type(caught.value) is AdapterLoadError and not isinstance(caught.value, ValueError)
+
+
+def test_ignore_mismatched_sizes_is_honoured_as_peft_honours_it(tmp_path: Any) -> None:
+    """A LoRA on the embedding, trained on a vocabulary of 100, into a base of 128 rows: refused without the
+    argument (resized_embeddings), loaded as plain peft loads it with ``ignore_mismatched_sizes=True`` (the
+    mismatched tensor keeps its initial value, the same warnings), and the report names the skipped key."""
+    import warnings
+
+    path = str(tmp_path / "embedding")
+    train_adapter(build("causal"), path, target_modules=["embed_tokens", "q_proj"])
+
+    def resized() -> torch.nn.Module:
+        model = build("causal")
+        model.resize_token_embeddings(128)
+        return model
+
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        plain = PeftModel.from_pretrained(resized(), path, ignore_mismatched_sizes=True)
+    with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
+        thirdparty.load_for_inference(resized(), path)
+    assert caught.value.report.primary.code == "resized_embeddings"
+    for strict in (True, False):
+        with warnings.catch_warnings(record=True) as ours, safe_peft.patched(strict=strict):
+            warnings.simplefilter("always")
+            model = thirdparty.load_for_inference(resized(), path, ignore_mismatched_sizes=True)
+        assert [str(w.message) for w in ours] == [str(w.message) for w in told]
+        assert torch.equal(outputs(model), outputs(plain))
+    with warnings.catch_warnings(record=True):  # peft's, as in the plain load
+        warnings.simplefilter("always")
+        _, report = safe_peft.safe_load_adapter(resized(), path, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert report.ok and [w.code for w in report.warnings] == ["mismatched_sizes_ignored"]
+    embedding = "base_model.model.model.embed_tokens"
+    assert report.warnings[0].details["keys"] == [f"{embedding}.base_layer.weight", f"{embedding}.lora_embedding_A"]
+
+
+class _Custom(torch.nn.Module):
+    """Not a transformers model: peft finds no embedding layers in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = torch.nn.Linear(8, 8)
+        self.lin1 = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def test_a_non_lora_method_on_a_custom_model_warns_as_plain_peft_does(tmp_path: Any) -> None:
+    """No notice of safe_peft's own (peft's "Could not identify embedding layer(s)") on a load plain peft makes
+    without a word. Recorded, not raised: an error inside safe_peft's own look at the model would be swallowed."""
+    import warnings
+
+    from peft import LoKrConfig
+
+    get_peft_model(_Custom(), LoKrConfig(target_modules=["lin0"], init_weights=False)).save_pretrained(tmp_path)
+    x = torch.randn(3, 8)
+    told: dict[str, list[str]] = {}
+    for mode in ("plain", "switch"):
+        switch = safe_peft.patched() if mode == "switch" else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, switch:
+            warnings.simplefilter("always")
+            model = thirdparty.load_for_inference(_Custom(), str(tmp_path))
+        told[mode] = [str(w.message) for w in caught]
+        assert torch.equal(model(x), PeftModel.from_pretrained(_Custom(), str(tmp_path))(x))
+    assert told["switch"] == told["plain"] == []
+
+
+# -- the switch composes with other libraries' wrappers ---------------------------------------------------------
+
+
+def _telemetry(function: Any, calls: list[str], wraps: bool) -> Any:
+    """A tracing library's generic wrapper, with or without functools.wraps."""
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        calls.append(function.__name__)
+        return function(*args, **kwargs)
+
+    return functools.wraps(function)(traced) if wraps else traced
+
+
+@pytest.mark.parametrize("wraps", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_generic_wrapper_installed_before_or_after_the_switch_keeps_working(
+    files: dict[str, str], wraps: bool, when: str
+) -> None:
+    """A telemetry wrapper ``(*args, **kwargs)`` on PeftModel.load_adapter, installed before or after patch():
+    every call still binds peft's arguments (adapter_name positional or by keyword), goes through safe_peft, and
+    unpatch() puts back exactly what was there."""
+    calls: list[str] = []
+    original = PeftModel.__dict__["load_adapter"]
+    try:
+        if when == "before":
+            PeftModel.load_adapter = _telemetry(original, calls, wraps)  # type: ignore[method-assign]
+        wrapped = PeftModel.__dict__["load_adapter"]
+        safe_peft.patch()
+        if when == "after":
+            PeftModel.load_adapter = _telemetry(PeftModel.__dict__["load_adapter"], calls, wraps)  # type: ignore[method-assign]
+        model = PeftModel.from_pretrained(build("causal"), files["good"])
+        model.load_adapter(files["other"], "b")
+        model.load_adapter(files["other"], adapter_name="c")
+        with pytest.raises(AdapterLoadError) as caught:
+            model.load_adapter(files["broken"], "d")
+        assert caught.value.report.primary.code == "targets_without_weights"
+        assert list(model.peft_config) == ["default", "b", "c"]
+        assert len(calls) == (3 if when == "after" else 0)  # before: safe_peft loads these itself, not via peft
+        safe_peft.unpatch()
+        if when == "before":
+            assert PeftModel.__dict__["load_adapter"] is wrapped  # by identity: the other library's wrapper
+        calls.clear()
+        model.load_adapter(files["broken"], "e")  # off: plain again (loads what matches, silently), via the wrapper
+        assert "e" in model.peft_config and calls == ["load_adapter"]
+    finally:
+        PeftModel.load_adapter = original  # type: ignore[method-assign]
+
+
+# -- peft's own layouts load through the switch as they load plainly ---------------------------------------------
+
+
+class _MLP(torch.nn.Module):
+    """peft's test model: lin0 (10 -> 20), lin1 (20 -> 40), lin2 (40 -> 30); fixed weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.lin1, self.lin2 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 40), torch.nn.Linear(40, 30)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def _variant(name: str) -> Any:
+    """A LoRA variant that saves tensors beyond lora_A / lora_B (or other shapes), as peft's tests configure it."""
+    from peft.tuners.lora import config as lora
+
+    needed = {"kasa": "Kasa", "velora": "Velora", "monteclora": "Monteclora", "bdlora": "BdLora"}[name] + "Config"
+    if not hasattr(lora, needed):
+        pytest.skip(f"the installed peft has no {needed}")
+    options: dict[str, Any] = {
+        "kasa": {"target_modules": ["lin0"], "kasa_config": lora.KasaConfig(), "r": 4},
+        "velora": {"target_modules": ["lin0"], "velora_config": lora.VeloraConfig(num_groups=2, init_type="random")},
+        "monteclora": {"target_modules": ["lin0"], "monteclora_config": lora.MontecloraConfig(num_samples=2)},
+        "bdlora": {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": lora.BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2),
+        },
+    }[name]
+    return LoraConfig(init_lora_weights=False, **options)
+
+
+def _shira_custom_mask() -> Any:
+    """SHiRA with a custom mask function (never saved: the file's shira_indices carry the mask)."""
+    from peft import ShiraConfig
+
+    def mask_fn(base_layer: torch.nn.Module, r: int, **kwargs: Any) -> torch.Tensor:
+        out_f, in_f = base_layer.weight.shape
+        generator = torch.Generator().manual_seed(120)
+        chosen = torch.randperm(out_f * in_f, generator=generator)[: r * (out_f + in_f)]
+        mask = torch.zeros(out_f * in_f)
+        mask[chosen] = 1.0
+        return mask.view(out_f, in_f)
+
+    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)
+    config.mask_fn = mask_fn
+    return config
+
+
+@pytest.mark.filterwarnings("ignore:Argument self.mask_type='custom' is not recognized")  # peft's, on every load
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")  # torch's, in SHiRA's forward
+@pytest.mark.parametrize("method", ["kasa", "velora", "monteclora", "bdlora", "shira_custom_mask"])
+def test_peft_s_own_layouts_load_exactly_as_plain_peft_loads_them(tmp_path: Any, method: str) -> None:
+    """LoRA variants whose files hold more than lora_A / lora_B (KaSA's singular values, MonteCLoRA's sampler,
+    BD-LoRA's blocks of other shapes) and SHiRA's saved indices of a custom mask: plain peft reloads them exactly,
+    and so does the switch (the model view knows their tensors), with the same outputs."""
+    config = _shira_custom_mask() if method == "shira_custom_mask" else _variant(method)
+    trained = get_peft_model(_MLP(), config).eval()
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        want = trained(x)
+    trained.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(_MLP(), str(tmp_path)).eval()
+    with safe_peft.patched():
+        model = thirdparty.load_for_inference(_MLP(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), want) and torch.equal(model(x), plain(x))
+    assert set(model.state_dict()) == set(plain.state_dict())
+
+
+def test_a_refused_kasa_load_leaves_the_base_weights_it_truncates(tmp_path: Any) -> None:
+    """KaSA truncates the targeted base weight when it is injected: a load refused after that point (here: the
+    checkpoint's lora_B holds a NaN, found after peft loaded it) restores the base weight's values too."""
+    trained = get_peft_model(_MLP(), _variant("kasa"))
+    trained.save_pretrained(tmp_path / "kasa")
+    poisoned = lambda k, v: v * torch.nan if "lora_B" in k else v  # noqa: E731
+    nan = derive(str(tmp_path / "kasa"), str(tmp_path / "nan"), tensors=poisoned)
+    base = _MLP()
+    before = base.lin0.weight.detach().clone()
+    with safe_peft.patched(), pytest.raises(AdapterLoadError):
+        thirdparty.load_for_inference(base, nan)
+    assert torch.equal(base.lin0.weight, before)
