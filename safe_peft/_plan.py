@@ -78,9 +78,14 @@ class Route:
         return model
 
     def refusals(
-        self, model: nn.Module, source: AdapterSource, adapter_name: str, repair: tuple[str, ...]
+        self,
+        model: nn.Module,
+        source: AdapterSource,
+        adapter_name: str,
+        repair: tuple[str, ...],
+        kwargs: Mapping[str, Any],
     ) -> list[Diagnosis]:
-        """What the route itself refuses before any key is compared."""
+        """What the route itself refuses before any key is compared (``kwargs``: the caller's peft arguments)."""
         return []
 
     def convert(
@@ -132,7 +137,7 @@ def _make_plan(
     refused = adapter_name_findings(adapter_name) + model_findings(planning)
     source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
     if not refused and source.raw is not None:
-        refused = route.refusals(model, source, adapter_name, repair)
+        refused = route.refusals(model, source, adapter_name, repair, kwargs)
     if refused:
         return route.settle(model, _refusal(model, source, adapter_name, refused), None, adapter_name)
     if source.raw is None:

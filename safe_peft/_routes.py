@@ -174,9 +174,15 @@ class CarryingRoute(Route):
         return see_through(inner)
 
     def refusals(
-        self, model: nn.Module, source: AdapterSource, adapter_name: str, repair: tuple[str, ...]
+        self,
+        model: nn.Module,
+        source: AdapterSource,
+        adapter_name: str,
+        repair: tuple[str, ...],
+        kwargs: Mapping[str, Any],
     ) -> list[Diagnosis]:
-        return route_findings(model, source, adapter_name, self.name, repair)
+        trainable = bool(kwargs.get("is_trainable", False))
+        return route_findings(model, source, adapter_name, self.name, repair, is_trainable=trainable)
 
     def convert(
         self, planning: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, kwargs: Mapping[str, Any]
@@ -239,10 +245,16 @@ def see_through(model: nn.Module) -> nn.Module:
 
 
 def route_findings(
-    model: nn.Module, source: AdapterSource, adapter_name: str, route: str, repair: tuple[str, ...] = ()
+    model: nn.Module,
+    source: AdapterSource,
+    adapter_name: str,
+    route: str,
+    repair: tuple[str, ...] = (),
+    *,
+    is_trainable: bool = False,
 ) -> list[Diagnosis]:
-    """Refusals of the route itself: the name is taken, peft cannot combine the adapters, the route cannot carry
-    this kind of adapter."""
+    """Refusals of the route itself: the name is taken, peft cannot combine the adapters (asked as peft asks it,
+    with the config's ``inference_mode`` set from ``is_trainable``), the route cannot carry this kind of adapter."""
     config = source.peft_config
     names = adapter_names(model)
     found: list[Diagnosis] = []
@@ -279,7 +291,7 @@ def route_findings(
             )
         )
         return found
-    refusal = _combination_refusal(model, config, adapter_name, route)
+    refusal = _combination_refusal(model, config, adapter_name, route, is_trainable)
     if refusal is not None:
         found.append(
             finding(
@@ -310,8 +322,11 @@ def _name_taken(model: nn.Module, adapter_name: str, names: tuple[str, ...], rou
     )
 
 
-def _combination_refusal(model: nn.Module, config: Any, adapter_name: str, route: str) -> str | None:
-    """peft's own check of a new adapter against the ones already there, run on a shallow copy of the tuner."""
+def _combination_refusal(
+    model: nn.Module, config: Any, adapter_name: str, route: str, is_trainable: bool
+) -> str | None:
+    """peft's own check of a new adapter against the ones already there, run on a shallow copy of the tuner, with
+    the config as ``load_adapter`` hands it on (``inference_mode = not is_trainable``)."""
     tuner = getattr(model, "base_model", None)
     check = getattr(type(tuner), "_check_new_adapter_config", None)
     if tuner is None or check is None or not isinstance(getattr(tuner, "peft_config", None), dict):
@@ -321,6 +336,7 @@ def _combination_refusal(model: nn.Module, config: Any, adapter_name: str, route
         return None
     probe = copy.copy(tuner)
     new = copy.deepcopy(config)
+    new.inference_mode = not is_trainable
     probe.__dict__["peft_config"] = {**others, adapter_name: new}
     try:
         check(probe, new)

@@ -372,6 +372,10 @@ def test_where_plain_peft_raises_a_value_error_the_switch_raises_one_too(tmp_pat
     again = pickle.loads(pickle.dumps(caught))
     assert type(again) is type(caught) and isinstance(again, ValueError) and again.report == caught.report
     assert list(model.peft_config) == ["default"]
+    # predicted before anything is injected, as peft's own check sees it (inference_mode = not is_trainable)
+    assert caught.report.primary.code == "adapter_combination_refused"
+    assert safe_peft.diagnose(model, path, "b", is_trainable=True).primary.code == "adapter_combination_refused"
+    assert safe_peft.diagnose(model, path, "b").ok  # not trainable: peft combines them
 
 
 def test_a_refusal_plain_peft_does_not_make_is_no_other_builtin_error(files: dict[str, str]) -> None:
