@@ -40,6 +40,7 @@ from safe_peft._fingerprint_format import (
     Sampled,
     positions,
 )
+from safe_peft._sharding import is_dtensor
 from safe_peft.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -97,9 +98,7 @@ def sample_tensor(tensor: Tensor, name: str, shape: tuple[int, ...], grid: int) 
     with torch.no_grad():
         if kind in ("Params4bit", "Int8Params"):
             return _quantized(tensor, coords)
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):
+        if is_dtensor(tensor):
             return _local(tensor, coords)
         taken = _take(tensor, name, shape, grid)
         return None if taken is None else list(taken.to("cpu", torch.float64).tolist())
@@ -109,9 +108,8 @@ def _take(tensor: Tensor, name: str, shape: tuple[int, ...], grid: int) -> Tenso
     """A plain tensor's sampled elements, in its own dtype and on its device (``torch.take``: only those elements,
     whatever the strides); None for any other kind of tensor."""
     import torch
-    from torch.distributed.tensor import DTensor
 
-    if type(tensor).__name__ in ("Params4bit", "Int8Params") or isinstance(tensor, DTensor):
+    if type(tensor).__name__ in ("Params4bit", "Int8Params") or is_dtensor(tensor):
         return None
     if tensor.device.type == "meta" or tuple(tensor.shape) != shape:
         return None
@@ -138,7 +136,10 @@ def _gather(tensor: Tensor, coords: Sequence[tuple[int, ...]]) -> list[float | N
 
 def _local(tensor: Any, coords: list[tuple[int, ...]]) -> list[float | None] | None:
     """A DTensor's sampled elements that this rank holds (no collective: every rank reads its own)."""
-    from torch.distributed.tensor import Replicate, Shard
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:  # torch before 2.5, on which sharded loading is refused anyway: not verified here
+        return None
 
     if not all(isinstance(p, (Replicate, Shard)) for p in tensor.placements):
         return None

@@ -43,6 +43,7 @@ __all__ = [
     "Sharding",
     "content_digest",
     "finish",
+    "is_dtensor",
     "is_sharded",
     "local_tensor",
     "place",
@@ -93,10 +94,11 @@ def is_sharded(model: nn.Module) -> bool:
 def local_tensor(tensor: Any) -> Any:
     """A DTensor's local shard (what this rank holds); any other tensor as it is."""
     to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) and _is_dtensor(tensor) else tensor
+    return to_local() if callable(to_local) and is_dtensor(tensor) else tensor
 
 
-def _is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a torch DTensor (on every supported torch; imports nothing)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
@@ -116,7 +118,7 @@ def survey(model: nn.Module) -> Sharding:
     groups = _fsdp_groups(model)
     layers: dict[str, LayerSharding] = {}
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if _is_dtensor(p)]
+        own = [p for p in module.parameters(recurse=False) if is_dtensor(p)]
         if not own:
             continue
         placements = ", ".join(str(tuple(p.placements)) for p in own[:1])
@@ -409,7 +411,7 @@ def _adapter_parameters(module: Any) -> list[tuple[str, Any]]:
 def _place_fsdp(module: Any, layer: LayerSharding) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    if not _adapter_parameters(module) or all(_is_dtensor(p) for _, p in _adapter_parameters(module)):
+    if not _adapter_parameters(module) or all(is_dtensor(p) for _, p in _adapter_parameters(module)):
         return
     group = layer.fsdp_group
     fully_shard(
@@ -429,7 +431,7 @@ def _place_tp(module: Any, layer: LayerSharding, adapter_name: str) -> None:
     if parts is None or adapter_name not in parts:
         return
     target = parts[adapter_name]
-    if _is_dtensor(target.weight):
+    if is_dtensor(target.weight):
         return
     mesh = module.get_base_layer().weight.device_mesh
     parallelize_module(target, mesh, copy.copy(layer.parallel_style), src_data_rank=None)  # local slices only
@@ -442,7 +444,7 @@ def _logical_features(module: Any, layer: LayerSharding, adapter_name: str) -> N
     ``shape '[12, 16]' is invalid``. Set them to the DTensor weight's logical sizes, as the base layer has."""
     half = {"colwise": "lora_B", "rowwise": "lora_A"}.get(layer.style)
     parts = getattr(module, half, None) if half else None
-    if parts is None or adapter_name not in parts or not _is_dtensor(parts[adapter_name].weight):
+    if parts is None or adapter_name not in parts or not is_dtensor(parts[adapter_name].weight):
         return
     target = parts[adapter_name]
     out_features, in_features = (int(d) for d in target.weight.shape)
@@ -451,11 +453,11 @@ def _logical_features(module: Any, layer: LayerSharding, adapter_name: str) -> N
 
 def _placed(module: Any, layer: LayerSharding, adapter_name: str) -> bool:
     if layer.engine == "fsdp":
-        return all(_is_dtensor(p) for _, p in _adapter_parameters(module))
+        return all(is_dtensor(p) for _, p in _adapter_parameters(module))
     if layer.engine in {"tp", "tp_transformers"} and layer.style in {"colwise", "rowwise"}:
         half = "lora_B" if layer.style == "colwise" else "lora_A"
         parts = getattr(module, half, None)
-        return parts is not None and adapter_name in parts and _is_dtensor(parts[adapter_name].weight)
+        return parts is not None and adapter_name in parts and is_dtensor(parts[adapter_name].weight)
     return layer.engine == "tp_transformers"  # embedding_rowwise: peft shards it inside the layer's forward
 
 
@@ -488,7 +490,7 @@ def content_digest(tensors: Mapping[str, Any]) -> str:
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key]
-        if _is_dtensor(tensor) or tensor.device.type == "meta":
+        if is_dtensor(tensor) or tensor.device.type == "meta":
             continue
         digest.update(key.encode())
         digest.update(_bytes(tensor))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._fingerprint import precision_of, resolve, sample_tensor
 from safe_peft._fingerprint_format import KEY, MAX_TENSORS, Fingerprint, FingerprintError, Sampled, grid_for
+from safe_peft._sharding import is_dtensor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -74,9 +75,7 @@ def fingerprint_of(base_model: nn.Module, checkpoint_keys: list[str], *, where: 
 
 
 def _full_sample(tensor: Any, name: str, shape: tuple[int, ...], grid: int, where: str) -> tuple[float, ...]:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         raise FingerprintError(
             f"{where}: {name} is sharded (DTensor); stamp from an unsharded copy of the base (a stamp made so "
             "verifies on the sharded model)"

@@ -21,6 +21,7 @@ from safe_peft._fingerprint import read_stamp
 from safe_peft._fingerprint_format import KEY, MAX_STAMP_CHARS, Fingerprint, FingerprintError
 from safe_peft._safetensors_header import read_header
 from safe_peft._stamp import _write_metadata
+from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 from safe_peft._writer import replace_file
 
 WEIGHTS = "adapter_model.safetensors"
@@ -405,6 +406,10 @@ def test_positions_depend_on_name_and_shape_only() -> None:
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with the gloo backend",
+)
+@pytest.mark.skipif(  # the refusal on an older torch: tests/test_torch_versions.py
+    not torch_at_least(str(torch.__version__), SHARDED_LOAD_TORCH_SINCE),
+    reason=f"loading into a sharded model needs torch >= {SHARDED_LOAD_TORCH_SINCE}: refused on this one",
 )
 def test_fsdp2_ranks_verify_the_stamp_on_their_own_shards(stamped: dict[str, Any], tmp_path: Any) -> None:
     """Every rank compares the sampled elements it holds (no collective): the same base loads on both ranks, another
