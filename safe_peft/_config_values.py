@@ -178,7 +178,7 @@ def _init(value: Any) -> None:
     name = value.lower()
     if name.startswith("pissa_niter_"):
         count = name[len("pissa_niter_") :]
-        if not count.isdigit():
+        if not (count.isascii() and count.isdigit()):
             raise _Bad(f"is {_show(value)}; peft reads the iterations after 'pissa_niter_' as an integer")
         _iterations(count, "pissa_niter_")
     if value == "loftq" and importlib.util.find_spec("scipy") is None:

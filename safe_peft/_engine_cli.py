@@ -51,7 +51,7 @@ def _engine_args(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE")
-        args[key.replace("-", "_")] = int(value) if value.isdigit() else value
+        args[key.replace("-", "_")] = int(value) if value.isascii() and value.isdigit() else value
     return args
 
 

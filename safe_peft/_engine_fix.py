@@ -106,7 +106,9 @@ def fix_for_target(
     def fill(staging: str) -> None:
         tensors, config, found = _convert(facts, rules.scaling, pad_rank_to)
         factors.update(found)
-        _write(staging, _vlm_prefix(tensors) if "vlm_prefix" in conversions else tensors, config, facts, conversions)
+        if "vlm_prefix" in conversions:
+            tensors, config = _vlm_prefix(tensors, config)
+        _write(staging, tensors, config, facts, conversions)
 
     def verify(staging: str) -> None:  # the engine's own check of the output, before it is moved into place
         try:
@@ -118,7 +120,10 @@ def fix_for_target(
         checked.append(replace(after, adapter=os.fspath(out_dir)))
 
     record = {"source": facts.path, "target": before.engine, "conversions": conversions}
-    write_output(out_dir, [facts.path], fill, verify=verify, force=force, record=record)
+    from safe_peft._adapter_files import locate_adapter
+
+    source = locate_adapter(adapter).directory  # a hub id's snapshot directory, the one to protect
+    write_output(out_dir, [source], fill, verify=verify, force=force, record=record)
     return FixReport(facts.path, os.fspath(out_dir), before.engine, tuple(conversions), factors, before, checked[0])
 
 
@@ -207,7 +212,7 @@ def _convert(
         a = tensors[a_key]
         if target_rank > rank:
             pad = target_rank - rank
-            work = torch.cat([work, work.new_zeros(*work.shape[:-1], pad)], dim=-1)
+            work = torch.cat([work, work.new_zeros(work.shape[0], pad, *work.shape[2:])], dim=1)  # B: [out, r, ...]
             a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])], dim=0)
         dtype = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype  # no rounding to half
         tensors[key] = work.to(dtype).contiguous()
@@ -228,15 +233,19 @@ _TEXT_PREFIX = "base_model.model.model."
 _WRAPPER_PARTS = ("language_model.", "vision_tower.", "multi_modal_projector.", "visual.")
 
 
-def _vlm_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+def _vlm_prefix(tensors: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Text-model keys (``model.layers.*``) to the vision-language wrapper's layout (``model.language_model.*``,
-    transformers >= 4.52, which the engines map); keys already in the wrapper's layout and lm_head stay."""
-    out = {}
-    for key, value in tensors.items():
-        if key.startswith(_TEXT_PREFIX) and not key[len(_TEXT_PREFIX) :].startswith(_WRAPPER_PARTS):
-            key = _TEXT_PREFIX + "language_model." + key[len(_TEXT_PREFIX) :]
-        out[key] = value
-    return out
+    transformers >= 4.52, which the engines map), and the config's ``rank_pattern`` keys with them; keys already in
+    the wrapper's layout and lm_head stay."""
+    out = {_vlm_name(key, _TEXT_PREFIX): value for key, value in tensors.items()}
+    pattern = {_vlm_name(str(name), "model."): rank for name, rank in (cfg.get("rank_pattern") or {}).items()}
+    return out, {**cfg, "rank_pattern": pattern}
+
+
+def _vlm_name(name: str, prefix: str) -> str:
+    if name.startswith(prefix) and not name[len(prefix) :].startswith(_WRAPPER_PARTS):
+        return prefix + "language_model." + name[len(prefix) :]
+    return name
 
 
 def _pattern_name(module: str) -> str:

@@ -136,7 +136,7 @@ def _make_plan(
     planning = route.planning_model(model)
     refused = adapter_name_findings(adapter_name) + model_findings(planning)
     source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
-    if not refused and source.raw is not None:
+    if not refused:  # a file without a PEFT config (kohya) takes the same route, so the same refusals
         refused = route.refusals(model, source, adapter_name, repair, kwargs)
     if refused:
         return route.settle(model, _refusal(model, source, adapter_name, refused), None, adapter_name)
@@ -144,14 +144,16 @@ def _make_plan(
         return route.settle(model, _foreign_plan(planning, source, adapter_name, remap), None, adapter_name)
     if kwargs.get("config") is None:  # what peft would hang or fail on with this model
         check_against_model(planning, source.config_data, path=source.raw.path, adapter=source.location)
-    view = expected_keys(planning, source.peft_config, adapter_name)
-    retarget = _targets_follow_keys(planning, source.peft_config, view, adapter_name)
-    if retarget is not None:  # plan against the renamed targets; keep them only if the keys are renamed too
-        view = retarget.view
+    saved = expected_keys(planning, source.peft_config, adapter_name)
+    retarget = _targets_follow_keys(planning, source.peft_config, saved, adapter_name)
+    # plan against the renamed targets; keep them only if the keys are renamed too
+    view = saved if retarget is None else retarget.view
     layout = route.convert(planning, source, view, adapter_name, kwargs)
     if kwargs.get("ignore_mismatched_sizes"):  # the caller asked peft to leave out what does not fit
         layout, view = sizes_ignored(layout, view)
     renaming = choose_renames(layout, view, remap, repair)
+    if retarget is not None and not renaming.applied and compare_keys(renaming.checkpoint, view.expected).ok:
+        view = saved  # the keys fit as they are, so nothing renames the saved targets: peft finds none of them
     if retarget is not None and renaming.applied:
         source = replace(source, peft_config=retarget.config, repairs=(*source.repairs, retarget.note))
     repaired = apply_repairs(planning, source, renaming, view, repair, adapter_name)

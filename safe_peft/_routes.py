@@ -268,6 +268,8 @@ def route_findings(
                 details={"repair": "vocab"},
             )
         )
+    if config is None:  # a file without a PEFT config (kohya): converted to plain LoRA, nothing more to ask
+        return found
     if route == "inplace":
         if getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
             found.append(

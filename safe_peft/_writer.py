@@ -134,12 +134,15 @@ def write_output(
     in. Raises :class:`OutputDirError` / ``FileExistsError`` before anything is written; whatever ``fill`` or
     ``verify`` raises leaves ``out_dir`` as it was, and no staging directory behind."""
     target = os.path.abspath(os.fspath(out_dir))
-    recover_output(target)
-    replacing = check_output_dir(target, [os.fspath(s) for s in sources], force)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=parent)
+    inputs = [os.fspath(s) for s in sources]
+    replacing = check_output_dir(target, inputs, force)
+    if recover_output(target):  # a crash's old output put back: judged again, as it now stands
+        replacing = check_output_dir(target, inputs, force)
+    created = _make_parents(os.path.dirname(target))
+    staging = ""
     try:
+        staging = tempfile.mkdtemp(prefix=".safe_peft_", dir=os.path.dirname(target))
+        os.chmod(staging, 0o777 & ~_umask())  # as a directory made by hand (mkdtemp's are private to the owner)
         fill(staging)
         with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as f:
             json.dump(record or {}, f)
@@ -150,9 +153,40 @@ def write_output(
         else:
             os.rename(staging, target)  # fails if something appeared at target meanwhile: nothing is lost
             staging = ""
+    except BaseException:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = ""
+        for directory in created:  # the parents made for it, innermost first, if nothing else went into them
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_parents(parent: str) -> list[str]:
+    """Create ``parent`` and the directories missing above it: those it created, innermost first."""
+    missing = []
+    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        os.makedirs(directory, exist_ok=True)
+    return missing
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def check_output_dir(target: str, sources: Iterable[str], force: bool) -> bool:
@@ -195,10 +229,18 @@ def _aside(target: str) -> str:
 def recover_output(target: str) -> bool:
     """Put back an old output that a crash left aside (fallback swap, between its two renames); True if it did."""
     aside = _aside(target)
-    if os.path.lexists(target) or not os.path.isfile(os.path.join(aside, MARKER)) or os.path.islink(aside):
+    if os.path.lexists(target) or not _own_output(aside):
         return False
     os.rename(aside, target)
     return True
+
+
+def _own_output(path: str) -> bool:
+    """A real directory holding the marker and nothing but the files safe-peft writes."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    return MARKER in names and names <= _OWN_FILES
 
 
 def _exchange(first: str, second: str) -> bool:
@@ -223,7 +265,7 @@ def _swap(staging: str, target: str) -> None:
         return
     aside = _aside(target)
     if os.path.lexists(aside):  # a finished swap's leftover (the recovery ran first, and target is there)
-        if os.path.islink(aside) or not os.path.isfile(os.path.join(aside, MARKER)):
+        if not _own_output(aside):
             raise OutputDirError(f"{aside}: is in the way of replacing {target} and safe-peft did not write it")
         shutil.rmtree(aside)
     os.rename(target, aside)

@@ -143,3 +143,18 @@ def test_a_wrapper_the_model_no_longer_has_is_stripped_only_when_every_name_then
     for name in modules:
         by_flat.setdefault(name.replace(".", "_"), []).append(name)
     assert _gone_wrapper(names, by_flat) == wrapper
+
+
+def test_kohya_into_a_name_a_peft_model_already_has_is_refused(kohya_dir: str, adapters: dict[str, Any]) -> None:
+    """A file without a PEFT config takes the same route as any adapter, so the route's own refusals hold: it never
+    writes into the adapter that is there."""
+    from helpers import assert_same_state, model_state
+
+    peft_model = safe_load_adapter(build("causal"), adapters["causal"][0])
+    before = model_state(peft_model)
+    assert diagnose(peft_model, kohya_dir, "default", remap="auto").primary.code == "adapter_name_taken"
+    with pytest.raises(AdapterLoadError) as caught:
+        safe_load_adapter(peft_model, kohya_dir, "default", remap="auto")
+    assert caught.value.report.primary.code == "adapter_name_taken"
+    assert_same_state(before, peft_model)
+    assert diagnose(peft_model, kohya_dir, "other", remap="auto").ok  # under a free name it converts

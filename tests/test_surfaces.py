@@ -176,3 +176,69 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
         safe_load_adapter(base, compiled, remap="auto")
     assert calls[0] >= 1
     assert_same_state(before, base)
+
+
+def test_saved_targets_of_another_class_are_refused_when_the_keys_fit_as_they_are(tmp_path: Any) -> None:
+    """Keys that fit the bare model, targets saved as the causal LM's full paths: nothing renames the targets, so
+    peft finds none of them. The plan says so before anything is injected (it said ok, then the load failed)."""
+    from helpers import assert_same_state, model_state, train_adapter
+    from peft import PeftModel
+
+    directory = str(tmp_path / "bare")
+    train_adapter(build("bare"), directory, target_modules=["q_proj", "v_proj"])
+    causal_paths = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    shifted = derive(directory, str(tmp_path / "shifted"), config=lambda c: c.update(target_modules=causal_paths))
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(build("bare"), shifted)  # plain peft: no module matches the targets
+    assert diagnose(build("bare"), shifted).primary.code == "target_modules_not_found"  # type: ignore[union-attr]
+    base = build("bare")
+    before = model_state(base)
+    with pytest.raises(AdapterLoadError) as caught:
+        safe_load_adapter(base, shifted)
+    assert caught.value.report.primary.code == "target_modules_not_found"  # type: ignore[union-attr]
+    assert_same_state(before, base)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llamacpp"])
+def test_padding_a_conv_lora_keeps_peft_s_outputs(engine: str, tmp_path: Any) -> None:
+    """lora_B of a convolution is [out, r, 1, 1]: the rank is padded on its second dimension (it was padded on the
+    kernel's last one, and the engine check of the output did not see it)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import safe_open
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+
+    trained = get_peft_model(base(), LoraConfig(target_modules=["0"], r=4, lora_alpha=8, init_lora_weights=False))
+    trained.save_pretrained(str(tmp_path / "conv"))
+    x = torch.randn(1, 4, 6, 6)
+    out = str(tmp_path / "padded")
+    fix_for_target(str(tmp_path / "conv"), engine, out, pad_rank_to=8)
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        shapes = {k.rsplit(".", 2)[-2]: tuple(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
+    assert shapes == {"lora_A": (8, 4, 3, 3), "lora_B": (8, 8, 1, 1)}
+    assert torch.allclose(PeftModel.from_pretrained(base(), out)(x), trained(x), atol=1e-5)
+
+
+def test_the_vl_prefix_conversion_renames_rank_pattern_keys_too(adapters: dict[str, Any], tmp_path: Any) -> None:
+    from safe_peft._engine_fix import _vlm_prefix
+
+    tensors = {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": 1, "base_model.model.lm_head.x": 2}
+    cfg = {"rank_pattern": {"model.layers.1.self_attn.q_proj": 16, "v_proj": 4}}
+    moved, config = _vlm_prefix(tensors, cfg)
+    assert set(moved) == {"base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight",
+                          "base_model.model.lm_head.x"}  # fmt: skip
+    assert config["rank_pattern"] == {"model.language_model.layers.1.self_attn.q_proj": 16, "v_proj": 4}
+
+
+@pytest.mark.parametrize("count", ["²", "١٢"])
+def test_a_non_ascii_iteration_count_is_a_typed_refusal(count: str, adapters: dict[str, Any], tmp_path: Any) -> None:
+    bad = derive(
+        adapters["causal"][0],
+        str(tmp_path / "bad"),
+        config=lambda c: c.update(init_lora_weights=f"pissa_niter_{count}"),
+    )
+    with pytest.raises(AdapterLoadError) as caught:
+        check_target(bad, "vllm")
+    assert caught.value.report.primary.code == "invalid_config_value"  # type: ignore[union-attr]

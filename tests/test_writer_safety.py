@@ -356,3 +356,39 @@ def test_fix_force_killed_at_random_points_leaves_old_or_new(
         assert all(n.startswith(".safe_peft_") for n in stray), stray  # only its own staging, never the user's
     assert killed == len(points), killed  # every kill point lies inside the write
     assert {name: tree(path) for name, path in inputs.items() if name != "root"} == others
+
+
+def test_an_output_gets_the_mode_of_a_directory_made_by_hand(inputs: dict[str, str], tmp_path: Any) -> None:
+    """The staging directory is private to its owner while it is written (mkdtemp); the output is not."""
+    out = str(tmp_path / "out")
+    fix_adapter(build("causal"), inputs["rank4"], out, repair=("rank",))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_failed_write_removes_the_parents_it_made(inputs: dict[str, str], tmp_path: Any) -> None:
+    from safe_peft._writer import write_output
+
+    def fail(_staging: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_output(str(tmp_path / "a" / "b" / "out"), [inputs["rank4"]], fail)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_crashed_swap_inside_the_input_is_refused_first(inputs: dict[str, str], tmp_path: Any) -> None:
+    """The recovery of an old output (left aside by a crash) runs only for an --out the checks accept."""
+    import shutil
+
+    copy = str(tmp_path / "adapter")
+    shutil.copytree(inputs["rank4"], copy)
+    aside = os.path.join(copy, ".safe_peft_fixed.old")
+    os.makedirs(aside)
+    with open(os.path.join(aside, MARKER), "w") as f:
+        f.write("{}")
+    before = tree(str(tmp_path))
+    with pytest.raises(OutputDirError, match="inside the adapter"):
+        fix_adapter(build("causal"), copy, os.path.join(copy, "fixed"), repair=("rank",), force=True)
+    assert tree(str(tmp_path)) == before
