@@ -458,7 +458,7 @@ def _inplace_layout(model: nn.Module, layout: Layout, view: ModelView, kwargs: M
     keys = [*layout.checkpoint, *layout.dropped]
     mapping = inplace_conversion(model, keys, view.expected, inplace_key_mapping(model, kwargs))
     checkpoint = {mapping[k]: s for k, s in layout.checkpoint.items()}
-    return Layout(checkpoint, layout.warnings, dropped=tuple(mapping[k] for k in layout.dropped))
+    return Layout(checkpoint, layout.warnings, layout.causes, dropped=tuple(mapping[k] for k in layout.dropped))
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

@@ -198,9 +198,9 @@ def check_output_dir(target: str, sources: Iterable[str], force: bool) -> bool:
     if resolved == os.path.dirname(resolved) or os.path.ismount(resolved):
         raise OutputDirError(f"{target}: is a filesystem root or mount point; pass a new directory below it")
     for source in (os.path.realpath(s) for s in sources):
-        if resolved == source or source.startswith(resolved + os.sep):
+        if resolved == source or source.startswith(resolved + os.sep) or _among(resolved, _lineage(source)):
             raise OutputDirError(f"{target}: is the adapter's own directory (or holds it); write the fix to a new one")
-        if resolved.startswith(source + os.sep):
+        if resolved.startswith(source + os.sep) or _among(source, _lineage(resolved)):
             raise OutputDirError(f"{target}: is inside the adapter directory {source}; write the fix outside it")
     if not os.path.lexists(target):
         return False
@@ -219,6 +219,31 @@ def check_output_dir(target: str, sources: Iterable[str], force: bool) -> bool:
     if not force:
         raise FileExistsError(f"{target}: exists and is not empty; choose a new directory or pass force=True")
     return True
+
+
+def _lineage(path: str) -> list[str]:
+    """``path`` and every directory above it."""
+    found = [path]
+    while os.path.dirname(found[-1]) != found[-1]:
+        found.append(os.path.dirname(found[-1]))
+    return found
+
+
+def _among(path: str, others: list[str]) -> bool:
+    """Whether ``path`` is one of ``others`` as the filesystem sees it (the same device and inode: a bind mount, or
+    another spelling on a case-insensitive filesystem)."""
+    try:
+        mine = os.stat(path)
+    except OSError:
+        return False
+    for other in others:
+        try:
+            seen = os.stat(other)
+        except OSError:
+            continue
+        if (seen.st_dev, seen.st_ino) == (mine.st_dev, mine.st_ino):
+            return True
+    return False
 
 
 def _aside(target: str) -> str:

@@ -392,3 +392,26 @@ def test_a_crashed_swap_inside_the_input_is_refused_first(inputs: dict[str, str]
     with pytest.raises(OutputDirError, match="inside the adapter"):
         fix_adapter(build("causal"), copy, os.path.join(copy, "fixed"), repair=("rank",), force=True)
     assert tree(str(tmp_path)) == before
+
+
+def test_another_spelling_of_the_input_is_refused(
+    inputs: dict[str, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input is told by the filesystem (device and inode), not only by its resolved spelling: a bind mount or a
+    case-insensitive filesystem spells one directory two ways (simulated: paths left as given)."""
+    import shutil
+
+    import safe_peft._writer as writer
+
+    copy = str(tmp_path / "adapter")
+    shutil.copytree(inputs["rank4"], copy)
+    os.symlink(str(tmp_path), str(tmp_path / "alias"))  # another way to the same directory
+    monkeypatch.setattr(writer.os.path, "realpath", lambda path: path)
+    before = tree(str(tmp_path))
+    for out, words in (
+        (tmp_path / "alias" / "adapter", "own directory"),
+        (tmp_path / "alias" / "adapter" / "x", "inside"),
+    ):
+        with pytest.raises(OutputDirError, match=words):
+            fix_adapter(build("causal"), copy, str(out), repair=("rank",), force=True)
+    assert tree(str(tmp_path)) == before
