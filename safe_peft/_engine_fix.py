@@ -120,10 +120,7 @@ def fix_for_target(
         checked.append(replace(after, adapter=os.fspath(out_dir)))
 
     record = {"source": facts.path, "target": before.engine, "conversions": conversions}
-    from safe_peft._adapter_files import locate_adapter
-
-    source = locate_adapter(adapter).directory  # a hub id's snapshot directory, the one to protect
-    write_output(out_dir, [source], fill, verify=verify, force=force, record=record)
+    write_output(out_dir, [facts.directory], fill, verify=verify, force=force, record=record)
     return FixReport(facts.path, os.fspath(out_dir), before.engine, tuple(conversions), factors, before, checked[0])
 
 
@@ -131,12 +128,8 @@ def _pattern_past_bounds(facts: AdapterFacts, scaling: str, pad_rank_to: int | N
     """The finding when the converted config's rank_pattern would hold more entries than any reader takes."""
     from safe_peft._bounds import MAX_PATTERN_ENTRIES
 
-    pad = pad_rank_to or 0
-    if scaling == "global_alpha_over_r":
-        pad = max([pad] + [m.rank for m in facts.modules])
-    r = facts.config.get("r", 8)
-    base_rank = pad if scaling == "global_alpha_over_r" and pad else max(r if isinstance(r, int) else 8, pad)
-    entries = sum(1 for m in facts.modules if max(m.rank, pad) != base_rank)
+    base_rank, ranks = _ranks(facts, scaling, pad_rank_to)
+    entries = sum(1 for rank in ranks.values() if rank != base_rank)
     if entries <= MAX_PATTERN_ENTRIES:
         return None
     return finding(
@@ -175,21 +168,28 @@ def _refusal(report: TargetReport, findings: list[Diagnosis]) -> LoadReport:
     return LoadReport(ok=False, causes=causes, adapter=report.adapter, model_class=f"{report.engine} {report.version}")
 
 
+def _ranks(facts: AdapterFacts, scaling: str, pad_rank_to: int | None) -> tuple[int, dict[str, int]]:
+    """The ranks a conversion writes, from the header: the config's ``r`` and each module's (padded) rank. An engine
+    with one scale ``alpha / r`` for every module gets every module padded to one rank."""
+    pad = pad_rank_to or 0
+    one_rank = scaling == "global_alpha_over_r"
+    if one_rank:
+        pad = max([pad] + [m.rank for m in facts.modules])
+    base_rank = pad if one_rank and pad else max(int(facts.config.get("r", 8)), pad)
+    return base_rank, {m.name: max(m.rank, pad) for m in facts.modules}
+
+
 def _convert(
     facts: AdapterFacts, scaling: str, pad_rank_to: int | None
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     import torch
     from safetensors.torch import load_file
 
-    from safe_peft._adapter_files import locate_adapter
-
-    tensors = load_file(locate_adapter(facts.path).weights_path)
+    tensors = load_file(facts.weights_path)
     cfg = dict(facts.config)
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    one_rank = scaling == "global_alpha_over_r"  # one scale alpha / r for every module: pad all to one rank
-    if one_rank:
-        pad_rank_to = max([pad_rank_to or 0] + [int(t.shape[0]) for k, t in tensors.items() if role_of(k) is Role.A])
+    base_rank, planned = _ranks(facts, scaling, pad_rank_to)
     new_ranks: dict[str, int] = {}
     factors: dict[str, float] = {}
     for key in sorted(tensors):
@@ -203,7 +203,7 @@ def _convert(
         a_m = pattern_value(alpha_pattern, name)
         a_m = alpha if a_m is None else float(a_m)
         peft = a_m / math.sqrt(r_m) if cfg.get("use_rslora") else a_m / r_m
-        target_rank = max(rank, pad_rank_to or 0)
+        target_rank = planned[name]
         # Once rsLoRA and alpha_pattern are folded, every scaling model gives alpha / the module's (padded) rank.
         engine = alpha / target_rank if alpha else 1.0
         factor = peft / engine
@@ -219,7 +219,6 @@ def _convert(
         tensors[a_key] = a.to(dtype).contiguous()
         factors[module] = factor
         new_ranks[name] = target_rank
-    base_rank = pad_rank_to if one_rank and pad_rank_to else max(r, pad_rank_to or 0)
     cfg["r"] = base_rank
     cfg["use_rslora"] = False
     cfg["alpha_pattern"] = {}
@@ -259,11 +258,9 @@ def _pattern_name(module: str) -> str:
 def _write(out: str, tensors: dict[str, Any], cfg: dict[str, Any], facts: AdapterFacts, conversions: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from safe_peft._adapter_files import locate_adapter
     from safe_peft._fingerprint_format import KEY
-    from safe_peft._safetensors_header import read_header
 
-    source = read_header(locate_adapter(facts.path).weights_path).metadata
+    source = facts.metadata
     metadata = {
         "format": "pt",
         "safe_peft_fix": ",".join(conversions),

@@ -60,6 +60,9 @@ class AdapterFacts:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     modules: tuple[LoraModule, ...]
+    weights_path: str = ""  # where a conversion reads the tensors
+    directory: str = ""  # the adapter's directory (a hub id's snapshot): what a writer must not touch
+    metadata: Mapping[str, str] = field(default_factory=dict)  # the header's __metadata__ (a base fingerprint, say)
 
     @classmethod
     def read(cls, adapter: str | os.PathLike[str]) -> AdapterFacts:
@@ -89,7 +92,16 @@ class AdapterFacts:
 
         names = {m.name for m in modules} | {_module(k) for k in shapes}
         check_config(config, sorted(names), path=files.config_path, adapter=files.location)
-        return cls(str(files.location), config, shapes, dtypes, modules)
+        return cls(
+            str(files.location),
+            config,
+            shapes,
+            dtypes,
+            modules,
+            files.weights_path,
+            files.directory,
+            dict(header.metadata),
+        )
 
     @property
     def peft_type(self) -> str:
