@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from safe_peft._catalog import finding
-from safe_peft._engines import AdapterFacts, TargetReport, check_target
+from safe_peft._engines import AdapterFacts, TargetReport, check_target, pattern_name
 from safe_peft._keys import Role, module_of, pattern_value, role_of
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
@@ -198,7 +198,7 @@ def _convert(
         module = module_of(key)
         a_key = key.replace(".lora_B.weight", ".lora_A.weight").replace(".lora_embedding_B", ".lora_embedding_A")
         rank = int(tensors[a_key].shape[0])
-        name = _pattern_name(module)
+        name = pattern_name(module)
         r_m = pattern_value(rank_pattern, name) or r
         a_m = pattern_value(alpha_pattern, name)
         a_m = alpha if a_m is None else float(a_m)
@@ -245,14 +245,6 @@ def _vlm_name(name: str, prefix: str) -> str:
     if name.startswith(prefix) and not name[len(prefix) :].startswith(_WRAPPER_PARTS):
         return prefix + "language_model." + name[len(prefix) :]
     return name
-
-
-def _pattern_name(module: str) -> str:
-    if module.endswith(".experts.base_layer"):
-        return module[: -len(".base_layer")] + ".gate_up_proj"
-    if module.endswith(".experts"):
-        return module + ".down_proj"
-    return module
 
 
 def _write(out: str, tensors: dict[str, Any], cfg: dict[str, Any], facts: AdapterFacts, conversions: list[str]) -> None:

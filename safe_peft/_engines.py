@@ -35,6 +35,7 @@ __all__ = [
     "check_target",
     "detect_features",
     "module_scales",
+    "pattern_name",
     "unreadable",
 ]
 
@@ -461,15 +462,20 @@ def _modules(shapes: Mapping[str, tuple[int, ...]]) -> tuple[LoraModule, ...]:
         role = _role(key)
         if role != "A" or not shape:
             continue
-        name = _module(key)
-        # peft saves fused-expert LoRAs (target_parameters) as `experts.base_layer` (the first parameter,
-        # gate_up_proj) and `experts` (the second, down_proj); patterns match the parameter names.
-        if name.endswith(".experts.base_layer"):
-            name = name[: -len(".base_layer")] + ".gate_up_proj"
-        elif name.endswith(".experts"):
-            name += ".down_proj"
+        name = pattern_name(_module(key))
         out[name] = LoraModule(name, int(shape[0]), embedding="lora_embedding_A" in key)
     return tuple(out.values())
+
+
+def pattern_name(module: str) -> str:
+    """The name rank_pattern / alpha_pattern keys match for a LoRA's module: peft saves fused-expert LoRAs
+    (target_parameters) as ``experts.base_layer`` (the first parameter, gate_up_proj) and ``experts`` (the second,
+    down_proj), and patterns match the parameter names."""
+    if module.endswith(".experts.base_layer"):
+        return module[: -len(".base_layer")] + ".gate_up_proj"
+    if module.endswith(".experts"):
+        return module + ".down_proj"
+    return module
 
 
 # --- scaling -------------------------------------------------------------------------------------------------
