@@ -48,6 +48,7 @@ class AdapterSource:
     repairs: tuple[str, ...] = ()
     legacy: tuple[bool, ...] | None = None
     header: SafetensorsHeader | None = field(default=None, repr=False)
+    metadata: Mapping[str, str] = field(default_factory=dict)  # the weights header's __metadata__ (a stamp, say)
 
 
 def read_adapter(
@@ -83,13 +84,29 @@ def read_adapter(
         warnings += built.warnings
         causes += built.causes
         repairs += built.repairs
-    shapes = read_checkpoint_shapes(files)
+    metadata: Mapping[str, str] = {}
+    if files.weights_format == "safetensors":  # one read of the header: its shapes and its metadata
+        header = read_header(files.weights_path)
+        shapes = {k: t.shape for k, t in header.tensors.items()}
+        metadata = header.metadata
+    else:
+        shapes = read_checkpoint_shapes(files)
     legacy = enabled_parts(raw.data) if "legacy" in repair and kwargs.get("config") is None else None
     if legacy is not None:
         shapes = convert_shapes(shapes, legacy)
         repairs.insert(0, convert_config(raw.data)[1])
     return AdapterSource(
-        location, files, raw, peft_config, config_data, shapes, tuple(warnings), tuple(causes), tuple(repairs), legacy
+        location,
+        files,
+        raw,
+        peft_config,
+        config_data,
+        shapes,
+        tuple(warnings),
+        tuple(causes),
+        tuple(repairs),
+        legacy,
+        metadata=metadata,
     )
 
 

@@ -299,17 +299,17 @@ def _stamped_header(path: str) -> bytes | None:
         return None
 
 
-def base_check(model: nn.Module, files: AdapterFiles) -> BaseCheck:
-    """Compare a present stamp with ``model``'s weights (a model seen through its adapters). No stamp, or
-    ``verify_base=False``: nothing. A meta-device base: a note. A mismatch: ``base_weights_differ``."""
-    if not _VERIFY.get() or files.weights_format != "safetensors" or not files.weights_path:
+def base_check(model: nn.Module, files: AdapterFiles, metadata: Mapping[str, str]) -> BaseCheck:
+    """Compare a present stamp (in ``metadata``, the weights header's, as the reading stage read it) with
+    ``model``'s weights (a model seen through its adapters). No stamp, or ``verify_base=False``: nothing. A
+    meta-device base: a note. A mismatch: ``base_weights_differ``."""
+    text = metadata.get(KEY)
+    if not _VERIFY.get() or text is None:
         return BaseCheck()
     try:
-        stamp = read_stamp(files.weights_path)
+        stamp = Fingerprint.decode(text, files.weights_path)
     except FingerprintError as exc:
         return BaseCheck(causes=(finding("bad_fingerprint", str(exc), details={"file": files.weights_path}),))
-    if stamp is None:
-        return BaseCheck()
     return _verify(model, stamp, files.weights_path)
 
 

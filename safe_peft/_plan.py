@@ -388,7 +388,7 @@ def verdict(
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)
     from safe_peft._fingerprint import base_check  # hook: a stamped adapter's base weights
 
-    stamp = base_check(model, source.files)
+    stamp = base_check(model, source.files, source.metadata)
     causes += stamp.causes
     causes = [without_spent_fix(d, remap, tuple(repair)) for d in causes]
     ok = not causes and diff.ok
