@@ -95,7 +95,7 @@ $(LCPP_VENV)/.installed:
 
 engines: $(STAMP) $(VLLM_VENV)/.installed $(LCPP_VENV)/.installed
 	$(PY) tools/engines/run.py
-	$(PY) -m safe_peft._engine_docs
+	$(PY) -m safe_peft._engines.docs
 
 clean:
 	rm -rf $(VENV) $(OLD) $(VLLM_VENV) $(LCPP_VENV) $(ENGINES_SRC) .engines-work

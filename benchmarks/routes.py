@@ -152,7 +152,7 @@ def _patched(call: Callable[[], Any]) -> Any:
 
 def _installed_elsewhere(call: Callable[[], Any]) -> Any:
     """The wrappers are installed (as while another thread is inside patched()), this context is not switched."""
-    import safe_peft._patch as switch
+    import safe_peft._routes.switch as switch
 
     with switch._LOCK:
         switch._HOLDERS += 1

@@ -154,10 +154,10 @@ def fingerprint_cost(size: str = "33M", repeats: int = 11) -> dict[str, Any]:
     import shutil
 
     from safe_peft import safe_load_adapter, stamp_adapter
-    from safe_peft._adapter_files import locate_adapter
-    from safe_peft._fingerprint import base_check
-    from safe_peft._fingerprint_format import KEY
-    from safe_peft._safetensors_header import read_header
+    from safe_peft._files.locate import locate_adapter
+    from safe_peft._files.safetensors_header import read_header
+    from safe_peft._fingerprint.check import base_check
+    from safe_peft._fingerprint.format import KEY
 
     base = bench_base(size)
     plain = tempfile.mkdtemp(prefix=f"bench_fingerprint_{size}_")
@@ -225,7 +225,7 @@ def load_memory(size: str, repeats: int = 3) -> dict[str, Any]:
 
 def planning(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> dict[str, Any]:
     """remap="auto" planning with all built-in rules: keys saved through torch.compile with the adapter name."""
-    from safe_peft._model_view import ExpectedKey
+    from safe_peft._model.view import ExpectedKey
     from safe_peft.rules import BUILTIN, model_rules, plan_remap
 
     out = {}
@@ -597,7 +597,7 @@ transformers' route inject new layers, so they record the whole model first and 
 adapter cost about 15 ms on this model's 673-module PeftModel (each part timed by a wrapper inside the load, median
 of 21: the plan 5.3 ms, the whole-model record 4.6 ms, the verification 4.9 ms, the temporary directory with the
 checked config 0.9 ms). For plain LoRA they are paid back: safe_peft does peft's `load_adapter` steps itself
-(`safe_peft._assign`: peft's config read, checks and `add_adapter`, then the checkpoint written without peft's four
+(`safe_peft._load.assign`: peft's config read, checks and `add_adapter`, then the checkpoint written without peft's four
 walks of the whole model, about 35 ms of a plain call here), so the further adapter is faster than plain peft.
 
 | route | plain (median) | safe (median) | ratio (median of the rounds) | ratio of the fastest runs |

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._versions import SAFE_PEFT_VERSION as __version__
 from safe_peft.errors import AdapterFormatError, AdapterLoadError, AdapterNotFoundError
 from safe_peft.report import Cause, Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdapterFormatError",
@@ -51,49 +50,49 @@ __all__ = [
 ]
 
 _LAZY = {
-    "safe_load_adapter": "safe_peft._loader",
-    "safe_load_state_dict": "safe_peft._state_dict",
-    "diagnose": "safe_peft._diagnose",
-    "inspect_adapter": "safe_peft._manifest",
-    "AdapterManifest": "safe_peft._manifest",
-    "fix_adapter": "safe_peft._writer",
-    "merge_rank_shards": "safe_peft._merge",
-    "parse_load_error": "safe_peft._parse",
+    "safe_load_adapter": "safe_peft._routes.first_adapter",
+    "safe_load_state_dict": "safe_peft._routes.state_dict",
+    "diagnose": "safe_peft._routes.diagnose",
+    "inspect_adapter": "safe_peft._files.manifest",
+    "AdapterManifest": "safe_peft._files.manifest",
+    "fix_adapter": "safe_peft._fix.writer",
+    "merge_rank_shards": "safe_peft._fix.merge_ranks",
+    "parse_load_error": "safe_peft._plan.parse_error",
     "RemapRule": "safe_peft.rules",
-    "check_target": "safe_peft._engines",
-    "TargetReport": "safe_peft._engines",
-    "fix_for_target": "safe_peft._engine_fix",
-    "FixReport": "safe_peft._engine_fix",
+    "check_target": "safe_peft._engines.check",
+    "TargetReport": "safe_peft._engines.check",
+    "fix_for_target": "safe_peft._engines.fix",
+    "FixReport": "safe_peft._engines.fix",
     # every route an adapter takes into a model
-    "from_pretrained": "safe_peft._auto",
-    "safe_load_adapter_inplace": "safe_peft._inplace",
-    "safe_hotswap_adapter": "safe_peft._hotswap",
-    "patch": "safe_peft._patch",
-    "unpatch": "safe_peft._patch",
-    "patched": "safe_peft._patch",
-    "is_patched": "safe_peft._patch",
+    "from_pretrained": "safe_peft._routes.auto",
+    "safe_load_adapter_inplace": "safe_peft._routes.inplace",
+    "safe_hotswap_adapter": "safe_peft._routes.hotswap",
+    "patch": "safe_peft._routes.switch",
+    "unpatch": "safe_peft._routes.switch",
+    "patched": "safe_peft._routes.switch",
+    "is_patched": "safe_peft._routes.switch",
     # the base fingerprint (docs/fingerprint.md)
-    "stamp_adapter": "safe_peft._stamp",
-    "save_adapter": "safe_peft._stamp",
-    "StampCallback": "safe_peft._callback",
+    "stamp_adapter": "safe_peft._fingerprint.stamp",
+    "save_adapter": "safe_peft._fingerprint.stamp",
+    "StampCallback": "safe_peft._fingerprint.callback",
 }
 
 if TYPE_CHECKING:
-    from safe_peft._auto import from_pretrained
-    from safe_peft._callback import StampCallback
-    from safe_peft._diagnose import diagnose
-    from safe_peft._engine_fix import FixReport, fix_for_target
-    from safe_peft._engines import TargetReport, check_target
-    from safe_peft._hotswap import safe_hotswap_adapter
-    from safe_peft._inplace import safe_load_adapter_inplace
-    from safe_peft._loader import safe_load_adapter
-    from safe_peft._manifest import AdapterManifest, inspect_adapter
-    from safe_peft._merge import merge_rank_shards
-    from safe_peft._parse import parse_load_error
-    from safe_peft._patch import is_patched, patch, patched, unpatch
-    from safe_peft._stamp import save_adapter, stamp_adapter
-    from safe_peft._state_dict import safe_load_state_dict
-    from safe_peft._writer import fix_adapter
+    from safe_peft._engines.check import TargetReport, check_target
+    from safe_peft._engines.fix import FixReport, fix_for_target
+    from safe_peft._files.manifest import AdapterManifest, inspect_adapter
+    from safe_peft._fingerprint.callback import StampCallback
+    from safe_peft._fingerprint.stamp import save_adapter, stamp_adapter
+    from safe_peft._fix.merge_ranks import merge_rank_shards
+    from safe_peft._fix.writer import fix_adapter
+    from safe_peft._plan.parse_error import parse_load_error
+    from safe_peft._routes.auto import from_pretrained
+    from safe_peft._routes.diagnose import diagnose
+    from safe_peft._routes.first_adapter import safe_load_adapter
+    from safe_peft._routes.hotswap import safe_hotswap_adapter
+    from safe_peft._routes.inplace import safe_load_adapter_inplace
+    from safe_peft._routes.state_dict import safe_load_state_dict
+    from safe_peft._routes.switch import is_patched, patch, patched, unpatch
     from safe_peft.rules import RemapRule
 
 

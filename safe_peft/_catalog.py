@@ -538,7 +538,7 @@ _ENTRIES: tuple[Entry, ...] = (
         True,
         "load the adapter into the model before sharding it, then shard the PeftModel.",
     ),
-    # -- routes: further adapters, in-place loads, the Auto entry point, hot-swaps (safe_peft._routes, issue 12) ----
+    # -- routes: further adapters, in-place loads, the Auto entry point, hot-swaps (safe_peft._plan.routes) ----
     Entry("adapter_name_taken", _C.CONFIG_MISMATCH, 0, True, "pass another adapter_name."),
     Entry(
         "adapter_type_mismatch",

@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from safe_peft._bounds import shorten
-from safe_peft._engine_cli import add_target_arguments, run_check_target, run_fix_target
-from safe_peft._repairs import KNOWN_REPAIRS
+from safe_peft._engines.cli import add_target_arguments, run_check_target, run_fix_target
+from safe_peft._plan.repairs import KNOWN_REPAIRS
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import SCHEMA_VERSION, LoadReport
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from safe_peft._manifest import AdapterManifest
+    from safe_peft._files.manifest import AdapterManifest
 
 __all__ = ["main"]
 
@@ -157,7 +157,7 @@ def _model_args(parser: argparse.ArgumentParser, *, base_required: bool = True) 
 
 
 def _inspect(args: argparse.Namespace, out: Output) -> int:
-    from safe_peft._manifest import inspect_adapter
+    from safe_peft._files.manifest import inspect_adapter
 
     manifest = inspect_adapter(args.adapter, allow_pickle=args.allow_pickle)
     if args.json:
@@ -169,7 +169,7 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
 
 def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
     """A readable summary of an adapter manifest."""
-    from safe_peft._manifest import dtype_summary
+    from safe_peft._files.manifest import dtype_summary
 
     style = out or Output(sys.stdout, color=False)
     ranks = sorted(set(m.ranks.values()))
@@ -196,7 +196,7 @@ def render_manifest(m: AdapterManifest, out: Output | None = None) -> str:
 
 def _check(args: argparse.Namespace, out: Output) -> int:
     adapters = _expand(args.adapters)
-    if args.target:  # --- serving engines: safe_peft._engine_cli
+    if args.target:  # --- serving engines: safe_peft._engines.cli
         return run_check_target(args, adapters, out)
     if args.base is None:
         raise UsageError("check: --base MODEL is required (or --target ENGINE)")
@@ -266,7 +266,7 @@ def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> st
 def _check_one(model: nn.Module, path: str, args: argparse.Namespace) -> tuple[LoadReport, bool]:
     """The verdict on one adapter, and whether it is unreadable: a file fault that no opt-in fixes."""
     from safe_peft._catalog import finding
-    from safe_peft._plan import make_plan
+    from safe_peft._plan.plan import make_plan
 
     try:
         plan = make_plan(model, path, remap=args.remap, repair=tuple(args.repair), allow_pickle=args.allow_pickle)
@@ -304,9 +304,9 @@ def stamp_status(path: str, report: LoadReport) -> str:
         return (
             "stamped, not verified (meta base)" if note.details.get("reason") == "meta" else "stamped, partly verified"
         )
-    from safe_peft._adapter_files import locate_adapter
-    from safe_peft._fingerprint import read_stamp
-    from safe_peft._fingerprint_format import FingerprintError
+    from safe_peft._files.locate import locate_adapter
+    from safe_peft._fingerprint.check import read_stamp
+    from safe_peft._fingerprint.format import FingerprintError
 
     try:
         files = locate_adapter(path)
@@ -320,11 +320,11 @@ def stamp_status(path: str, report: LoadReport) -> str:
 
 
 def _stamp(args: argparse.Namespace, out: Output) -> int:
-    from safe_peft._adapter_files import locate_adapter
-    from safe_peft._fingerprint import read_stamp
-    from safe_peft._fingerprint_format import KEY
-    from safe_peft._safetensors_header import read_header
-    from safe_peft._stamp import stamp_adapter
+    from safe_peft._files.locate import locate_adapter
+    from safe_peft._files.safetensors_header import read_header
+    from safe_peft._fingerprint.check import read_stamp
+    from safe_peft._fingerprint.format import KEY
+    from safe_peft._fingerprint.stamp import stamp_adapter
 
     model = load_base_weights(args.base, args.model_class)
     stamp_adapter(args.adapter, model)
@@ -362,16 +362,16 @@ def load_base_weights(base: str, model_class: str = "auto") -> nn.Module:
 
 
 def _fix(args: argparse.Namespace, out: Output) -> int:
-    if args.target:  # --- serving engines: safe_peft._engine_cli
+    if args.target:  # --- serving engines: safe_peft._engines.cli
         return run_fix_target(args, out)
     if args.base is None:
         raise UsageError("fix: --base MODEL is required (or --target ENGINE)")
-    from safe_peft._plan import make_plan
-    from safe_peft._writer import write_fix
+    from safe_peft._fix.writer import write_fix
+    from safe_peft._plan.plan import make_plan
 
     model = build_base_model(args.base, args.model_class)
-    if args.merge_ranks:  # hook: per-rank shards of a sharded save (safe_peft/_merge.py)
-        from safe_peft._merge import merge_rank_shards
+    if args.merge_ranks:  # hook: per-rank shards of a sharded save (safe_peft/_fix/merge_ranks.py)
+        from safe_peft._fix.merge_ranks import merge_rank_shards
 
         if args.remap or args.repair:
             raise UsageError("--merge-ranks takes no --remap / --repair: merge first, then fix the merged adapter")
@@ -426,7 +426,7 @@ def verify_written(
     user must resize it. Raises on any loading warning or mismatch."""
     import warnings
 
-    from safe_peft._diagnose import diagnose
+    from safe_peft._routes.diagnose import diagnose
 
     report = diagnose(meta_model, directory, repair=("vocab",) if vocab_size is not None else ())
     if not report.ok:

@@ -270,7 +270,7 @@ def is_adapter_key(key: str) -> bool:
 def pattern_keys(pattern: Mapping[str, Any] | None) -> list[tuple[str, re.Pattern[str]]]:
     """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
     (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds).
-    The config's values were checked before (:mod:`safe_peft._config_values`): every key is a valid expression."""
+    The config's values were checked before (:mod:`safe_peft._files.config_values`): every key is a valid expression."""
     from safe_peft._bounds import compiled
 
     return [(str(key), compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from packaging.version import InvalidVersion, Version
 
+SAFE_PEFT_VERSION = "0.1.0.dev0"  # this package's own release (pyproject.toml says the same; a test holds them equal)
+
 __all__ = [
     "CONFIG_KEY_SINCE",
     "HOTSWAP_COPIES_SINCE",
@@ -39,12 +41,13 @@ HOTSWAP_COPIES_SINCE = "0.20.0"
 # PeftModel.load_adapter for a new adapter name, release by release (read in the 0.17.1, 0.18.0, 0.18.1, 0.19.0,
 # 0.20.0, 0.21.0, 0.21.1 and 0.21.2 wheels): it passes autocast_adapter_dtype on to add_adapter from 0.19.0, and
 # calls set_requires_grad(adapter_name) for a trainable load from 0.21.0; the rest of it is the same in all of them.
-# safe_peft does those steps itself (safe_peft._assign) only for the releases it read, below LOAD_ADAPTER_READ_BELOW.
+# safe_peft does those steps itself (safe_peft._load.assign) only for the releases it read, below
+# LOAD_ADAPTER_READ_BELOW.
 LOAD_ADAPTER_PASSES_AUTOCAST_SINCE = "0.19.0"
 LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE = "0.21.0"
 LOAD_ADAPTER_READ_BELOW = "0.22"
 
-# The torch release that loading into a sharded model needs (safe_peft._sharding): the oldest on which the sharded
+# The torch release that loading into a sharded model needs (safe_peft._model.sharding): the oldest on which the sharded
 # suite (tests/test_distributed.py: FSDP2 and parallelize_module, loads, training, failures) passes, with peft 0.17.1
 # and transformers 4.56.2: it passes on 2.9.0, 2.10.0 and 2.13.0. On 2.7.0 and 2.8.0 the loads and refusals pass but
 # an adapter placed under FSDP2 then trains to other values than in one process. torch 2.6 lacks

@@ -16,9 +16,9 @@ from typing import Any, Literal, TypeVar
 
 from safe_peft._bounds import gc_paused
 from safe_peft._catalog import CATALOG, layout_entry, register
-from safe_peft._compare import shape_fits
 from safe_peft._keys import Shape, adapter_parts_pattern
-from safe_peft._model_view import ExpectedKey
+from safe_peft._model.view import ExpectedKey
+from safe_peft._plan.compare import shape_fits
 from safe_peft.report import Cause
 
 __all__ = [

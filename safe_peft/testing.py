@@ -18,7 +18,7 @@ def assert_adapter_loads(base_model: nn.Module, model_id: str | os.PathLike[str]
 
     Returns the loaded PeftModel. Keyword arguments go to :func:`safe_peft.safe_load_adapter`.
     """
-    from safe_peft._loader import safe_load_adapter
+    from safe_peft._routes.first_adapter import safe_load_adapter
 
     __tracebackhide__ = True
     try:

@@ -5,7 +5,7 @@ answers ``{"pid": N}`` at once, then ``{"status": S}`` when the child has ended 
 With ``capture``, the child's stdout and stderr go to ``PREFIX.stdout`` / ``PREFIX.stderr``.
 
 Kill points, for the writer's tests: with ``"kill_at": N`` the child SIGKILLs itself just before the N-th file-system
-call (a call into ``posix`` or ``io``) that the one writer (``safe_peft._writer.write_output``) makes outside its
+call (a call into ``posix`` or ``io``) that the one writer (``safe_peft._fix.writer.write_output``) makes outside its
 verification; with ``"count_to": PATH`` it writes how many such calls a whole run made (``points``) and the first
 one inside the swap of an old output for the new (``swap``). ``"no_exchange": true`` takes
 away the atomic directory exchange, as on a filesystem without ``renameat2``. A kill point is a place in the code,
@@ -23,7 +23,7 @@ import peft  # noqa: F401 - imported before forking, so that children start at o
 import torch  # noqa: F401
 import transformers  # noqa: F401
 
-import safe_peft._writer as writer
+import safe_peft._fix.writer as writer
 from safe_peft._cli import main
 
 _FILE_MODULES = ("posix", "io", "_io")

@@ -1,4 +1,4 @@
-"""peft's loading steps done by safe_peft (safe_peft._assign) against plain peft's.
+"""peft's loading steps done by safe_peft (safe_peft._load.assign) against plain peft's.
 
 Each row is a real adapter trained and saved by real peft on a tiny model. Loaded by safe_peft, on either route, it
 must give the very model plain peft gives: the same modules, parameters (values, dtypes, devices, requires_grad,
@@ -63,9 +63,9 @@ ROWS = [
 
 @pytest.fixture
 def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import safe_peft._execute
+    import safe_peft._load.kernel
 
-    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
 
 
 def _base(row: Row) -> torch.nn.Module:
@@ -82,17 +82,17 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     file's values in last, and a checkpoint holding more than LoRA's own tensors initialises instead."""
     from peft import PeftModel
 
-    import safe_peft._execute
+    import safe_peft._load.kernel
 
     if route == "meta":  # every exact adapter, however small (by default these tiny ones initialise)
-        monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+        monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
     directory = str(tmp_path / row.name)
     train_adapter(build(row.model, **row.config), directory, **row.lora)
     plain = PeftModel.from_pretrained(_base(row), directory, **row.kwargs)
     taken = "initialising" if row.initialises else route
 
     calls = _peft_writes(monkeypatch)
-    verified = _verified_state(monkeypatch, safe_peft._execute)
+    verified = _verified_state(monkeypatch, safe_peft._load.kernel)
     ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
 
     assert report.ok and report.route == taken
@@ -131,7 +131,7 @@ def _verified_state(monkeypatch: pytest.MonkeyPatch, owner: Any) -> list[Any]:
 
 def _assert_verified_the_model_s_tensors(seen: list[Any], model: Any, adapter_name: str) -> None:
     """What the verification checked is the adapter's tensors as the model now holds them (the very objects)."""
-    from safe_peft._execute import adapter_tensors
+    from safe_peft._load.kernel import adapter_tensors
 
     assert len(seen) == 1
     if seen[0] is not None:
@@ -148,7 +148,7 @@ def test_a_broken_assignment_leaves_the_base_model_as_it_was(tmp_path: Any, monk
     from peft.tuners.lora import LoraLayer
 
     import safe_peft
-    import safe_peft._assign
+    import safe_peft._load.assign
 
     directory = str(tmp_path / "adapter")
     train_adapter(build("causal"), directory, target_modules="all-linear")
@@ -161,7 +161,7 @@ def test_a_broken_assignment_leaves_the_base_model_as_it_was(tmp_path: Any, monk
         if len(seen) == 3:
             raise RuntimeError("device lost")
 
-    monkeypatch.setattr(safe_peft._assign, "_in_place", lambda layer, held: False)
+    monkeypatch.setattr(safe_peft._load.assign, "_in_place", lambda layer, held: False)
     monkeypatch.setattr(LoraLayer, "_move_adapter_to_device_of_base_layer", move)
     with pytest.raises(safe_peft.AdapterLoadError, match="device lost"):
         safe_load_adapter(base, directory)
@@ -210,7 +210,7 @@ def test_a_further_adapter_is_peft_s_own(
     from peft import PeftModel
 
     import safe_peft
-    import safe_peft._carried
+    import safe_peft._routes.peft_model
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_adapter(build("causal"), first)
@@ -221,7 +221,7 @@ def test_a_further_adapter_is_peft_s_own(
 
     calls = _peft_writes(monkeypatch)
     ours = copy.deepcopy(carrying)
-    verified = _verified_state(monkeypatch, safe_peft._carried)
+    verified = _verified_state(monkeypatch, safe_peft._routes.peft_model)
     with safe_peft.patched():
         result = ours.load_adapter(second, adapter_name, **kwargs)
     assert (not calls) is written
@@ -293,9 +293,9 @@ def test_a_further_adapter_on_a_half_precision_base_keeps_the_file_s_values(
 
     from peft import PeftModel
 
-    import safe_peft._execute
+    import safe_peft._load.kernel
 
-    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_adapter(build("causal"), first)
     train_adapter(build("causal"), second, seed=2, r=4, target_modules="all-linear")

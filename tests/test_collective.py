@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from safe_peft import AdapterLoadError, Cause, Diagnosis, LoadReport
-from safe_peft._collective import Collective, Outcome, Vote
-from safe_peft._distributed import _Where
+from safe_peft._distributed.collective import Collective, Outcome, Vote
+from safe_peft._distributed.load import _Where
 
 
 class MemoryStore:

@@ -106,7 +106,7 @@ def test_merged_linear_adapter_of_peft_0_2_is_converted_by_the_legacy_repair(tmp
     from peft import PeftModel
 
     from safe_peft import Cause
-    from safe_peft._writer import fix_adapter
+    from safe_peft._fix.writer import fix_adapter
 
     adapter = os.path.join(FIXTURES, "legacy-peft-0.2.0", "adapter")
     with open(os.path.join(adapter, "fixture.json")) as f:

@@ -20,7 +20,7 @@ from helpers import build, derive, outputs, train_adapter
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
-from safe_peft._sharding import _peft_shards_transformers_tp
+from safe_peft._model.sharding import _peft_shards_transformers_tp
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

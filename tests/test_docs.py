@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 
 def _catalog() -> dict[str, str]:
     """code -> cause page, for every finding the library can report (built-in rename rules included)."""
-    import safe_peft._engine_rules  # registers the engine checks' codes
+    import safe_peft._engines.rules  # registers the engine checks' codes
     import safe_peft.rules  # noqa: F401 - registers the rename rules' codes
     from safe_peft._catalog import CATALOG
 

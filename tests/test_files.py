@@ -114,7 +114,7 @@ def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_p
     a newer peft and the opt-ins that load it anyway, and both opt-ins work."""
     import peft
 
-    from safe_peft import _adapter_config as adapter_config
+    import safe_peft._files.config as adapter_config
 
     directory = derive(
         adapters["causal"][0],
@@ -230,6 +230,6 @@ def test_fifo_in_place_of_a_file_never_blocks(adapters: dict[str, Any], tmp_path
     ],
 )
 def test_changes_meaning_table(key: str, value: Any, refused: bool) -> None:
-    from safe_peft._adapter_config import changes_meaning
+    from safe_peft._files.config import changes_meaning
 
     assert changes_meaning(key, value) is refused

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 import safe_peft
 from safe_peft import AdapterLoadError, Cause, diagnose, safe_load_adapter, stamp_adapter
-from safe_peft._fingerprint import read_stamp
-from safe_peft._fingerprint_format import KEY, MAX_STAMP_CHARS, Fingerprint, FingerprintError
-from safe_peft._safetensors_header import read_header
-from safe_peft._stamp import _write_metadata
+from safe_peft._files.safetensors_header import read_header
+from safe_peft._fingerprint.check import read_stamp
+from safe_peft._fingerprint.format import KEY, MAX_STAMP_CHARS, Fingerprint, FingerprintError
+from safe_peft._fingerprint.stamp import _write_metadata
+from safe_peft._fix.writer import replace_file
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
-from safe_peft._writer import replace_file
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -392,7 +392,7 @@ def test_cli_stamp_and_check(stamped: dict[str, Any], capsys: pytest.CaptureFixt
 
 
 def test_positions_depend_on_name_and_shape_only() -> None:
-    from safe_peft._fingerprint_format import positions
+    from safe_peft._fingerprint.format import positions
 
     assert positions("a.weight", (64, 32), 4) == positions("a.weight", (64, 32), 4)
     assert positions("a.weight", (64, 32), 4) != positions("b.weight", (64, 32), 4)

@@ -67,7 +67,7 @@ def test_kohya_alpha_becomes_the_scaling(adapters: dict[str, Any], tmp_path: Any
 def test_kohya_written_as_a_peft_adapter(kohya_dir: str, adapters: dict[str, Any], tmp_path: Any) -> None:
     from peft import PeftModel
 
-    from safe_peft._writer import fix_adapter
+    from safe_peft._fix.writer import fix_adapter
 
     fix_adapter(build("causal"), kohya_dir, str(tmp_path / "peft"), remap="auto")
     model = PeftModel.from_pretrained(build("causal"), str(tmp_path / "peft"))
@@ -137,7 +137,7 @@ def test_foreign_layouts_are_named(layout: str, code: str, adapters: dict[str, A
 def test_a_wrapper_the_model_no_longer_has_is_stripped_only_when_every_name_then_resolves(
     names: set[str], modules: list[str], wrapper: str
 ) -> None:
-    from safe_peft._foreign import _gone_wrapper
+    from safe_peft._plan.kohya import _gone_wrapper
 
     by_flat: dict[str, list[str]] = {}
     for name in modules:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from safe_peft import AdapterFormatError, Cause
-from safe_peft._safetensors_header import read_header
+from safe_peft._files.safetensors_header import read_header
 
 
 def _file(tmp_path: Any, header: Any, data: bytes = b"", *, raw: bytes | None = None, length: int | None = None) -> str:

@@ -107,8 +107,8 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
     from peft.tuners.lora import LoraModel
     from transformers import PreTrainedModel
 
-    import safe_peft._assign
-    import safe_peft._execute
+    import safe_peft._load.assign
+    import safe_peft._load.kernel
 
     def stop(*_: Any, **__: Any) -> Any:
         raise error("interrupted at " + stage)
@@ -129,7 +129,7 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
         monkeypatch.setattr(owner, name, wrapper)
 
     # Each stage on both paths of a load: peft's own load_adapter, and the steps safe_peft does itself for plain
-    # LoRA (safe_peft._assign: it reads the file through save_and_load and writes the tensors in _write).
+    # LoRA (safe_peft._load.assign: it reads the file through save_and_load and writes the tensors in _write).
     if stage == "before_weight_read":
         around(peft.peft_model, "load_peft_weights", before=True)
         around(peft.utils.save_and_load, "load_peft_weights", before=True)
@@ -140,7 +140,7 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
         around(LoraModel, "_create_and_replace", before=True, on_call=3)
     elif stage == "after_injection":
         around(peft.peft_model.PeftModel, "load_adapter", before=True)
-        around(safe_peft._assign, "load_checkpoint", before=True)
+        around(safe_peft._load.assign, "load_checkpoint", before=True)
     elif stage == "inside_load_state_dict":  # half of the tensors written, then stopped
         original = torch.nn.Module.load_state_dict
 
@@ -151,7 +151,7 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
             original(self, {k: state_dict[k] for k in keys[: len(keys) // 2]}, *args, **kwargs)
             stop()
 
-        write = safe_peft._assign._write
+        write = safe_peft._load.assign._write
 
         def half_written(model: Any, survey: Any, *args: Any) -> Any:
             slots = list(survey.slots.items())
@@ -159,15 +159,15 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
             stop()
 
         monkeypatch.setattr(torch.nn.Module, "load_state_dict", half)
-        monkeypatch.setattr(safe_peft._assign, "_write", half_written)
+        monkeypatch.setattr(safe_peft._load.assign, "_write", half_written)
     elif stage == "after_load_state_dict":
         around(peft.peft_model, "set_peft_model_state_dict", after=True)
         around(peft.utils.save_and_load, "set_peft_model_state_dict", after=True)
-        around(safe_peft._assign, "_write", after=True)
+        around(safe_peft._load.assign, "_write", after=True)
     elif stage == "verification":
-        around(safe_peft._execute, "verify", before=True)
+        around(safe_peft._load.kernel, "verify", before=True)
     elif stage == "after_verification":
-        around(safe_peft._execute, "verify", after=True)
+        around(safe_peft._load.kernel, "verify", after=True)
     elif stage == "after_resize":  # the vocabulary repair: transformers has swapped weight.data and the config
         around(PreTrainedModel, "resize_token_embeddings", after=True)
     else:
@@ -217,7 +217,7 @@ def test_interrupted_load_leaves_the_model_exactly_as_it_was(
 def test_a_second_ctrl_c_during_the_undo_still_finishes_it(
     kinds: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from safe_peft._snapshot import ModuleSnapshot
+    from safe_peft._load.snapshot import ModuleSnapshot
 
     make, directory, _, reference = kinds["embedding"]
     base = make()
@@ -357,7 +357,7 @@ _CHANGES = {
 
 @pytest.mark.parametrize("change", list(_CHANGES))
 def test_the_whole_model_record_undoes_each_kind_of_change(change: str) -> None:
-    from safe_peft._snapshot import ModuleSnapshot
+    from safe_peft._load.snapshot import ModuleSnapshot
 
     torch.manual_seed(0)
     shared = torch.nn.Linear(2, 3)

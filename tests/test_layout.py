@@ -17,20 +17,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "safe_peft")
 
 
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _modules() -> list[str]:
+    """Every .py file of the package, subpackages included."""
+    return sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(PACKAGE) for name in names if name.endswith(".py")
+    )
+
+
 def _imports(path: str) -> set[str]:
-    """The safe_peft modules a module imports anywhere (function bodies included, TYPE_CHECKING blocks not)."""
+    """The safe_peft modules a module imports anywhere: function bodies and TYPE_CHECKING blocks included."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for n in ast.walk(node))
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("safe_peft"):
-            if node.module == "safe_peft":  # `from safe_peft import __version__` / a lazily exported name
+            if node.module == "safe_peft":  # `from safe_peft import X`: the module that defines X
                 found.update(safe_peft._LAZY.get(a.name, "safe_peft") for a in node.names)
             else:
                 found.add(node.module)
@@ -40,11 +46,12 @@ def _imports(path: str) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports. The package's own ``__init__`` is left out: it only re-exports, lazily."""
     graph = {}
-    for name in sorted(os.listdir(PACKAGE)):
-        if name.endswith(".py") and name != "__init__.py":
-            module = f"safe_peft.{name[:-3]}"
-            graph[module] = {m for m in _imports(os.path.join(PACKAGE, name)) if m not in (module, "safe_peft")}
+    for path in _modules():
+        module = _module_name(path)
+        if module != "safe_peft":
+            graph[module] = {m for m in _imports(path) if m != module}
     return graph
 
 
@@ -71,6 +78,8 @@ def test_no_import_cycles() -> None:
 def test_private_modules_are_marked_and_the_public_surface_is_the_documented_api() -> None:
     public = {n[:-3] for n in os.listdir(PACKAGE) if n.endswith(".py") and not n.startswith("_")}
     assert public == {"errors", "report", "rules", "testing", "pytest_plugin"}
+    hidden = [m for m in map(_module_name, _modules()) if m.count(".") > 1 and not m.split(".")[1].startswith("_")]
+    assert not hidden, f"modules inside subpackages live under a private subpackage: {hidden}"
     assert dir(safe_peft) == sorted(safe_peft.__all__)
     for name in safe_peft.__all__:
         assert getattr(safe_peft, name) is not None, name
@@ -86,7 +95,7 @@ def test_a_new_cause_needs_one_catalog_entry_and_one_detector(adapters: dict[str
 
     from safe_peft import Cause, diagnose
     from safe_peft._catalog import CATALOG, Entry, finding, register
-    from safe_peft._classify import DETECTORS, Found, register_detector
+    from safe_peft._plan.classify import DETECTORS, Found, register_detector
 
     entry = register(Entry("toy_tiny_rank", Cause.CONFIG_MISMATCH, 0, True, "train with r >= {minimum}."))
 
@@ -117,9 +126,45 @@ def test_every_error_class_shows_its_message(error: str) -> None:
 def test_a_load_never_imports_the_engine_rule_data() -> None:
     """The engine rules (a thousand lines of data) join the findings catalog when an engine check imports them."""
     code = (
-        "import sys, safe_peft._catalog, safe_peft._plan, safe_peft._loader; "
-        "assert 'safe_peft._engine_rules' not in sys.modules, 'imported'; "
-        "import safe_peft._engines; from safe_peft._catalog import CATALOG; assert 'vllm_max_lora_rank' in CATALOG"
+        "import sys, safe_peft._catalog, safe_peft._plan.plan, safe_peft._routes.first_adapter; "
+        "assert 'safe_peft._engines.rules' not in sys.modules, 'imported'; "
+        "import safe_peft._engines.check; from safe_peft._catalog import CATALOG; "
+        "assert 'vllm_max_lora_rank' in CATALOG"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_tree_shows_the_stages() -> None:
+    """At most 12 modules at the top (the public ones and the shared knowledge), the rest in stage subpackages."""
+    top = [n for n in os.listdir(PACKAGE) if n.endswith(".py")]
+    subpackages = [n for n in os.listdir(PACKAGE) if os.path.isfile(os.path.join(PACKAGE, n, "__init__.py"))]
+    assert len(top) <= 12, sorted(top)
+    assert len(subpackages) >= 5, sorted(subpackages)
+    for name in subpackages:  # a subpackage's __init__ says what the stage holds and imports nothing
+        with open(os.path.join(PACKAGE, name, "__init__.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        assert ast.get_docstring(tree), name
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], name
+
+
+MAX_FUNCTION_LINES = 90
+
+
+def test_every_function_fits_a_screen() -> None:
+    long = []
+    for path in _modules():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{_module_name(path)}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def test_the_package_version_matches_pyproject() -> None:
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        declared = next(line.split('"')[1] for line in f if line.startswith("version = "))
+    assert safe_peft.__version__ == declared

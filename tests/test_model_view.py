@@ -13,7 +13,7 @@ import torch
 from helpers import build
 from peft import LoraConfig
 
-from safe_peft._model_view import _by_injection, expected_keys, meta_skeleton
+from safe_peft._model.view import _by_injection, expected_keys, meta_skeleton
 
 CASES = [
     ("causal", dict(target_modules=["q_proj", "v_proj"])),
@@ -201,7 +201,7 @@ def test_import_is_lazy() -> None:
 def test_fast_adapter_tensor_names_equal_peft_state_dict(kind: str, lora: dict[str, Any]) -> None:
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from safe_peft._execute import adapter_tensors
+    from safe_peft._load.kernel import adapter_tensors
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notice about lora_bias on bias-less layers

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from peft import PeftModel
 
 from safe_peft import Cause, parse_load_error
-from safe_peft._parse import _SIZE, _size_mismatch_at, _size_mismatches
+from safe_peft._plan.parse_error import _SIZE, _size_mismatch_at, _size_mismatches
 
 
 def _torch_error(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> RuntimeError:

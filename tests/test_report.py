@@ -17,7 +17,8 @@ from safe_peft import (
     MissingKey,
     SizeMismatch,
 )
-from safe_peft._render import collapse_keys, render_report
+from safe_peft.report import _collapse_keys as collapse_keys
+from safe_peft.report import _render_report as render_report
 
 REPORT = LoadReport(
     ok=False,

@@ -17,7 +17,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter, safe_load_adapter_inplace
-from safe_peft._routes import _shifts_prefix
+from safe_peft._plan.routes import _shifts_prefix
 
 
 @pytest.fixture(autouse=True)

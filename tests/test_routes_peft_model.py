@@ -113,16 +113,16 @@ def test_a_further_adapter_loads_as_plain_load_adapter(
 )
 def test_expected_keys_are_what_peft_adds(first: str, config: LoraConfig, adapters: dict[str, Any]) -> None:
     """The plan's keys for a model that already carries adapters are exactly those peft's add_adapter creates."""
-    from safe_peft._model_view import expected_keys
-    from safe_peft._routes import see_through
+    from safe_peft._model.view import expected_keys
+    from safe_peft._plan.routes import see_through
 
     model = _peft_model(adapters, first)
     real = copy.deepcopy(model)
     try:
         real.add_adapter("second", copy.deepcopy(config))
     except ValueError:  # peft refuses the combination (peft 0.17: any second adapter with a bias): so does the plan
-        from safe_peft._adapter import AdapterSource
-        from safe_peft._routes import route_findings
+        from safe_peft._files.source import AdapterSource
+        from safe_peft._plan.routes import route_findings
 
         source = AdapterSource("", None, None, copy.deepcopy(config), {}, {})  # type: ignore[arg-type]
         assert [d.code for d in route_findings(model, source, "second", "add")] == ["adapter_combination_refused"]
@@ -136,7 +136,7 @@ def test_expected_keys_are_what_peft_adds(first: str, config: LoraConfig, adapte
 
 
 def test_see_through_shares_every_tensor_and_changes_nothing(adapters: dict[str, Any]) -> None:
-    from safe_peft._routes import see_through
+    from safe_peft._plan.routes import see_through
 
     model = _peft_model(adapters, "all_linear")
     before = model_state(model)
@@ -199,12 +199,12 @@ def test_an_interrupt_during_the_load_restores_the_peft_model(
     import peft.peft_model
     import peft.utils.save_and_load
 
-    import safe_peft._assign
+    import safe_peft._load.assign
 
     model = _peft_model(adapters)
     before = model_state(model)
     written = ((peft.peft_model, "set_peft_model_state_dict"), (peft.utils.save_and_load, "set_peft_model_state_dict"))
-    for owner, name in (*written, (safe_peft._assign, "_write")):
+    for owner, name in (*written, (safe_peft._load.assign, "_write")):
         real = getattr(owner, name)
 
         def interrupted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
@@ -335,7 +335,7 @@ def test_an_interrupted_in_place_reload_restores_the_peft_model(
     flag and mode as it was; then the same reload succeeds."""
     import peft.utils.save_and_load as save_and_load
 
-    import safe_peft._carried as carried
+    import safe_peft._routes.peft_model as carried
 
     other = str(tmp_path / "retrained")
     train_adapter(build("causal"), other, seed=11)

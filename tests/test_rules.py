@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safe_peft._model_view import ExpectedKey
+from safe_peft._model.view import ExpectedKey
 from safe_peft.rules import BUILTIN, RemapRule, check_exact, model_rules, plan_remap, rename_state_dict, to_rules
 
 RULES = BUILTIN + model_rules("model")

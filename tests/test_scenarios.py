@@ -414,7 +414,7 @@ def test_written_fix_loads_in_plain_peft_without_warning(
     from peft import PeftModel
     from safetensors import safe_open
 
-    from safe_peft._writer import fix_adapter
+    from safe_peft._fix.writer import fix_adapter
 
     directory = scenario_dir(s)
     source = {n: open_bytes(directory, n) for n in os.listdir(directory)}
@@ -444,8 +444,8 @@ def open_bytes(directory: str, name: str) -> bytes:
 
 
 def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, Any], tmp_path: Any) -> None:
-    from safe_peft._safetensors_header import read_header
-    from safe_peft._writer import fix_adapter
+    from safe_peft._files.safetensors_header import read_header
+    from safe_peft._fix.writer import fix_adapter
 
     directory = derive(
         adapters["causal"][0],
@@ -461,7 +461,7 @@ def test_rename_only_fix_streams_the_data_region_unchanged(adapters: dict[str, A
 
 
 def test_fix_refuses_unfixable_existing_and_in_place(adapters: dict[str, Any], tmp_path: Any) -> None:
-    from safe_peft._writer import fix_adapter
+    from safe_peft._fix.writer import fix_adapter
 
     with pytest.raises(AdapterLoadError):
         fix_adapter(build("causal"), adapters["wide"][0], str(tmp_path / "never"), remap="auto")
@@ -541,9 +541,9 @@ LOADABLE = [s for s in SCENARIOS if s.cause is None] + FIXABLE
 def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """The meta route for every adapter the plan proves complete and exact, however small (by default a small
     adapter takes peft's initialising route, which is then the faster one)."""
-    import safe_peft._execute
+    import safe_peft._load.kernel
 
-    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
 
 
 @pytest.mark.parametrize("s", LOADABLE, ids=lambda s: s.name)
@@ -575,11 +575,11 @@ def test_the_meta_route_is_taken_where_it_is_the_faster_one(
 ) -> None:
     """Exact plain LoRA takes the meta route when its tensors are large for the number of adapted modules (skipping
     their initialisation saves more than the meta device context costs), peft's initialising route when small."""
-    import safe_peft._execute
+    import safe_peft._load.kernel
 
     _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
     assert report.route == "initialising"  # a tiny adapter: a few thousand elements per module
-    monkeypatch.setattr(safe_peft._execute, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 100)
+    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 100)
     _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
     assert report.route == "meta" and report.to_dict()["route"] == "meta"
     _, report = safe_load_adapter(build("causal"), adapters["causal"][0], output_loading_info=True, strict=False)

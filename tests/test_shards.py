@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._cli import main
-from safe_peft._merge import merge_rank_shards
-from safe_peft._shards import chunk_sizes, shard_findings
+from safe_peft._files.rank_files import chunk_sizes, shard_findings
+from safe_peft._fix.merge_ranks import merge_rank_shards
 from safe_peft.report import SizeMismatch
 
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # lora_B cut on its rows

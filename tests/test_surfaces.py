@@ -24,8 +24,8 @@ from safe_peft._cli import main
 
 def test_every_route_plans_with_the_one_sequence() -> None:
     """No route has a planning sequence of its own: each is a set of hooks of make_plan's."""
-    import safe_peft._routes as routes
-    from safe_peft._plan import Route
+    import safe_peft._plan.routes as routes
+    from safe_peft._plan.plan import Route
 
     assert issubclass(routes.CarryingRoute, Route)
     assert not hasattr(routes, "_route_plan")
@@ -128,7 +128,7 @@ def _scratch() -> set[str]:
 def test_a_failure_while_remapped_weights_are_written_leaves_no_scratch_copy(
     adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safe_peft._execute as execute
+    import safe_peft._load.kernel as execute
 
     good, trained = adapters["causal"][0], adapters["causal"][1]
     compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
@@ -156,7 +156,7 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
     never a loaded adapter behind a KeyboardInterrupt."""
     from helpers import assert_same_state, model_state
 
-    import safe_peft._execute as execute
+    import safe_peft._load.kernel as execute
 
     good = adapters["causal"][0]
     compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
@@ -222,7 +222,7 @@ def test_padding_a_conv_lora_keeps_peft_s_outputs(engine: str, tmp_path: Any) ->
 
 
 def test_the_vl_prefix_conversion_renames_rank_pattern_keys_too(adapters: dict[str, Any], tmp_path: Any) -> None:
-    from safe_peft._engine_fix import _vlm_prefix
+    from safe_peft._engines.fix import _vlm_prefix
 
     tensors = {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": 1, "base_model.model.lm_head.x": 2}
     cfg = {"rank_pattern": {"model.layers.1.self_attn.q_proj": 16, "v_proj": 4}}

@@ -235,7 +235,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_the_trainer_resumes_through_safe_peft_as_it_resumes_plainly(
     run: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safe_peft._carried as carried
+    import safe_peft._routes.peft_model as carried
 
     checkpoint = os.path.join(run, "checkpoint-2")
     plain = _peft_model()

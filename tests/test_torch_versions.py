@@ -16,8 +16,8 @@ from helpers import assert_same_state, build, model_state, train_adapter
 from peft import LoraConfig
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
-from safe_peft._model_view import expected_keys
-from safe_peft._sharding import is_sharded, sharding_findings
+from safe_peft._model.sharding import is_sharded, sharding_findings
+from safe_peft._model.view import expected_keys
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
 
 INSTALLED = str(torch.__version__)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import build
 
-from safe_peft._walk import every_module, every_parameter, named_modules, named_paths
+from safe_peft._model.walk import every_module, every_parameter, named_modules, named_paths
 
 
 class _OwnWalk(torch.nn.Sequential):

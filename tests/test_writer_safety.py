@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from helpers import build, derive
 
-import safe_peft._engine_fix as engine_fix
+import safe_peft._engines.fix as engine_fix
 from safe_peft import AdapterLoadError, fix_for_target, merge_rank_shards
-from safe_peft._writer import MARKER, OutputDirError, fix_adapter
+from safe_peft._fix.writer import MARKER, OutputDirError, fix_adapter
 
 ROUNDS = 40 if os.environ.get("SAFE_PEFT_STRESS") else 10
 HERE = os.path.dirname(__file__)
@@ -105,7 +105,7 @@ def _rank_files(good: str, directory: str) -> str:
     return directory
 
 
-# Every writer of an adapter directory, each through the one writer (safe_peft._writer.write_output):
+# Every writer of an adapter directory, each through the one writer (safe_peft._fix.writer.write_output):
 # name -> (how its input is made from the inputs, how it writes).
 WRITERS: dict[str, tuple[Any, Any]] = {
     "fix": (
@@ -179,7 +179,7 @@ def _content(directory: str) -> dict[str, Any]:
 def test_a_refused_after_check_leaves_the_output_as_it_was(inputs: dict[str, str], tmp_path: Any) -> None:
     """fix --target checks its output with the engine's rules in the staging directory: when that check refuses,
     nothing is moved into place (an old output stays whole, a new one never appears)."""
-    from safe_peft._engines import TargetReport
+    from safe_peft._engines.check import TargetReport
 
     out = str(tmp_path / "out")
     fix_for_target(inputs["good"], "llamacpp", out, base=inputs["base"])
@@ -198,8 +198,8 @@ def test_a_refused_after_check_leaves_the_output_as_it_was(inputs: dict[str, str
 
 
 def test_a_fix_failing_verification_leaves_nothing_behind(inputs: dict[str, str], tmp_path: Any) -> None:
-    from safe_peft._plan import make_plan
-    from safe_peft._writer import write_fix
+    from safe_peft._fix.writer import write_fix
+    from safe_peft._plan.plan import make_plan
 
     plan = make_plan(build("causal"), inputs["rank4"], repair=("rank",))
 
@@ -315,7 +315,7 @@ def test_fix_force_killed_at_random_points_leaves_old_or_new(
     """SIGKILL before a random file-system call of the writer (fork_server's kill points): the output directory
     holds the old or the new output, and nothing but safe-peft's own staging is left beside it. Without atomic
     exchange (``fallback``), the next write's recovery (run here as that write would) puts the old one back."""
-    from safe_peft._writer import recover_output
+    from safe_peft._fix.writer import recover_output
 
     def fix(source: str, out: str) -> list[str]:
         opt = ["--remap", "auto"] if source == "compiled" else ["--repair", "rank"]
@@ -368,7 +368,7 @@ def test_an_output_gets_the_mode_of_a_directory_made_by_hand(inputs: dict[str, s
 
 
 def test_a_failed_write_removes_the_parents_it_made(inputs: dict[str, str], tmp_path: Any) -> None:
-    from safe_peft._writer import write_output
+    from safe_peft._fix.writer import write_output
 
     def fail(_staging: str) -> None:
         raise OSError(28, "No space left on device")
@@ -401,7 +401,7 @@ def test_another_spelling_of_the_input_is_refused(
     case-insensitive filesystem spells one directory two ways (simulated: paths left as given)."""
     import shutil
 
-    import safe_peft._writer as writer
+    import safe_peft._fix.writer as writer
 
     copy = str(tmp_path / "adapter")
     shutil.copytree(inputs["rank4"], copy)

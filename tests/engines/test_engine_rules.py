@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from safe_peft._engine_docs import update
-from safe_peft._engine_rules import RULE_SETS, rule_set
-from safe_peft._engines import check_target
+from safe_peft._engines.check import check_target
+from safe_peft._engines.docs import update
+from safe_peft._engines.rules import RULE_SETS, rule_set
 
 P = "base_model.model.model.layers.{}.self_attn.{}"
 LLAMA = {"model_type": "llama", "tie_word_embeddings": False}
@@ -237,7 +237,7 @@ def test_every_engine_has_a_source_for_every_rule() -> None:
 
 
 def test_docs_are_generated_from_the_rules() -> None:
-    assert update(ROOT, check=True) == [], "run: python -m safe_peft._engine_docs"
+    assert update(ROOT, check=True) == [], "run: python -m safe_peft._engines.docs"
 
 
 def test_cli_check_target_json(tmp_path: Any) -> None:
@@ -299,7 +299,7 @@ LLAVA = {
 
 
 def test_text_lora_on_a_vlm_wrapper_is_renamed_for_vllm(tmp_path: Any) -> None:
-    from safe_peft._engine_fix import fix_for_target
+    from safe_peft._engines.fix import fix_for_target
 
     adapter = write_adapter(tmp_path / "text", {}, lora())
     report = check_target(adapter, "vllm", base=LLAVA)
@@ -307,7 +307,7 @@ def test_text_lora_on_a_vlm_wrapper_is_renamed_for_vllm(tmp_path: Any) -> None:
     assert report.fixable and report.conversions == ("vlm_prefix",)
     fixed = fix_for_target(adapter, "vllm", tmp_path / "fixed", base=LLAVA)
     assert fixed.after.ok
-    from safe_peft._engines import AdapterFacts
+    from safe_peft._engines.check import AdapterFacts
 
     keys = set(AdapterFacts.read(str(tmp_path / "fixed")).shapes)
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys

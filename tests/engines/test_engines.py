@@ -21,9 +21,9 @@ sys.path.insert(0, HERE)
 
 import corpus  # noqa: E402
 
-from safe_peft._engine_fix import fix_for_target  # noqa: E402
-from safe_peft._engine_rules import FEATURES, RULE_SETS, rule_set  # noqa: E402
-from safe_peft._engines import check_target  # noqa: E402
+from safe_peft._engines.check import check_target  # noqa: E402
+from safe_peft._engines.fix import fix_for_target  # noqa: E402
+from safe_peft._engines.rules import FEATURES, RULE_SETS, rule_set  # noqa: E402
 from safe_peft.errors import AdapterLoadError  # noqa: E402
 
 RECORDED = corpus.load_recorded()

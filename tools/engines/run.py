@@ -35,7 +35,7 @@ TOLERANCE = {"vllm": 2e-3, "llamacpp": 2e-3}
 
 def build(work: str, names: list[str]) -> dict[str, Any]:
     """Build bases, adapters, fix outputs and peft references under ``work``; return the engine jobs' inputs."""
-    from safe_peft._engine_fix import fix_for_target
+    from safe_peft._engines.fix import fix_for_target
 
     models: dict[str, Any] = {}
     refs: dict[str, Any] = {}

@@ -1,0 +1,1 @@
+"""The base fingerprint: its format, computing and checking it, stamping adapters and the Trainer callback."""
