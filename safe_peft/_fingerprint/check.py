@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from safe_peft._files.locate import AdapterFiles
 
-__all__ = ["BaseCheck", "base_check", "compare", "read_stamp", "sample_tensor"]
+__all__ = ["BaseCheck", "base_check", "compare", "precision_of", "read_stamp", "resolve", "sample_tensor"]
 
 
 def _coordinates(shape: tuple[int, ...], grid: int, name: str) -> list[tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
@@ -58,19 +59,10 @@ def verify(model: PeftModel, plan: LoadPlan, adapter_name: str, state: dict[str,
         warnings.append(
             finding("all_zero_lora_B", "every lora_B tensor is zero: the adapter changes nothing (saved untrained?)")
         )
-    return LoadReport(
-        ok=not causes,
-        missing=missing,
-        unexpected=unexpected,
-        size_mismatches=mismatches,
-        causes=causes,
-        warnings=warnings,
-        renames=dict(plan.report.renames),
-        repairs=list(plan.report.repairs),
-        adapter=plan.report.adapter,
-        model_class=plan.report.model_class,
-        adapter_name=adapter_name,
-    )
+    # the plan's report (its renames, repairs, adapter and model class), with what the load found
+    found = replace(plan.report, ok=not causes, causes=causes, warnings=warnings, adapter_name=adapter_name)
+    found = replace(found, missing=missing, unexpected=unexpected, size_mismatches=mismatches)
+    return replace(found, renames=dict(found.renames), repairs=list(found.repairs))
 
 
 def tied_copies_not_finite(plan: LoadPlan, state: dict[str, Any]) -> list[str]:

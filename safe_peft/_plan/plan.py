@@ -45,7 +45,7 @@ from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_re
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FIRST_ADAPTER", "LoadPlan", "Route", "make_plan", "plan_load"]
+__all__ = ["FIRST_ADAPTER", "Layout", "LoadPlan", "Route", "convert_layout", "make_plan", "plan_load"]
 
 
 @dataclass(frozen=True)

@@ -53,15 +53,15 @@ def safe_load_adapter_inplace(
     the ``base_model_prefix`` level). Other keyword arguments go to ``model.load_adapter`` (``is_trainable``,
     ``low_cpu_mem_usage``, ``adapter_kwargs``, ...). A name the model already has is ``adapter_name_taken``.
     """
-    options = LoadOptions(
-        adapter_name,
-        remap,
-        tuple(repair),
-        strict,
-        allow_pickle,
-        output_loading_info,
+    options = LoadOptions(  # the caller's kwargs are copied, never changed
+        adapter_name=adapter_name,
+        remap=remap,
+        repair=tuple(repair),
+        strict=strict,
+        allow_pickle=allow_pickle,
+        output_loading_info=output_loading_info,
         verify_base=verify_base,
-        peft_kwargs=load_adapter_kwargs,  # copied: the caller's kwargs are never changed
+        peft_kwargs=load_adapter_kwargs,
     )
     outcome = run_inplace(model, model_id, options)
     return options.returned(outcome.model, outcome.report)
