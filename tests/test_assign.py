@@ -63,9 +63,9 @@ ROWS = [
 
 @pytest.fixture
 def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import safe_peft._load.kernel
+    import safe_peft._load.route_choice
 
-    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.route_choice, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
 
 
 def _base(row: Row) -> torch.nn.Module:
@@ -82,17 +82,18 @@ def test_a_first_adapter_is_peft_s_own(row: Row, route: str, tmp_path: Any, monk
     file's values in last, and a checkpoint holding more than LoRA's own tensors initialises instead."""
     from peft import PeftModel
 
-    import safe_peft._load.kernel
+    import safe_peft._load.driver
+    import safe_peft._load.route_choice
 
     if route == "meta":  # every exact adapter, however small (by default these tiny ones initialise)
-        monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+        monkeypatch.setattr(safe_peft._load.route_choice, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
     directory = str(tmp_path / row.name)
     train_adapter(build(row.model, **row.config), directory, **row.lora)
     plain = PeftModel.from_pretrained(_base(row), directory, **row.kwargs)
     taken = "initialising" if row.initialises else route
 
     calls = _peft_writes(monkeypatch)
-    verified = _verified_state(monkeypatch, safe_peft._load.kernel)
+    verified = _verified_state(monkeypatch, safe_peft._load.driver)
     ours, report = safe_load_adapter(_base(row), directory, output_loading_info=True, **row.kwargs)
 
     assert report.ok and report.route == taken
@@ -131,7 +132,7 @@ def _verified_state(monkeypatch: pytest.MonkeyPatch, owner: Any) -> list[Any]:
 
 def _assert_verified_the_model_s_tensors(seen: list[Any], model: Any, adapter_name: str) -> None:
     """What the verification checked is the adapter's tensors as the model now holds them (the very objects)."""
-    from safe_peft._load.kernel import adapter_tensors
+    from safe_peft._load.adapter_tensors import adapter_tensors
 
     assert len(seen) == 1
     if seen[0] is not None:
@@ -210,7 +211,7 @@ def test_a_further_adapter_is_peft_s_own(
     from peft import PeftModel
 
     import safe_peft
-    import safe_peft._routes.peft_model
+    import safe_peft._load.driver
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_adapter(build("causal"), first)
@@ -221,7 +222,7 @@ def test_a_further_adapter_is_peft_s_own(
 
     calls = _peft_writes(monkeypatch)
     ours = copy.deepcopy(carrying)
-    verified = _verified_state(monkeypatch, safe_peft._routes.peft_model)
+    verified = _verified_state(monkeypatch, safe_peft._load.driver)
     with safe_peft.patched():
         result = ours.load_adapter(second, adapter_name, **kwargs)
     assert (not calls) is written
@@ -293,9 +294,9 @@ def test_a_further_adapter_on_a_half_precision_base_keeps_the_file_s_values(
 
     from peft import PeftModel
 
-    import safe_peft._load.kernel
+    import safe_peft._load.route_choice
 
-    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.route_choice, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_adapter(build("causal"), first)
     train_adapter(build("causal"), second, seed=2, r=4, target_modules="all-linear")

@@ -108,7 +108,7 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
     from transformers import PreTrainedModel
 
     import safe_peft._load.assign
-    import safe_peft._load.kernel
+    import safe_peft._load.driver
 
     def stop(*_: Any, **__: Any) -> Any:
         raise error("interrupted at " + stage)
@@ -165,9 +165,9 @@ def interrupted_at(stage: str, error: type[BaseException], monkeypatch: pytest.M
         around(peft.utils.save_and_load, "set_peft_model_state_dict", after=True)
         around(safe_peft._load.assign, "_write", after=True)
     elif stage == "verification":
-        around(safe_peft._load.kernel, "verify", before=True)
+        around(safe_peft._load.driver, "verify", before=True)
     elif stage == "after_verification":
-        around(safe_peft._load.kernel, "verify", after=True)
+        around(safe_peft._load.driver, "verify", after=True)
     elif stage == "after_resize":  # the vocabulary repair: transformers has swapped weight.data and the config
         around(PreTrainedModel, "resize_token_embeddings", after=True)
     else:

@@ -201,7 +201,7 @@ def test_import_is_lazy() -> None:
 def test_fast_adapter_tensor_names_equal_peft_state_dict(kind: str, lora: dict[str, Any]) -> None:
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from safe_peft._load.kernel import adapter_tensors
+    from safe_peft._load.adapter_tensors import adapter_tensors
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notice about lora_bias on bias-less layers

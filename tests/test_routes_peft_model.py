@@ -335,7 +335,7 @@ def test_an_interrupted_in_place_reload_restores_the_peft_model(
     flag and mode as it was; then the same reload succeeds."""
     import peft.utils.save_and_load as save_and_load
 
-    import safe_peft._routes.peft_model as carried
+    import safe_peft._load.driver as driver
 
     other = str(tmp_path / "retrained")
     train_adapter(build("causal"), other, seed=11)
@@ -361,7 +361,7 @@ def test_an_interrupted_in_place_reload_restores_the_peft_model(
     elif stage == "eval":
         monkeypatch.setattr(PeftModel, "eval", stop, raising=False)
     else:
-        monkeypatch.setattr(carried, "verify", stop)
+        monkeypatch.setattr(driver, "verify", stop)
     with pytest.raises(KeyboardInterrupt if error is KeyboardInterrupt else AdapterLoadError):
         safe_load_adapter(model, other, "default", replace="weights")
     assert_same_state(before, model)

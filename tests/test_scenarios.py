@@ -541,9 +541,9 @@ LOADABLE = [s for s in SCENARIOS if s.cause is None] + FIXABLE
 def meta_whenever_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """The meta route for every adapter the plan proves complete and exact, however small (by default a small
     adapter takes peft's initialising route, which is then the faster one)."""
-    import safe_peft._load.kernel
+    import safe_peft._load.route_choice
 
-    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
+    monkeypatch.setattr(safe_peft._load.route_choice, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 0)
 
 
 @pytest.mark.parametrize("s", LOADABLE, ids=lambda s: s.name)
@@ -575,11 +575,11 @@ def test_the_meta_route_is_taken_where_it_is_the_faster_one(
 ) -> None:
     """Exact plain LoRA takes the meta route when its tensors are large for the number of adapted modules (skipping
     their initialisation saves more than the meta device context costs), peft's initialising route when small."""
-    import safe_peft._load.kernel
+    import safe_peft._load.route_choice
 
     _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
     assert report.route == "initialising"  # a tiny adapter: a few thousand elements per module
-    monkeypatch.setattr(safe_peft._load.kernel, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 100)
+    monkeypatch.setattr(safe_peft._load.route_choice, "META_ROUTE_MIN_ELEMENTS_PER_MODULE", 100)
     _, report = safe_load_adapter(build("causal"), adapters["all_linear"][0], output_loading_info=True)
     assert report.route == "meta" and report.to_dict()["route"] == "meta"
     _, report = safe_load_adapter(build("causal"), adapters["causal"][0], output_loading_info=True, strict=False)

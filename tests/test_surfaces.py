@@ -23,14 +23,33 @@ from safe_peft._cli import main
 
 
 def test_every_route_plans_with_the_one_sequence() -> None:
-    """No route has a planning sequence of its own: each is a set of hooks of make_plan's."""
+    """No route has a planning sequence of its own: each is a set of hooks of plan_load's (make_plan's)."""
     import safe_peft._plan.routes as routes
     from safe_peft._plan.plan import Route
 
     assert issubclass(routes.CarryingRoute, Route)
     assert not hasattr(routes, "_route_plan")
     own = {name for name in vars(routes) if "plan" in name and callable(getattr(routes, name))}
-    assert own <= {"plan_for", "route_plan", "make_plan", "LoadPlan"}, own
+    assert own <= {"plan_for", "plan_load", "LoadPlan"}, own
+
+
+def test_every_route_goes_through_the_one_driver() -> None:
+    """The routes implement the route contract; none runs the undo (``atomically``) itself."""
+    import os
+
+    from safe_peft._load.driver import LoadRoute
+    from safe_peft._routes.first_adapter import FirstAdapter
+    from safe_peft._routes.hotswap import HotSwap
+    from safe_peft._routes.inplace import InPlace
+    from safe_peft._routes.peft_model import IntoPeftModel
+
+    for route in (FirstAdapter, IntoPeftModel, InPlace, HotSwap):
+        assert issubclass(route, LoadRoute), route
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "safe_peft", "_routes")
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                assert "atomically" not in f.read(), name
 
 
 @pytest.mark.parametrize("route", ["further", "reload", "inplace"])
@@ -128,7 +147,7 @@ def _scratch() -> set[str]:
 def test_a_failure_while_remapped_weights_are_written_leaves_no_scratch_copy(
     adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safe_peft._load.kernel as execute
+    import safe_peft._load.directory as directory
 
     good, trained = adapters["causal"][0], adapters["causal"][1]
     compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
@@ -140,7 +159,7 @@ def test_a_failure_while_remapped_weights_are_written_leaves_no_scratch_copy(
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own: other processes use /tmp too
     before = _scratch()
-    monkeypatch.setattr(execute, "write_weights", half_written)
+    monkeypatch.setattr(directory, "write_weights", half_written)
     base = build("causal")
     with pytest.raises(AdapterLoadError):
         safe_load_adapter(base, compiled, remap="auto")
@@ -156,7 +175,7 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
     never a loaded adapter behind a KeyboardInterrupt."""
     from helpers import assert_same_state, model_state
 
-    import safe_peft._load.kernel as execute
+    import safe_peft._load.atomic as atomic
 
     good = adapters["causal"][0]
     compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
@@ -169,7 +188,7 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
         if calls[0] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(execute.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(atomic.shutil, "rmtree", interrupted)
     base = build("causal")
     before = model_state(base)
     with pytest.raises(KeyboardInterrupt):

@@ -13,6 +13,11 @@ The flow on every rank, with two agreements (see :mod:`safe_peft._distributed.co
 
 Every rank's error names the failing rank(s) and their cause (that rank's own diagnosis, tagged with
 its rank). A rank that never answers is named after ``collective_timeout`` seconds: nobody hangs.
+
+This route does not go through :func:`safe_peft._load.driver.drive` as a whole: between the plan and the load, and
+after the load, the ranks must agree, and a rank's failure must reach the agreement instead of raising. It shares
+the first adapter's route (:class:`safe_peft._routes.first_adapter.FirstAdapter`): its plan, and its protect ->
+load -> verify -> settle (:func:`~safe_peft._load.driver.drive_planned`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from safe_peft.report import Diagnosis, LoadReport
 if TYPE_CHECKING:
     from torch import nn
 
+    from safe_peft._load.driver import LoadRoute
     from safe_peft._plan.plan import LoadPlan
 
 __all__ = ["is_sharded", "load_sharded"]
@@ -41,39 +47,23 @@ _FINDINGS_PER_RANK = 3
 _MESSAGE_LIMIT = 600
 
 
-def load_sharded(
-    base_model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    remap: object,
-    repair: tuple[str, ...],
-    strict: bool,
-    allow_pickle: bool,
-    output_loading_info: bool,
-    collective_timeout: float | None,
-    peft_kwargs: dict[str, Any],
-) -> Any:
-    """``safe_load_adapter`` for a model with DTensor parameters; every rank of the job must call it."""
-    from safe_peft._load.kernel import adapter_tensors, execute, is_fatal, overwritten_base_tensors
-    from safe_peft._plan.plan import make_plan
+def load_sharded(route: LoadRoute) -> Any:
+    """``safe_load_adapter`` for a model with DTensor parameters (``route``: the first adapter's, whose plan and
+    load every rank runs); every rank of the job must call it."""
+    from safe_peft._load.adapter_tensors import adapter_tensors, overwritten_base_tensors
+    from safe_peft._load.atomic import is_fatal
+    from safe_peft._load.driver import drive_planned
 
-    collective = Collective.for_job(collective_timeout)
-    where = _Where(collective, os.fspath(model_id), type(base_model).__name__, adapter_name)
+    base_model: nn.Module = route.model
+    options, adapter_name = route.options, route.options.adapter_name
+    collective = Collective.for_job(options.collective_timeout)
+    where = _Where(collective, os.fspath(route.model_id), type(base_model).__name__, adapter_name)
     plan: LoadPlan | None = None
     refusal: LoadReport | None = None
     error: BaseException | None = None
     try:
-        plan = make_plan(
-            base_model,
-            model_id,
-            adapter_name,
-            remap=remap,
-            repair=repair,
-            allow_pickle=allow_pickle,
-            peft_kwargs=peft_kwargs,
-        )
-        if not plan.report.ok and (strict or is_fatal(plan.report)):
+        plan = route.plan()
+        if not plan.report.ok and (options.strict or is_fatal(plan.report)):
             refusal = plan.report
     except AdapterLoadError as exc:
         refusal, error = exc.report, exc
@@ -92,7 +82,8 @@ def load_sharded(
         prepare(base_model)
         snapshot = ModuleSnapshot(base_model)
         snapshot.protect(overwritten_base_tensors(base_model, plan))
-        model, report = execute(base_model, plan, adapter_name, strict, peft_kwargs)
+        outcome = drive_planned(route, plan)
+        model, report = outcome.model, outcome.report
         analytic = plan.view is not None and plan.view.method == "analytic"
         digest = content_digest(adapter_tensors(model, adapter_name, analytic))
         unplaced = place(model, sharding, adapter_name)
@@ -116,7 +107,7 @@ def load_sharded(
         raise
     assert report is not None
     finish(model)
-    return (model, report) if output_loading_info else model
+    return options.returned(model, report)
 
 
 def _restore(snapshot: ModuleSnapshot | None) -> None:

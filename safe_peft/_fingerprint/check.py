@@ -18,15 +18,13 @@ The tolerance and the numbers behind it are in docs/fingerprint.md; the stored f
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._fingerprint.format import (
@@ -48,9 +46,7 @@ if TYPE_CHECKING:
 
     from safe_peft._files.locate import AdapterFiles
 
-__all__ = ["BaseCheck", "base_check", "compare", "read_stamp", "sample_tensor", "verify_base_keyword"]
-
-_VERIFY: ContextVar[bool] = ContextVar("safe_peft_verify_base", default=True)
+__all__ = ["BaseCheck", "base_check", "compare", "precision_of", "read_stamp", "resolve", "sample_tensor"]
 
 
 def _coordinates(shape: tuple[int, ...], grid: int, name: str) -> list[tuple[int, ...]]:
@@ -301,10 +297,10 @@ def _stamped_header(path: str) -> bytes | None:
 
 def base_check(model: nn.Module, files: AdapterFiles, metadata: Mapping[str, str]) -> BaseCheck:
     """Compare a present stamp (in ``metadata``, the weights header's, as the reading stage read it) with
-    ``model``'s weights (a model seen through its adapters). No stamp, or ``verify_base=False``: nothing. A
-    meta-device base: a note. A mismatch: ``base_weights_differ``."""
+    ``model``'s weights (a model seen through its adapters). No stamp: nothing (with ``verify_base=False`` the plan
+    does not call it). A meta-device base: a note. A mismatch: ``base_weights_differ``."""
     text = metadata.get(KEY)
-    if not _VERIFY.get() or text is None:
+    if text is None:
         return BaseCheck()
     try:
         stamp = Fingerprint.decode(text, files.weights_path)
@@ -467,34 +463,3 @@ def _not_verified(unread: list[str], total: int, path: str) -> Diagnosis:
         f"compared ({why}), e.g. {unread[0]}",
         details={"file": path, "reason": reason, "tensors": unread[:20]},
     )
-
-
-# -- verify_base=: the keyword of every public loading function ---------------------------------------------------
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def verify_base_keyword(func: Callable[P, R]) -> Callable[P, R]:
-    """Give ``func`` the keyword ``verify_base`` (default True): ``False`` skips the comparison of a stamped
-    adapter with the base, for this call and the calls it makes. Without the keyword, the caller's setting holds."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if "verify_base" not in kwargs:
-            return func(*args, **kwargs)
-        verify = kwargs.pop("verify_base")
-        if not isinstance(verify, bool):
-            raise TypeError(f"verify_base must be True or False, not {verify!r}")
-        token = _VERIFY.set(verify)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            _VERIFY.reset(token)
-
-    signature = inspect.signature(func)
-    listed = list(signature.parameters.values())
-    extra = inspect.Parameter("verify_base", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
-    at = next((i for i, p in enumerate(listed) if p.kind is inspect.Parameter.VAR_KEYWORD), len(listed))
-    wrapper.__signature__ = signature.replace(parameters=[*listed[:at], extra, *listed[at:]])  # type: ignore[attr-defined]
-    return wrapper

@@ -30,6 +30,7 @@ from safe_peft._plan.checks import (
 )
 from safe_peft._plan.classify import Evidence, classify
 from safe_peft._plan.compare import compare_keys
+from safe_peft._plan.options import LoadOptions
 from safe_peft._plan.peft_conversions import (
     conversion_breaks_keys,
     named_keys_peft_accepts,
@@ -44,7 +45,7 @@ from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_re
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FIRST_ADAPTER", "LoadPlan", "Route", "make_plan"]
+__all__ = ["FIRST_ADAPTER", "Layout", "LoadPlan", "Route", "convert_layout", "make_plan", "plan_load"]
 
 
 @dataclass(frozen=True)
@@ -77,22 +78,14 @@ class Route:
         """The model the keys are planned against."""
         return model
 
-    def refusals(
-        self,
-        model: nn.Module,
-        source: AdapterSource,
-        adapter_name: str,
-        repair: tuple[str, ...],
-        kwargs: Mapping[str, Any],
-    ) -> list[Diagnosis]:
-        """What the route itself refuses before any key is compared (``kwargs``: the caller's peft arguments)."""
+    def refusals(self, model: nn.Module, source: AdapterSource, options: LoadOptions) -> list[Diagnosis]:
+        """What the route itself refuses before any key is compared."""
         return []
 
-    def convert(
-        self, planning: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, kwargs: Mapping[str, Any]
-    ) -> Layout:
+    def convert(self, planning: nn.Module, source: AdapterSource, view: ModelView, options: LoadOptions) -> Layout:
         """The checkpoint's keys as the route's loader converts them."""
-        return convert_layout(planning, source, view, adapter_name, kwargs.get("key_mapping"))
+        key_mapping = options.peft_kwargs.get("key_mapping")
+        return convert_layout(planning, source, view, options.adapter_name, key_mapping)
 
     def settle(self, model: nn.Module, plan: LoadPlan, source: AdapterSource | None, adapter_name: str) -> LoadPlan:
         """The plan as the route reports it (``source`` None: the plan stopped before comparing keys)."""
@@ -112,32 +105,33 @@ def make_plan(
     allow_pickle: bool = False,
     peft_kwargs: Mapping[str, Any] | None = None,
     route: Route = FIRST_ADAPTER,
+    verify_base: bool = True,
 ) -> LoadPlan:
     """Build the plan for loading ``model_id`` into ``model`` on ``route`` (raises AdapterFormatError for bad
-    files)."""
+    files): :func:`plan_load` with the options spelled as keywords."""
+    options = LoadOptions(
+        adapter_name, remap, repair, allow_pickle=allow_pickle, verify_base=verify_base, peft_kwargs=peft_kwargs or {}
+    )
+    return plan_load(model, model_id, options, route)
+
+
+def plan_load(model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions, route: Route) -> LoadPlan:
+    """The one planning sequence, for every route: ``options`` as the entry point took them, ``route``'s hooks."""
     from safe_peft._bounds import gc_paused
     from safe_peft._keys import memoised
 
     with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
-        return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs, route)
+        return _make_plan(model, model_id, options, route)
 
 
-def _make_plan(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    remap: object,
-    repair: tuple[str, ...],
-    allow_pickle: bool,
-    peft_kwargs: Mapping[str, Any] | None,
-    route: Route,
-) -> LoadPlan:
-    kwargs = dict(peft_kwargs or {})
+def _make_plan(model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions, route: Route) -> LoadPlan:
+    adapter_name, remap, repair = options.adapter_name, options.remap, options.repair
+    kwargs = dict(options.peft_kwargs)
     planning = route.planning_model(model)
     refused = adapter_name_findings(adapter_name) + model_findings(planning)
-    source = read_adapter(model_id, repair=repair, allow_pickle=allow_pickle, peft_kwargs=kwargs)
+    source = read_adapter(model_id, repair=repair, allow_pickle=options.allow_pickle, peft_kwargs=kwargs)
     if not refused:  # a file without a PEFT config (kohya) takes the same route, so the same refusals
-        refused = route.refusals(model, source, adapter_name, repair, kwargs)
+        refused = route.refusals(model, source, options)
     if refused:
         return route.settle(model, _refusal(model, source, adapter_name, refused), None, adapter_name)
     if source.raw is None:
@@ -148,7 +142,7 @@ def _make_plan(
     retarget = _targets_follow_keys(planning, source.peft_config, saved, adapter_name)
     # plan against the renamed targets; keep them only if the keys are renamed too
     view = saved if retarget is None else retarget.view
-    layout = route.convert(planning, source, view, adapter_name, kwargs)
+    layout = route.convert(planning, source, view, options)
     if kwargs.get("ignore_mismatched_sizes"):  # the caller asked peft to leave out what does not fit
         layout, view = sizes_ignored(layout, view)
     renaming = choose_renames(layout, view, remap, repair)
@@ -157,7 +151,7 @@ def _make_plan(
     if retarget is not None and renaming.applied:
         source = replace(source, peft_config=retarget.config, repairs=(*source.repairs, retarget.note))
     repaired = apply_repairs(planning, source, renaming, view, repair, adapter_name)
-    plan = verdict(planning, source, layout, renaming, repaired, adapter_name, remap, repair)
+    plan = verdict(planning, source, layout, renaming, repaired, options)
     return route.settle(model, plan, source, adapter_name)
 
 
@@ -359,10 +353,9 @@ def verdict(
     layout: Layout,
     renaming: Renaming,
     repaired: Repaired,
-    adapter_name: str,
-    remap: object,
-    repair: tuple[str, ...],
+    options: LoadOptions,
 ) -> LoadPlan:
+    adapter_name, remap, repair = options.adapter_name, options.remap, options.repair
     checkpoint, view, plan = renaming.checkpoint, repaired.view, renaming.closest
     diff = compare_keys(checkpoint, view.expected)
     evidence = Evidence(diff, checkpoint, view, repaired.config_data, plan)
@@ -386,9 +379,9 @@ def verdict(
     from safe_peft._model.sharding import sharding_findings  # hook: layouts a sharded model cannot take
 
     causes += sharding_findings(model, repaired.peft_config, view.expected, tuple(repair), checkpoint)
-    from safe_peft._fingerprint.check import base_check  # hook: a stamped adapter's base weights
+    from safe_peft._fingerprint.check import BaseCheck, base_check  # hook: a stamped adapter's base weights
 
-    stamp = base_check(model, source.files, source.metadata)
+    stamp = base_check(model, source.files, source.metadata) if options.verify_base else BaseCheck()
     causes += stamp.causes
     causes = [without_spent_fix(d, remap, tuple(repair)) for d in causes]
     ok = not causes and diff.ok

@@ -30,7 +30,8 @@ from safe_peft._catalog import finding
 from safe_peft._files.source import AdapterSource
 from safe_peft._keys import PEFT_PREFIX
 from safe_peft._model.view import ModelView
-from safe_peft._plan.plan import FIRST_ADAPTER, Layout, LoadPlan, Route, convert_layout, make_plan
+from safe_peft._plan.options import LoadOptions
+from safe_peft._plan.plan import FIRST_ADAPTER, Layout, LoadPlan, Route, convert_layout, plan_load
 from safe_peft.errors import RAISED
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -44,7 +45,7 @@ __all__ = [
     "is_peft_model",
     "plan_for",
     "resolve_route",
-    "route_plan",
+    "route_hooks",
     "see_through",
 ]
 
@@ -110,56 +111,16 @@ def resolve_route(model: object, adapter_name: object, replace: object, inplace:
     return "replace" if replace else "add"
 
 
-def plan_for(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str = "default",
-    *,
-    replace: object = False,
-    inplace: bool = False,
-    remap: object = None,
-    repair: tuple[str, ...] = (),
-    allow_pickle: bool = False,
-    peft_kwargs: Mapping[str, Any] | None = None,
-) -> LoadPlan:
-    """The plan of whichever route the arguments name (``diagnose`` uses this)."""
-    route = resolve_route(model, adapter_name, replace, inplace)
-    return route_plan(
-        model,
-        model_id,
-        adapter_name,
-        route=route,
-        remap=remap,
-        repair=repair,
-        allow_pickle=allow_pickle,
-        peft_kwargs=peft_kwargs,
-    )
+def plan_for(model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions, *, inplace: bool) -> LoadPlan:
+    """The plan of whichever route the options name (``diagnose`` uses this)."""
+    route = resolve_route(model, options.adapter_name, options.replace, inplace)
+    return plan_load(model, model_id, options, route_hooks(route))
 
 
-def route_plan(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    route: str,
-    remap: object = None,
-    repair: tuple[str, ...] = (),
-    allow_pickle: bool = False,
-    peft_kwargs: Mapping[str, Any] | None = None,
-) -> LoadPlan:
-    """The plan of ``route`` (one of :data:`ROUTES`): the one planning sequence,
-    :func:`~safe_peft._plan.plan.make_plan`, with the route's hooks
-    (:class:`CarryingRoute` for every route but the first adapter's)."""
-    return make_plan(
-        model,
-        model_id,
-        adapter_name,
-        remap=remap,
-        repair=repair,
-        allow_pickle=allow_pickle,
-        peft_kwargs=peft_kwargs,
-        route=FIRST_ADAPTER if route == "from_pretrained" else CarryingRoute(route),
-    )
+def route_hooks(route: str) -> Route:
+    """The hooks of ``route`` (one of :data:`ROUTES`) in the one planning sequence
+    (:func:`~safe_peft._plan.plan.plan_load`): :class:`CarryingRoute` for every route but the first adapter's."""
+    return FIRST_ADAPTER if route == "from_pretrained" else CarryingRoute(route)
 
 
 class CarryingRoute(Route):
@@ -174,24 +135,17 @@ class CarryingRoute(Route):
         inner = model.get_base_model() if is_peft_model(model) else model  # type: ignore[operator]
         return see_through(inner)
 
-    def refusals(
-        self,
-        model: nn.Module,
-        source: AdapterSource,
-        adapter_name: str,
-        repair: tuple[str, ...],
-        kwargs: Mapping[str, Any],
-    ) -> list[Diagnosis]:
-        trainable = bool(kwargs.get("is_trainable", False))
-        return route_findings(model, source, adapter_name, self.name, repair, is_trainable=trainable)
+    def refusals(self, model: nn.Module, source: AdapterSource, options: LoadOptions) -> list[Diagnosis]:
+        trainable = bool(options.peft_kwargs.get("is_trainable", False))
+        name, repair = options.adapter_name, options.repair
+        return route_findings(model, source, name, self.name, repair, is_trainable=trainable)
 
-    def convert(
-        self, planning: nn.Module, source: AdapterSource, view: ModelView, adapter_name: str, kwargs: Mapping[str, Any]
-    ) -> Layout:
+    def convert(self, planning: nn.Module, source: AdapterSource, view: ModelView, options: LoadOptions) -> Layout:
         if self.name != "inplace":
-            return super().convert(planning, source, view, adapter_name, kwargs)
-        layout = convert_layout(planning, source, view, adapter_name, _NO_MAPPING)  # transformers' keys, not peft's
-        return _inplace_layout(planning, layout, view, kwargs)
+            return super().convert(planning, source, view, options)
+        # transformers' keys, not peft's
+        layout = convert_layout(planning, source, view, options.adapter_name, _NO_MAPPING)
+        return _inplace_layout(planning, layout, view, options.peft_kwargs)
 
     def settle(self, model: nn.Module, plan: LoadPlan, source: AdapterSource | None, adapter_name: str) -> LoadPlan:
         if source is not None:
@@ -358,7 +312,7 @@ def _type_name(obj: Any) -> str:
 def _reload_findings(model: nn.Module, plan: LoadPlan, adapter_name: str, source: AdapterSource) -> LoadPlan:
     """A reload writes the checkpoint into the existing adapter and keeps its config: the checkpoint must have the
     adapter's keys and shapes, and a config that computes the same way."""
-    from safe_peft._load.kernel import adapter_tensors
+    from safe_peft._load.adapter_tensors import adapter_tensors
 
     assert plan.view is not None
     loaded = adapter_tensors(model, adapter_name, plan.view.method == "analytic")  # type: ignore[arg-type]

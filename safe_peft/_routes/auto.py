@@ -19,7 +19,6 @@ from safe_peft._catalog import finding
 from safe_peft._files.config import read_config
 from safe_peft._files.locate import locate_adapter
 from safe_peft._files.source import HUB_KWARGS
-from safe_peft._fingerprint.check import verify_base_keyword
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -29,7 +28,6 @@ __all__ = ["DEFAULT_IMPORT_ALLOWLIST", "auto_class_for", "from_pretrained"]
 DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
 
 
-@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def from_pretrained(
     model_id: str | os.PathLike[str],
     adapter_name: str = "default",
@@ -45,6 +43,7 @@ def from_pretrained(
     strict: bool = True,
     allow_pickle: bool = False,
     output_loading_info: bool = False,
+    verify_base: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Build the base model an adapter names and load the adapter into it, like
@@ -100,6 +99,7 @@ def from_pretrained(
         "strict": strict,
         "allow_pickle": allow_pickle,
         "output_loading_info": output_loading_info,
+        "verify_base": verify_base,
     }
     if inplace:
         from safe_peft._routes.inplace import safe_load_adapter_inplace

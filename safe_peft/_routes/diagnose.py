@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from safe_peft._fingerprint.check import verify_base_keyword
+from safe_peft._plan.options import LoadOptions
 from safe_peft._plan.routes import plan_for
 from safe_peft.errors import AdapterFormatError
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["diagnose"]
 
 
-@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def diagnose(
     base_model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -33,6 +32,7 @@ def diagnose(
     allow_pickle: bool = False,
     replace: bool | str = False,
     inplace: bool = False,
+    verify_base: bool = True,
     **peft_kwargs: Any,
 ) -> LoadReport:
     """Predict what ``safe_load_adapter`` with the same arguments would do, without loading.
@@ -46,17 +46,16 @@ def diagnose(
     ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route). A stamped adapter's base
     fingerprint is compared with a real ``base_model`` (``verify_base=False`` skips it; docs/fingerprint.md).
     """
+    options = LoadOptions(
+        adapter_name,
+        remap,
+        tuple(repair),
+        allow_pickle=allow_pickle,
+        replace=replace,
+        verify_base=verify_base,
+        peft_kwargs=peft_kwargs,
+    )
     try:
-        return plan_for(
-            base_model,
-            model_id,
-            adapter_name,
-            replace=replace,
-            inplace=inplace,
-            remap=remap,
-            repair=tuple(repair),
-            allow_pickle=allow_pickle,
-            peft_kwargs=peft_kwargs,
-        ).report
+        return plan_for(base_model, model_id, options, inplace=inplace).report
     except AdapterFormatError as exc:
         return exc.report

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from safe_peft._fingerprint.check import verify_base_keyword
-from safe_peft._load.kernel import execute, is_fatal
-from safe_peft._plan.plan import make_plan
-from safe_peft.errors import AdapterLoadError
+from safe_peft._files.source import HUB_KWARGS
+from safe_peft._load.adapter_tensors import overwritten_base_tensors
+from safe_peft._load.directory import load_directory
+from safe_peft._load.driver import Loaded, LoadRoute, Protected, drive
+from safe_peft._load.route_choice import load_route, own_route, proven_exact, rounds_on_meta
+from safe_peft._load.snapshot import ModuleSnapshot
+from safe_peft._plan.options import LoadOptions
+from safe_peft._plan.plan import FIRST_ADAPTER, LoadPlan, plan_load
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -17,7 +21,7 @@ if TYPE_CHECKING:
     from safe_peft.report import LoadReport
     from safe_peft.rules import Remap, Repair
 
-__all__ = ["safe_load_adapter"]
+__all__ = ["FirstAdapter", "install_given_config", "safe_load_adapter"]
 
 
 @overload
@@ -33,6 +37,7 @@ def safe_load_adapter(
     allow_pickle: bool = ...,
     output_loading_info: Literal[False] = ...,
     collective_timeout: float | None = ...,
+    verify_base: bool = ...,
     **peft_kwargs: Any,
 ) -> PeftModel: ...
 
@@ -50,11 +55,11 @@ def safe_load_adapter(
     allow_pickle: bool = ...,
     output_loading_info: Literal[True],
     collective_timeout: float | None = ...,
+    verify_base: bool = ...,
     **peft_kwargs: Any,
 ) -> tuple[PeftModel, LoadReport]: ...
 
 
-@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_load_adapter(
     base_model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -67,6 +72,7 @@ def safe_load_adapter(
     allow_pickle: bool = False,
     output_loading_info: bool = False,
     collective_timeout: float | None = None,
+    verify_base: bool = True,
     **peft_kwargs: Any,
 ) -> Any:
     """Load a PEFT adapter like ``PeftModel.from_pretrained``, or fail with an explanation.
@@ -92,49 +98,85 @@ def safe_load_adapter(
     An adapter stamped with its base's fingerprint (``stamp_adapter``) is refused on a base whose weights differ
     (``base_weights_differ``); ``verify_base=False`` skips that comparison (docs/fingerprint.md).
     """
-    kwargs = dict(peft_kwargs)  # never mutate the caller's kwargs
+    options = LoadOptions(  # the caller's peft_kwargs are copied, never changed
+        adapter_name,
+        remap,
+        tuple(repair),
+        strict,
+        allow_pickle,
+        output_loading_info,
+        replace,
+        collective_timeout,
+        verify_base,
+        peft_kwargs,
+    )
     from safe_peft._plan.routes import is_peft_model  # hook: further adapters into a PeftModel (issue 12, _carried)
 
     if is_peft_model(base_model):
         from safe_peft._routes.peft_model import load_into
 
-        return load_into(
-            base_model,  # type: ignore[arg-type]
-            model_id,
-            adapter_name,
-            replace=replace,
-            remap=remap,
-            repair=tuple(repair),
-            strict=strict,
-            allow_pickle=allow_pickle,
-            output_loading_info=output_loading_info,
-            peft_kwargs=kwargs,
-        )
+        return load_into(base_model, model_id, options)  # type: ignore[arg-type]
     from safe_peft._distributed.load import is_sharded, load_sharded  # hook: sharded models load collectively
 
+    route = FirstAdapter(base_model, model_id, options)
     if is_sharded(base_model):
-        return load_sharded(
-            base_model,
-            model_id,
-            adapter_name,
-            remap=remap,
-            repair=tuple(repair),
-            strict=strict,
-            allow_pickle=allow_pickle,
-            output_loading_info=output_loading_info,
-            collective_timeout=collective_timeout,
-            peft_kwargs=kwargs,
+        return load_sharded(route)
+    outcome = drive(route)
+    return options.returned(outcome.model, outcome.report)
+
+
+class FirstAdapter(LoadRoute):
+    """The first adapter into a bare model (``PeftModel.from_pretrained``): the whole base model is recorded, the
+    load is safe_peft's own assignment of the checkpoint or peft's ``from_pretrained`` (:mod:`safe_peft._load.
+    route_choice`), and a caller's ``config=`` object becomes the adapter's config once the load committed."""
+
+    def plan(self) -> LoadPlan:
+        return plan_load(self.model, self.model_id, self.options, FIRST_ADAPTER)
+
+    def protect(self, plan: LoadPlan) -> Protected:
+        snapshot = ModuleSnapshot(self.model)
+        snapshot.protect(overwritten_base_tensors(self.model, plan))
+        return Protected(snapshot)
+
+    def load(self, plan: LoadPlan, protected: Protected, temporary: list[str | None]) -> Loaded:
+        from peft import PeftModel
+
+        base_model, adapter_name, strict = self.model, self.options.adapter_name, self.options.strict
+        kwargs = dict(self.options.peft_kwargs)
+        if plan.vocab_size is not None:
+            base_model.resize_token_embeddings(plan.vocab_size)
+        directory, workdir = load_directory(plan, with_config=False)
+        temporary.append(workdir)
+        passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
+        route = load_route(base_model, plan, strict, kwargs)
+        from safe_peft._load.plain_calls import (
+            plain_calls,  # hook: under safe_peft.patch(), these calls stay plain peft
         )
-    plan = make_plan(
-        base_model,
-        model_id,
-        adapter_name,
-        remap=remap,
-        repair=tuple(repair),
-        allow_pickle=allow_pickle,
-        peft_kwargs=kwargs,
-    )
-    if not plan.report.ok and (strict or is_fatal(plan.report)):
-        raise AdapterLoadError(plan.report)
-    model, report = execute(base_model, plan, adapter_name, strict, kwargs)
-    return (model, report) if output_loading_info else model
+
+        with plain_calls():
+            state = None
+            own = route == "meta" or (route == "initialising" and "low_cpu_mem_usage" not in kwargs)
+            if own and proven_exact(base_model, plan, strict, kwargs):
+                on_meta = route == "meta"
+                exact = on_meta and rounds_on_meta(base_model, plan, kwargs)
+                config, rest = plan.peft_config, dict(passthrough)
+                model, state = own_route(base_model, directory, adapter_name, config, rest, on_meta, exact)
+            else:
+                config = plan.peft_config
+                model = PeftModel.from_pretrained(base_model, directory, adapter_name, config=config, **passthrough)
+        return Loaded(model, state, route)
+
+    def commit(self, loaded: Loaded) -> None:
+        install_given_config(loaded.model, self.options.adapter_name, self.options.peft_kwargs.get("config"))
+
+
+def install_given_config(model: Any, adapter_name: str, given: Any) -> None:
+    """A caller's ``config=`` object is the adapter's config after the load, as peft installs it: it takes what
+    the load set on the checked copy (``inference_mode = not is_trainable``, filled-in ``target_modules``, ...).
+    Only after the load committed: on a failure the caller's object is untouched."""
+    if given is None:
+        return
+    installed = model.peft_config[adapter_name]
+    if installed is not given:
+        given.__dict__.update(installed.__dict__)
+        model.peft_config[adapter_name] = given

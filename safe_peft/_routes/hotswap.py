@@ -15,27 +15,29 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._fingerprint.check import verify_base_keyword
 from safe_peft._keys import LORA_OWN, PEFT_PREFIX, Role, module_of, rank_axis, role_of
-from safe_peft._load.kernel import adapter_tensors, atomically, copy_into, load_directory, scan_values, takes_in_place
+from safe_peft._load.adapter_tensors import adapter_tensors, copy_into, takes_in_place
+from safe_peft._load.directory import load_directory
+from safe_peft._load.driver import Loaded, LoadRoute, Protected, drive
 from safe_peft._load.snapshot import ModuleSnapshot, ValueSnapshot
-from safe_peft._plan.plan import LoadPlan
-from safe_peft._plan.routes import is_peft_model, route_plan
-from safe_peft.errors import AdapterLoadError
-from safe_peft.report import Diagnosis, LoadReport
+from safe_peft._load.verification import keys_finding, non_finite_finding, scan_values
+from safe_peft._plan.options import LoadOptions
+from safe_peft._plan.plan import LoadPlan, plan_load
+from safe_peft._plan.routes import CarryingRoute, is_peft_model
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
 
-__all__ = ["hotswap_plan", "safe_hotswap_adapter"]
+    from safe_peft.report import Diagnosis, LoadReport
+
+__all__ = ["HotSwap", "hotswap_plan", "safe_hotswap_adapter"]
 
 
-@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_hotswap_adapter(
     model: nn.Module,
     model_name_or_path: str | os.PathLike[str],
@@ -44,6 +46,7 @@ def safe_hotswap_adapter(
     *,
     remap: object = None,
     allow_pickle: bool = False,
+    verify_base: bool = True,
     **kwargs: Any,
 ) -> LoadReport:
     """Swap the weights of the loaded adapter ``adapter_name`` for those of another, like
@@ -55,37 +58,19 @@ def safe_hotswap_adapter(
     during the swap restores every tensor and scaling. Other keyword arguments are peft's (``subfolder``, ``token``,
     ...).
     """
-    kwargs = dict(kwargs)  # never mutate the caller's kwargs
-    peft_model = _unwrapped(model)
-    plan, findings = hotswap_plan(
-        model, model_name_or_path, adapter_name, remap=remap, allow_pickle=allow_pickle, peft_kwargs=kwargs
+    options = LoadOptions(  # always strict: a swap that does not fit is refused
+        adapter_name, remap, allow_pickle=allow_pickle, verify_base=verify_base, peft_kwargs=kwargs
     )
-    if not plan.report.ok:
-        raise AdapterLoadError(plan.report)
-    return _execute(model, peft_model, plan, adapter_name, torch_device, kwargs, findings)
+    return drive(HotSwap(model, model_name_or_path, options, torch_device)).report
 
 
 def hotswap_plan(
-    model: nn.Module,
-    model_name_or_path: str | os.PathLike[str],
-    adapter_name: str = "default",
-    *,
-    remap: object = None,
-    allow_pickle: bool = False,
-    peft_kwargs: dict[str, Any] | None = None,
+    model: nn.Module, model_name_or_path: str | os.PathLike[str], options: LoadOptions
 ) -> tuple[LoadPlan, dict[str, Any]]:
     """The plan of a hot-swap (nothing is touched): the new adapter planned as a fresh load, then compared with the
     loaded one. Returns the plan and what the swap needs (the scalings a fresh load would give, per module)."""
-    peft_model = _unwrapped(model)
-    plan = route_plan(
-        peft_model,
-        model_name_or_path,
-        adapter_name,
-        route="hotswap",
-        remap=remap,
-        allow_pickle=allow_pickle,
-        peft_kwargs=peft_kwargs,
-    )
+    peft_model, adapter_name = _unwrapped(model), options.adapter_name
+    plan = plan_load(peft_model, model_name_or_path, options, CarryingRoute("hotswap"))
     if adapter_name not in peft_model.peft_config:
         loaded = ", ".join(peft_model.peft_config) or "none"
         cause = finding(
@@ -101,46 +86,141 @@ def hotswap_plan(
     return (_refused(plan, causes) if causes else plan), needs
 
 
+@dataclass(frozen=True)
+class _Swap:
+    """How the swap goes: a copy into the loaded tensors (``in_place``) or peft's own hot-swap."""
+
+    in_place: bool
+    names: dict[str, str]  # checkpoint key -> the state-dict key peft's hot-swap gives it
+    prefix: str
+
+
+class HotSwap(LoadRoute):
+    """A hot-swap: planned as a fresh load and compared with the loaded adapter (:func:`hotswap_plan`, whose
+    findings the route keeps for the swap: one call, one route object), then the loaded tensors and scalings are
+    recorded (their values, or the whole model when peft may put new tensors in place), swapped, and checked against
+    the file (:meth:`verify`, its own: the swapped tensors may be zero-padded)."""
+
+    def __init__(
+        self, model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions, torch_device: str | None
+    ) -> None:
+        super().__init__(model, model_id, options)
+        self.peft_model, self.torch_device = _unwrapped(model), torch_device
+        self.needs: dict[str, Any] = {}
+
+    def plan(self) -> LoadPlan:
+        plan, self.needs = hotswap_plan(self.model, self.model_id, self.options)
+        return plan
+
+    def protect(self, plan: LoadPlan) -> Protected:
+        import torch
+        from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+        peft_model, adapter_name = self.peft_model, self.options.adapter_name
+        layers: dict[str, Any] = self.needs["layers"]
+        loaded: dict[str, Any] = self.needs["loaded"]
+        prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
+        names = _state_names(plan, adapter_name, prefix)
+        in_place = _swaps_in_place(peft_model, plan, loaded, layers, names, _compiled(self.model, peft_model))
+        scalings = [m.scaling[adapter_name] for m in layers.values()]
+        tensor_scalings = [s for s in scalings if isinstance(s, torch.Tensor)]
+        if in_place:  # values and scalings change, nothing else (a swap sets no train / eval mode)
+            snapshot: ModuleSnapshot | ValueSnapshot = ValueSnapshot(
+                peft_model, dicts=[m.scaling for m in layers.values()], modes=False
+            )
+        else:  # peft may put new tensors in place (a larger rank)
+            snapshot = ModuleSnapshot(peft_model)
+        snapshot.protect([*loaded.values(), *tensor_scalings])
+        return Protected(snapshot, _Swap(in_place, names, prefix))
+
+    def load(self, plan: LoadPlan, protected: Protected, temporary: list[str | None]) -> Loaded:
+        from peft.utils.hotswap import _update_scaling, hotswap_adapter_from_state_dict
+        from peft.utils.other import infer_device
+        from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
+
+        swap: _Swap = protected.held
+        adapter_name, layers, loaded = self.options.adapter_name, self.needs["layers"], self.needs["loaded"]
+        directory, workdir = load_directory(plan, with_config=False)
+        temporary.append(workdir)
+        device = self.torch_device if self.torch_device is not None else infer_device()
+        weights = load_peft_weights(directory, device=device)  # a local directory: the hub arguments served the plan
+        if swap.in_place:  # what peft's hot-swap does when every shape matches: copy, then set the scalings
+            copy_into(loaded, weights)
+            for module, scaling in _peft_scalings(plan.peft_config, swap.names).items():
+                _update_scaling(layers[module], adapter_name=adapter_name, scaling=scaling)
+        else:
+            # peft may swap the tensors it is given into the model (a larger rank): it gets copies, these stay the
+            # file's
+            given = {k: v.clone() for k, v in weights.items()}
+            state = _insert_adapter_name_into_state_dict(given, adapter_name=adapter_name, parameter_prefix=swap.prefix)
+            hotswap_adapter_from_state_dict(
+                model=self.model,
+                state_dict=state,
+                adapter_name=adapter_name,
+                config=plan.peft_config,
+                parameter_prefix=swap.prefix,
+            )
+        corrected = _correct_scalings(layers, self.needs.get("scalings", {}), adapter_name)
+        route = "in_place" if swap.in_place else "peft_hotswap"
+        return Loaded(self.peft_model, loaded if swap.in_place else None, route, held=(weights, corrected))
+
+    def verify(self, plan: LoadPlan, loaded: Loaded) -> LoadReport:
+        weights, corrected = loaded.held
+        report = _verify(self.peft_model, plan, self.options.adapter_name, weights, loaded.state)
+        report = replace(report, route=loaded.route)
+        if not corrected:
+            return report
+        module, had, want = corrected[0]
+        note = finding(
+            "hotswap_scaling_corrected",
+            f"peft's hot-swap set {len(corrected)} modules' LoRA scaling from r / lora_alpha alone (e.g. {module}: "
+            f"{had:g}); set to what the adapter's rank_pattern / alpha_pattern give ({want:g}), as a fresh load "
+            "does",
+            details={"modules": [c[0] for c in corrected][:20]},
+        )
+        return replace(report, warnings=[*report.warnings, note])
+
+
+def _correct_scalings(
+    layers: dict[str, Any], scalings: dict[str, float], adapter_name: str
+) -> list[tuple[str, float, float]]:
+    """Set each module's scaling to what a fresh load gives; returns (module, had, set) for those that differed."""
+    from peft.utils.hotswap import _update_scaling
+
+    corrected = []
+    for module, scaling in scalings.items():
+        layer = layers.get(PEFT_PREFIX + module)
+        if layer is not None and not _close(layer.scaling[adapter_name], scaling):
+            corrected.append((module, _value(layer.scaling[adapter_name]), scaling))
+            _update_scaling(layer, adapter_name=adapter_name, scaling=scaling)
+    return corrected
+
+
+def _compiled(model: nn.Module, peft_model: PeftModel) -> bool:
+    return model is not peft_model or getattr(peft_model, "_compiled_call_impl", None) is not None
+
+
 def _compare(
     model: nn.Module, peft_model: PeftModel, plan: LoadPlan, adapter_name: str
 ) -> tuple[list[Diagnosis], dict[str, Any]]:
     """peft's hot-swap restrictions, checked against the loaded adapter as it is. Returns the causes and what the
     swap needs: the scalings a fresh load gives (per module), the loaded adapter's tensors and its LoRA layers."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.hotswap import CONFIG_KEYS_TO_CHECK
 
     old: Any = peft_model.peft_config[adapter_name]
     new: Any = plan.peft_config
     keys_to_check: dict[Any, Any] = dict(CONFIG_KEYS_TO_CHECK)
-    causes: list[Diagnosis] = []
-    kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in (old, new)}
     if new.peft_type != old.peft_type or old.peft_type not in keys_to_check:
-        causes.append(
+        kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in (old, new)}
+        return [
             finding(
                 "hotswap_unsupported",
                 f"peft hot-swaps {', '.join(str(k).rsplit('.', 1)[-1] for k in keys_to_check)} adapters only; "
                 f"these are {' and '.join(sorted(kinds))}",
                 details={"peft_types": sorted(kinds)},
             )
-        )
-        return causes, {}
-    merged: list[str] = []
-    layers: dict[str, Any] = {}
-    for name, module in peft_model.named_modules():  # one walk: merged tuner layers, and the LoRA layers to swap
-        if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
-            merged.append(name)
-        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
-            layers[name] = module
-    if merged:
-        causes.append(
-            finding(
-                "hotswap_merged",
-                f"adapter {adapter_name!r} is merged into the base weights ({len(merged)} layers, e.g. {merged[0]}): "
-                "swapping merged weights would corrupt the base model when it is unmerged",
-                details={"layers": merged[:20]},
-            )
-        )
+        ], {}
+    causes, layers = _merged(peft_model, adapter_name)
     old_data, new_data = old.to_dict(), new.to_dict()
     fields = [k for k in keys_to_check[old.peft_type] if old_data.get(k) != new_data.get(k)]
     if fields:
@@ -155,15 +235,46 @@ def _compare(
         )
     tensors = adapter_tensors(peft_model, adapter_name, True, layers.items())  # the LoRA layers: all a swap writes
     loaded = {k: tuple(t.shape) for k, t in tensors.items()}
-    new_keys = dict(plan.checkpoint)
+    causes += _key_refusals(new, dict(plan.checkpoint), loaded)
+    prepared = any(isinstance(m.scaling[adapter_name], _tensor_type()) for m in layers.values())
+    causes += _rank_refusal(plan.checkpoint, loaded, prepared, _compiled(model, peft_model))
+    return causes, {"scalings": _scalings(new, plan.checkpoint), "loaded": tensors, "layers": layers}
+
+
+def _merged(peft_model: PeftModel, adapter_name: str) -> tuple[list[Diagnosis], dict[str, Any]]:
+    """One walk: the tuner layers the adapter is merged into (refused), and the LoRA layers a swap writes."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged: list[str] = []
+    layers: dict[str, Any] = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
+            merged.append(name)
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            layers[name] = module
+    if not merged:
+        return [], layers
+    cause = finding(
+        "hotswap_merged",
+        f"adapter {adapter_name!r} is merged into the base weights ({len(merged)} layers, e.g. {merged[0]}): "
+        "swapping merged weights would corrupt the base model when it is unmerged",
+        details={"layers": merged[:20]},
+    )
+    return [cause], layers
+
+
+def _key_refusals(new: Any, new_keys: dict[str, tuple[int, ...]], loaded: dict[str, tuple[int, ...]]) -> list[Any]:
+    """Tensors a swap cannot write: not LoRA's own, in modules the loaded adapter lacks, or (DoRA) modules left out."""
+    causes = []
     other = sorted(k for k in new_keys if role_of(k) not in LORA_OWN)
     if other:
         causes.append(
-            finding(
+            keys_finding(
                 "hotswap_unsupported",
                 f"the new adapter carries {len(other)} tensors a hot-swap cannot swap (saved modules or base weights, "
                 f"e.g. {other[0]!r}): only LoRA tensors are swapped",
-                details={"keys": other[:20]},
+                other,
             )
         )
     lacking = sorted(k for k in new_keys if k not in loaded and k not in other)
@@ -177,19 +288,24 @@ def _compare(
                 details={"keys": lacking[:20], "modules": modules[:20]},
             )
         )
-    if bool(getattr(new, "use_dora", False)):
-        dropped = sorted({module_of(k) for k in loaded} - {module_of(k) for k in new_keys})
-        if dropped:
-            causes.append(
-                finding(
-                    "hotswap_unsupported",
-                    f"the new DoRA adapter leaves out {len(dropped)} modules of the loaded one (e.g. {dropped[0]}): "
-                    "peft zeroes their tensors, magnitudes included, which zeroes those layers' outputs",
-                    details={"modules": dropped[:20]},
-                )
+    dora = bool(getattr(new, "use_dora", False))
+    dropped = sorted({module_of(k) for k in loaded} - {module_of(k) for k in new_keys}) if dora else []
+    if dropped:
+        causes.append(
+            finding(
+                "hotswap_unsupported",
+                f"the new DoRA adapter leaves out {len(dropped)} modules of the loaded one (e.g. {dropped[0]}): "
+                "peft zeroes their tensors, magnitudes included, which zeroes those layers' outputs",
+                details={"modules": dropped[:20]},
             )
-    prepared = any(isinstance(m.scaling[adapter_name], _tensor_type()) for m in layers.values())
-    compiled = model is not peft_model or getattr(peft_model, "_compiled_call_impl", None) is not None
+        )
+    return causes
+
+
+def _rank_refusal(
+    new_keys: dict[str, tuple[int, ...]], loaded: dict[str, tuple[int, ...]], prepared: bool, compiled: bool
+) -> list[Any]:
+    """A larger rank than the loaded tensors hold, on a compiled or hotswap-prepared model (the shapes must stay)."""
     larger = {}
     for key, shape in new_keys.items():
         axis = rank_axis(role_of(key))
@@ -198,20 +314,20 @@ def _compare(
             continue
         if shape[axis] > have[axis]:
             larger[key] = (shape[axis], have[axis])
-    if larger and (prepared or compiled):
-        key, (want, have_r) = next(iter(larger.items()))
-        top = max(w for w, _ in larger.values())
-        causes.append(
-            finding(
-                "hotswap_rank_too_large",
-                f"the new adapter's rank is larger than the loaded tensors hold ({len(larger)} tensors, e.g. {key!r}: "
-                f"rank {want} into {have_r}) on a {'compiled' if compiled else 'hotswap-prepared'} model: the tensors "
-                "would change shape, which breaks the compiled graph",
-                details={"keys": sorted(larger)[:20], "rank": top},
-                rank=top,
-            )
+    if not larger or not (prepared or compiled):
+        return []
+    key, (want, have_r) = next(iter(larger.items()))
+    top = max(w for w, _ in larger.values())
+    return [
+        finding(
+            "hotswap_rank_too_large",
+            f"the new adapter's rank is larger than the loaded tensors hold ({len(larger)} tensors, e.g. {key!r}: "
+            f"rank {want} into {have_r}) on a {'compiled' if compiled else 'hotswap-prepared'} model: the tensors "
+            "would change shape, which breaks the compiled graph",
+            details={"keys": sorted(larger)[:20], "rank": top},
+            rank=top,
         )
-    return causes, {"scalings": _scalings(new, new_keys), "loaded": tensors, "layers": layers}
+    ]
 
 
 def _scalings(config: Any, keys: dict[str, tuple[int, ...]]) -> dict[str, float]:
@@ -227,84 +343,6 @@ def _scaling(config: Any, name: str) -> float:
     rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
     return float(alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
-
-
-def _execute(
-    model: nn.Module,
-    peft_model: PeftModel,
-    plan: LoadPlan,
-    adapter_name: str,
-    torch_device: str | None,
-    kwargs: dict[str, Any],
-    needs: dict[str, Any],
-) -> LoadReport:
-    import torch
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-    from peft.utils.hotswap import _update_scaling, hotswap_adapter_from_state_dict
-    from peft.utils.other import infer_device
-    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
-
-    layers: dict[str, Any] = needs["layers"]
-    loaded: dict[str, Any] = needs["loaded"]
-    prefix = PEFT_TYPE_TO_PREFIX_MAPPING[plan.peft_config.peft_type]
-    names = _state_names(plan, adapter_name, prefix)
-    compiled = model is not peft_model or getattr(peft_model, "_compiled_call_impl", None) is not None
-    in_place = _swaps_in_place(peft_model, plan, loaded, layers, names, compiled)
-    tensor_scalings = [
-        m.scaling[adapter_name] for m in layers.values() if isinstance(m.scaling[adapter_name], torch.Tensor)
-    ]
-    if in_place:  # values and scalings change, nothing else
-        snapshot: ModuleSnapshot | ValueSnapshot = ValueSnapshot(
-            peft_model,
-            dicts=[m.scaling for m in layers.values()],
-            modes=False,  # a swap sets no train / eval mode
-        )
-    else:  # peft may put new tensors in place (a larger rank)
-        snapshot = ModuleSnapshot(peft_model)
-    snapshot.protect([*loaded.values(), *tensor_scalings])
-    with atomically(snapshot, plan.report) as temporary:
-        directory, workdir = load_directory(plan, with_config=False)
-        temporary.append(workdir)
-        device = torch_device if torch_device is not None else infer_device()
-        weights = load_peft_weights(directory, device=device)  # a local directory: the hub arguments served the plan
-        peft_sets = _peft_scalings(plan.peft_config, names)  # what peft's hot-swap sets each module's scaling to
-        if in_place:  # what peft's hot-swap does when every shape matches: copy, then set the scalings
-            copy_into(loaded, weights)
-            for module, scaling in peft_sets.items():
-                _update_scaling(layers[module], adapter_name=adapter_name, scaling=scaling)
-        else:
-            # peft may swap the tensors it is given into the model (a larger rank): it gets copies, these stay the
-            # file's
-            given = {k: v.clone() for k, v in weights.items()}
-            state = _insert_adapter_name_into_state_dict(given, adapter_name=adapter_name, parameter_prefix=prefix)
-            hotswap_adapter_from_state_dict(
-                model=model,
-                state_dict=state,
-                adapter_name=adapter_name,
-                config=plan.peft_config,
-                parameter_prefix=prefix,
-            )
-        corrected = []
-        for module, scaling in needs.get("scalings", {}).items():
-            layer = layers.get(PEFT_PREFIX + module)
-            if layer is not None and not _close(layer.scaling[adapter_name], scaling):
-                corrected.append((module, _value(layer.scaling[adapter_name]), scaling))
-                _update_scaling(layer, adapter_name=adapter_name, scaling=scaling)
-        report = _verify(peft_model, plan, adapter_name, weights, None if not in_place else loaded)
-        report = replace(report, route="in_place" if in_place else "peft_hotswap")
-        if corrected:
-            module, had, want = corrected[0]
-            note = finding(
-                "hotswap_scaling_corrected",
-                f"peft's hot-swap set {len(corrected)} modules' LoRA scaling from r / lora_alpha alone (e.g. {module}: "
-                f"{had:g}); set to what the adapter's rank_pattern / alpha_pattern give ({want:g}), as a fresh load "
-                "does",
-                details={"modules": [c[0] for c in corrected][:20]},
-            )
-            report = replace(report, warnings=[*report.warnings, note])
-        if not report.ok:
-            raise AdapterLoadError(report)
-        return report
 
 
 def _state_names(plan: LoadPlan, adapter_name: str, prefix: str) -> dict[str, str]:
@@ -380,21 +418,10 @@ def _verify(
     non_finite, _ = scan_values({k: state[k] for k in weights if k in state})
     causes = []
     if non_finite:
-        causes.append(
-            finding(
-                "non_finite_values",
-                f"{len(non_finite)} adapter tensors hold NaN or Inf (e.g. {non_finite[0]!r})",
-                details={"keys": non_finite[:20]},
-            )
-        )
+        causes.append(non_finite_finding(non_finite))
     elif wrong:
-        causes.append(
-            finding(
-                "verification_failed",
-                f"after the swap, {len(wrong)} adapter tensors differ from the checkpoint (e.g. {wrong[0]!r})",
-                details={"keys": wrong[:20]},
-            )
-        )
+        message = f"after the swap, {len(wrong)} adapter tensors differ from the checkpoint (e.g. {wrong[0]!r})"
+        causes.append(keys_finding("verification_failed", message, wrong))
     return replace(plan.report, ok=not causes, causes=causes)
 
 

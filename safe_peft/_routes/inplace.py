@@ -8,35 +8,28 @@ restored on any failure; afterwards every expected adapter tensor is verified, a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._files.rewrite import write_weights
 from safe_peft._files.source import HUB_KWARGS
-from safe_peft._fingerprint.check import verify_base_keyword
 from safe_peft._keys import PEFT_PREFIX
-from safe_peft._load.kernel import (
-    adapter_tensors,
-    atomically,
-    is_fatal,
-    overwritten_base_tensors,
-    settled,
-    verify,
-)
+from safe_peft._load.adapter_tensors import adapter_tensors, overwritten_base_tensors
+from safe_peft._load.driver import Loaded, LoadRoute, Outcome, Protected, drive
 from safe_peft._load.plain_calls import plain_calls
 from safe_peft._load.snapshot import ModuleSnapshot
-from safe_peft._plan.plan import LoadPlan
-from safe_peft._plan.routes import inplace_conversion, inplace_key_mapping, is_peft_model, route_plan, see_through
-from safe_peft.errors import AdapterLoadError
-from safe_peft.report import LoadReport
+from safe_peft._plan.options import LoadOptions
+from safe_peft._plan.plan import LoadPlan, plan_load
+from safe_peft._plan.routes import CarryingRoute, inplace_conversion, inplace_key_mapping, is_peft_model, see_through
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["hub_kwargs", "run_inplace", "safe_load_adapter_inplace"]
+__all__ = ["InPlace", "hub_kwargs", "run_inplace", "safe_load_adapter_inplace"]
 
 
-@verify_base_keyword  # verify_base=False: skip the base fingerprint check (docs/fingerprint.md)
 def safe_load_adapter_inplace(
     model: nn.Module,
     model_id: str | os.PathLike[str],
@@ -47,6 +40,7 @@ def safe_load_adapter_inplace(
     strict: bool = True,
     allow_pickle: bool = False,
     output_loading_info: bool = False,
+    verify_base: bool = True,
     **load_adapter_kwargs: Any,
 ) -> Any:
     """Load an adapter into a transformers model itself, like ``model.load_adapter(model_id, adapter_name)``
@@ -59,32 +53,23 @@ def safe_load_adapter_inplace(
     the ``base_model_prefix`` level). Other keyword arguments go to ``model.load_adapter`` (``is_trainable``,
     ``low_cpu_mem_usage``, ``adapter_kwargs``, ...). A name the model already has is ``adapter_name_taken``.
     """
-    model, report, _ = run_inplace(
-        model,
-        model_id,
-        adapter_name,
+    options = LoadOptions(  # the caller's kwargs are copied, never changed
+        adapter_name=adapter_name,
         remap=remap,
         repair=tuple(repair),
         strict=strict,
         allow_pickle=allow_pickle,
-        kwargs=dict(load_adapter_kwargs),
+        output_loading_info=output_loading_info,
+        verify_base=verify_base,
+        peft_kwargs=load_adapter_kwargs,
     )
-    return (model, report) if output_loading_info else model
+    outcome = run_inplace(model, model_id, options)
+    return options.returned(outcome.model, outcome.report)
 
 
-def run_inplace(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    remap: object = None,
-    repair: tuple[str, ...] = (),
-    strict: bool = True,
-    allow_pickle: bool = False,
-    kwargs: dict[str, Any] | None = None,
-) -> tuple[nn.Module, LoadReport, Any]:
-    """Plan and execute an in-place load; returns the model, the report and transformers' own return value."""
-    kwargs = dict(kwargs or {})  # never mutate the caller's kwargs
+def run_inplace(model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions) -> Outcome:
+    """Plan and load in place (``options.peft_kwargs``: transformers' ``load_adapter`` arguments); the outcome's
+    ``result`` is transformers' own return value."""
     if is_peft_model(model):
         raise TypeError("safe_load_adapter_inplace takes a transformers model; for a PeftModel use safe_load_adapter")
     if not callable(getattr(type(model), "load_adapter", None)) or not hasattr(model, "_hf_peft_config_loaded"):
@@ -92,37 +77,26 @@ def run_inplace(
             f"{type(model).__name__} is not a transformers model with the PEFT integration (PeftAdapterMixin); "
             "use safe_load_adapter(model, path), which wraps any torch module in a PeftModel"
         )
-    plan = route_plan(
-        model,
-        model_id,
-        adapter_name,
-        route="inplace",
-        remap=remap,
-        repair=repair,
-        allow_pickle=allow_pickle,
-        peft_kwargs={**hub_kwargs(kwargs), "config": kwargs.get("peft_config"), "key_mapping": None},
-    )
-    if not plan.report.ok and (strict or is_fatal(plan.report)):
-        raise AdapterLoadError(plan.report)
-    return _execute(model, plan, adapter_name, strict, kwargs)
+    return drive(InPlace(model, model_id, options))
 
 
-def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Where transformers' ``load_adapter`` finds the adapter: its own arguments, ``adapter_kwargs`` and (from
-    ``from_pretrained``) ``load_config.download_kwargs``."""
-    load_config = kwargs.get("load_config")
-    found: dict[str, Any] = dict(getattr(load_config, "download_kwargs", None) or {})
-    found.update(kwargs.get("adapter_kwargs") or {})
-    found.update(kwargs)
-    return {k: found[k] for k in HUB_KWARGS if found.get(k) is not None}
+class InPlace(LoadRoute):
+    """transformers' own ``load_adapter`` into the model itself, given the checked config; the whole model is
+    recorded first. The plan reads the adapter where transformers finds it (:func:`hub_kwargs`)."""
 
+    def plan(self) -> LoadPlan:
+        kwargs = self.options.peft_kwargs
+        planned = {**hub_kwargs(kwargs), "config": kwargs.get("peft_config"), "key_mapping": None}
+        options = dataclasses.replace(self.options, peft_kwargs=planned)
+        return plan_load(self.model, self.model_id, options, CarryingRoute("inplace"))
 
-def _execute(
-    model: nn.Module, plan: LoadPlan, adapter_name: str, strict: bool, kwargs: dict[str, Any]
-) -> tuple[nn.Module, LoadReport, Any]:
-    snapshot = ModuleSnapshot(model)
-    snapshot.protect(overwritten_base_tensors(model, plan, through=see_through))
-    with atomically(snapshot, plan.report) as temporary:
+    def protect(self, plan: LoadPlan) -> Protected:
+        snapshot = ModuleSnapshot(self.model)
+        snapshot.protect(overwritten_base_tensors(self.model, plan, through=see_through))
+        return Protected(snapshot)
+
+    def load(self, plan: LoadPlan, protected: Protected, temporary: list[str | None]) -> Loaded:
+        model, adapter_name, kwargs = self.model, self.options.adapter_name, self.options.peft_kwargs
         directory, workdir = _directory(model, plan, kwargs)
         temporary.append(workdir)
         config = copy.deepcopy(plan.peft_config)
@@ -138,12 +112,21 @@ def _execute(
         with plain_calls():
             result = load(model, directory, adapter_name=adapter_name, peft_config=config, **passthrough)
         analytic = plan.view is not None and plan.view.method == "analytic"
-        state = {PEFT_PREFIX + k: v for k, v in adapter_tensors(model, adapter_name, analytic).items()}  # type: ignore[arg-type]
-        report = verify(model, plan, adapter_name, state)  # type: ignore[arg-type]
-        return model, settled(plan, report, strict), result
+        state = {PEFT_PREFIX + k: v for k, v in adapter_tensors(model, adapter_name, analytic).items()}
+        return Loaded(model, state, result=result)
 
 
-def _directory(model: nn.Module, plan: LoadPlan, kwargs: dict[str, Any]) -> tuple[str, str | None]:
+def hub_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Where transformers' ``load_adapter`` finds the adapter: its own arguments, ``adapter_kwargs`` and (from
+    ``from_pretrained``) ``load_config.download_kwargs``."""
+    load_config = kwargs.get("load_config")
+    found: dict[str, Any] = dict(getattr(load_config, "download_kwargs", None) or {})
+    found.update(kwargs.get("adapter_kwargs") or {})
+    found.update(kwargs)
+    return {k: found[k] for k in HUB_KWARGS if found.get(k) is not None}
+
+
+def _directory(model: nn.Module, plan: LoadPlan, kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
     """The adapter's own directory, or (opt-in renames) a temporary one whose keys are already the model's."""
     if not (plan.renames or plan.dropped or plan.legacy is not None):
         return plan.files.directory, None

@@ -11,111 +11,83 @@ exactly as they were whenever anything fails.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._files.source import HUB_KWARGS
-from safe_peft._load.assign import load_adapter, loads_like_peft
-from safe_peft._load.kernel import (
+from safe_peft._load.adapter_tensors import (
+    adapter_tensor_ids,
     adapter_tensors,
-    atomically,
     copy_into,
-    is_fatal,
-    load_directory,
-    load_route,
     overwritten_base_tensors,
-    rounds_on_meta,
-    settled,
     takes_in_place,
-    verify,
 )
+from safe_peft._load.assign import load_adapter, loads_like_peft
+from safe_peft._load.directory import load_directory
+from safe_peft._load.driver import Loaded, LoadRoute, Outcome, Protected, drive
 from safe_peft._load.plain_calls import plain_calls
+from safe_peft._load.route_choice import load_route, rounds_on_meta
 from safe_peft._load.snapshot import ModuleSnapshot, ValueSnapshot
-from safe_peft._plan.plan import LoadPlan
-from safe_peft._plan.routes import resolve_route, route_plan, see_through
+from safe_peft._plan.plan import LoadPlan, plan_load
+from safe_peft._plan.routes import CarryingRoute, resolve_route, see_through
 from safe_peft._versions import load_adapter_facts
-from safe_peft.errors import AdapterLoadError
-from safe_peft.report import LoadReport
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-__all__ = ["load_into", "run_load"]
+    from safe_peft._plan.options import LoadOptions
+
+__all__ = ["IntoPeftModel", "load_into", "run_load"]
 
 
-def load_into(
-    peft_model: PeftModel,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    replace: object = False,
-    remap: object = None,
-    repair: tuple[str, ...] = (),
-    strict: bool = True,
-    allow_pickle: bool = False,
-    output_loading_info: bool = False,
-    peft_kwargs: dict[str, Any] | None = None,
-) -> Any:
+def load_into(peft_model: PeftModel, model_id: str | os.PathLike[str], options: LoadOptions) -> Any:
     """``safe_load_adapter`` on a PeftModel: add ``adapter_name``, or replace / reload it (``replace=``)."""
-    model, report, _ = run_load(
-        peft_model,
-        model_id,
-        adapter_name,
-        route=resolve_route(peft_model, adapter_name, replace, False),
-        remap=remap,
-        repair=repair,
-        strict=strict,
-        allow_pickle=allow_pickle,
-        peft_kwargs=peft_kwargs,
-    )
-    return (model, report) if output_loading_info else model
+    route = resolve_route(peft_model, options.adapter_name, options.replace, False)
+    outcome = run_load(peft_model, model_id, options, route=route)
+    return options.returned(outcome.model, outcome.report)
 
 
-def run_load(
-    peft_model: PeftModel,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    route: str,
-    remap: object = None,
-    repair: tuple[str, ...] = (),
-    strict: bool = True,
-    allow_pickle: bool = False,
-    peft_kwargs: dict[str, Any] | None = None,
-) -> tuple[PeftModel, LoadReport, Any]:
-    """Plan and execute ``route`` (add | replace | reload); returns the model, the report and peft's load result."""
-    kwargs = dict(peft_kwargs or {})  # never mutate the caller's kwargs
-    plan = route_plan(
-        peft_model,
-        model_id,
-        adapter_name,
-        route=route,
-        remap=remap,
-        repair=repair,
-        allow_pickle=allow_pickle,
-        peft_kwargs=kwargs,
-    )
-    if not plan.report.ok and (strict or is_fatal(plan.report)):
-        raise AdapterLoadError(plan.report)
-    return _execute(peft_model, plan, adapter_name, route, strict, kwargs)
+def run_load(peft_model: PeftModel, model_id: str | os.PathLike[str], options: LoadOptions, *, route: str) -> Outcome:
+    """Plan and load on ``route`` (add | replace | reload); the outcome's ``result`` is peft's load result."""
+    return drive(IntoPeftModel(peft_model, model_id, options, route))
 
 
-def _execute(
-    peft_model: PeftModel, plan: LoadPlan, adapter_name: str, route: str, strict: bool, kwargs: dict[str, Any]
-) -> tuple[PeftModel, LoadReport, Any]:
-    inner = peft_model.get_base_model()
-    analytic = plan.view is not None and plan.view.method == "analytic"
-    loaded = adapter_tensors(peft_model, adapter_name, analytic) if route == "reload" else {}
-    if route == "reload" and analytic and _writes_in_place(peft_model, plan, loaded, kwargs):
-        return _reload_in_place(peft_model, plan, adapter_name, loaded, strict, kwargs)
-    snapshot = ModuleSnapshot(peft_model)
-    protected = overwritten_base_tensors(inner, plan, through=see_through)
-    protected += list(loaded.values())  # a reload writes the checkpoint into the adapter's own tensors, in place
-    snapshot.protect(protected)
-    active = list(peft_model.active_adapters)
-    flags = {id(p): p.requires_grad for p in peft_model.parameters()} if route == "replace" else {}
-    with atomically(snapshot, plan.report) as temporary:
+class IntoPeftModel(LoadRoute):
+    """A further adapter, a replacement or a reload into a PeftModel. The whole PeftModel is recorded (the adapters
+    there, the weights a reload writes into, the active adapter, ``requires_grad`` flags, ``peft_config``), except
+    for a reload that is only a copy into the adapter's tensors: then those values and the modes are recorded."""
+
+    def __init__(self, model: PeftModel, model_id: str | os.PathLike[str], options: LoadOptions, route: str) -> None:
+        super().__init__(model, model_id, options)
+        self.route = route
+
+    def plan(self) -> LoadPlan:
+        return plan_load(self.model, self.model_id, self.options, CarryingRoute(self.route))
+
+    def protect(self, plan: LoadPlan) -> Protected:
+        peft_model, adapter_name, route = self.model, self.options.adapter_name, self.route
+        analytic = plan.view is not None and plan.view.method == "analytic"
+        loaded = adapter_tensors(peft_model, adapter_name, analytic) if route == "reload" else {}
+        if route == "reload" and analytic and _writes_in_place(peft_model, plan, loaded, self.options.peft_kwargs):
+            values = ValueSnapshot(peft_model)  # a copy into the adapter's tensors, and the train / eval flags
+            values.protect([loaded[key] for key in plan.checkpoint])
+            return Protected(values, _InPlace(loaded))
+        snapshot = ModuleSnapshot(peft_model)
+        protected = overwritten_base_tensors(peft_model.get_base_model(), plan, through=see_through)
+        protected += list(loaded.values())  # a reload writes the checkpoint into the adapter's own tensors, in place
+        snapshot.protect(protected)
+        active = list(peft_model.active_adapters)
+        flags = {id(p): p.requires_grad for p in peft_model.parameters()} if route == "replace" else {}
+        return Protected(snapshot, (active, flags))
+
+    def load(self, plan: LoadPlan, protected: Protected, temporary: list[str | None]) -> Loaded:
+        if isinstance(protected.held, _InPlace):
+            return _reload_in_place(self.model, plan, protected.held.loaded, self.options.peft_kwargs)
+        peft_model, adapter_name, route = self.model, self.options.adapter_name, self.route
+        kwargs, (active, flags) = self.options.peft_kwargs, protected.held
+        inner = peft_model.get_base_model()
         directory, workdir = load_directory(plan, with_config=route != "reload")
         temporary.append(workdir)
         passthrough = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k != "config"}
@@ -124,10 +96,11 @@ def _execute(
             passthrough["key_mapping"] = mapping  # what from_pretrained applies, and the plan predicted
         if route == "replace":
             _delete_quietly(peft_model, adapter_name, active)
-        taken = load_route(inner, plan, strict, kwargs) if route != "reload" else "initialising"
+        taken = load_route(inner, plan, self.options.strict, kwargs) if route != "reload" else "initialising"
         # peft before 0.19 creates a further adapter in the base's dtype (no autocast on add_adapter): there its
         # initialising route rounds the file's values just as its meta route does, and nothing is to be copied back
         exact = taken == "meta" and rounds_on_meta(inner, plan, kwargs) and load_adapter_facts().passes_autocast
+        analytic = plan.view is not None and plan.view.method == "analytic"
         own = analytic and loads_like_peft(peft_model, adapter_name, passthrough)  # plain LoRA: without the walks
         if exact and not own:
             taken, exact = "initialising", False  # peft's own meta route would round the adapter here
@@ -141,15 +114,21 @@ def _execute(
                 result = peft_model.load_adapter(directory, adapter_name, **passthrough)
         if route == "replace":
             _keep_roles(peft_model, adapter_name, active, flags, bool(kwargs.get("is_trainable", False)))
-        report = dataclasses.replace(verify(peft_model, plan, adapter_name, state=state), route=taken)
-        return peft_model, settled(plan, report, strict), result
+        return Loaded(peft_model, state, taken, result)
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    """A reload that is a copy into the adapter's tensors (``loaded``, under their checkpoint keys)."""
+
+    loaded: dict[str, Any]
 
 
 # What the reload route of peft's load_adapter reads besides the directory; anything else goes through peft itself
 _IN_PLACE_KWARGS = frozenset({"is_trainable", "torch_device", "autocast_adapter_dtype", *HUB_KWARGS})
 
 
-def _writes_in_place(peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, Any], kwargs: dict[str, Any]) -> bool:
+def _writes_in_place(peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, Any], kwargs: Mapping[str, Any]) -> bool:
     """Whether a reload can be done as what it amounts to in peft, a ``copy_`` of each checkpoint tensor into the
     adapter's tensor of the same key, and nothing else changes: the only adapter in the model (with others, peft's
     returned ``missing_keys`` names every key holding the adapter's name, theirs included), plain LoRA (the analytic
@@ -174,30 +153,20 @@ def _writes_in_place(peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, An
 
 
 def _reload_in_place(
-    peft_model: PeftModel,
-    plan: LoadPlan,
-    adapter_name: str,
-    loaded: dict[str, Any],
-    strict: bool,
-    kwargs: dict[str, Any],
-) -> tuple[PeftModel, LoadReport, Any]:
+    peft_model: PeftModel, plan: LoadPlan, loaded: dict[str, Any], kwargs: Mapping[str, Any]
+) -> Loaded:
     """The reload as peft does it for these adapters (``set_peft_model_state_dict`` copies each tensor into place,
-    then ``eval()`` unless trainable), without peft's walks over the whole model; undone by a
-    :class:`ValueSnapshot` (the copied tensors and the train / eval flags are all it changes)."""
+    then ``eval()`` unless trainable), without peft's walks over the whole model."""
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import load_peft_weights
     from torch.nn.modules.module import _IncompatibleKeys
 
-    snapshot = ValueSnapshot(peft_model)
-    snapshot.protect([loaded[key] for key in plan.checkpoint])
-    with atomically(snapshot, plan.report):
-        device = kwargs.get("torch_device") or infer_device()
-        weights = load_peft_weights(plan.files.directory, device=device)
-        copy_into(loaded, weights)
-        if not kwargs.get("is_trainable", False):
-            peft_model.eval()
-        report = dataclasses.replace(verify(peft_model, plan, adapter_name, state=loaded), route="in_place")
-        return peft_model, settled(plan, report, strict), _IncompatibleKeys([], [])
+    device = kwargs.get("torch_device") or infer_device()
+    weights = load_peft_weights(plan.files.directory, device=device)
+    copy_into(loaded, weights)
+    if not kwargs.get("is_trainable", False):
+        peft_model.eval()
+    return Loaded(peft_model, loaded, "in_place", _IncompatibleKeys([], []))
 
 
 def _delete_quietly(peft_model: PeftModel, adapter_name: str, active: list[str]) -> None:
@@ -218,8 +187,6 @@ def _keep_roles(
     peft_model: PeftModel, adapter_name: str, active: list[str], flags: dict[int, bool], trainable: bool
 ) -> None:
     """After a replacement: the new adapter is active if the old one was; every other flag is as it was."""
-    from safe_peft._load.kernel import adapter_tensor_ids
-
     if adapter_name in active:
         tuner: Any = peft_model.base_model
         tuner.set_adapter(active if len(active) > 1 else active[0])

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safe_peft._load.plain_calls import in_plain_call
+from safe_peft._plan.options import LoadOptions
 
 __all__ = ["SwitchSettings", "is_patched", "patch", "patched", "unpatch"]
 
@@ -187,103 +188,84 @@ def _generic(signature: inspect.Signature) -> bool:
     return all(p.kind in variadic for p in list(signature.parameters.values())[1:])
 
 
-def _wrap_from_pretrained(original: Any) -> Any:
-    function = original.__func__
-    signature = _own_signature(original, "from_pretrained")
+_PLAIN = object()  # what a routed call returns for a call the switch cannot check: the original runs instead
 
-    @functools.wraps(function)
-    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _switched(original: Any, name: str, routed: Callable[[Any, inspect.BoundArguments, SwitchSettings], Any]) -> Any:
+    """A wrapper of ``original`` (a plain function taking the instance or class first) that, under the switch, hands
+    the bound call to ``routed``; outside it, or when ``routed`` returns :data:`_PLAIN`, the original runs."""
+    signature = _own_signature(original, name)
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         settings = _settings()
-        bound = signature.bind(cls, *args, **kwargs)
-        model = bound.arguments.get("model")
-        from safe_peft._plan.routes import is_peft_model
+        if settings is not None:
+            result = routed(self, signature.bind(self, *args, **kwargs), settings)
+            if result is not _PLAIN:
+                return result
+        return original(self, *args, **kwargs)
 
-        if settings is None or is_peft_model(model):
-            return function(cls, *args, **kwargs)
-        rest = _rest(bound, ("cls", "model", "model_id", "adapter_name"))
-        from safe_peft._routes.first_adapter import safe_load_adapter
+    return wrapper
 
-        return safe_load_adapter(
-            model,  # type: ignore[arg-type]
-            bound.arguments["model_id"],
-            bound.arguments.get("adapter_name", "default"),
-            **settings.options(),
-            **rest,
-        )
 
-    return classmethod(from_pretrained)
+def _wrap_from_pretrained(original: Any) -> Any:
+    return classmethod(_switched(original.__func__, "from_pretrained", _from_pretrained))
 
 
 def _wrap_peft_load_adapter(original: Any) -> Any:
-    signature = _own_signature(original, "load_adapter")
-
-    @functools.wraps(original)
-    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
-        settings = _settings()
-        if settings is None:
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        name = bound.arguments["adapter_name"]
-        from safe_peft._plan.routes import resolve_route
-        from safe_peft._routes.peft_model import run_load
-
-        options = settings.options()
-        _, _, result = run_load(
-            self,
-            bound.arguments["model_id"],
-            name,
-            route=resolve_route(self, name, "weights", False),
-            remap=options["remap"],
-            repair=options["repair"],
-            strict=options["strict"],
-            allow_pickle=options["allow_pickle"],
-            peft_kwargs=_rest(bound, ("self", "model_id", "adapter_name")),
-        )
-        return result
-
-    return load_adapter
+    return _switched(original, "load_adapter", _peft_load_adapter)
 
 
 def _wrap_transformers_load_adapter(original: Any) -> Any:
-    signature = _own_signature(original, "load_adapter")
+    return _switched(original, "load_adapter", _transformers_load_adapter)
 
-    @functools.wraps(original)
-    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
-        settings = _settings()
-        if settings is None:
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        arguments = bound.arguments
-        path = arguments.get("peft_model_id")
-        name = arguments.get("adapter_name") or "default"
-        hotswap = arguments.get("hotswap", False)
-        if hotswap == "auto":
-            taken = getattr(self, "_hf_peft_config_loaded", False) and name in getattr(self, "peft_config", {})
-            hotswap = bool(getattr(self, "_hotswap_enabled", False) and taken)
-        load_config = arguments.get("load_config")
-        if path is None and load_config is not None:
-            path = getattr(load_config, "pretrained_model_name_or_path", None)
-        if path is None or arguments.get("adapter_state_dict") is not None or hotswap:
-            return original(self, *args, **kwargs)  # not a file-based load safe_peft can check
-        rest = _rest(bound, ("self", "peft_model_id", "adapter_name"))
-        if "hotswap" in rest:
-            rest["hotswap"] = False
-        from safe_peft._routes.inplace import run_inplace
 
-        options = settings.options()
-        _, _, result = run_inplace(
-            self,
-            path,
-            name,
-            remap=options["remap"],
-            repair=options["repair"],
-            strict=options["strict"],
-            allow_pickle=options["allow_pickle"],
-            kwargs=rest,
-        )
-        return result
+def _from_pretrained(cls: Any, bound: inspect.BoundArguments, settings: SwitchSettings) -> Any:
+    """``PeftModel.from_pretrained`` -> ``safe_load_adapter`` (a model that is already a PeftModel: plain)."""
+    from safe_peft._plan.routes import is_peft_model
 
-    return load_adapter
+    model = bound.arguments.get("model")
+    if is_peft_model(model):
+        return _PLAIN
+    rest = _rest(bound, ("cls", "model", "model_id", "adapter_name"))
+    from safe_peft._routes.first_adapter import safe_load_adapter
+
+    name = bound.arguments.get("adapter_name", "default")
+    return safe_load_adapter(model, bound.arguments["model_id"], name, **settings.options(), **rest)  # type: ignore[arg-type]
+
+
+def _peft_load_adapter(self: Any, bound: inspect.BoundArguments, settings: SwitchSettings) -> Any:
+    """``peft_model.load_adapter`` -> a further adapter, or a reload for a name the model has."""
+    from safe_peft._plan.routes import resolve_route
+    from safe_peft._routes.peft_model import run_load
+
+    name = bound.arguments["adapter_name"]
+    rest = _rest(bound, ("self", "model_id", "adapter_name"))
+    options = LoadOptions(name, replace="weights", peft_kwargs=rest, **settings.options())
+    route = resolve_route(self, name, "weights", False)
+    return run_load(self, bound.arguments["model_id"], options, route=route).result
+
+
+def _transformers_load_adapter(self: Any, bound: inspect.BoundArguments, settings: SwitchSettings) -> Any:
+    """transformers' ``model.load_adapter`` -> the in-place route (a state dict or a hot-swap: plain)."""
+    arguments = bound.arguments
+    path = arguments.get("peft_model_id")
+    name = arguments.get("adapter_name") or "default"
+    hotswap = arguments.get("hotswap", False)
+    if hotswap == "auto":
+        taken = getattr(self, "_hf_peft_config_loaded", False) and name in getattr(self, "peft_config", {})
+        hotswap = bool(getattr(self, "_hotswap_enabled", False) and taken)
+    load_config = arguments.get("load_config")
+    if path is None and load_config is not None:
+        path = getattr(load_config, "pretrained_model_name_or_path", None)
+    if path is None or arguments.get("adapter_state_dict") is not None or hotswap:
+        return _PLAIN  # not a file-based load safe_peft can check
+    rest = _rest(bound, ("self", "peft_model_id", "adapter_name"))
+    if "hotswap" in rest:
+        rest["hotswap"] = False
+    from safe_peft._routes.inplace import run_inplace
+
+    return run_inplace(self, path, LoadOptions(name, peft_kwargs=rest, **settings.options())).result
 
 
 def _rest(bound: inspect.BoundArguments, taken: tuple[str, ...]) -> dict[str, Any]:
