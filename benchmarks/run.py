@@ -168,6 +168,7 @@ def fingerprint_cost(size: str = "33M", repeats: int = 11) -> dict[str, Any]:
     stamp_adapter(stamped, base)
     stamp_s = time.perf_counter() - start
     files = locate_adapter(stamped)
+    metadata = read_header(files.weights_path).metadata
     times: dict[str, list[float]] = {"plain": [], "stamped": [], "check": []}
     for round_ in range(repeats):
         for which in ("plain", "stamped") if round_ % 2 else ("stamped", "plain"):
@@ -178,13 +179,13 @@ def fingerprint_cost(size: str = "33M", repeats: int = 11) -> dict[str, Any]:
             times[which].append(time.perf_counter() - start)
             del model
         start = time.perf_counter()
-        assert not base_check(base, files).causes
+        assert not base_check(base, files, metadata).causes
         times["check"].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
         "size": size,
         "stamp_ms": stamp_s * 1e3,
-        "stamp_bytes": len(read_header(files.weights_path).metadata[KEY]),
+        "stamp_bytes": len(metadata[KEY]),
         **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
         "check_share": medians["check"] / medians["plain"],
         "ratio": _round_ratio(times["stamped"], times["plain"]),
