@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from safe_peft._bounds import gc_paused
 from safe_peft._catalog import CATALOG, layout_entry, register
-from safe_peft._keys import Shape, adapter_parts_pattern
+from safe_peft._keys import Shape, adapter_parts_pattern, gc_paused
 from safe_peft._model.view import ExpectedKey
 from safe_peft._plan.compare import shape_fits
 from safe_peft.report import Cause

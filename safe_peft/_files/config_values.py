@@ -27,11 +27,9 @@ from safe_peft._bounds import (
     MAX_PATTERN_ENTRIES,
     MAX_REPLICATED_LAYERS,
     TRIAL_SECONDS,
-    Pattern,
     shorten,
-    slow_patterns,
-    static_fault,
 )
+from safe_peft._files.patterns import Pattern, slow_patterns, static_fault
 from safe_peft.errors import AdapterFormatError
 
 if TYPE_CHECKING:

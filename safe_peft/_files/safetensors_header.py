@@ -15,7 +15,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, gc_paused, open_regular
+from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, open_regular
+from safe_peft._keys import gc_paused
 from safe_peft.errors import AdapterFormatError
 
 __all__ = [

@@ -115,8 +115,7 @@ def make_plan(
 ) -> LoadPlan:
     """Build the plan for loading ``model_id`` into ``model`` on ``route`` (raises AdapterFormatError for bad
     files)."""
-    from safe_peft._bounds import gc_paused
-    from safe_peft._keys import memoised
+    from safe_peft._keys import gc_paused, memoised
 
     with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
         return _make_plan(model, model_id, adapter_name, remap, repair, allow_pickle, peft_kwargs, route)
