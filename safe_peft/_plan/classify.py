@@ -18,9 +18,9 @@ from safe_peft._catalog import finding, order, rank
 from safe_peft._keys import Role, Shape, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
 from safe_peft._model.view import ModelView
 from safe_peft._plan.compare import KeyDiff
+from safe_peft._plan.remap import RemapPlan
 from safe_peft._versions import TASK_CLASS
 from safe_peft.report import Cause, Diagnosis
-from safe_peft.rules import RemapPlan
 
 __all__ = ["DETECTORS", "Evidence", "Found", "classify", "register_detector"]
 

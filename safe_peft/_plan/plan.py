@@ -37,9 +37,10 @@ from safe_peft._plan.peft_conversions import (
     peft_conversions,
     sizes_peft_ignores,
 )
+from safe_peft._plan.remap import RemapPlan, plan_given, plan_remap, to_rules
 from safe_peft._plan.repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, model_rules
 
 if TYPE_CHECKING:
     from torch import nn
