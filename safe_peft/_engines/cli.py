@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any, Protocol
 
-from safe_peft._engines.rules import ENGINES
+from safe_peft._engines.rule_types import ENGINES
 
 __all__ = ["add_target_arguments", "run_check_target", "run_fix_target"]
 
