@@ -25,6 +25,7 @@ __all__ = [
     "SCALING_MODELS",
     "EngineRule",
     "RankLimit",
+    "Release",
     "RuleSet",
     "Source",
     "canonical_engine",
@@ -217,6 +218,18 @@ class RuleSet:
         if feature == "deploy_target_modules":
             return self.target_filter_rule
         return next((r for r in self.rules if r.feature == feature), None)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One engine release's source tree (its ``ref``, and the folder its rules' files sit in): calling it cites a file
+    and line there."""
+
+    ref: str
+    folder: str = ""
+
+    def __call__(self, file: str, line: int | None, quote: str = "") -> Source:
+        return Source(f"{self.folder}{file}", line, self.ref, quote)
 
 
 def source_rule(

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import EngineRule, RuleSet, Source
+from safe_peft._engines.rule_types import EngineRule, Release, RuleSet
 
 __all__ = ["LLAMACPP_0C1E570", "lcpp"]
 
-_LCPP = "llama.cpp 0c1e570 (vendored in llama-cpp-python 0.3.36)"
-
-
-def lcpp(file: str, line: int, quote: str = "") -> Source:
-    return Source(file, line, _LCPP, quote)
+lcpp = Release("llama.cpp 0c1e570 (vendored in llama-cpp-python 0.3.36)")
 
 
 LLAMACPP_0C1E570 = RuleSet(

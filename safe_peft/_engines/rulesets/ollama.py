@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import MERGE_FIX, RuleSet, Source, source_rule
+from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, source_rule
 from safe_peft._engines.rulesets.llama_cpp import lcpp
 
 __all__ = ["OLLAMA_FB30760"]
 
-_OLL = "ollama fb30760"
-
-
-def _o(file: str, line: int, quote: str = "") -> Source:
-    return Source(f"convert/{file}", line, _OLL, quote)
+_o = Release("ollama fb30760", "convert/")
 
 
 OLLAMA_FB30760 = RuleSet(

