@@ -18,10 +18,7 @@ from typing import Any, BinaryIO
 
 __all__ = [
     "MAX_CONFIG_BYTES",
-    "MAX_DETAIL_CHARS",
-    "MAX_DETAIL_ITEMS",
     "MAX_INIT_ITERATIONS",
-    "MAX_MESSAGE_CHARS",
     "MAX_NDIM",
     "MAX_PATTERN_CHARS",
     "MAX_PATTERN_ENTRIES",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from safe_peft._files.manifest import AdapterManifest
 
-__all__ = ["main"]
+__all__ = ["Output", "main"]
 
 OK, INCOMPATIBLE, USAGE = 0, 1, 2
 MODEL_CLASSES = {

@@ -29,16 +29,7 @@ from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefi
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis
 
-__all__ = [
-    "AdapterFacts",
-    "BaseFacts",
-    "TargetReport",
-    "check_target",
-    "detect_features",
-    "module_scales",
-    "pattern_name",
-    "unreadable",
-]
+__all__ = ["AdapterFacts", "TargetReport", "check_target", "pattern_name", "unreadable"]
 
 _BASE_REWRITING = ("pissa", "olora", "corda", "loftq")
 _HALF = frozenset({"F16", "BF16"})

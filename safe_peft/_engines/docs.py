@@ -12,7 +12,7 @@ import sys
 from safe_peft._engines.rule_types import CONVERSIONS, FEATURES, SCALING_MODELS, EngineRule, RuleSet
 from safe_peft._engines.rules import RULE_SETS, engine_codes
 
-__all__ = ["render_codes", "render_table", "update"]
+__all__ = ["update"]
 
 BEGIN, END = "<!-- generated: do not edit by hand -->", "<!-- end generated -->"
 

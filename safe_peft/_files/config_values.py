@@ -35,7 +35,7 @@ from safe_peft.errors import AdapterFormatError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["check_against_model", "check_config", "check_patterns_on", "check_values", "config_patterns"]
+__all__ = ["check_against_model", "check_config", "check_values"]
 
 # How peft wraps each pattern-valued setting before matching module names (peft 0.17.1 to 0.21.2;
 # tuners_utils.check_target_module_exists, utils.other.get_pattern_key).

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from safe_peft._files.locate import AdapterFiles
 
-__all__ = ["BaseCheck", "base_check", "compare", "read_stamp", "sample_tensor", "verify_base_keyword"]
+__all__ = ["base_check", "precision_of", "read_stamp", "resolve", "sample_tensor", "verify_base_keyword"]
 
 _VERIFY: ContextVar[bool] = ContextVar("safe_peft_verify_base", default=True)
 

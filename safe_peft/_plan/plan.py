@@ -45,7 +45,7 @@ from safe_peft.rules import BUILTIN, model_rules
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FIRST_ADAPTER", "LoadPlan", "Route", "make_plan"]
+__all__ = ["FIRST_ADAPTER", "Layout", "LoadPlan", "Route", "convert_layout", "make_plan"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from safe_peft._model.view import ExpectedKey
 from safe_peft._plan.compare import shape_fits
 from safe_peft.rules import RemapRule
 
-__all__ = ["RemapPlan", "ShapeCheck", "apply_rules", "check_exact", "plan_given", "plan_remap", "to_rules"]
+__all__ = ["RemapPlan", "check_exact", "plan_given", "plan_remap", "to_rules"]
 
 ShapeCheck = Callable[[str, Shape, Shape], bool]  # (new key, checkpoint shape, model shape) -> equal enough
 
