@@ -20,7 +20,15 @@ from safe_peft._keys import Role, Shape, module_of, role_of
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Diagnosis
 
-__all__ = ["chunk_sizes", "distributed_save_error", "find_rank_files", "missing_ranks", "shard_findings", "split_dims"]
+__all__ = [
+    "RankFile",
+    "chunk_sizes",
+    "distributed_save_error",
+    "find_rank_files",
+    "missing_ranks",
+    "shard_findings",
+    "split_dims",
+]
 
 _MAX_WORLD = 4096
 _RANK = re.compile(r"(?:^|[._-])(?:tp_rank|mp_rank|tp|rank)[_-]?(\d+)(?:$|[._-])")
