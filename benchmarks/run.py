@@ -227,7 +227,8 @@ def load_memory(size: str, repeats: int = 3) -> dict[str, Any]:
 def planning(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> dict[str, Any]:
     """remap="auto" planning with all built-in rules: keys saved through torch.compile with the adapter name."""
     from safe_peft._model.view import ExpectedKey
-    from safe_peft.rules import BUILTIN, model_rules, plan_remap
+    from safe_peft._plan.remap import plan_remap
+    from safe_peft.rules import BUILTIN, model_rules
 
     out = {}
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

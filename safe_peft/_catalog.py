@@ -18,7 +18,18 @@ from typing import Any
 
 from safe_peft.report import Cause, Diagnosis
 
-__all__ = ["CATALOG", "EXPLAINS", "Entry", "entry", "finding", "order", "proven", "register", "without_spent_fix"]
+__all__ = [
+    "CATALOG",
+    "Entry",
+    "entry",
+    "fatal",
+    "finding",
+    "layout_entry",
+    "order",
+    "rank",
+    "register",
+    "without_spent_fix",
+]
 
 
 @dataclass(frozen=True)

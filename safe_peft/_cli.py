@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from safe_peft._bounds import shorten
-from safe_peft._engines.cli import add_target_arguments, run_check_target, run_fix_target
+from safe_peft._engines.cli import add_target_arguments, run_check_target, run_fix_target, table
 from safe_peft._plan.repairs import KNOWN_REPAIRS
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import SCHEMA_VERSION, LoadReport
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from safe_peft._files.manifest import AdapterManifest
 
-__all__ = ["main"]
+__all__ = ["Output", "main"]
 
 OK, INCOMPATIBLE, USAGE = 0, 1, 2
 MODEL_CLASSES = {
@@ -252,12 +252,7 @@ def render_check(results: list[tuple[str, LoadReport, bool]], out: Output) -> st
         if report.ok and (report.renames or report.repairs):
             fix = f"{len(report.renames)} renames, {len(report.repairs)} repairs applied"
         rows.append((path, _verdict(report, unreadable), cause, _shorten(fix, 70)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = []
-    for i, (path, verdict, cause, fix) in enumerate(rows):
-        shown = verdict if i == 0 else (out.good(verdict) if verdict == "compatible" else out.bad(verdict))
-        pad = " " * (widths[1] - len(verdict))
-        lines.append(f"{path.ljust(widths[0])}  {shown}{pad}  {cause.ljust(widths[2])}  {fix}".rstrip())
+    lines = table(rows, out, good="compatible")
     ok = sum(1 for _, r, _ in results if r.ok)
     lines.append(f"\n{ok} of {len(results)} adapters compatible.")
     return "\n".join(lines)

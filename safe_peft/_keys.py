@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import gc
 import re
 import sys
 import threading
@@ -28,17 +29,17 @@ __all__ = [
     "ANY",
     "LORA_OWN",
     "PEFT_PREFIX",
-    "PROMPT_KEY",
     "Role",
     "Shape",
     "adapter_parts_pattern",
-    "adapter_prefixes",
     "base_tensor_name",
     "checkpoint_key",
+    "gc_paused",
     "is_adapter_key",
     "is_embedding_part",
     "is_method_key",
     "lora_key",
+    "memoised",
     "module_of",
     "pattern_key",
     "pattern_keys",
@@ -124,6 +125,31 @@ def memoised() -> Iterator[None]:
         yield
     finally:
         _MEMO.tables = None
+
+
+_GC_LOCK = threading.Lock()
+_GC_PAUSES = [0, False]  # how many threads are inside gc_paused(), and whether the GC was enabled before the first
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC around bulk building of acyclic strings and tuples.
+
+    The GC is process-wide, so the pause is counted: the first thread in records whether it was enabled and
+    disables it, the last one out restores that state, whatever the interleaving of threads (a plain
+    disable/enable pair could leave it disabled for good). Nothing else is changed."""
+    with _GC_LOCK:
+        if _GC_PAUSES[0] == 0:
+            _GC_PAUSES[1] = gc.isenabled()
+            gc.disable()
+        _GC_PAUSES[0] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_PAUSES[0] -= 1
+            if _GC_PAUSES[0] == 0 and _GC_PAUSES[1]:
+                gc.enable()
 
 
 def role_of(key: str) -> Role | None:
@@ -271,7 +297,7 @@ def pattern_keys(pattern: Mapping[str, Any] | None) -> list[tuple[str, re.Patter
     """The keys of a rank_pattern / alpha_pattern, each compiled once as peft's ``get_pattern_key`` matches it
     (peft compiles each key again for every module: past ``re``'s 512-entry cache, thousands of keys take seconds).
     The config's values were checked before (:mod:`safe_peft._files.config_values`): every key is a valid expression."""
-    from safe_peft._bounds import compiled
+    from safe_peft._files.patterns import compiled
 
     return [(str(key), compiled(rf"(.*\.)?({key})$")) for key in (pattern or {})]
 

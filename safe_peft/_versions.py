@@ -14,17 +14,12 @@ SAFE_PEFT_VERSION = "0.1.0.dev0"  # this package's own release (pyproject.toml s
 
 __all__ = [
     "CONFIG_KEY_SINCE",
-    "HOTSWAP_COPIES_SINCE",
     "KNOWN_CHANGES",
-    "LOAD_ADAPTER_PASSES_AUTOCAST_SINCE",
-    "LOAD_ADAPTER_READ_BELOW",
-    "LOAD_ADAPTER_SETS_REQUIRES_GRAD_SINCE",
+    "SAFE_PEFT_VERSION",
     "SHARDED_LOAD_TORCH_SINCE",
     "TASK_CLASS",
     "TASK_HEADS",
     "TASK_NEEDS",
-    "KnownChange",
-    "LoadAdapterFacts",
     "hotswap_copies",
     "introduced_in",
     "is_newer",

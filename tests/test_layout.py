@@ -127,7 +127,7 @@ def test_a_load_never_imports_the_engine_rule_data() -> None:
     """The engine rules (a thousand lines of data) join the findings catalog when an engine check imports them."""
     code = (
         "import sys, safe_peft._catalog, safe_peft._plan.plan, safe_peft._routes.first_adapter; "
-        "assert 'safe_peft._engines.rules' not in sys.modules, 'imported'; "
+        "assert not [m for m in sys.modules if m.startswith('safe_peft._engines.rule')]; "
         "import safe_peft._engines.check; from safe_peft._catalog import CATALOG; "
         "assert 'vllm_max_lora_rank' in CATALOG"
     )

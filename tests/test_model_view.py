@@ -13,7 +13,8 @@ import torch
 from helpers import build
 from peft import LoraConfig
 
-from safe_peft._model.view import _by_injection, expected_keys, meta_skeleton
+from safe_peft._model.meta import meta_skeleton
+from safe_peft._model.view import _by_injection, expected_keys
 
 CASES = [
     ("causal", dict(target_modules=["q_proj", "v_proj"])),

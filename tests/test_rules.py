@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safe_peft._model.view import ExpectedKey
-from safe_peft.rules import BUILTIN, RemapRule, check_exact, model_rules, plan_remap, rename_state_dict, to_rules
+from safe_peft._plan.remap import check_exact, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, RemapRule, model_rules, rename_state_dict
 
 RULES = BUILTIN + model_rules("model")
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["DEFAULT_TIMEOUT", "Collective", "Outcome", "Vote"]
+__all__ = ["Collective", "Outcome", "Vote"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds; ranks may reach the load minutes apart (each reads its share of the base first)
 _GRACE = 5.0  # followers wait this much longer than the coordinator, so they hear who was silent

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
 from safe_peft._distributed.collective import Collective, Outcome, Vote
+from safe_peft._distributed.place import finish, place, prepare
 from safe_peft._load.snapshot import ModuleSnapshot
-from safe_peft._model.sharding import content_digest, finish, is_sharded, place, prepare, survey
+from safe_peft._model.sharding import content_digest, is_sharded, survey
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 

@@ -3,7 +3,7 @@
 Reads the adapter config and the safetensors header (no tensor data, no torch), optionally the base model's
 ``config.json``, finds the adapter features that matter to engines (DoRA, saved heads, rsLoRA and per-module
 scales, ranks, tied heads, MoE layouts, VLM prefixes, ...) and looks each up in the engine's rule set
-(:mod:`safe_peft._engines.rules`). Each finding is a :class:`~safe_peft.report.Diagnosis` with cause
+(:mod:`safe_peft._engines.rulesets`). Each finding is a :class:`~safe_peft.report.Diagnosis` with cause
 ``engine_incompatible``, the engine's rule, whether the engine refuses loudly or serves wrong silently, the
 engine arguments to use and the fix.
 """
@@ -20,7 +20,8 @@ from typing import Any
 
 from safe_peft._bounds import json_safe
 from safe_peft._catalog import finding
-from safe_peft._engines.rules import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet, rule_set
+from safe_peft._engines.rule_types import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet
+from safe_peft._engines.rules import rule_set
 from safe_peft._files.config import read_config
 from safe_peft._files.locate import locate_adapter, no_config_error
 from safe_peft._files.safetensors_header import read_header
@@ -28,16 +29,7 @@ from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefi
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis
 
-__all__ = [
-    "AdapterFacts",
-    "BaseFacts",
-    "TargetReport",
-    "check_target",
-    "detect_features",
-    "module_scales",
-    "pattern_name",
-    "unreadable",
-]
+__all__ = ["AdapterFacts", "TargetReport", "check_target", "pattern_name", "unreadable"]
 
 _BASE_REWRITING = ("pissa", "olora", "corda", "loftq")
 _HALF = frozenset({"F16", "BF16"})

@@ -11,9 +11,14 @@ import argparse
 import json
 from typing import Any, Protocol
 
-from safe_peft._engines.rules import ENGINES
+from safe_peft._engines.rule_types import ENGINES
 
-__all__ = ["add_target_arguments", "run_check_target", "run_fix_target"]
+__all__ = [
+    "add_target_arguments",
+    "run_check_target",
+    "run_fix_target",
+    "table",
+]
 
 OK, INCOMPATIBLE, USAGE = 0, 1, 2
 
@@ -88,18 +93,25 @@ def run_check_target(args: argparse.Namespace, adapters: list[str], out: _Output
     return OK if all(r.ok for r in reports) else INCOMPATIBLE
 
 
+def table(rows: list[tuple[str, str, str, str]], out: _Output, *, good: str) -> list[str]:
+    """The lines of a check's summary table (the first row its header): columns aligned, each verdict coloured
+    good when it is ``good``, bad otherwise."""
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for i, (path, verdict, what, fix) in enumerate(rows):
+        shown = verdict if i == 0 else (out.good(verdict) if verdict == good else out.bad(verdict))
+        pad = " " * (widths[1] - len(verdict))
+        lines.append(f"{path.ljust(widths[0])}  {shown}{pad}  {what.ljust(widths[2])}  {fix}".rstrip())
+    return lines
+
+
 def _render(reports: list[Any], out: _Output) -> str:
     rows = [("ADAPTER", "VERDICT", "FINDING", "FIX")]
     for r in reports:
         first = r.findings[0] if r.findings else None
         fix = ("safe-peft fix --target " + r.engine) if r.fixable else (first.fix if first else " ".join(r.command))
         rows.append((r.adapter, r.verdict, first.code if first else "-", fix[:70]))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = []
-    for i, (path, verdict, code, fix) in enumerate(rows):
-        shown = verdict if i == 0 else (out.good(verdict) if verdict == "serves" else out.bad(verdict))
-        pad = " " * (widths[1] - len(verdict))
-        lines.append(f"{path.ljust(widths[0])}  {shown}{pad}  {code.ljust(widths[2])}  {fix}".rstrip())
+    lines = table(rows, out, good="serves")
     for r in reports:
         if r.findings:
             lines.append("")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from safe_peft._engines.rules import CONVERSIONS, FEATURES, RULE_SETS, SCALING_MODELS, EngineRule, RuleSet, engine_codes
+from safe_peft._engines.rule_types import CONVERSIONS, FEATURES, SCALING_MODELS, EngineRule, RuleSet
+from safe_peft._engines.rules import RULE_SETS, engine_codes
 
-__all__ = ["render_codes", "render_table", "update"]
+__all__ = ["update"]
 
 BEGIN, END = "<!-- generated: do not edit by hand -->", "<!-- end generated -->"
 
@@ -132,5 +133,5 @@ def update(root: str, *, check: bool = False) -> list[str]:
 
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
     print("\n".join(update(here, check="--check" in sys.argv)) or "up to date")

@@ -21,15 +21,7 @@ from safe_peft.report import Diagnosis
 if TYPE_CHECKING:
     from peft import PeftConfig
 
-__all__ = [
-    "HARMLESS_KEYS",
-    "MEANING_KEYS",
-    "AdapterConfig",
-    "BuiltConfig",
-    "build_peft_config",
-    "changes_meaning",
-    "read_config",
-]
+__all__ = ["AdapterConfig", "build_peft_config", "changes_meaning", "read_config"]
 
 # Config keys whose non-default value changes what an adapter computes: ignoring them is not safe.
 # key -> the values that are harmless to ignore (the defaults).

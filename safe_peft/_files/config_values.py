@@ -27,17 +27,15 @@ from safe_peft._bounds import (
     MAX_PATTERN_ENTRIES,
     MAX_REPLICATED_LAYERS,
     TRIAL_SECONDS,
-    Pattern,
     shorten,
-    slow_patterns,
-    static_fault,
 )
+from safe_peft._files.patterns import Pattern, slow_patterns, static_fault
 from safe_peft.errors import AdapterFormatError
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["check_against_model", "check_config", "check_patterns_on", "check_values", "config_patterns"]
+__all__ = ["check_against_model", "check_config", "check_values"]
 
 # How peft wraps each pattern-valued setting before matching module names (peft 0.17.1 to 0.21.2;
 # tuners_utils.check_target_module_exists, utils.other.get_pattern_key).

@@ -14,7 +14,7 @@ from safe_peft._catalog import finding
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Diagnosis
 
-__all__ = ["CONFIG_NAME", "PICKLE_NAME", "SAFETENSORS_NAME", "AdapterFiles", "locate_adapter", "no_config_error"]
+__all__ = ["CONFIG_NAME", "SAFETENSORS_NAME", "AdapterFiles", "locate_adapter", "no_config_error"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

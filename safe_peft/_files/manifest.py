@@ -13,7 +13,7 @@ from safe_peft._files.safetensors_header import read_header
 from safe_peft._keys import Role, module_of, pattern_value, role_of, strip_prefix
 from safe_peft.report import Diagnosis
 
-__all__ = ["AdapterManifest", "TensorEntry", "inspect_adapter"]
+__all__ = ["AdapterManifest", "dtype_summary", "inspect_adapter"]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from safe_peft.errors import AdapterFormatError
 
-__all__ = ["load_pickle", "pickle_globals"]
+__all__ = ["load_pickle"]
 
 
 def load_pickle(path: str) -> dict[str, Any]:

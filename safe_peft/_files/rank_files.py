@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,15 @@ from safe_peft._keys import Role, Shape, module_of, role_of
 from safe_peft.errors import AdapterFormatError
 from safe_peft.report import Diagnosis
 
-__all__ = ["RankFile", "distributed_save_error", "find_rank_files", "shard_findings"]
+__all__ = [
+    "RankFile",
+    "chunk_sizes",
+    "distributed_save_error",
+    "find_rank_files",
+    "missing_ranks",
+    "shard_findings",
+    "split_dims",
+]
 
 _MAX_WORLD = 4096
 _RANK = re.compile(r"(?:^|[._-])(?:tp_rank|mp_rank|tp|rank)[_-]?(\d+)(?:$|[._-])")
@@ -216,7 +224,3 @@ def split_dims(shapes: list[Shape], want: Shape) -> int | None:
         if others_equal and sum(s[dim] for s in shapes) == want[dim]:
             return dim
     return None
-
-
-def expected_shapes(expected: Mapping[str, Any]) -> dict[str, Shape]:
-    return {k: tuple(e.shape) for k, e in expected.items()}

@@ -15,18 +15,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, gc_paused, open_regular
+from safe_peft._bounds import MAX_NDIM, MAX_TENSORS, open_regular
+from safe_peft._keys import gc_paused
 from safe_peft.errors import AdapterFormatError
 
-__all__ = [
-    "DTYPE_SIZES",
-    "MAX_HEADER_BYTES",
-    "SafetensorsHeader",
-    "TensorInfo",
-    "read_header",
-    "read_scalar",
-    "sniff_format",
-]
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "read_header", "read_scalar"]
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 

@@ -22,7 +22,20 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KEY", "Fingerprint", "FingerprintError", "Sampled", "grid_for", "positions"]
+__all__ = [
+    "ABSOLUTE_FLOOR",
+    "KEY",
+    "MAX_STAMP_CHARS",
+    "MAX_TENSORS",
+    "OTHER_WEIGHTS",
+    "QUANTIZED",
+    "ROUNDOFF",
+    "Fingerprint",
+    "FingerprintError",
+    "Sampled",
+    "grid_for",
+    "positions",
+]
 
 KEY = "safe_peft.base_fingerprint"
 VERSION = 1

@@ -20,7 +20,7 @@ from safe_peft._model.sharding import is_dtensor
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["fingerprint_of", "save_adapter", "stamp_adapter", "targeted_tensors"]
+__all__ = ["save_adapter", "saved_adapter_dirs", "stamp_adapter"]
 
 _WRAPPERS = frozenset({"base_layer", "token_adapter", "original_module"})
 _PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16", "float8", "int8", "nf4", "fp4")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from safe_peft._catalog import finding
-from safe_peft._files.rank_files import find_rank_files, missing_ranks, split_dims
+from safe_peft._files.rank_files import RankFile, find_rank_files, missing_ranks, split_dims
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -42,15 +42,42 @@ def merge_rank_shards(
     when the merged adapter would not load into ``base_model``. ``verify(staging_dir)`` is a further check of the
     written adapter before it is moved into place (the command line loads it with plain peft there).
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from safe_peft._files.config import build_peft_config, read_config
-    from safe_peft._files.safetensors_header import read_header
+    from safe_peft._fix.writer import write_output
     from safe_peft._model.view import expected_keys
     from safe_peft._routes.diagnose import diagnose
 
     source = os.fspath(directory)
+    files = _complete_rank_files(source)
+    peft_config = build_peft_config(read_config(files[0].config_path, adapter=source), adapter=source).config
+    expected = {k: tuple(e.shape) for k, e in expected_keys(base_model, peft_config, adapter_name).expected.items()}
+    merged, concatenated, replicated = _merged_tensors(source, files, expected)
+
+    def fill(staging: str) -> None:
+        metadata = {"format": "pt", "safe_peft.merged_ranks": str(len(files)), "safe_peft.source": source}
+        save_file(merged, os.path.join(staging, "adapter_model.safetensors"), metadata=metadata)
+        shutil.copyfile(files[0].config_path, os.path.join(staging, "adapter_config.json"))
+
+    def check(staging: str) -> None:  # the merged adapter must load into the base, before it is moved into place
+        report = diagnose(base_model, staging, adapter_name)
+        if not report.ok:
+            raise AdapterLoadError(report)
+        if verify is not None:
+            verify(staging)
+
+    record = {"source": source, "merged_ranks": len(files)}
+    write_output(out_dir, [source], fill, verify=check, force=force, record=record)
+    summary = (
+        f"merged the files of {len(files)} ranks: {concatenated} tensors concatenated, {replicated} replicated "
+        "(identical on every rank)"
+    )
+    return LoadReport(ok=True, repairs=[summary], adapter=source, model_class=type(base_model).__name__)
+
+
+def _complete_rank_files(source: str) -> list[RankFile]:
+    """Every rank's files in ``source``, refused unless no rank is missing and every rank's config is the same."""
     files = find_rank_files(source)
     if len(files) < 2:
         raise AdapterFormatError.of(
@@ -75,8 +102,18 @@ def merge_rank_shards(
                 f"rank {other}'s adapter_config.json differs from rank 0's",
             ),
         )
-    peft_config = build_peft_config(read_config(files[0].config_path, adapter=source), adapter=source).config
-    expected = {k: tuple(e.shape) for k, e in expected_keys(base_model, peft_config, adapter_name).expected.items()}
+    return files
+
+
+def _merged_tensors(
+    source: str, files: list[RankFile], expected: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], int, int]:
+    """The merged adapter's tensors, one key at a time from every rank's file: (tensors, how many were concatenated,
+    how many replicated). Refused when the ranks hold other keys, a replica differs or the parts do not add up."""
+    from safetensors import safe_open
+
+    from safe_peft._files.safetensors_header import read_header
+
     headers = [read_header(f.weights_path) for f in files]
     keys = list(headers[0].tensors)
     for f, header in zip(files, headers, strict=False):
@@ -91,60 +128,50 @@ def merge_rank_shards(
     handles: list[Any] = [safe_open(f.weights_path, framework="pt") for f in files]
     for key in keys:
         shapes = [tuple(h.tensors[key].shape) for h in headers]
-        want = expected.get(key)
         parts = [handle.get_tensor(key) for handle in handles]
-        if all(s == shapes[0] for s in shapes) and (want is None or shapes[0] == want):
-            differ = next((f.rank for f, p in zip(files, parts, strict=False) if not _equal(p, parts[0])), None)
-            if differ is not None:
-                raise _refusal(
-                    source,
-                    finding(
-                        "replicas_differ",
-                        f"{key!r} is replicated (every rank holds it whole) but rank {differ}'s copy differs from "
-                        "rank 0's: the ranks trained it apart (its gradients were never reduced across ranks)",
-                        fix="train again with the adapter under the model's sharding (safe_load_adapter places it), "
-                        "or pick one rank's adapter knowingly.",
-                    ),
-                )
-            merged[key] = parts[0].contiguous()
-            replicated += 1
-            continue
-        dim = split_dims(shapes, want) if want is not None else None
-        if dim is None:
+        merged[key], was_replicated = _merged_tensor(source, files, key, shapes, parts, expected.get(key))
+        replicated += was_replicated
+        concatenated += not was_replicated
+    return merged, concatenated, replicated
+
+
+def _merged_tensor(
+    source: str,
+    files: list[RankFile],
+    key: str,
+    shapes: list[tuple[int, ...]],
+    parts: list[Any],
+    want: tuple[int, ...] | None,
+) -> tuple[Any, bool]:
+    """One tensor from its per-rank parts, and whether it was replicated (else concatenated)."""
+    if all(s == shapes[0] for s in shapes) and (want is None or shapes[0] == want):
+        differ = next((f.rank for f, p in zip(files, parts, strict=False) if not _equal(p, parts[0])), None)
+        if differ is not None:
             raise _refusal(
                 source,
                 finding(
-                    "shards_incomplete",
-                    f"the per-rank parts of {key!r} ({', '.join(map(str, map(list, shapes)))}) do not add up to "
-                    f"the shape the model expects ({list(want) if want else 'no such key'})",
-                    fix="check that every rank's file is present and that the base model is the one trained on.",
+                    "replicas_differ",
+                    f"{key!r} is replicated (every rank holds it whole) but rank {differ}'s copy differs from "
+                    "rank 0's: the ranks trained it apart (its gradients were never reduced across ranks)",
+                    fix="train again with the adapter under the model's sharding (safe_load_adapter places it), "
+                    "or pick one rank's adapter knowingly.",
                 ),
             )
-        import torch
+        return parts[0].contiguous(), True
+    dim = split_dims(shapes, want) if want is not None else None
+    if dim is None:
+        raise _refusal(
+            source,
+            finding(
+                "shards_incomplete",
+                f"the per-rank parts of {key!r} ({', '.join(map(str, map(list, shapes)))}) do not add up to "
+                f"the shape the model expects ({list(want) if want else 'no such key'})",
+                fix="check that every rank's file is present and that the base model is the one trained on.",
+            ),
+        )
+    import torch
 
-        merged[key] = torch.cat(parts, dim=dim).contiguous()
-        concatenated += 1
-    from safe_peft._fix.writer import write_output
-
-    def fill(staging: str) -> None:
-        metadata = {"format": "pt", "safe_peft.merged_ranks": str(len(files)), "safe_peft.source": source}
-        save_file(merged, os.path.join(staging, "adapter_model.safetensors"), metadata=metadata)
-        shutil.copyfile(files[0].config_path, os.path.join(staging, "adapter_config.json"))
-
-    def check(staging: str) -> None:  # the merged adapter must load into the base, before it is moved into place
-        report = diagnose(base_model, staging, adapter_name)
-        if not report.ok:
-            raise AdapterLoadError(report)
-        if verify is not None:
-            verify(staging)
-
-    record = {"source": source, "merged_ranks": len(files)}
-    write_output(out_dir, [source], fill, verify=check, force=force, record=record)
-    summary = (
-        f"merged the files of {len(files)} ranks: {concatenated} tensors concatenated, {replicated} replicated "
-        "(identical on every rank)"
-    )
-    return LoadReport(ok=True, repairs=[summary], adapter=source, model_class=type(base_model).__name__)
+    return torch.cat(parts, dim=dim).contiguous(), False
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -43,9 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MARKER",
     "OutputDirError",
-    "check_output_dir",
     "fix_adapter",
-    "provenance",
     "recover_output",
     "replace_file",
     "temporary_directory",

@@ -138,7 +138,7 @@ def own_route(
         config.runtime_config.ephemeral_gpu_offload = False
     # as from_pretrained picks the class: the task type as given (an enum or its string value)
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if config.task_type else PeftModel
-    from safe_peft._model.view import on_meta_here  # thread-local: torch.device("meta") sets a module global too
+    from safe_peft._model.meta import on_meta_here  # thread-local: torch.device("meta") sets a module global too
 
     with on_meta_here() if on_meta else contextlib.nullcontext():
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)

@@ -18,9 +18,9 @@ from safe_peft._catalog import finding, order, rank
 from safe_peft._keys import Role, Shape, is_embedding_part, module_of, rank_axis, role_of, strip_prefix
 from safe_peft._model.view import ModelView
 from safe_peft._plan.compare import KeyDiff
+from safe_peft._plan.remap import RemapPlan
 from safe_peft._versions import TASK_CLASS
 from safe_peft.report import Cause, Diagnosis
-from safe_peft.rules import RemapPlan
 
 __all__ = ["DETECTORS", "Evidence", "Found", "classify", "register_detector"]
 
@@ -452,18 +452,11 @@ def _unexpected(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     beyond, untargeted, absent = _where(rest, ev)
     if beyond:
         have, want = beyond
-        findings.append(
-            Found(
-                finding(
-                    "fewer_layers",
-                    f"the checkpoint has adapter weights for layers up to {want}, the model only has layers up to "
-                    f"{have}: it was trained on a deeper model",
-                    details={"checkpoint_max_layer": want, "model_max_layer": have},
-                    base=ev.base,
-                ),
-                len(rest),
-            )
+        message = (
+            f"the checkpoint has adapter weights for layers up to {want}, the model only has layers up to {have}: it "
+            "was trained on a deeper model"
         )
+        findings.append(_depth_differs(ev, "fewer_layers", message, want, have, len(rest)))
     elif untargeted:
         modules = sorted({module_of(k) for k in untargeted})
         findings.append(
@@ -582,18 +575,11 @@ def _missing(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     deeper = _trailing_layers(ev, missing)
     if deeper is not None:
         have, want = deeper
-        return [
-            Found(
-                finding(
-                    "more_layers",
-                    f"the checkpoint has adapter weights for layers 0 to {have} only, but the model's targeted layers "
-                    f"go up to {want}: it was trained on a shallower model of the same width",
-                    details={"checkpoint_max_layer": have, "model_max_layer": want},
-                    base=ev.base,
-                ),
-                len(missing),
-            )
-        ]
+        message = (
+            f"the checkpoint has adapter weights for layers 0 to {have} only, but the model's targeted layers go up "
+            f"to {want}: it was trained on a shallower model of the same width"
+        )
+        return [_depth_differs(ev, "more_layers", message, have, want, len(missing))]
     modules = sorted({ev.view.expected[k].module for k in missing})
     # the targets repair takes target_modules from the checkpoint's lora_A stems: it can help only when every stem
     # is a layer of this model (a stem that is not, peft's injection refuses)
@@ -639,3 +625,9 @@ def _layers(modules: Any) -> list[int | None]:
 
 
 DETECTORS: list[Detector] = [_corrupt, _foreign, _shard_saves, _view_error, _layout, _shapes, _unexpected, _missing]
+
+
+def _depth_differs(ev: Evidence, code: str, message: str, checkpoint_max: int, model_max: int, count: int) -> Found:
+    """The checkpoint's layers go deeper (``fewer_layers``) or less deep (``more_layers``) than the model's."""
+    details = {"checkpoint_max_layer": checkpoint_max, "model_max_layer": model_max}
+    return Found(finding(code, message, details=details, base=ev.base), count)

@@ -9,7 +9,7 @@ from safe_peft._keys import ANY, Shape
 from safe_peft._model.view import ExpectedKey
 from safe_peft.report import MissingKey, SizeMismatch, UnexpectedKey
 
-__all__ = ["ANY", "KeyDiff", "compare_keys", "shape_fits"]
+__all__ = ["KeyDiff", "compare_keys", "shape_fits"]
 
 
 def shape_fits(have: Shape, want: Shape) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from safe_peft._keys import lora_key
 
-__all__ = ["KohyaConversion", "convert_kohya", "is_kohya"]
+__all__ = ["convert_kohya", "is_kohya"]
 
 _KOHYA = re.compile(
     r"^(lora_(?:te\d?|unet|transformer)_)?(?P<module>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"

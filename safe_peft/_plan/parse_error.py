@@ -8,14 +8,14 @@ import re
 from functools import partial
 from itertools import repeat
 
-from safe_peft._bounds import gc_paused
 from safe_peft._catalog import finding
-from safe_peft._keys import Role, is_adapter_key, memoised, without_adapter_name
+from safe_peft._keys import Role, gc_paused, is_adapter_key, memoised, without_adapter_name
 from safe_peft._model.view import ExpectedKey, ModelView
 from safe_peft._plan.classify import Evidence, classify
 from safe_peft._plan.compare import KeyDiff
+from safe_peft._plan.remap import plan_remap
 from safe_peft.report import Diagnosis, LoadReport, MissingKey, SizeMismatch, UnexpectedKey
-from safe_peft.rules import BUILTIN, plan_remap
+from safe_peft.rules import BUILTIN
 
 __all__ = ["parse_load_error"]
 

@@ -38,9 +38,10 @@ from safe_peft._plan.peft_conversions import (
     peft_conversions,
     sizes_peft_ignores,
 )
+from safe_peft._plan.remap import RemapPlan, plan_given, plan_remap, to_rules
 from safe_peft._plan.repairs import changed_fields, rank_relaxed, repair_config, resized_view, vocab_rows, vocab_target
 from safe_peft.report import Cause, Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, RemapPlan, model_rules, plan_given, plan_remap, to_rules
+from safe_peft.rules import BUILTIN, model_rules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,8 +118,7 @@ def make_plan(
 
 def plan_load(model: nn.Module, model_id: str | os.PathLike[str], options: LoadOptions, route: Route) -> LoadPlan:
     """The one planning sequence, for every route: ``options`` as the entry point took them, ``route``'s hooks."""
-    from safe_peft._bounds import gc_paused
-    from safe_peft._keys import memoised
+    from safe_peft._keys import gc_paused, memoised
 
     with memoised(), gc_paused():  # a plan builds only acyclic data: no collection pass over a header's keys
         return _make_plan(model, model_id, options, route)

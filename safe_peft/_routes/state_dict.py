@@ -10,9 +10,10 @@ from safe_peft._keys import Role, is_adapter_key
 from safe_peft._model.view import ExpectedKey, ModelView
 from safe_peft._plan.classify import Evidence, classify
 from safe_peft._plan.compare import compare_keys
+from safe_peft._plan.remap import plan_given, plan_remap, to_rules
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
-from safe_peft.rules import BUILTIN, Remap, plan_given, plan_remap, rename_state_dict, to_rules
+from safe_peft.rules import BUILTIN, Remap, rename_state_dict
 
 if TYPE_CHECKING:
     from torch import nn

@@ -23,7 +23,8 @@ import corpus  # noqa: E402
 
 from safe_peft._engines.check import check_target  # noqa: E402
 from safe_peft._engines.fix import fix_for_target  # noqa: E402
-from safe_peft._engines.rules import FEATURES, RULE_SETS, rule_set  # noqa: E402
+from safe_peft._engines.rule_types import FEATURES  # noqa: E402
+from safe_peft._engines.rules import RULE_SETS, rule_set  # noqa: E402
 from safe_peft.errors import AdapterLoadError  # noqa: E402
 
 RECORDED = corpus.load_recorded()
