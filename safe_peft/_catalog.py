@@ -145,7 +145,7 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("meaning_changing_config_key", _C.VERSION_SKEW, 0, False, "{advice}", repair=("config",)),
     Entry("unknown_config_keys", _C.VERSION_SKEW, 0, False, warning=True),
     Entry("other_adapter_copies", _C.VERSION_SKEW, 0, False, warning=True),
-    # -- hostile input: values peft cannot compute with, and the bounds of safe_peft._bounds (issue 16) --------------
+    # -- hostile input: values peft cannot compute with, and the bounds of safe_peft._bounds -------------------
     Entry(
         "config_too_large",
         _C.CORRUPT_CHECKPOINT,
@@ -713,7 +713,7 @@ def finding(
 ) -> Diagnosis:
     """The :class:`Diagnosis` of ``code``: cause, opt-in and fix from the catalog (the fix template is filled with
     ``fill`` and ``details``); ``fix`` / ``remap`` / ``repair`` override the entry where a finding knows better."""
-    from safe_peft._bounds import bounded_details, shorten  # findings echo input: bounded (issue 16)
+    from safe_peft._bounds import bounded_details, shorten  # findings echo input: bounded
 
     e = entry(code)
     facts = bounded_details(dict(details or {}))

@@ -168,3 +168,36 @@ def test_the_package_version_matches_pyproject() -> None:
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
         declared = next(line.split('"')[1] for line in f if line.startswith("version = "))
     assert safe_peft.__version__ == declared
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """An underscore name is its module's own: another module that needs it needs a public name."""
+    crossing = []
+    for path in _modules():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safe_peft"):
+                names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                crossing += [f"{_module_name(path)}: {node.module}.{name}" for name in names]
+    assert not crossing, crossing
+
+
+def test_where_to_change_what_names_paths_that_exist() -> None:
+    """docs/changing.md's tree names every subpackage and module, and every path it cites exists."""
+    import re
+
+    with open(os.path.join(ROOT, "docs", "changing.md"), encoding="utf-8") as f:
+        page = f.read()
+    cited = set(re.findall(r"`((?:safe_peft|tests|tools|benchmarks)/[\w/.-]+)`", page))
+    assert cited, "no paths cited"
+    missing = sorted(p for p in cited if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, missing
+    tree = page[page.index("```text") : page.index("```", page.index("```text") + 3)]
+    for path in _modules():
+        rel = os.path.relpath(path, PACKAGE)
+        folder, name = os.path.split(rel)
+        if name == "__init__.py":
+            assert f"{os.path.basename(folder)}/" in tree or not folder, f"{folder}/ is not in docs/changing.md's tree"
+        else:
+            assert name[:-3] in tree, f"{rel} is not in docs/changing.md's tree"

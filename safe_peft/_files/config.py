@@ -211,7 +211,7 @@ def build_peft_config(config: AdapterConfig, *, adapter: str = "", repair: tuple
         data, _ = convert_config(config.data)
         config = AdapterConfig(path=config.path, data=data, warnings=config.warnings)
     known = known_fields(config_cls)
-    from safe_peft._files.config_values import check_values  # hook: values peft cannot compute with (issue 16)
+    from safe_peft._files.config_values import check_values  # values peft cannot compute with
 
     check_values(config.data, known, peft_type=config.peft_type, path=config.path, adapter=adapter)
     unknown = sorted(k for k in config.data if k not in known)

@@ -213,7 +213,7 @@ def _analytic(
 
     cfg: Any = copy.copy(config)
     cfg.target_modules = copy.copy(config.target_modules)
-    if cfg.target_modules is None:  # peft fills the default targets of the model type (issue 16)
+    if cfg.target_modules is None:  # peft fills the default targets of the model type
         from safe_peft._model.defaults import default_targets
 
         cfg.target_modules = default_targets(model, cfg)

@@ -110,7 +110,7 @@ def safe_load_adapter(
         verify_base,
         peft_kwargs,
     )
-    from safe_peft._plan.routes import is_peft_model  # hook: further adapters into a PeftModel (issue 12, _carried)
+    from safe_peft._plan.routes import is_peft_model  # a PeftModel takes a further adapter
 
     if is_peft_model(base_model):
         from safe_peft._routes.peft_model import load_into
