@@ -76,8 +76,8 @@ class MissingKey(NamedTuple):
     A named tuple: immutable like the findings. Named tuples are cheap: 100,000 of them (a parsed key wall, or a
     70B model's adapter) take a few tens of milliseconds to build.
 
-    :param key: the model's key.
-    :param expected_shape: the shape the model expects, or None when unknown (a parsed error message).
+    :var key: the model's key.
+    :var expected_shape: the shape the model expects, or None when unknown (a parsed error message).
 
     ```python
     >>> report = parse_load_error('Missing key(s) in state_dict: "bias".')
@@ -94,8 +94,8 @@ class MissingKey(NamedTuple):
 class UnexpectedKey(NamedTuple):
     """A key in the checkpoint that no part of the model takes.
 
-    :param key: the checkpoint's key.
-    :param shape: the tensor's shape in the checkpoint, or None when unknown.
+    :var key: the checkpoint's key.
+    :var shape: the tensor's shape in the checkpoint, or None when unknown.
 
     ```python
     >>> report = parse_load_error('Unexpected key(s) in state_dict: "head.weight".')
@@ -112,9 +112,9 @@ class UnexpectedKey(NamedTuple):
 class SizeMismatch(NamedTuple):
     """A key both sides have, with different shapes.
 
-    :param key: the key.
-    :param checkpoint_shape: the tensor's shape in the checkpoint.
-    :param model_shape: the shape the model expects.
+    :var key: the key.
+    :var checkpoint_shape: the tensor's shape in the checkpoint.
+    :var model_shape: the shape the model expects.
 
     ```python
     >>> mismatch = diagnose(other_base, adapter_dir).size_mismatches[0]
