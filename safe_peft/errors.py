@@ -62,12 +62,25 @@ def _compatible(cls: type[AdapterLoadError], plain: type[Exception] | None) -> t
 
 
 class AdapterLoadError(RuntimeError):
-    """An adapter does not fit the model (or could not be loaded). ``.report`` says why.
+    """An adapter does not fit the model, or could not be loaded. ``.report`` says why.
 
-    A ``RuntimeError`` subclass, so code that already catches torch's load errors keeps working. Where plain peft
-    raises an exception of its own for the same call (a ``ValueError`` for a second trainable AdaLoRA adapter, for
-    a target module that does not exist, ...), the error is also an instance of that builtin class, so
-    ``except ValueError`` written for plain peft keeps catching it (the finding records the class).
+    It is a ``RuntimeError``, so code that already catches torch's load errors keeps working. Plain peft raises
+    other builtin classes for some calls: a ``ValueError`` for a second trainable AdaLoRA adapter, or for a target
+    module that does not exist. For those calls the error is also an instance of that class, so an
+    ``except ValueError`` written for plain peft keeps catching it; the finding records the class.
+    The error survives ``pickle``, report included.
+
+    :param report: the :class:`LoadReport` of the failed load; ``err.report`` gives it back.
+
+    ```python
+    >>> try:
+    ...     safe_load_adapter(other_base, adapter_dir)
+    ... except AdapterLoadError as err:
+    ...     print(isinstance(err, RuntimeError), err.report.primary.code)
+    True dimension_mismatch
+
+    ```
+
     ``str(err)`` is the rendered report::
 
         Cannot load adapter 'out/adapter' into LlamaForCausalLM: 0 missing, 0 unexpected, 8 size-mismatched keys.
@@ -100,7 +113,23 @@ class AdapterLoadError(RuntimeError):
 
 
 class AdapterFormatError(AdapterLoadError):
-    """An adapter file is unreadable, malformed or unsafe (refused pickle, bad header, bad config).
+    """An adapter file is unreadable, malformed or unsafe: a refused pickle, a bad header, a bad config.
+
+    A subclass of :class:`AdapterLoadError`; ``err.code`` is its finding's code.
+
+    :param report: the :class:`LoadReport` holding the finding about the file.
+
+    ```python
+    >>> import shutil
+    >>> broken = shutil.copytree(adapter_dir, os.path.join(tmp, "broken"))
+    >>> os.truncate(os.path.join(broken, "adapter_model.safetensors"), 1000)
+    >>> try:
+    ...     inspect_adapter(broken)
+    ... except AdapterFormatError as err:
+    ...     print(err.code)
+    truncated_file
+
+    ```
 
     ``str(err)`` names the file and what is wrong with it::
 
@@ -138,8 +167,21 @@ class AdapterFormatError(AdapterLoadError):
 
 
 class AdapterNotFoundError(AdapterFormatError, FileNotFoundError):
-    """There is no adapter where ``model_id`` points: no such directory or hub repository, no
-    ``adapter_config.json`` or weights file in it, no such ``subfolder``. Also a ``FileNotFoundError``.
+    """There is no adapter where ``model_id`` points.
+
+    That is: no such directory or hub repository, no ``adapter_config.json`` or weights file in it, or no such
+    ``subfolder``. It is also a ``FileNotFoundError``.
+
+    :param report: the :class:`LoadReport` holding the ``not_found`` finding.
+
+    ```python
+    >>> try:
+    ...     inspect_adapter(os.path.join(tmp, "missing"))
+    ... except FileNotFoundError as err:
+    ...     print(type(err).__name__, err.code)
+    AdapterNotFoundError not_found
+
+    ```
 
     ``str(err)``::
 

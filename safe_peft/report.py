@@ -34,7 +34,21 @@ DOCS_URL = "https://github.com/safe-peft/safe-peft/blob/main/docs/causes"
 
 
 class Cause(str, enum.Enum):
-    """The broad class of a finding. Values are stable lower-case strings."""
+    """The broad class of a finding.
+
+    Each cause has a page in the docs. The values are stable lower-case strings: compare them, or the members, never
+    the message text. ``str(cause)`` is the value on every Python version.
+
+    ```python
+    >>> Cause.WRONG_BASE_MODEL.value
+    'wrong_base_model'
+    >>> Cause("key_format") is Cause.KEY_FORMAT
+    True
+    >>> diagnose(other_base, adapter_dir).primary.cause
+    <Cause.WRONG_BASE_MODEL: 'wrong_base_model'>
+
+    ```
+    """
 
     WRONG_BASE_MODEL = "wrong_base_model"
     MODEL_CLASS_MISMATCH = "model_class_mismatch"
@@ -59,8 +73,18 @@ class Cause(str, enum.Enum):
 class MissingKey(NamedTuple):
     """A key the model expects that the checkpoint does not have.
 
-    The key entries are named tuples: immutable like the findings, and cheap enough to build
-    100,000 of (a parsed key wall, a 70B model's adapter) in a few tens of milliseconds.
+    A named tuple: immutable like the findings. Named tuples are cheap: 100,000 of them (a parsed key wall, or a
+    70B model's adapter) take a few tens of milliseconds to build.
+
+    :var key: the model's key.
+    :var expected_shape: the shape the model expects, or None when unknown (a parsed error message).
+
+    ```python
+    >>> report = parse_load_error('Missing key(s) in state_dict: "bias".')
+    >>> report.missing
+    [MissingKey(key='bias', expected_shape=None)]
+
+    ```
     """
 
     key: str
@@ -68,14 +92,37 @@ class MissingKey(NamedTuple):
 
 
 class UnexpectedKey(NamedTuple):
-    """A key in the checkpoint that no part of the model takes."""
+    """A key in the checkpoint that no part of the model takes.
+
+    :var key: the checkpoint's key.
+    :var shape: the tensor's shape in the checkpoint, or None when unknown.
+
+    ```python
+    >>> report = parse_load_error('Unexpected key(s) in state_dict: "head.weight".')
+    >>> report.unexpected[0].key
+    'head.weight'
+
+    ```
+    """
 
     key: str
     shape: Shape | None = None
 
 
 class SizeMismatch(NamedTuple):
-    """A key both sides have, with different shapes."""
+    """A key both sides have, with different shapes.
+
+    :var key: the key.
+    :var checkpoint_shape: the tensor's shape in the checkpoint.
+    :var model_shape: the shape the model expects.
+
+    ```python
+    >>> mismatch = diagnose(other_base, adapter_dir).size_mismatches[0]
+    >>> mismatch.checkpoint_shape, mismatch.model_shape
+    ((8, 64), (8, 128))
+
+    ```
+    """
 
     key: str
     checkpoint_shape: Shape
@@ -86,9 +133,25 @@ class SizeMismatch(NamedTuple):
 class Diagnosis:
     """One finding: a cause, a stable code, what it means and how to fix it.
 
-    ``remap`` and ``repair`` hold the exact ``safe_load_adapter`` argument that fixes the
-    problem when an opt-in fix exists. ``details`` holds JSON-safe facts behind the finding
-    (for example the configured and the stored rank) so that tools need not parse ``message``.
+    Reports hold findings; you read them, you do not build them. ``url`` is the finding's section in the docs.
+
+    :param cause: the broad class (:class:`Cause`).
+    :param code: a stable, finer name, such as ``"strip_orig_mod"``: the section's anchor.
+    :param message: what went wrong, for a person.
+    :param fix: what to do about it, for a person.
+    :param remap: the exact ``remap=`` argument of ``safe_load_adapter`` that fixes it, when one does.
+    :param repair: the exact ``repair=`` argument that fixes it, when one does.
+    :param details: JSON-safe facts behind the finding (for example the configured and the stored rank), so that
+        tools need not parse ``message``.
+
+    ```python
+    >>> finding = diagnose(make_base(), compiled_adapter_dir).primary
+    >>> finding.cause, finding.code, finding.remap
+    (<Cause.KEY_FORMAT: 'key_format'>, 'strip_orig_mod', 'auto')
+    >>> finding.url
+    'https://github.com/safe-peft/safe-peft/blob/main/docs/causes/key_format.md#strip_orig_mod'
+
+    ```
     """
 
     cause: Cause
@@ -128,14 +191,41 @@ class Diagnosis:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """Everything known about one load (or one predicted load).
+    """Everything known about one load, or one predicted load.
 
-    ``ok`` is True when the adapter loads (or loaded) completely and exactly. ``warnings``
-    never make ``ok`` False. ``renames`` and ``repairs`` list what an opt-in changed.
-    ``adapter`` and ``model_class`` only serve the rendered message. ``route`` says how a load ran:
-    ``"meta"`` (the adapter created on the meta device and the checkpoint assigned), ``"initialising"`` or
-    ``"low_cpu_mem_usage"`` (peft's own routes), ``"in_place"`` (a reload or hot-swap copied into the loaded
-    adapter's tensors) or ``"peft_hotswap"``; empty for a prediction.
+    ``str(report)`` is the explanation an error shows. ``to_dict()`` gives JSON-safe data with a
+    ``schema_version``: the machine contract. ``primary`` is the most likely cause (None when nothing went wrong).
+
+    :param ok: True when the adapter loads (or loaded) completely and exactly. Warnings never make it False.
+    :param missing: keys the model expects that the checkpoint lacks (:class:`MissingKey`).
+    :param unexpected: checkpoint keys that no part of the model takes (:class:`UnexpectedKey`).
+    :param size_mismatches: keys both sides have, with different shapes (:class:`SizeMismatch`).
+    :param causes: the findings that stop the load, most likely first (:class:`Diagnosis`).
+    :param warnings: findings that did not stop the load (an all-zero ``lora_B``, config keys peft ignored).
+    :param renames: the renames an opt-in ``remap`` applied, old key to new key.
+    :param repairs: the repairs an opt-in ``repair`` applied, described.
+    :param adapter: the adapter's path, for the rendered message only.
+    :param model_class: the model's class name, for the rendered message only.
+    :param adapter_name: the adapter's name in the model.
+    :param base_model_unchanged: whether the model passed in is exactly as it was.
+    :param route: how a load ran. ``"meta"``: the adapter was created on the meta device and the checkpoint
+        assigned. ``"initialising"`` or ``"low_cpu_mem_usage"``: peft's own routes. ``"in_place"``: a reload or
+        hot-swap copied into the loaded adapter's tensors. ``"peft_hotswap"``: peft's hot-swap. Empty for a
+        prediction.
+
+    ```python
+    >>> report = diagnose(other_base, adapter_dir)
+    >>> report.ok, len(report.size_mismatches), report.primary.code
+    (False, 8, 'dimension_mismatch')
+    >>> report.to_dict()["causes"][0]["cause"]
+    'wrong_base_model'
+    >>> print(report)
+    Cannot load adapter '...' into LlamaForCausalLM: 0 missing, 0 unexpected, 8 size-mismatched keys.
+    Most likely cause [wrong_base_model/dimension_mismatch]: ...
+    The base model was left unchanged.
+    Docs: https://github.com/safe-peft/safe-peft/blob/main/docs/causes/wrong_base_model.md#dimension_mismatch
+
+    ```
     """
 
     ok: bool

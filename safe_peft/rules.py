@@ -33,8 +33,23 @@ V = TypeVar("V")
 class RemapRule:
     """A regex rename of checkpoint keys: ``re.sub(pattern, replacement, key)`` on every key.
 
-    ``drop=True`` removes matching keys instead (quantization state that is not adapter data).
-    ``cause`` and ``code`` say what a rule's success means when it is found by the planner.
+    Pass rules as ``remap=[...]``. A rule set is applied only when every key then lands exactly; otherwise nothing
+    is renamed. ``BUILTIN`` lists the rules ``remap="auto"`` tries. ``apply(key)`` gives the renamed key.
+
+    :param name: the rule's name; for a built-in rule, the code of its finding.
+    :param pattern: the regex, matched anywhere in the full key.
+    :param replacement: as in ``re.sub``.
+    :param description: what the rule is for, in the report.
+    :param cause: what the rule's success means when ``remap="auto"`` finds it (default ``key_format``).
+    :param drop: remove matching keys instead of renaming them (quantization state that is not adapter data).
+
+    ```python
+    >>> rule = RemapRule("strip_compile", "_orig_mod[.]", "")
+    >>> rule.apply("base_model.model._orig_mod.model.layers.0.self_attn.q_proj.lora_A.weight")
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    >>> model = safe_load_adapter(make_base(), compiled_adapter_dir, remap=[rule])
+
+    ```
     """
 
     name: str
@@ -192,6 +207,19 @@ _register_layout_codes()
 def rename_state_dict(
     state_dict: Mapping[str, V], renames: Mapping[str, str], dropped: Iterable[str] = ()
 ) -> dict[str, V]:
-    """A new dict with keys renamed and dropped; the values are the very same objects (no tensor is copied)."""
+    """A new dict with keys renamed and dropped. The values are the very same objects: no tensor is copied.
+
+    :param state_dict: the tensors, by key; it is not modified.
+    :param renames: old key to new key (a report's ``renames``); other keys are kept as they are.
+    :param dropped: keys to leave out.
+    :returns: the new dict.
+
+    ```python
+    >>> from safe_peft.rules import rename_state_dict
+    >>> rename_state_dict({"a.weight": 1, "b.weight": 2}, {"a.weight": "x.weight"}, dropped=["b.weight"])
+    {'x.weight': 1}
+
+    ```
+    """
     gone = set(dropped)
     return {renames.get(k, k): v for k, v in state_dict.items() if k not in gone}

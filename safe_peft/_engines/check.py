@@ -154,13 +154,32 @@ class Feature:
 
 @dataclass(frozen=True)
 class TargetReport:
-    """The verdict of one engine on one adapter.
+    """The verdict of one serving engine on one adapter.
 
-    ``verdict`` is ``serves`` (outputs equal peft's), ``serves_wrong`` (the engine loads it with exit code 0 and
-    serves different outputs), ``refuses`` (a loud error), ``unknown`` (a feature no rule covers) or, on the command
-    line, ``unreadable`` (the adapter's files cannot be read: the findings say why).
-    ``engine_args`` are the settings the engine needs (e.g. ``{"max_lora_rank": 64}``), ``command`` the same as
-    command-line flags; ``conversions`` the exact ``safe-peft fix --target`` conversions that make it serve.
+    :func:`check_target` builds it. ``ok`` is True when the verdict is ``serves``. ``fixable`` says whether
+    :func:`fix_for_target` turns the adapter into one the engine serves exactly. ``str(report)`` renders it;
+    ``to_dict()`` gives JSON-safe data.
+
+    :param adapter: the adapter's path.
+    :param engine: the engine's name (``"vllm"``, ``"sglang"``, ``"llamacpp"``, ...).
+    :param version: the version of the engine's rule set.
+    :param verdict: ``serves``: outputs equal peft's. ``serves_wrong``: the engine loads it with exit code 0 and
+        serves different outputs. ``refuses``: a loud error. ``unknown``: a feature no rule covers. On the command
+        line also ``unreadable``: the adapter's files cannot be read, and the findings say why.
+    :param findings: the coded findings (:class:`Diagnosis`, cause ``engine_incompatible``).
+    :param notes: remarks that change nothing.
+    :param engine_args: the settings the engine needs, e.g. ``{"max_lora_rank": 64}``.
+    :param command: the same settings as command-line flags.
+    :param conversions: the exact ``safe-peft fix --target`` conversions that make it serve.
+
+    ```python
+    >>> report = check_target(adapter_dir, "vllm", engine_args={"max_lora_rank": 4})
+    >>> report.verdict, [finding.code for finding in report.findings]
+    ('refuses', ['vllm_max_lora_rank'])
+    >>> report.command
+    ('--enable-lora', '--max-lora-rank', '4')
+
+    ```
     """
 
     adapter: str
@@ -220,11 +239,25 @@ def check_target(
 ) -> TargetReport:
     """Predict what serving engine ``target`` does with ``adapter``, before deploying it.
 
-    ``base`` (a model directory holding config.json, its path, or the config as a dict) lets the check see tied
-    embeddings, vision-language wrappers and MoE experts; without it those are judged conservatively.
-    ``version`` picks the engine's rule set (default: the newest known). ``engine_args`` are the settings the
-    engine will run with (e.g. ``{"max_lora_rank": 16}``); by default the check says which ones are needed.
-    Reads the adapter config and safetensors header only: no torch, no tensor data.
+    It reads the adapter config and safetensors header only: no torch, no tensor data.
+
+    :param adapter: a local adapter directory.
+    :param target: the engine: ``"vllm"``, ``"sglang"``, ``"llamacpp"``, ...
+    :param base: the base model's config: a model directory holding config.json, its path, or the config as a
+        dict. It lets the check see tied embeddings, vision-language wrappers and MoE experts; without it those are
+        judged conservatively.
+    :param version: the engine version whose rule set applies (default: the newest known).
+    :param engine_args: the settings the engine will run with, e.g. ``{"max_lora_rank": 16}``. By default the
+        check says which ones are needed.
+    :returns: the engine's :class:`TargetReport`.
+    :raises ValueError: for an engine or version it has no rules for.
+
+    ```python
+    >>> report = check_target(adapter_dir, "vllm")
+    >>> report.verdict, report.command
+    ('serves', ('--enable-lora',))
+
+    ```
     """
     rules = rule_set(target, version)
     facts = AdapterFacts.read(adapter)

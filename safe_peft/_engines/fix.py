@@ -47,7 +47,25 @@ _NOT_EXACT = {
 
 @dataclass(frozen=True)
 class FixReport:
-    """What ``fix_for_target`` wrote: the conversions applied, per-module factors, and the check of the output."""
+    """What :func:`fix_for_target` wrote, and the engine's check of it.
+
+    ``to_dict()`` gives JSON-safe data.
+
+    :param adapter: the input adapter's path.
+    :param out_dir: where the fixed adapter was written.
+    :param engine: the engine's name.
+    :param conversions: the conversions applied, e.g. ``("pad_rank",)``.
+    :param factors: the per-module scale factors the conversions applied.
+    :param before: the engine's :class:`TargetReport` on the input.
+    :param after: the engine's :class:`TargetReport` on the output.
+
+    ```python
+    >>> fixed = fix_for_target(adapter_dir, "vllm", os.path.join(tmp, "padded"), pad_rank_to=16)
+    >>> fixed.conversions, fixed.after.verdict
+    (('pad_rank',), 'serves')
+
+    ```
+    """
 
     adapter: str
     out_dir: str
@@ -81,8 +99,26 @@ def fix_for_target(
 ) -> FixReport:
     """Write to ``out_dir`` an adapter that engine ``target`` serves with peft's outputs, or raise.
 
-    Raises :class:`AdapterLoadError` (its report lists the engine findings that no exact conversion fixes, each
-    with the reason) and writes nothing then. ``pad_rank_to`` also pads every module to that rank.
+    It applies the exact conversions :func:`check_target` names, then checks the output before moving it into
+    place.
+
+    :param adapter: a local adapter directory.
+    :param target: the engine: ``"vllm"``, ``"sglang"``, ``"llamacpp"``, ...
+    :param out_dir: a new directory, or one safe-peft wrote earlier (with ``force=True``).
+    :param base: as in :func:`check_target`.
+    :param version: as in :func:`check_target`.
+    :param pad_rank_to: also pad every module to this rank.
+    :param force: replace an output safe-peft wrote earlier, atomically.
+    :returns: the :class:`FixReport`.
+    :raises AdapterLoadError: when some engine finding has no exact conversion; its report lists each, with the
+        reason. Nothing is written then.
+
+    ```python
+    >>> fixed = fix_for_target(adapter_dir, "vllm", os.path.join(tmp, "vllm"), pad_rank_to=16)
+    >>> inspect_adapter(os.path.join(tmp, "vllm")).config_r
+    16
+
+    ```
     """
     before = check_target(adapter, target, base, version)
     refused = [d for d in before.findings if not d.details.get("conversion")]

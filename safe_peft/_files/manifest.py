@@ -25,7 +25,34 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class AdapterManifest:
-    """An adapter's facts, read without loading tensor data (pickles excepted: see ``read_data``)."""
+    """An adapter's facts, read without loading tensor data.
+
+    :func:`inspect_adapter` builds it; ``to_dict()`` gives JSON-safe data (the CLI's ``inspect --json``).
+
+    :param path: the adapter's directory.
+    :param peft_type: the PEFT method, as adapter_config.json names it (``"LORA"``).
+    :param peft_version: the peft version that saved it, when the config records one.
+    :param task_type: the config's ``task_type`` (``"CAUSAL_LM"``, ...), or None.
+    :param base_model_name_or_path: the base model the config names, or None.
+    :param target_modules: the config's ``target_modules``, as written (a list or a regex).
+    :param modules_to_save: the config's ``modules_to_save``, or None.
+    :param config_r: the config's rank ``r``.
+    :param ranks: the rank of each module, read from the tensors' shapes.
+    :param rank_agrees: whether those ranks agree with ``r`` and ``rank_pattern``.
+    :param tensors: every tensor's key, shape and dtype.
+    :param parameters: the number of adapter parameters.
+    :param total_bytes: the size of the tensor data.
+    :param weights_format: ``"safetensors"`` or ``"pickle"``.
+    :param read_data: True when tensor data was read: a pickle (allowed with ``allow_pickle=True``) has no header.
+    :param warnings: findings about the files that do not stop a load.
+
+    ```python
+    >>> manifest = inspect_adapter(adapter_dir)
+    >>> manifest.config_r, manifest.rank_agrees, manifest.parameters, manifest.read_data
+    (8, True, 4096, False)
+
+    ```
+    """
 
     path: str
     peft_type: str
@@ -56,10 +83,27 @@ class AdapterManifest:
 def inspect_adapter(
     model_id: str | os.PathLike[str], *, allow_pickle: bool = False, subfolder: str | None = None
 ) -> AdapterManifest:
-    """Read ``adapter_config.json`` and the weights header: type, version, targets, ranks, sizes.
+    """Read an adapter's config and weights header: type, version, targets, ranks, sizes.
 
-    A pickle adapter (allowed only with ``allow_pickle=True``) has no header: its tensors are
-    read with ``torch.load(weights_only=True)`` and ``read_data`` says so.
+    It reads ``adapter_config.json`` and the safetensors header only, so it needs no torch and no model.
+    A pickle adapter has no header: it is refused unless ``allow_pickle=True``, and then its tensors are read
+    with ``torch.load(weights_only=True)`` and ``read_data`` says so.
+
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param allow_pickle: read a ``.bin`` adapter (``torch.load(weights_only=True)`` only).
+    :param subfolder: the adapter's folder inside ``model_id``, as peft's ``subfolder``.
+    :returns: the :class:`AdapterManifest`.
+    :raises AdapterFormatError: when a file is unreadable, malformed or a refused pickle
+        (:class:`AdapterNotFoundError` when there is no adapter there).
+
+    ```python
+    >>> manifest = inspect_adapter(adapter_dir)
+    >>> manifest.peft_type, manifest.config_r, manifest.weights_format
+    ('LORA', 8, 'safetensors')
+    >>> manifest.ranks["model.layers.0.self_attn.q_proj"]
+    8
+
+    ```
     """
     files = locate_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
     if files.config_path:

@@ -27,16 +27,34 @@ _PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16", "float8", "int8
 
 
 def stamp_adapter(model_id: str | os.PathLike[str], base_model: nn.Module) -> None:
-    """Store the fingerprint of ``base_model``'s weights that the adapter at ``model_id`` modifies in the adapter's
-    ``adapter_model.safetensors`` metadata (key ``safe_peft.base_fingerprint``), replacing the file atomically.
+    """Stamp an adapter with a fingerprint of its base model's weights.
 
-    ``base_model`` is the base the adapter was trained on, with its weights (a bare model, or a PeftModel holding
-    the adapter, unmerged). Plain peft loads the stamped adapter exactly as before; ``safe_load_adapter`` and
-    ``diagnose`` then refuse it on a base whose weights differ (``base_weights_differ``). Raises ``ValueError``
-    (:class:`~safe_peft._fingerprint.check.FingerprintError`) for a meta-device or sharded base, a base without the
-    adapter's modules, or an adapter that is not a local safetensors file; the file is then unchanged.
+    The fingerprint covers the base weights the adapter modifies. It is stored in the metadata of the adapter's
+    ``adapter_model.safetensors`` (key ``safe_peft.base_fingerprint``); the file is replaced atomically. Plain
+    peft loads the stamped adapter exactly as before. :func:`safe_load_adapter` and :func:`diagnose` then refuse
+    it on a base whose weights differ (``base_weights_differ``).
 
-    >>> stamp_adapter("out/adapter", AutoModelForCausalLM.from_pretrained("base"))  # doctest: +SKIP
+    :param model_id: a local adapter directory holding ``adapter_model.safetensors``.
+    :param base_model: the base the adapter was trained on, with its weights: a bare model, or a ``PeftModel``
+        holding the adapter, unmerged.
+    :raises ValueError: (:class:`~safe_peft._fingerprint.check.FingerprintError`) for a meta-device or sharded
+        base, a base without the adapter's modules, or an adapter that is not a local safetensors file. The file
+        is then unchanged.
+
+    ```python
+    >>> import shutil
+    >>> stamped = shutil.copytree(adapter_dir, os.path.join(tmp, "stamped"))
+    >>> stamp_adapter(stamped, base)
+    >>> diagnose(base, stamped).ok
+    True
+    >>> changed = make_base()
+    >>> with torch.no_grad():
+    ...     changed.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    Parameter containing: ...
+    >>> diagnose(changed, stamped).primary.code
+    'base_weights_differ'
+
+    ```
     """
     from safe_peft._files.safetensors_header import read_header
     from safe_peft._files.source import read_adapter
@@ -165,10 +183,23 @@ def _write_metadata(path: str, entries: dict[str, str]) -> None:
 
 
 def save_adapter(peft_model: nn.Module, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-    """``peft_model.save_pretrained(save_directory, **kwargs)``, then stamp every adapter it wrote with the
-    PeftModel's own base weights (see :func:`stamp_adapter`).
+    """Save a ``PeftModel``'s adapters and stamp each with the base fingerprint.
 
-    >>> save_adapter(peft_model, "out/adapter")  # doctest: +SKIP
+    It calls ``peft_model.save_pretrained(save_directory, **kwargs)``, then stamps every adapter it wrote with the
+    model's own base weights (see :func:`stamp_adapter`).
+
+    :param peft_model: a ``PeftModel`` on an unsharded base, unmerged.
+    :param save_directory: where ``save_pretrained`` writes.
+    :param kwargs: ``**kwargs`` go to ``save_pretrained`` unchanged (``selected_adapters``, ...).
+    :raises ValueError: as :func:`stamp_adapter` does.
+
+    ```python
+    >>> peft_model = safe_load_adapter(make_base(), adapter_dir)
+    >>> save_adapter(peft_model, os.path.join(tmp, "saved"))
+    >>> diagnose(base, os.path.join(tmp, "saved")).ok
+    True
+
+    ```
     """
     peft_model.save_pretrained(save_directory, **kwargs)  # type: ignore[operator]
     for directory in saved_adapter_dirs(peft_model, os.fspath(save_directory), kwargs.get("selected_adapters")):

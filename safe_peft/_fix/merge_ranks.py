@@ -36,11 +36,25 @@ def merge_rank_shards(
     force: bool = False,
     verify: Callable[[str], object] | None = None,
 ) -> LoadReport:
-    """Write the adapter that the per-rank files in ``directory`` hold together to ``out_dir``.
+    """Merge the per-rank adapter files a sharded save wrote into one adapter in ``out_dir``.
 
-    Raises :class:`AdapterLoadError` (writing nothing) when the files are incomplete or inconsistent, and
-    when the merged adapter would not load into ``base_model``. ``verify(staging_dir)`` is a further check of the
-    written adapter before it is moved into place (the command line loads it with plain peft there).
+    The per-rank files are ``rank_0/``, ``rank_1/``, ... or ``adapter_model-rank0.safetensors``, ...
+
+    :param base_model: the unsharded model the merged adapter must load into.
+    :param directory: the directory holding the per-rank files.
+    :param out_dir: a new directory, or one safe-peft wrote earlier (with ``force=True``).
+    :param adapter_name: the adapter's name.
+    :param force: replace an output safe-peft wrote earlier, atomically.
+    :param verify: a further check, ``verify(staging_dir)``, of the written adapter before it is moved into place.
+        The command line loads it with plain peft there.
+    :returns: the :class:`LoadReport` of the merged adapter.
+    :raises AdapterLoadError: when the files are incomplete or inconsistent, or when the merged adapter would not
+        load into ``base_model``. Nothing is written then.
+
+    ```python
+    >>> report = merge_rank_shards(base, "out/ranks", "out/adapter")  # doctest: +SKIP
+
+    ```
     """
     from safetensors.torch import save_file
 

@@ -75,13 +75,32 @@ def fix_adapter(
     force: bool = False,
     **peft_kwargs: Any,
 ) -> LoadReport:
-    """Write the adapter, fixed by the given opt-ins, to ``out_dir`` so plain peft loads it.
+    """Write the adapter, fixed by the given opt-ins, to ``out_dir``, so that plain peft loads it.
 
-    Raises :class:`AdapterLoadError` (writing nothing) when the fixed adapter would still not fit, and
-    :class:`OutputDirError` (a ``ValueError``; ``FileExistsError`` for an existing output) when ``out_dir`` is not
-    safe to write. ``force=True`` replaces an output safe-peft wrote earlier, atomically. A ``"vocab"`` repair
-    cannot live in the adapter: the base model must still be resized to the vocabulary the report names before
-    loading the written adapter.
+    A ``"vocab"`` repair cannot live in the adapter: before loading the written adapter, resize the base model to
+    the vocabulary the report names.
+
+    :param base_model: the model the adapter should load into, as :func:`safe_load_adapter` takes it.
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param out_dir: a new directory, or one safe-peft wrote earlier (with ``force=True``).
+    :param remap: as in :func:`safe_load_adapter`.
+    :param repair: as in :func:`safe_load_adapter`.
+    :param allow_pickle: as in :func:`safe_load_adapter`.
+    :param force: replace an output safe-peft wrote earlier, atomically.
+    :param peft_kwargs: ``**peft_kwargs``: as in :func:`safe_load_adapter`.
+    :returns: the :class:`LoadReport` of the fixed adapter, with the renames and repairs applied.
+    :raises AdapterLoadError: when the fixed adapter would still not fit. Nothing is written then.
+    :raises OutputDirError: (a ``ValueError``; ``FileExistsError`` for an existing output) when ``out_dir`` is not
+        safe to write.
+
+    ```python
+    >>> fixed = os.path.join(tmp, "fixed")
+    >>> len(fix_adapter(base, compiled_adapter_dir, fixed, remap="auto").renames)
+    8
+    >>> diagnose(base, fixed).ok
+    True
+
+    ```
     """
     plan = make_plan(
         base_model, model_id, remap=remap, repair=tuple(repair), allow_pickle=allow_pickle, peft_kwargs=peft_kwargs

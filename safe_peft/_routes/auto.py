@@ -46,15 +46,39 @@ def from_pretrained(
     verify_base: bool = True,
     **kwargs: Any,
 ) -> Any:
-    """Build the base model an adapter names and load the adapter into it, like
-    ``AutoPeftModelForCausalLM.from_pretrained(model_id, **kwargs)`` (any task), or fail with an explanation.
+    """Build the base model an adapter names and load the adapter into it, or fail with an explanation.
 
-    Returns a ``PeftModel`` (``(model, report)`` with ``output_loading_info=True``). ``inplace=True`` does what
-    ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` does instead (transformers' PEFT integration): the
-    transformers model with the adapter injected, no PeftModel. ``auto_class`` overrides the class chosen from the
-    adapter's ``task_type``. Other keyword arguments go to the base model's ``from_pretrained`` and to the adapter
-    load, as peft passes them (``dtype``, ``device_map``, ``token``, ...). ``remap`` / ``repair`` / ``strict`` /
-    ``allow_pickle`` are :func:`~safe_peft.safe_load_adapter`'s.
+    It does what ``AutoPeftModelForCausalLM.from_pretrained(model_id, **kwargs)`` does, for any task. The base is
+    the one the adapter config's ``base_model_name_or_path`` names.
+
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param adapter_name: the adapter's name in the model.
+    :param is_trainable: as in peft: load the adapter for training.
+    :param config: as in peft: a config object that replaces adapter_config.json.
+    :param revision: the adapter's revision on the hub.
+    :param auto_class: the transformers class to build the base with; by default it is chosen from the adapter's
+        ``task_type``.
+    :param inplace: do what ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` does instead (transformers' PEFT
+        integration): return the transformers model with the adapter injected, no ``PeftModel``.
+    :param import_allowlist: the libraries a config's ``auto_mapping`` may import, as in peft.
+    :param remap: as in :func:`~safe_peft.safe_load_adapter`.
+    :param repair: as in :func:`~safe_peft.safe_load_adapter`.
+    :param strict: as in :func:`~safe_peft.safe_load_adapter`.
+    :param allow_pickle: as in :func:`~safe_peft.safe_load_adapter`.
+    :param output_loading_info: return ``(model, report)`` instead of the model alone.
+    :param verify_base: as in :func:`~safe_peft.safe_load_adapter`.
+    :param kwargs: ``**kwargs`` go to the base model's ``from_pretrained`` and to the adapter load, as peft passes
+        them: ``dtype``, ``device_map``, ``token``, ...
+    :returns: the ``PeftModel``, or ``(model, report)`` with ``output_loading_info=True``.
+    :raises AdapterLoadError: when the base cannot be built (``base_model_unavailable``) or the adapter does not
+        fit it.
+
+    ```python
+    >>> model = from_pretrained(auto_adapter_dir)
+    >>> type(model).__name__, type(model.base_model.model).__name__
+    ('PeftModelForCausalLM', 'LlamaForCausalLM')
+
+    ```
     """
     location = os.fspath(model_id)
     hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}

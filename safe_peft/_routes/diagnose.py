@@ -35,16 +35,35 @@ def diagnose(
     verify_base: bool = True,
     **peft_kwargs: Any,
 ) -> LoadReport:
-    """Predict what ``safe_load_adapter`` with the same arguments would do, without loading.
+    """Predict what :func:`safe_load_adapter` with the same arguments would do, without loading.
 
-    Reads ``adapter_config.json`` and the safetensors header only (no tensor data), works on
-    a model built on the meta device, and never modifies ``base_model``. Data faults that
-    only the tensor values show (NaN / Inf, an all-zero lora_B) are found by the load alone.
-    Format faults are reported too (not raised), so one call answers for any adapter.
+    It reads ``adapter_config.json`` and the safetensors header only, no tensor data. It works on a model built
+    on the meta device, and it never modifies ``base_model``. Faults that only the tensor values show (NaN / Inf,
+    an all-zero lora_B) are found by the load alone. Format faults are reported, not raised, so one call answers
+    for any adapter.
 
-    Given a ``PeftModel`` it predicts a further adapter (``replace=`` as in ``safe_load_adapter``);
-    ``inplace=True`` predicts ``safe_load_adapter_inplace`` (transformers' own route). A stamped adapter's base
-    fingerprint is compared with a real ``base_model`` (``verify_base=False`` skips it; docs/fingerprint.md).
+    :param base_model: the model, as ``safe_load_adapter`` takes it. Given a ``PeftModel``, it predicts loading a
+        further adapter into it.
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param adapter_name: the name the adapter would get.
+    :param remap: as in ``safe_load_adapter``: None, ``"auto"``, rules, or a ``{regex: replacement}`` mapping.
+    :param repair: as in ``safe_load_adapter``: opt-in repairs such as ``("rank",)``.
+    :param allow_pickle: as in ``safe_load_adapter``: accept a ``.bin`` adapter.
+    :param replace: as in ``safe_load_adapter``, for a name a ``PeftModel`` already has.
+    :param inplace: predict :func:`safe_load_adapter_inplace` (transformers' own route) instead.
+    :param verify_base: compare a stamped adapter's base fingerprint with a real ``base_model``
+        (docs/fingerprint.md); False skips that.
+    :param peft_kwargs: ``**peft_kwargs``: as in ``safe_load_adapter``.
+    :returns: the predicted :class:`LoadReport`; ``ok`` agrees with what the real load then does.
+
+    ```python
+    >>> diagnose(base, adapter_dir).ok
+    True
+    >>> report = diagnose(other_base, adapter_dir)
+    >>> report.ok, report.primary.cause.value
+    (False, 'wrong_base_model')
+
+    ```
     """
     options = LoadOptions(
         adapter_name,

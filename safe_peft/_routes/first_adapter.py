@@ -77,26 +77,52 @@ def safe_load_adapter(
 ) -> Any:
     """Load a PEFT adapter like ``PeftModel.from_pretrained``, or fail with an explanation.
 
-    Returns the same ``PeftModel`` peft would (``(model, report)`` with
-    ``output_loading_info=True``). Raises :class:`AdapterLoadError` (a ``RuntimeError``) with
-    a :class:`LoadReport` when the adapter does not fit; ``base_model`` is then left exactly
-    as it was given. ``strict=False`` keeps peft's lenient handling of missing keys but still
-    reports them. Nothing is renamed or repaired unless ``remap`` / ``repair`` ask for it.
-
-    On a sharded model (FSDP2, tensor parallel) every rank must call it: the ranks agree on one verdict
-    before anything changes, and restore together if any rank fails; ``collective_timeout`` (seconds,
-    default 600) bounds the wait for the other ranks. See docs/distributed.md.
+    On success it returns the same ``PeftModel`` peft would. When the adapter does not fit, it raises
+    :class:`AdapterLoadError` and ``base_model`` is left exactly as it was given. Nothing is renamed or repaired
+    unless ``remap`` / ``repair`` ask for it.
 
     Given a ``PeftModel``, it loads a further adapter into it, as ``peft_model.load_adapter(model_id,
-    adapter_name)`` does, and returns the same ``PeftModel``; a failure leaves it exactly as it was (its adapters,
-    their weights, the active adapter, ``requires_grad`` flags, ``peft_config``). A name it already has is an error
-    (``adapter_name_taken``) unless ``replace=True`` (the new adapter, config and weights, takes that name, only if
-    it loads; it is active if the old one was) or ``replace="weights"`` (the checkpoint's weights are written into
-    the adapter as it is, as peft and the Trainer's resume do; its config must compute the same way). See
-    docs/routes.md.
+    adapter_name)`` does, and returns the same ``PeftModel``. A failure then leaves it exactly as it was: its
+    adapters, their weights, the active adapter, ``requires_grad`` flags and ``peft_config`` (docs/routes.md).
 
-    An adapter stamped with its base's fingerprint (``stamp_adapter``) is refused on a base whose weights differ
-    (``base_weights_differ``); ``verify_base=False`` skips that comparison (docs/fingerprint.md).
+    On a sharded model (FSDP2, tensor parallel) every rank must call it. The ranks agree on one verdict before
+    anything changes, and restore together if any rank fails (docs/distributed.md).
+
+    :param base_model: the model, as ``PeftModel.from_pretrained`` takes it, or a ``PeftModel``.
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param adapter_name: the adapter's name in the model.
+    :param replace: for a name a ``PeftModel`` already has; otherwise that is an error (``adapter_name_taken``).
+        ``True``: the new adapter, config and weights take that name, only if it loads; it is active if the old
+        one was. ``"weights"``: the checkpoint's weights are written into the adapter as it is, as peft and the
+        Trainer's resume do; its config must compute the same way.
+    :param remap: None never renames keys. ``"auto"`` applies the built-in rules only if every key then lands
+        exactly. Or your own :class:`RemapRule` sequence, or a ``{regex: replacement}`` mapping.
+    :param repair: opt-in repairs, e.g. ``("rank",)`` to rebuild r / rank_pattern from the weights' shapes.
+    :param strict: missing adapter keys are an error. ``False`` keeps peft's lenient handling but still reports
+        them.
+    :param allow_pickle: accept a ``.bin`` adapter, read with ``torch.load(weights_only=True)`` only.
+    :param output_loading_info: return ``(model, report)`` instead of the model alone.
+    :param collective_timeout: on a sharded model, how long to wait for the other ranks, in seconds (default
+        600).
+    :param verify_base: refuse an adapter stamped by :func:`stamp_adapter` on a base whose weights differ
+        (``base_weights_differ``). False skips that comparison (docs/fingerprint.md).
+    :param peft_kwargs: ``**peft_kwargs`` go to peft unchanged: ``is_trainable``, ``config``, ``revision``,
+        ``torch_device``, ...
+    :returns: the ``PeftModel``, or ``(model, report)`` with ``output_loading_info=True``.
+    :raises AdapterLoadError: (a ``RuntimeError``) with a :class:`LoadReport` when the adapter does not fit.
+
+    ```python
+    >>> model, report = safe_load_adapter(make_base(), adapter_dir, output_loading_info=True)
+    >>> type(model).__name__, report.ok
+    ('PeftModel', True)
+    >>> try:
+    ...     safe_load_adapter(other_base, adapter_dir)
+    ... except AdapterLoadError as err:
+    ...     print(err.report.primary.code)
+    dimension_mismatch
+    >>> model = safe_load_adapter(make_base(), compiled_adapter_dir, remap="auto")
+
+    ```
     """
     options = LoadOptions(  # the caller's peft_kwargs are copied, never changed
         adapter_name,

@@ -49,14 +49,30 @@ def safe_hotswap_adapter(
     verify_base: bool = True,
     **kwargs: Any,
 ) -> LoadReport:
-    """Swap the weights of the loaded adapter ``adapter_name`` for those of another, like
-    ``peft.utils.hotswap.hotswap_adapter(model, model_name_or_path, adapter_name)``, or fail with an explanation.
+    """Swap the weights of the loaded adapter ``adapter_name`` for another's, or fail with an explanation.
 
-    ``model`` is a PeftModel, or ``torch.compile`` of one (the point of hot-swapping: no recompilation). Returns the
-    :class:`LoadReport` of the swap. Raises :class:`AdapterLoadError` when the new adapter does not fit the model or
-    cannot take the loaded one's place (cause ``hotswap_incompatible``), before any tensor is touched; a failure
-    during the swap restores every tensor and scaling. Other keyword arguments are peft's (``subfolder``, ``token``,
-    ...).
+    It does what ``peft.utils.hotswap.hotswap_adapter(model, model_name_or_path, adapter_name)`` does. The new
+    adapter is checked before any tensor is touched. A failure during the swap restores every tensor and scaling.
+    A swap is always strict.
+
+    :param model: a ``PeftModel``, or ``torch.compile`` of one (the point of hot-swapping: no recompilation).
+    :param model_name_or_path: the new adapter: a local directory, or a hub id when online.
+    :param adapter_name: the loaded adapter whose weights are replaced.
+    :param torch_device: as in peft: the device to read the new weights to.
+    :param remap: as in :func:`safe_load_adapter`.
+    :param allow_pickle: as in :func:`safe_load_adapter`.
+    :param verify_base: as in :func:`safe_load_adapter`.
+    :param kwargs: ``**kwargs`` go to peft: ``subfolder``, ``token``, ...
+    :returns: the :class:`LoadReport` of the swap.
+    :raises AdapterLoadError: when the new adapter does not fit the model, or cannot take the loaded one's place
+        (cause ``hotswap_incompatible``).
+
+    ```python
+    >>> model = safe_load_adapter(make_base(), adapter_dir)
+    >>> safe_hotswap_adapter(model, adapter_dir).ok
+    True
+
+    ```
     """
     options = LoadOptions(  # always strict: a swap that does not fit is refused
         adapter_name, remap, allow_pickle=allow_pickle, verify_base=verify_base, peft_kwargs=kwargs

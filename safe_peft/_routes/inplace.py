@@ -43,15 +43,33 @@ def safe_load_adapter_inplace(
     verify_base: bool = True,
     **load_adapter_kwargs: Any,
 ) -> Any:
-    """Load an adapter into a transformers model itself, like ``model.load_adapter(model_id, adapter_name)``
-    (transformers' PEFT integration: no PeftModel wrapper), or fail with an explanation.
+    """Load an adapter into a transformers model itself, like ``model.load_adapter(model_id, adapter_name)``.
 
-    Returns ``model`` with the adapter injected (``(model, report)`` with ``output_loading_info=True``); raises
-    :class:`AdapterLoadError` with a :class:`LoadReport` when the adapter does not fit, and ``model`` is then exactly
-    as it was (plain transformers has injected the layers by then, or loads a broken adapter without a word).
-    Keys load as transformers maps them (with or without ``base_model.model.``; transformers 5 also adds or strips
-    the ``base_model_prefix`` level). Other keyword arguments go to ``model.load_adapter`` (``is_trainable``,
-    ``low_cpu_mem_usage``, ``adapter_kwargs``, ...). A name the model already has is ``adapter_name_taken``.
+    This is transformers' PEFT integration: no ``PeftModel`` wrapper. When the adapter does not fit, it raises
+    :class:`AdapterLoadError` and ``model`` is exactly as it was. Plain transformers has injected the layers by
+    then, or loads a broken adapter without a word. Keys load as transformers maps them: with or without
+    ``base_model.model.``; transformers 5 also adds or strips the ``base_model_prefix`` level.
+
+    :param model: a transformers model (not a ``PeftModel``: use :func:`safe_load_adapter` for that).
+    :param model_id: a local adapter directory, or a hub id when online.
+    :param adapter_name: the adapter's name; a name the model already has is an error (``adapter_name_taken``).
+    :param remap: as in :func:`safe_load_adapter`.
+    :param repair: as in :func:`safe_load_adapter`.
+    :param strict: as in :func:`safe_load_adapter`.
+    :param allow_pickle: as in :func:`safe_load_adapter`.
+    :param output_loading_info: return ``(model, report)`` instead of the model alone.
+    :param verify_base: as in :func:`safe_load_adapter`.
+    :param load_adapter_kwargs: ``**load_adapter_kwargs`` go to ``model.load_adapter``: ``is_trainable``,
+        ``low_cpu_mem_usage``, ``adapter_kwargs``, ...
+    :returns: ``model`` with the adapter injected, or ``(model, report)`` with ``output_loading_info=True``.
+    :raises AdapterLoadError: with a :class:`LoadReport` when the adapter does not fit.
+
+    ```python
+    >>> model = safe_load_adapter_inplace(make_base(), adapter_dir)
+    >>> type(model).__name__, list(model.peft_config)
+    ('LlamaForCausalLM', ['default'])
+
+    ```
     """
     options = LoadOptions(  # the caller's kwargs are copied, never changed
         adapter_name=adapter_name,

@@ -26,11 +26,31 @@ def safe_load_state_dict(
 ) -> LoadReport:
     """Load ``state_dict`` into ``module`` like ``module.load_state_dict(state_dict, strict)``.
 
-    The keys and shapes are compared first: on a mismatch (with ``strict=True``) nothing is
-    written and :class:`AdapterLoadError` explains it (plain torch has already overwritten
-    every matching parameter by the time it raises). It recognises a PEFT adapter's state
-    dict loaded into a bare model, and the reverse, and points to ``safe_load_adapter``.
-    ``state_dict`` itself is never modified.
+    The keys and shapes are compared first. On a mismatch nothing is written, and :class:`AdapterLoadError`
+    explains it. Plain torch, by the time it raises, has already overwritten every matching parameter. It
+    recognises a PEFT adapter's state dict loaded into a bare model, and the reverse, and points to
+    :func:`safe_load_adapter`. ``state_dict`` itself is never modified.
+
+    :param module: any ``torch.nn.Module``.
+    :param state_dict: the tensors to load, by key.
+    :param strict: as in torch: missing and unexpected keys are an error. ``False`` loads what matches and lists
+        the rest in the report; size mismatches are always an error.
+    :param remap: None never renames keys. ``"auto"`` applies the built-in rules only if every key then lands
+        exactly. Or a :class:`RemapRule` sequence, or a ``{regex: replacement}`` mapping.
+    :returns: the :class:`LoadReport` of the load.
+    :raises AdapterLoadError: when the keys or shapes do not match; ``module`` is then unchanged.
+
+    ```python
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> safe_load_state_dict(layer, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}).ok
+    True
+    >>> try:
+    ...     safe_load_state_dict(layer, {"weight": torch.ones(2, 2)})
+    ... except AdapterLoadError as err:
+    ...     print(err.report.missing, bool((layer.weight == 0).all()))
+    [MissingKey(key='bias', expected_shape=(2,))] True
+
+    ```
     """
     own = module.state_dict(keep_vars=True)
     expected = {k: ExpectedKey(k, tuple(v.shape), k.rsplit(".", 1)[0], Role.OTHER) for k, v in own.items()}

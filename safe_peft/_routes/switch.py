@@ -58,9 +58,27 @@ _INSTALLED: list[tuple[type, str, Any, Any]] = []  # (owner, attribute, original
 def patch(
     *, remap: object = None, repair: tuple[str, ...] | list[str] = (), strict: bool = True, allow_pickle: bool = False
 ) -> None:
-    """Route peft's and transformers' adapter loading through safe_peft in the whole process, until
-    :func:`unpatch`. The options apply to every routed call (for example ``remap="auto"`` for checkpoints whose
-    keys a built-in rule fixes exactly). Calling it again replaces the options."""
+    """Route peft's and transformers' adapter loading through safe_peft in the whole process.
+
+    It lasts until :func:`unpatch`. It is for code you do not own, such as trainers and third-party helpers:
+    their ``PeftModel.from_pretrained`` and ``model.load_adapter`` calls become strict, atomic and explained.
+    Where plain peft raises another builtin class (a ``ValueError``, ...), the error is also one. Calling it again
+    replaces the options.
+
+    :param remap: as in :func:`safe_load_adapter`, for every routed call: for example ``"auto"`` for checkpoints
+        whose keys a built-in rule fixes exactly.
+    :param repair: as in :func:`safe_load_adapter`, for every routed call.
+    :param strict: as in :func:`safe_load_adapter`, for every routed call.
+    :param allow_pickle: as in :func:`safe_load_adapter`, for every routed call.
+
+    ```python
+    >>> patch(remap="auto")
+    >>> is_patched()
+    True
+    >>> unpatch()
+
+    ```
+    """
     global _PROCESS, _HOLDERS
     settings = SwitchSettings(remap, tuple(repair), strict, allow_pickle)
     with _LOCK:
@@ -71,7 +89,19 @@ def patch(
 
 
 def unpatch() -> None:
-    """Undo :func:`patch`. The original functions are back once no ``with patched()`` block is active."""
+    """Undo :func:`patch`.
+
+    The original functions are back once no ``with patched()`` block is active either. Without a :func:`patch`
+    it does nothing.
+
+    ```python
+    >>> patch()
+    >>> unpatch()
+    >>> is_patched()
+    False
+
+    ```
+    """
     global _PROCESS, _HOLDERS
     with _LOCK:
         if _PROCESS is None:
@@ -86,8 +116,26 @@ def unpatch() -> None:
 def patched(
     *, remap: object = None, repair: tuple[str, ...] | list[str] = (), strict: bool = True, allow_pickle: bool = False
 ) -> Iterator[None]:
-    """Within this block, in this thread (or asyncio task), peft's and transformers' adapter loading goes through
-    safe_peft. Other threads are not affected. Blocks nest; the innermost options apply."""
+    """Route peft's and transformers' adapter loading through safe_peft within a ``with`` block.
+
+    It applies in this thread, or asyncio task, only: other threads are not affected. Blocks nest; the innermost
+    options apply.
+
+    :param remap: as in :func:`patch`.
+    :param repair: as in :func:`patch`.
+    :param strict: as in :func:`patch`.
+    :param allow_pickle: as in :func:`patch`.
+
+    ```python
+    >>> from peft import PeftModel
+    >>> with patched():
+    ...     PeftModel.from_pretrained(other_base, adapter_dir)
+    Traceback (most recent call last):
+    ...
+    safe_peft.errors.AdapterLoadError: Cannot load adapter '...' into LlamaForCausalLM: ...
+
+    ```
+    """
     global _HOLDERS
     settings = SwitchSettings(remap, tuple(repair), strict, allow_pickle)
     with _LOCK:
@@ -106,7 +154,17 @@ def patched(
 
 
 def is_patched() -> bool:
-    """Whether a call made here now would go through safe_peft."""
+    """Whether a call made here, now, would go through safe_peft (by :func:`patch` or :func:`patched`).
+
+    ```python
+    >>> with patched():
+    ...     is_patched()
+    True
+    >>> is_patched()
+    False
+
+    ```
+    """
     return _settings() is not None
 
 
