@@ -81,6 +81,45 @@ def from_pretrained(
     ```
     """
     location = os.fspath(model_id)
+    base = _named_base(model_id, location, revision, auto_class, inplace, import_allowlist, allow_pickle, kwargs)
+    options: dict[str, Any] = {
+        "remap": remap,
+        "repair": tuple(repair),
+        "strict": strict,
+        "allow_pickle": allow_pickle,
+        "output_loading_info": output_loading_info,
+        "verify_base": verify_base,
+    }
+    if inplace:
+        from safe_peft._routes.inplace import safe_load_adapter_inplace
+
+        inplace_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+        if revision is not None:
+            inplace_kwargs["revision"] = revision
+        if config is not None:
+            inplace_kwargs["peft_config"] = config
+        return safe_load_adapter_inplace(
+            base, model_id, adapter_name, is_trainable=is_trainable, **options, **inplace_kwargs
+        )
+    _resize_to_tokenizer(base, location, revision, kwargs)
+    from safe_peft._routes.first_adapter import safe_load_adapter
+
+    return safe_load_adapter(
+        base, model_id, adapter_name, is_trainable=is_trainable, config=config, revision=revision, **options, **kwargs
+    )
+
+
+def _named_base(
+    model_id: str | os.PathLike[str],
+    location: str,
+    revision: str | None,
+    auto_class: Any,
+    inplace: bool,
+    import_allowlist: list[str] | None,
+    allow_pickle: bool,
+    kwargs: dict[str, Any],
+) -> Any:
+    """The base model the adapter's config names, built with its auto class, or a typed refusal."""
     hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     if revision is not None:
         hub["revision"] = revision
@@ -117,31 +156,7 @@ def from_pretrained(
             ),
             location,
         ) from exc
-    options: dict[str, Any] = {
-        "remap": remap,
-        "repair": tuple(repair),
-        "strict": strict,
-        "allow_pickle": allow_pickle,
-        "output_loading_info": output_loading_info,
-        "verify_base": verify_base,
-    }
-    if inplace:
-        from safe_peft._routes.inplace import safe_load_adapter_inplace
-
-        inplace_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
-        if revision is not None:
-            inplace_kwargs["revision"] = revision
-        if config is not None:
-            inplace_kwargs["peft_config"] = config
-        return safe_load_adapter_inplace(
-            base, model_id, adapter_name, is_trainable=is_trainable, **options, **inplace_kwargs
-        )
-    _resize_to_tokenizer(base, location, revision, kwargs)
-    from safe_peft._routes.first_adapter import safe_load_adapter
-
-    return safe_load_adapter(
-        base, model_id, adapter_name, is_trainable=is_trainable, config=config, revision=revision, **options, **kwargs
-    )
+    return base
 
 
 def auto_class_for(data: dict[str, Any], import_allowlist: list[str] | None = None, location: str = "") -> Any:
