@@ -114,10 +114,10 @@ _ENTRIES: tuple[Entry, ...] = (
     Entry("unreadable_pickle", _C.CORRUPT_CHECKPOINT, 0, True, "download or save the adapter again."),
     Entry("not_a_state_dict", _C.CORRUPT_CHECKPOINT, 0, True, "save the adapter with peft's save_pretrained()."),
     # -- adapter_config.json ---------------------------------------------------------------------------------------
-    Entry("unreadable_config", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
-    Entry("bad_config_json", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
-    Entry("config_missing_peft_type", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
-    Entry("invalid_config", _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL),
+    *(
+        Entry(code, _C.CORRUPT_CHECKPOINT, 0, True, _REINSTALL)
+        for code in ("unreadable_config", "bad_config_json", "config_missing_peft_type", "invalid_config")
+    ),
     Entry(
         "model_config_as_adapter_config",
         _C.FOREIGN_FORMAT,
@@ -401,8 +401,7 @@ _ENTRIES: tuple[Entry, ...] = (
         repair=("dora",),
     ),
     Entry("lora_bias_flag", _C.CONFIG_MISMATCH, 2, False, "set lora_bias=true in adapter_config.json."),
-    Entry("fewer_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
-    Entry("more_layers", _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE),
+    *(Entry(code, _C.WRONG_BASE_MODEL, 2, False, _TRAINED_BASE) for code in ("fewer_layers", "more_layers")),
     Entry(
         "untargeted_modules",
         _C.CONFIG_MISMATCH,

@@ -284,7 +284,7 @@ def evaluate(facts: AdapterFacts, rules: RuleSet, base: BaseFacts | None, engine
             f"{rules.title} loads "
             "adapters in its own format only (not adapter_config.json + adapter_model.safetensors)",
             _MERGE_FIX,
-            source if source is not None else rules.scaling_source,
+            source if source is not None else rules.scaling.source,
             "source",
             refuses_when="load",
         )
@@ -350,7 +350,7 @@ _MERGE_FIX = "merge the adapter with peft (merge_and_unload) and serve the merge
 
 def _architecture(rules: RuleSet, base: BaseFacts | None) -> Diagnosis | None:
     allowed = rules.architectures or ()
-    source = rules.architectures_source or rules.scaling_source
+    source = rules.architectures_source or rules.scaling.source
     if base is None or not base.model_type:
         rule = EngineRule(
             "architecture",
@@ -534,7 +534,7 @@ def module_scales(facts: AdapterFacts, scaling: str) -> dict[str, tuple[float, f
 
 
 def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
-    scales = module_scales(facts, rules.scaling)
+    scales = module_scales(facts, rules.scaling.model)
     wrong = {m: s for m, s in scales.items() if not math.isclose(s[0], s[1], rel_tol=1e-6)}
     if not wrong:
         return []
@@ -555,10 +555,10 @@ def _scaling(facts: AdapterFacts, rules: RuleSet) -> list[Diagnosis]:
             feature,
             "serves_wrong",
             f"{rules.prefix}_scaling",
-            f"{rules.engine} scales LoRA products as {rules.scaling}",
+            f"{rules.engine} scales LoRA products as {rules.scaling.model}",
             "safe-peft fix --target folds the peft scale into lora_B",
-            rules.scaling_source,
-            verified=rules.scaling_verified,
+            rules.scaling.source,
+            verified=rules.scaling.verified,
             conversion="fold_scaling",
         )
     d = _from_rule(rules, rule, Feature(feature, tuple(sample)))

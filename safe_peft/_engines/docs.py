@@ -35,14 +35,14 @@ def _cell(rule: EngineRule | None) -> str:
 def _rank_cell(rules: RuleSet) -> str:
     limit = rules.rank_limit
     if limit is None:
-        return "any (scale uses the tensor's rank)" if rules.scaling == "global_alpha_over_tensor_rank" else "any"
+        return "any (scale uses the tensor's rank)" if rules.scaling.model == "global_alpha_over_tensor_rank" else "any"
     return (
         f"<= `{limit.flag}` (default {limit.default}; one of {', '.join(map(str, limit.allowed))}); above: **refuses**"
     )
 
 
 def _scaling_cell(rules: RuleSet) -> str:
-    return SCALING_MODELS[rules.scaling] + ("" if rules.scaling_verified == "engine run" else " (read, not run)")
+    return SCALING_MODELS[rules.scaling.model] + ("" if rules.scaling.verified == "engine run" else " (read, not run)")
 
 
 def _applies(rules: RuleSet, feature: str) -> bool:
@@ -71,7 +71,7 @@ def render_table() -> str:
     lines.extend(f"- `{name}`: {what}." for name, what in CONVERSIONS.items())
     for s in RULE_SETS:
         lines += ["", f"### {s.title} {s.version}", "", f"How it was run: {s.how_tested}.", ""]
-        lines.append(f"- scale: {_scaling_cell(s)} ({s.scaling_source.cite()})")
+        lines.append(f"- scale: {_scaling_cell(s)} ({s.scaling.source.cite()})")
         if s.rank_limit is not None:
             lines.append(f"- rank: {_rank_cell(s)} ({s.rank_limit.source.cite()})")
         for r in _all_rules(s):

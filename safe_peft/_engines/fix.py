@@ -133,14 +133,14 @@ def fix_for_target(
     from safe_peft._fix.writer import write_output
 
     rules = rule_set(target, version)
-    past = _pattern_past_bounds(facts, rules.scaling, pad_rank_to)
+    past = _pattern_past_bounds(facts, rules.scaling.model, pad_rank_to)
     if past is not None:  # decided from the header, before a tensor is read
         raise AdapterLoadError(_refusal(before, [past]))
     checked: list[TargetReport] = []
     factors: dict[str, float] = {}
 
     def fill(staging: str) -> None:
-        tensors, config, found = _convert(facts, rules.scaling, pad_rank_to)
+        tensors, config, found = _convert(facts, rules.scaling.model, pad_rank_to)
         factors.update(found)
         if "vlm_prefix" in conversions:
             tensors, config = _vlm_prefix(tensors, config)

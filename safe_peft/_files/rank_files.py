@@ -33,6 +33,26 @@ __all__ = [
 _MAX_WORLD = 4096
 _RANK = re.compile(r"(?:^|[._-])(?:tp_rank|mp_rank|tp|rank)[_-]?(\d+)(?:$|[._-])")
 _MERGE = "safe-peft fix {dir} --base MODEL --out {dir}-merged --merge-ranks"
+# code -> (message, fix) of a finding of one rank's shards saved as the whole adapter: str.format templates over its
+# details (world_size, keys, dims, example) and others / last_rank (world_size - 1), merge (the merge command)
+_SHARD_SAVED: dict[str, tuple[str, str]] = {
+    "fsdp_shard_saved": (
+        "{keys} tensors hold 1/{world_size} of their rows (dim 0; e.g. {example!r}): one rank's FSDP shards were "
+        "saved as the whole adapter (FSDP2 adapter_only saves, accelerate#4206), so the other {others} ranks' rows "
+        "are not in this file; loaded as it is, (N-1)/N of the adapter would fall back to its initial values",
+        "save again with the tensors gathered: on every rank, state = get_model_state_dict(model, "
+        "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (torch.distributed.checkpoint."
+        "state_dict), then on rank 0 model.save_pretrained(out, state_dict=state). If every rank saved its own file "
+        "(rank_0/ ... rank_{last_rank}/), merge them: {merge}.",
+    ),
+    "tp_shard_saved": (
+        "{keys} tensors hold 1/{world_size} of a tensor-parallel dimension (lora_B rows of column-parallel layers, "
+        "lora_A columns of row-parallel ones; e.g. {example!r}): one tensor-parallel rank's shard saved as the "
+        "whole adapter",
+        "merge the per-rank files (a directory with rank_0/ ... rank_{last_rank}/): {merge}; or save with full "
+        "tensors: peft >= 0.21's save_pretrained gathers DTensor adapter weights (call it on every rank).",
+    ),
+}
 
 
 def chunk_sizes(length: int, world: int) -> set[int]:
@@ -91,37 +111,18 @@ def shard_findings(mismatches: Iterable[Any]) -> list[tuple[int, Diagnosis, set[
     dims = sorted(set(cut.values()))
     details = {"world_size": world, "keys": len(cut), "dims": dims, "example": example}
     if by_role <= {("A", 0), ("B", 0), (None, 0)} and {("A", 0), ("B", 0)} <= by_role:  # FSDP cuts dim 0 of all
-        return [(len(cut), _fsdp(world, len(cut), example, details), keys)]
+        return [(len(cut), _shard_saved("fsdp_shard_saved", details), keys)]
     if by_role <= {("A", 1), ("B", 0)} and all(len(h) == 1 for h in halves.values()):
-        return [(len(cut), _tensor_parallel(world, len(cut), example, details), keys)]
+        return [(len(cut), _shard_saved("tp_shard_saved", details), keys)]
     return []
 
 
-def _fsdp(world: int, count: int, example: str, details: dict[str, Any]) -> Diagnosis:
-    return finding(
-        "fsdp_shard_saved",
-        f"{count} tensors hold 1/{world} of their rows (dim 0; e.g. {example!r}): one rank's FSDP shards were saved "
-        f"as the whole adapter (FSDP2 adapter_only saves, accelerate#4206), so the other {world - 1} ranks' rows are "
-        "not in this file; loaded as it is, (N-1)/N of the adapter would fall back to its initial values",
-        fix="save again with the tensors gathered: on every rank, state = get_model_state_dict(model, "
-        "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (torch.distributed.checkpoint."
-        "state_dict), then on rank 0 model.save_pretrained(out, state_dict=state). If every rank saved its own file "
-        f"(rank_0/ ... rank_{world - 1}/), merge them: {_MERGE.format(dir='DIR')}.",
-        details=details,
-    )
-
-
-def _tensor_parallel(world: int, count: int, example: str, details: dict[str, Any]) -> Diagnosis:
-    return finding(
-        "tp_shard_saved",
-        f"{count} tensors hold 1/{world} of a tensor-parallel dimension (lora_B rows of column-parallel layers, "
-        f"lora_A columns of row-parallel ones; e.g. {example!r}): one tensor-parallel rank's shard saved as the "
-        "whole adapter",
-        fix=f"merge the per-rank files (a directory with rank_0/ ... rank_{world - 1}/): "
-        f"{_MERGE.format(dir='DIR')}; or save with full tensors: peft >= 0.21's save_pretrained gathers DTensor "
-        "adapter weights (call it on every rank).",
-        details=details,
-    )
+def _shard_saved(code: str, details: dict[str, Any]) -> Diagnosis:
+    """The finding ``code`` (a key of ``_SHARD_SAVED``) for one rank's shards saved as the whole adapter."""
+    message, fix = _SHARD_SAVED[code]
+    world = details["world_size"]
+    fill = {**details, "others": world - 1, "last_rank": world - 1, "merge": _MERGE.format(dir="DIR")}
+    return finding(code, message.format(**fill), fix=fix.format(**fill), details=details)
 
 
 # --- per-rank files and DCP directories --------------------------------------------------------------------

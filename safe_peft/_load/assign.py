@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
 
-__all__ = ["add_adapter", "load_adapter", "load_checkpoint", "loads_like_peft"]
+__all__ = ["AdapterLoad", "add_adapter", "load_adapter", "load_checkpoint", "loads_like_peft"]
 
 # A slot: the module that holds the adapter's tensor, the attribute it holds it under, and the model's key for it
 Slot = tuple[Any, str, str]
@@ -47,6 +47,19 @@ _LOAD_ADAPTER_KWARGS = frozenset(
     {"is_trainable", "autocast_adapter_dtype", "torch_device", "ephemeral_gpu_offload", "low_cpu_mem_usage"}
     | {"key_mapping"}
 )
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """One adapter as ``load_adapter`` is asked to load it, what its head (:func:`add_adapter`) and its tail
+    (:func:`load_checkpoint`) both read: the directory, the adapter's name, its tensors created on the meta device
+    (``low_cpu_mem_usage``), trainable or not, and peft's upcast of half-precision adapter weights."""
+
+    directory: str
+    adapter_name: str
+    on_meta: bool
+    is_trainable: bool
+    autocast_adapter_dtype: bool
 
 
 def loads_like_peft(peft_model: PeftModel, adapter_name: str, kwargs: dict[str, Any]) -> bool:
@@ -66,76 +79,55 @@ def load_adapter(
     """``peft_model.load_adapter(directory, adapter_name, **kwargs)`` for a new name (see :func:`loads_like_peft`):
     peft's steps, with the checkpoint written by :func:`load_checkpoint`. Returns peft's result and the adapter's
     tensors when they were written here."""
-    on_meta = bool(kwargs.get("low_cpu_mem_usage", False))
-    is_trainable = bool(kwargs.get("is_trainable", False))
-    autocast = bool(kwargs.get("autocast_adapter_dtype", True))
-    add_adapter(
-        peft_model,
+    load = AdapterLoad(
         directory,
         adapter_name,
-        on_meta=on_meta,
-        is_trainable=is_trainable,
-        autocast_adapter_dtype=autocast,
-        ephemeral_gpu_offload=bool(kwargs.get("ephemeral_gpu_offload", False)),
+        on_meta=bool(kwargs.get("low_cpu_mem_usage", False)),
+        is_trainable=bool(kwargs.get("is_trainable", False)),
+        autocast_adapter_dtype=bool(kwargs.get("autocast_adapter_dtype", True)),
     )
+    add_adapter(peft_model, load, ephemeral_gpu_offload=bool(kwargs.get("ephemeral_gpu_offload", False)))
     return load_checkpoint(
         peft_model,
-        directory,
-        adapter_name,
-        on_meta=on_meta,
-        is_trainable=is_trainable,
-        autocast_adapter_dtype=autocast,
+        load,
         torch_device=kwargs.get("torch_device"),
         key_mapping=kwargs.get("key_mapping"),
         exact_values=exact_values,
     )
 
 
-def add_adapter(
-    peft_model: PeftModel,
-    directory: str,
-    adapter_name: str,
-    *,
-    on_meta: bool,
-    is_trainable: bool,
-    autocast_adapter_dtype: bool,
-    ephemeral_gpu_offload: bool = False,
-) -> None:
-    """The head of ``peft_model.load_adapter(directory, adapter_name, low_cpu_mem_usage=on_meta, ...)`` for a new
-    name: the config as peft reads it, peft's checks, ``add_adapter``, and the trainable flags, as the installed
-    peft's ``load_adapter`` does them (the version facts in :mod:`safe_peft._versions`)."""
+def add_adapter(peft_model: PeftModel, load: AdapterLoad, *, ephemeral_gpu_offload: bool = False) -> None:
+    """The head of ``peft_model.load_adapter(load.directory, load.adapter_name, ...)`` for a new name: the config as
+    peft reads it, peft's checks, ``add_adapter``, and the trainable flags, as the installed peft's ``load_adapter``
+    does them (the version facts in :mod:`safe_peft._versions`)."""
     from peft.config import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     from safe_peft._versions import load_adapter_facts
 
     facts = load_adapter_facts()
-    config: Any = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(directory)].from_pretrained(
-        directory, ephemeral_gpu_offload=ephemeral_gpu_offload
+    config: Any = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(load.directory)].from_pretrained(
+        load.directory, ephemeral_gpu_offload=ephemeral_gpu_offload
     )
     model: Any = peft_model
-    model._check_new_adapter_config(config, is_trainable=is_trainable)
-    config.inference_mode = not is_trainable
-    extra = {"autocast_adapter_dtype": autocast_adapter_dtype} if facts.passes_autocast else {}
-    model.add_adapter(adapter_name, config, low_cpu_mem_usage=on_meta, **extra)
-    if is_trainable and facts.sets_requires_grad:
-        model.set_requires_grad(adapter_name)
+    model._check_new_adapter_config(config, is_trainable=load.is_trainable)
+    config.inference_mode = not load.is_trainable
+    extra = {"autocast_adapter_dtype": load.autocast_adapter_dtype} if facts.passes_autocast else {}
+    model.add_adapter(load.adapter_name, config, low_cpu_mem_usage=load.on_meta, **extra)
+    if load.is_trainable and facts.sets_requires_grad:
+        model.set_requires_grad(load.adapter_name)
 
 
 def load_checkpoint(
     model: PeftModel,
-    directory: str,
-    adapter_name: str,
+    load: AdapterLoad,
     *,
-    on_meta: bool,
-    is_trainable: bool,
-    autocast_adapter_dtype: bool,
     torch_device: str | None,
     key_mapping: dict[str, str] | None,
     exact_values: bool = False,
 ) -> tuple[Any, dict[str, Any] | None]:
-    """The tail of ``model.load_adapter(directory, adapter_name, low_cpu_mem_usage=on_meta, ...)`` for an adapter
-    already injected (on the meta device when ``on_meta``). Returns what peft's returns (missing keys filtered as
+    """The tail of ``model.load_adapter(load.directory, load.adapter_name, ...)`` for an adapter already injected
+    (on the meta device when ``load.on_meta``). Returns what peft's returns (missing keys filtered as
     peft filters them) and, when the checkpoint was written here, the adapter's tensors under their checkpoint keys
     (for the verification, which then need not look for them). ``exact_values``: the meta route standing in for
     the initialising one on a half-precision base, where peft's move rounds the file's values to the base's dtype
@@ -144,8 +136,9 @@ def load_checkpoint(
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
+    adapter_name, on_meta = load.adapter_name, load.on_meta
     device = torch_device if torch_device is not None else infer_device()
-    weights = load_peft_weights(directory, device=device, key_mapping=key_mapping)
+    weights = load_peft_weights(load.directory, device=device, key_mapping=key_mapping)
     survey = _survey(model, adapter_name)
     written = survey is not None and _fits(survey.slots, weights, on_meta)
     if written:
@@ -161,8 +154,8 @@ def load_checkpoint(
     result.missing_keys.extend(kept)
     tuner: Any = model.base_model
     if hasattr(tuner, "_cast_adapter_dtype") and not (written and _full_precision(_held(survey))):
-        tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-    if not is_trainable:
+        tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=load.autocast_adapter_dtype)
+    if not load.is_trainable:
         model.eval()
     if exact is not None:
         _copy_exact(adapter_name, exact, survey if written else _survey(model, adapter_name, gates=False))

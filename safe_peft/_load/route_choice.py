@@ -144,19 +144,15 @@ def own_route(
         model = peft_cls(base_model, config, adapter_name, autocast_adapter_dtype=autocast)
     torch_device = kwargs.pop("torch_device", None)
     assert not kwargs, kwargs  # proven_exact admits only the arguments read above (hub ones stay out of kwargs)
-    from safe_peft._load.assign import (
-        load_checkpoint,  # what load_adapter does from here, without its whole-model walks
+    from safe_peft._load.assign import (  # what load_adapter does from here, without its whole-model walks
+        AdapterLoad,
+        load_checkpoint,
     )
 
+    load = AdapterLoad(
+        directory, adapter_name, on_meta=on_meta, is_trainable=is_trainable, autocast_adapter_dtype=autocast
+    )
     _, state = load_checkpoint(
-        model,
-        directory,
-        adapter_name,
-        on_meta=on_meta,
-        is_trainable=is_trainable,
-        autocast_adapter_dtype=autocast,
-        torch_device=torch_device,
-        key_mapping=key_mapping,
-        exact_values=exact_values,
+        model, load, torch_device=torch_device, key_mapping=key_mapping, exact_values=exact_values
     )
     return model, state

@@ -417,37 +417,39 @@ def _dims(mm: Any) -> str:
 # -- keys the model does not take ------------------------------------------------------------------------------
 
 
+# The key roles a config flag turns on: (role, the flag, the finding when the flag is off, what the keys are, and
+# what plain peft then does with them)
+_FLAGGED_ROLES = (
+    (
+        Role.MAGNITUDE,
+        "use_dora",
+        "dora_flag",
+        "DoRA magnitude vectors",
+        ": plain peft drops them and runs the adapter as plain LoRA",
+    ),
+    (Role.BIAS, "lora_bias", "lora_bias_flag", "lora_B biases", ""),
+)
+
+
+def _flag_off(ev: Evidence, keys: list[str]) -> tuple[list[Found], set[str]]:
+    """The keys of a role a config flag turns on (DoRA magnitudes, lora_B biases), with a finding for each role whose
+    flag the config leaves off: the findings, and every key of those roles (explained here, flag on or off)."""
+    findings = []
+    told: set[str] = set()
+    for role, flag, code, what, effect in _FLAGGED_ROLES:
+        held = [k for k in keys if role_of(k) is role]
+        told.update(held)
+        if held and not ev.config.get(flag):
+            message = f"the checkpoint holds {len(held)} {what} but adapter_config.json has {flag}=false{effect}"
+            findings.append(Found(finding(code, message, details={"count": len(held)}), len(held)))
+    return findings, told
+
+
 def _unexpected(ev: Evidence, explained: frozenset[str]) -> list[Found]:
     keys = [u.key for u in ev.diff.unexpected if u.key not in explained]
     if not keys:
         return []
-    findings = []
-    magnitude = [k for k in keys if role_of(k) is Role.MAGNITUDE]
-    if magnitude and not ev.config.get("use_dora"):
-        findings.append(
-            Found(
-                finding(
-                    "dora_flag",
-                    f"the checkpoint holds {len(magnitude)} DoRA magnitude vectors but adapter_config.json has "
-                    "use_dora=false: plain peft drops them and runs the adapter as plain LoRA",
-                    details={"count": len(magnitude)},
-                ),
-                len(magnitude),
-            )
-        )
-    biases = [k for k in keys if role_of(k) is Role.BIAS]
-    if biases and not ev.config.get("lora_bias"):
-        findings.append(
-            Found(
-                finding(
-                    "lora_bias_flag",
-                    f"the checkpoint holds {len(biases)} lora_B biases but adapter_config.json has lora_bias=false",
-                    details={"count": len(biases)},
-                ),
-                len(biases),
-            )
-        )
-    told = {*magnitude, *biases}
+    findings, told = _flag_off(ev, keys)
     rest = [k for k in keys if k not in told]
     beyond, untargeted, absent = _where(rest, ev)
     if beyond:

@@ -231,7 +231,7 @@ def test_tensorrt_llm_rank_above_the_build_setting_is_refused(tmp_path: Any) -> 
 def test_every_engine_has_a_source_for_every_rule() -> None:
     assert {s.engine for s in RULE_SETS} == {"vllm", "llamacpp", "sglang", "tensorrt-llm", "ollama", "mlx-lm"}
     for s in RULE_SETS:
-        assert s.scaling_source.ref and s.scaling_source.file
+        assert s.scaling.source.ref and s.scaling.source.file
         for r in s.rules:
             assert r.source.line or r.source.quote, (s.engine, r.code)
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import EngineRule, Release, RuleSet
+from safe_peft._engines.rule_types import EngineRule, Release, RuleSet, Scaling
 
 __all__ = ["LLAMACPP_0C1E570", "lcpp"]
 
-lcpp = Release("llama.cpp 0c1e570 (vendored in llama-cpp-python 0.3.36)")
+lcpp = Release("llamacpp", "0c1e570", "llama.cpp", build="vendored in llama-cpp-python 0.3.36", project="llama.cpp")
 
 
 LLAMACPP_0C1E570 = RuleSet(
-    engine="llamacpp",
-    version="0c1e570",
-    title="llama.cpp",
-    scaling="global_alpha_over_tensor_rank",
-    scaling_source=lcpp("src/llama-adapter.h", 55, "scale = alpha ? adapter_scale * alpha / rank : adapter_scale"),
+    lcpp,
+    Scaling(
+        "global_alpha_over_tensor_rank",
+        lcpp("src/llama-adapter.h", 55, "scale = alpha ? adapter_scale * alpha / rank : adapter_scale"),
+    ),
     how_tested="convert_lora_to_gguf.py (run from vendor/llama.cpp), then llama-cpp-python 0.3.36 built from "
     "source: greedy tokens and logits compared with PeftModel.from_pretrained",
     rules=(

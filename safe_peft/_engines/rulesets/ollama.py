@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, source_rule
+from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, Scaling, source_rule
 from safe_peft._engines.rulesets.llama_cpp import lcpp
 
 __all__ = ["OLLAMA_FB30760"]
 
-_o = Release("ollama fb30760", "convert/")
+_o = Release("ollama", "fb30760", "Ollama", folder="convert/")
 
 
 OLLAMA_FB30760 = RuleSet(
-    engine="ollama",
-    version="fb30760",
-    title="Ollama",
-    scaling="global_alpha_over_tensor_rank",
-    scaling_source=_o("convert.go", 171, '"adapter.lora.alpha": alpha'),
-    scaling_verified="source",
+    _o,
+    Scaling("global_alpha_over_tensor_rank", _o("convert.go", 171, '"adapter.lora.alpha": alpha'), verified="source"),
     how_tested="read from ollama's convert/ at fb30760 (ADAPTER in a Modelfile; runs on llama.cpp's adapter "
     "loader); tested against hand-built cases",
     architectures=("llama", "gemma2"),

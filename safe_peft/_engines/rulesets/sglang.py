@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, source_rule
+from safe_peft._engines.rule_types import MERGE_FIX, Release, RuleSet, Scaling, source_rule
 
 __all__ = ["SGLANG_0_5_23"]
 
-_s = Release("sglang 0.5.23 (PyPI wheel)", "sglang/srt/lora/")
+_s = Release("sglang", "0.5.23", "SGLang", folder="sglang/srt/lora/", build="PyPI wheel")
 
 
 SGLANG_0_5_23 = RuleSet(
-    engine="sglang",
-    version="0.5.23",
-    title="SGLang",
-    scaling="global_alpha_over_r",
-    scaling_source=_s("lora.py", 71, "self.scaling: float = self.config.lora_alpha / self.config.r"),
-    scaling_verified="source",
+    _s,
+    Scaling(
+        "global_alpha_over_r",
+        _s("lora.py", 71, "self.scaling: float = self.config.lora_alpha / self.config.r"),
+        verified="source",
+    ),
     how_tested="read from the sglang 0.5.23 wheel (not run here: it needs a GPU); tested against hand-built cases",
     rules=(
         source_rule(

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import MERGE_FIX, RankLimit, RuleSet, Source, source_rule
+from safe_peft._engines.rule_types import MERGE_FIX, RankLimit, Release, RuleSet, Scaling, Source, source_rule
 
 __all__ = ["TRTLLM_007E181"]
 
-_TRT = "TensorRT-LLM 007e181"
+_trt = Release("tensorrt-llm", "007e181", "TensorRT-LLM", folder="tensorrt_llm/", project="TensorRT-LLM")
 
 
 def _t(line: int | None, quote: str) -> Source:
-    return Source("tensorrt_llm/lora_manager.py", line, _TRT, quote)
+    """A line of lora_manager.py, the one file its rules come from."""
+    return _trt("lora_manager.py", line, quote)
 
 
 TRTLLM_007E181 = RuleSet(
-    engine="tensorrt-llm",
-    version="007e181",
-    title="TensorRT-LLM",
-    scaling="global_alpha_over_tensor_rank_rslora",
-    scaling_source=_t(None, 'scale = float(hf_config["lora_alpha"]) / np.sqrt(effective_rank)'),
-    scaling_verified="source",
+    _trt,
+    Scaling(
+        "global_alpha_over_tensor_rank_rslora",
+        _t(None, 'scale = float(hf_config["lora_alpha"]) / np.sqrt(effective_rank)'),
+        verified="source",
+    ),
     how_tested="read from tensorrt_llm/lora_manager.py at 007e181 (not run here: it needs a GPU); tested against "
     "hand-built cases",
     rank_limit=RankLimit(

