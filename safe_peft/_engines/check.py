@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safe_peft._bounds import json_safe
+from safe_peft._bounds import MAX_CONFIG_BYTES, json_safe, open_regular
 from safe_peft._catalog import finding
 from safe_peft._engines.rule_types import BEHAVIOURS, CONVERSIONS, FEATURES, EngineRule, RuleSet
 from safe_peft._engines.rules import rule_set
@@ -128,8 +128,9 @@ class BaseFacts:
             path = os.fspath(base)
             path = os.path.join(path, "config.json") if os.path.isdir(path) else path
             try:
-                with open(path, encoding="utf-8") as f:
-                    config = json.load(f)
+                f, size = open_regular(path)
+                with f:
+                    config = json.loads(f.read(min(size, MAX_CONFIG_BYTES)))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"base {os.fspath(base)!r}: cannot read a model config.json ({exc})") from None
         text = config.get("text_config") or {}

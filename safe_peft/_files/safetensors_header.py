@@ -146,7 +146,8 @@ def read_scalar(header: SafetensorsHeader, key: str) -> float:
     """The value of a one-element tensor (a kohya ``alpha``): a few bytes read at its offset."""
     info = header.tensors[key]
     formats = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
-    with open(header.path, "rb") as f:
+    f, _ = open_regular(header.path)
+    with f:
         f.seek(header.data_start + info.begin)
         raw = f.read(info.end - info.begin)
     if info.dtype == "BF16" and len(raw) == 2:

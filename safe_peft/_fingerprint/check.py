@@ -20,12 +20,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._bounds import open_regular
 from safe_peft._catalog import finding
 from safe_peft._fingerprint.format import (
     ABSOLUTE_FLOOR,
@@ -281,9 +281,9 @@ def _stamped_header(path: str) -> bytes | None:
 
     key = KEY.encode()
     try:
-        with open(path, "rb") as f:
+        f, size = open_regular(path)  # a device or FIFO in the weights' place is never read
+        with f:
             (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-            size = os.fstat(f.fileno()).st_size
             if length > min(MAX_HEADER_BYTES, size - 8) or length == 0:
                 return None
             if length <= 1 << 20:  # small headers: one read

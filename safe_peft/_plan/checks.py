@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._bounds import open_regular
 from safe_peft._catalog import finding
 from safe_peft._versions import TASK_CLASS, TASK_NEEDS
 from safe_peft.report import Diagnosis
@@ -188,11 +189,12 @@ def base_config_findings(model: nn.Module, config: Any) -> list[Diagnosis]:
     if not isinstance(path, str) or model_config is None or len(path) > 4096 or "\x00" in path:
         return []
     file = os.path.join(path, "config.json")
-    try:
-        if not os.path.isfile(file) or os.path.getsize(file) > _MAX_BASE_CONFIG:
-            return []
-        with open(file, encoding="utf-8") as f:
-            saved = json.load(f)
+    try:  # a path the adapter names: never a device or FIFO, never more than the cap
+        f, size = open_regular(file)
+        with f:
+            if size > _MAX_BASE_CONFIG:
+                return []
+            saved = json.loads(f.read(size))
     except (OSError, ValueError, RecursionError):
         return []
     if not isinstance(saved, dict):
