@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build
 from peft import LoraConfig
 
 from safe_peft._model.view import _by_injection, expected_keys, meta_skeleton
+from tests.support.helpers import build
 
-CASES = [
+CASES: list[tuple[str, dict[str, Any]]] = [
     ("causal", dict(target_modules=["q_proj", "v_proj"])),
     ("causal", dict(target_modules="all-linear", use_dora=True)),
     ("causal", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
@@ -69,10 +69,10 @@ def test_meta_skeleton_copies_no_data_and_leaves_the_model_alone() -> None:
 
 
 def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any]) -> None:
-    from helpers import llama_config
     from transformers import LlamaForCausalLM
 
     from safe_peft import diagnose
+    from tests.support.helpers import llama_config
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(llama_config())
@@ -85,9 +85,8 @@ def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any
 
 def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model dispatched by accelerate (a layer offloaded to disk, its parameters on meta) diagnoses and loads."""
-    from helpers import disk_offloaded
-
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+    from tests.support.helpers import disk_offloaded
 
     monkeypatch.chdir(tmp_path)  # see disk_offloaded
     model = disk_offloaded(str(tmp_path))
@@ -127,10 +126,10 @@ def test_diagnose_reads_only_the_header_of_a_huge_sparse_adapter(tmp_path: Any) 
     import json
     import struct
 
-    from helpers import llama_config
     from transformers import LlamaForCausalLM
 
     from safe_peft import diagnose
+    from tests.support.helpers import llama_config
 
     hidden, layers, r = 4096, 4, 16
     cfg = llama_config(

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import PeftModel
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._cli import main
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
 from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
 import safe_peft
 from safe_peft import AdapterLoadError
+from tests.support.helpers import build, derive, outputs
 
 
 @pytest.fixture(autouse=True)

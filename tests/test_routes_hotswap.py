@@ -8,12 +8,12 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import IA3Config, PeftModel, get_peft_model
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 from safe_peft import AdapterLoadError, safe_hotswap_adapter
 from safe_peft._versions import hotswap_copies
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +194,7 @@ def test_a_compiled_model_swaps_without_recompiling(swaps: dict[str, str], monke
     model = _loaded(swaps)
     prepare_model_for_compiled_hotswap(model, target_rank=8)
     compiled = torch.compile(model, backend="eager")
+    assert isinstance(compiled, torch.nn.Module)  # torch.compile of a module is a module (OptimizedModule)
     assert torch.allclose(outputs(compiled), _fresh(swaps, "loaded"), atol=1e-5)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for which in ("smaller", "pattern", "same"):

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import PeftModel, PromptTuningConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter, safe_load_adapter_inplace
 from safe_peft._plan.routes import _shifts_prefix
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The switch for code you do not own: safe_peft.patch() / unpatch() / patched().
 
-Proven on a third-party-style helper module (tests/thirdparty.py: plain peft and transformers calls) and on the real
-transformers Trainer resuming a PEFT run from its checkpoints (tiny model, a few CPU steps), including a broken
+Proven on a third-party-style helper module (tests/support/thirdparty.py: plain peft and transformers calls) and on
+the real transformers Trainer resuming a PEFT run from its checkpoints (tiny model, a few CPU steps), including a broken
 checkpoint and runs under torch.compile. Off, everything is plain and the original functions are back (`is`).
 """
 
@@ -17,9 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import thirdparty
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers.integrations.peft import PeftAdapterMixin
@@ -27,6 +25,8 @@ from transformers.integrations.peft import PeftAdapterMixin
 import safe_peft
 from safe_peft import AdapterLoadError
 from safe_peft._versions import torch_at_least
+from tests.support import thirdparty
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 
 # What the oldest supported torch cannot do, plain peft and transformers included (the skips name them):
 RESUMES = pytest.mark.skipif(  # transformers >= 4.50 refuses torch.load (the Trainer's optimizer.pt) below torch 2.6
@@ -242,7 +242,12 @@ def test_the_trainer_resumes_through_safe_peft_as_it_resumes_plainly(
     _trainer(plain, str(tmp_path / "plain"), 4).train(resume_from_checkpoint=checkpoint)
     routes: list[str] = []
     real = carried.run_load
-    monkeypatch.setattr(carried, "run_load", lambda *a, **k: routes.append(k["route"]) or real(*a, **k))
+
+    def recorded(*a: Any, **k: Any) -> Any:
+        routes.append(k["route"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(carried, "run_load", recorded)
     ours = _peft_model()
     with safe_peft.patched():
         _trainer(ours, str(tmp_path / "ours"), 4).train(resume_from_checkpoint=checkpoint)
@@ -538,15 +543,16 @@ def _shira_custom_mask() -> Any:
     from peft import ShiraConfig
 
     def mask_fn(base_layer: torch.nn.Module, r: int, **kwargs: Any) -> torch.Tensor:
-        out_f, in_f = base_layer.weight.shape
+        out_f, in_f = base_layer.get_parameter("weight").shape
         generator = torch.Generator().manual_seed(120)
         chosen = torch.randperm(out_f * in_f, generator=generator)[: r * (out_f + in_f)]
         mask = torch.zeros(out_f * in_f)
         mask[chosen] = 1.0
         return mask.view(out_f, in_f)
 
-    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)
-    config.mask_fn = mask_fn
+    # peft annotates mask_type as "random" only and mask_fn as its random_mask; a custom mask_fn is its documented use
+    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)  # type: ignore[arg-type]
+    config.mask_fn = mask_fn  # type: ignore[assignment]
     return config
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, model_state, train_adapter
 from peft import LoraConfig
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._model.sharding import is_sharded, sharding_findings
 from safe_peft._model.view import expected_keys
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
+from tests.support.helpers import assert_same_state, build, model_state, train_adapter
 
 INSTALLED = str(torch.__version__)
 
@@ -54,7 +54,8 @@ def tensor_parallel(tmp_path: Any) -> Iterator[tuple[Any, str]]:
 
     adapter = str(tmp_path / "adapter")
     train_adapter(build("causal"), adapter)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    store = dist.HashStore()  # type: ignore[attr-defined]  # torch.distributed re-exports it, no __all__
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         model = build("causal")

@@ -37,6 +37,7 @@ def build(kind: str = "causal", seed: int = 0, **overrides: Any) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
+    model: nn.Module
     if kind == "gpt2":
         model = tf.GPT2LMHeadModel(
             tf.GPT2Config(
@@ -230,8 +231,8 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     except NotImplementedError:
         if type(a) is not type(b) or not hasattr(a, "__tensor_flatten__"):
             raise
-    names, meta = a.__tensor_flatten__()
-    names_b, meta_b = b.__tensor_flatten__()
+    names, meta = getattr(a, "__tensor_flatten__")()  # a tensor subclass's (hasattr above)
+    names_b, meta_b = getattr(b, "__tensor_flatten__")()
     return names == names_b and meta == meta_b and all(_equal(getattr(a, n), getattr(b, n)) for n in names)
 
 

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 HUGE = 10_000_000  # a 10 MB value
 STRESS = bool(os.environ.get("SAFE_PEFT_STRESS"))
 
@@ -228,7 +226,7 @@ def _weights(change: str) -> Callable[[str, str], str]:
 
 
 def _renamed_keys_with_huge_base(good: str, directory: str) -> str:
-    from helpers import derive
+    from tests.support.helpers import derive
 
     derive(
         good,
@@ -240,7 +238,7 @@ def _renamed_keys_with_huge_base(good: str, directory: str) -> str:
 
 
 def _huge_key(good: str, directory: str) -> str:
-    from helpers import derive
+    from tests.support.helpers import derive
 
     return derive(good, directory, keys=lambda k: k.replace("layers.0.", "layers.0." + "x" * 1_000_000 + ".", 1))
 
@@ -415,7 +413,7 @@ def make_all(root: str) -> None:
     """Write the base model's config, the good adapter and every case's directory under ``root``."""
     import warnings
 
-    from helpers import build, train_adapter
+    from tests.support.helpers import build, train_adapter
 
     warnings.simplefilter("ignore")
     model = build("causal")
@@ -506,9 +504,9 @@ def run_case(case: Case, directory: str, on: Surfaces) -> dict[str, Any]:
 def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, Any], timed: Any) -> None:
     """diagnose and load on a base; diagnose and a further adapter on a PeftModel; transformers' in-place route."""
     import torch
-    from helpers import outputs
 
     from safe_peft import AdapterLoadError, diagnose, safe_hotswap_adapter, safe_load_adapter, safe_load_adapter_inplace
+    from tests.support.helpers import outputs
 
     further = {"adapter_name": "b", **case.kwargs}
     loads: list[tuple[str, Any, Any, dict[str, Any]]] = [
@@ -597,7 +595,8 @@ def run_all(root: str, out: str) -> None:
     import warnings
 
     import torch
-    from helpers import build
+
+    from tests.support.helpers import build
 
     warnings.simplefilter("ignore")  # peft's notices are not the battery's subject (one process, no threads)
     base_dir = os.path.join(root, "base")
