@@ -75,11 +75,11 @@ def _python_examples() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, object]) -> str:
+def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Any]) -> str:
     """The files the docs' examples name: real adapters and a config-only model directory."""
     import shutil
 
-    from tests.support.helpers import build, derive
+    from tests.support.helpers import build, derive, save_config
 
     root = tmp_path_factory.mktemp("docs")
     good = adapters["causal"][0]
@@ -99,8 +99,7 @@ def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, 
         config=lambda c: c.update(r=4),
     )
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(root / "path" / "to" / "model")
+    save_config(model, root / "path" / "to" / "model")
     _route_files(root / "path" / "to", good)
     return str(root)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safe_peft import AdapterLoadError, Cause, diagnose, inspect_adapter, safe_load_adapter
-from tests.support.helpers import build, outputs
+from tests.support.helpers import build, outputs, primary
 
 
 def _kohya(peft_dir: str, out: str, *, alpha: float, name: str = "my_lora.safetensors") -> str:
@@ -62,8 +62,8 @@ def test_kohya_alpha_becomes_the_scaling(adapters: dict[str, Any], tmp_path: Any
     assert isinstance(config, LoraConfig) and config.lora_alpha == 16
     reference = safe_load_adapter(build("causal"), adapters["causal"][0])
     for module in ("q_proj", "v_proj"):
-        ours = getattr(model.base_model.model.model.layers[0].self_attn, module)
-        theirs = getattr(reference.base_model.model.model.layers[0].self_attn, module)
+        ours = getattr(model.get_submodule("base_model.model.model.layers.0.self_attn"), module)
+        theirs = getattr(reference.get_submodule("base_model.model.model.layers.0.self_attn"), module)
         assert ours.scaling["default"] == 2 * theirs.scaling["default"]
 
 
@@ -155,9 +155,9 @@ def test_kohya_into_a_name_a_peft_model_already_has_is_refused(kohya_dir: str, a
 
     peft_model = safe_load_adapter(build("causal"), adapters["causal"][0])
     before = model_state(peft_model)
-    assert diagnose(peft_model, kohya_dir, "default", remap="auto").primary.code == "adapter_name_taken"
+    assert primary(diagnose(peft_model, kohya_dir, "default", remap="auto")).code == "adapter_name_taken"
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(peft_model, kohya_dir, "default", remap="auto")
-    assert caught.value.report.primary.code == "adapter_name_taken"
+    assert primary(caught.value.report).code == "adapter_name_taken"
     assert_same_state(before, peft_model)
     assert diagnose(peft_model, kohya_dir, "other", remap="auto").ok  # under a free name it converts

@@ -17,7 +17,7 @@ import torch
 import safe_peft
 from safe_peft import AdapterLoadError, check_target, diagnose, fix_for_target, safe_load_adapter
 from safe_peft._cli import main
-from tests.support.helpers import build, derive, outputs
+from tests.support.helpers import build, derive, outputs, primary
 
 # -- the one planning sequence --------------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def test_a_further_adapter_refuses_a_catastrophic_target_pattern(
         "reload": {"replace": "weights"},
         "inplace": {"inplace": True},
     }
-    assert diagnose(model, hostile, **options[route]).primary.code == "catastrophic_pattern"
+    assert primary(diagnose(model, hostile, **options[route])).code == "catastrophic_pattern"
 
 
 # -- the engine checks read the config as every surface does ---------------------------------------------------
@@ -69,8 +69,8 @@ def test_the_engine_check_refuses_what_the_peft_check_refuses(
     bad = derive(adapters["causal"][0], str(tmp_path / "bad"), config=lambda c: c.update(change))
     with pytest.raises(AdapterLoadError) as caught:
         check_target(bad, "vllm")
-    assert caught.value.report.primary.code == code
-    assert diagnose(build("causal"), bad).primary.code == code
+    assert primary(caught.value.report).code == code
+    assert primary(diagnose(build("causal"), bad)).code == code
 
 
 def test_the_engine_check_judges_the_config_s_own_rank(adapters: dict[str, Any], tmp_path: Any) -> None:
@@ -119,7 +119,7 @@ def test_a_base_that_cannot_be_built_is_base_model_unreachable(adapters: dict[st
     )
     with pytest.raises(AdapterLoadError) as caught:
         safe_peft.from_pretrained(adapter)
-    assert caught.value.report.primary.code == "base_model_unreachable"
+    assert primary(caught.value.report).code == "base_model_unreachable"
 
 
 # -- narrow windows --------------------------------------------------------------------------------------------
@@ -193,12 +193,12 @@ def test_saved_targets_of_another_class_are_refused_when_the_keys_fit_as_they_ar
     shifted = derive(directory, str(tmp_path / "shifted"), config=lambda c: c.update(target_modules=causal_paths))
     with pytest.raises(ValueError):
         PeftModel.from_pretrained(build("bare"), shifted)  # plain peft: no module matches the targets
-    assert diagnose(build("bare"), shifted).primary.code == "target_modules_not_found"
+    assert primary(diagnose(build("bare"), shifted)).code == "target_modules_not_found"
     base = build("bare")
     before = model_state(base)
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(base, shifted)
-    assert caught.value.report.primary.code == "target_modules_not_found"
+    assert primary(caught.value.report).code == "target_modules_not_found"
     assert_same_state(before, base)
 
 
@@ -244,4 +244,4 @@ def test_a_non_ascii_iteration_count_is_a_typed_refusal(count: str, adapters: di
     )
     with pytest.raises(AdapterLoadError) as caught:
         check_target(bad, "vllm")
-    assert caught.value.report.primary.code == "invalid_config_value"
+    assert primary(caught.value.report).code == "invalid_config_value"

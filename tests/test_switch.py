@@ -26,7 +26,7 @@ import safe_peft
 from safe_peft import AdapterLoadError
 from safe_peft._versions import torch_at_least
 from tests.support import thirdparty
-from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, primary, train_adapter
 
 # What the oldest supported torch cannot do, plain peft and transformers included (the skips name them):
 RESUMES = pytest.mark.skipif(  # transformers >= 4.50 refuses torch.load (the Trainer's optimizer.pt) below torch 2.6
@@ -87,7 +87,7 @@ def test_inside_the_switch_every_helper_call_goes_through_safe_peft(files: dict[
         assert safe_peft.is_patched() and not _originals_in_place()
         with pytest.raises(AdapterLoadError) as caught:
             thirdparty.load_for_inference(build("causal"), files["broken"])
-        assert caught.value.report.primary.code == "targets_without_weights"
+        assert primary(caught.value.report).code == "targets_without_weights"
         ours = thirdparty.load_for_inference(build("causal"), files["good"])
         before = model_state(ours)
         with pytest.raises(AdapterLoadError):
@@ -126,7 +126,7 @@ def test_options_apply_to_every_routed_call(files: dict[str, str]) -> None:
     """patch(remap='auto'): a checkpoint saved from a compiled model loads exactly, as remap='auto' would."""
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         thirdparty.load_for_inference(build("causal"), files["compiled"])
-    assert caught.value.report.primary.code == "strip_orig_mod"
+    assert primary(caught.value.report).code == "strip_orig_mod"
     with safe_peft.patched(remap="auto"):
         model = thirdparty.load_for_inference(build("causal"), files["compiled"])
     assert torch.equal(outputs(model), outputs(PeftModel.from_pretrained(build("causal"), files["good"])))
@@ -143,7 +143,7 @@ def test_the_switch_of_one_thread_does_not_reach_another(files: dict[str, str]) 
             try:
                 thirdparty.load_for_inference(build("causal"), files["broken"])
             except AdapterLoadError as exc:
-                seen["guarded"] = exc.report.primary.code
+                seen["guarded"] = primary(exc.report).code
             done.wait(60)
 
     thread = threading.Thread(target=guarded)
@@ -171,7 +171,7 @@ def test_threads_entering_and_leaving_together(files: dict[str, str]) -> None:
                     try:
                         thirdparty.load_for_inference(build("causal"), files["broken"])
                     except AdapterLoadError as exc:
-                        codes.append(exc.report.primary.code)
+                        codes.append(primary(exc.report).code)
         except BaseException as exc:
             errors.append(exc)
 
@@ -272,7 +272,7 @@ def test_the_trainer_refuses_to_resume_from_a_checkpoint_whose_adapter_did_not_l
     trainer = _trainer(ours, str(tmp_path / "ours"), 3)
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         trainer.train(resume_from_checkpoint=checkpoint)
-    assert caught.value.report.primary.code == "targets_without_weights"
+    assert primary(caught.value.report).code == "targets_without_weights"
     after = _lora(ours)
     assert all(torch.equal(after[k], v) for k, v in start.items())
     assert not os.path.isdir(str(tmp_path / "ours" / "checkpoint-3"))  # it did not train on
@@ -317,7 +317,7 @@ def test_a_checkpoint_of_a_compiled_peft_model_is_refused_and_remap_auto_loads_i
         thirdparty.load_for_inference(build("causal"), checkpoint)
     report = caught.value.report
     if keys:
-        assert report.primary.code == "strip_orig_mod"
+        assert primary(report).code == "strip_orig_mod"
         with safe_peft.patched(remap="auto"):
             model = thirdparty.load_for_inference(build("causal"), checkpoint)
         trained.eval()
@@ -378,8 +378,8 @@ def test_where_plain_peft_raises_a_value_error_the_switch_raises_one_too(tmp_pat
     assert type(again) is type(caught) and isinstance(again, ValueError) and again.report == caught.report
     assert list(model.peft_config) == ["default"]
     # predicted before anything is injected, as peft's own check sees it (inference_mode = not is_trainable)
-    assert caught.report.primary.code == "adapter_combination_refused"
-    assert safe_peft.diagnose(model, path, "b", is_trainable=True).primary.code == "adapter_combination_refused"
+    assert primary(caught.report).code == "adapter_combination_refused"
+    assert primary(safe_peft.diagnose(model, path, "b", is_trainable=True)).code == "adapter_combination_refused"
     assert safe_peft.diagnose(model, path, "b").ok  # not trainable: peft combines them
 
 
@@ -408,7 +408,7 @@ def test_ignore_mismatched_sizes_is_honoured_as_peft_honours_it(tmp_path: Any) -
         plain = PeftModel.from_pretrained(resized(), path, ignore_mismatched_sizes=True)
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         thirdparty.load_for_inference(resized(), path)
-    assert caught.value.report.primary.code == "resized_embeddings"
+    assert primary(caught.value.report).code == "resized_embeddings"
     for strict in (True, False):
         with warnings.catch_warnings(record=True) as ours, safe_peft.patched(strict=strict):
             warnings.simplefilter("always")
@@ -491,7 +491,7 @@ def test_a_generic_wrapper_installed_before_or_after_the_switch_keeps_working(
         model.load_adapter(files["other"], adapter_name="c")
         with pytest.raises(AdapterLoadError) as caught:
             model.load_adapter(files["broken"], "d")
-        assert caught.value.report.primary.code == "targets_without_weights"
+        assert primary(caught.value.report).code == "targets_without_weights"
         assert list(model.peft_config) == ["default", "b", "c"]
         assert len(calls) == (3 if when == "after" else 0)  # before: safe_peft loads these itself, not via peft
         safe_peft.unpatch()

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
-from tests.support.helpers import build, derive, outputs
+from tests.support.helpers import build, derive, outputs, primary
 
 
 def _plain_loads_exactly(directory: str, trained: torch.Tensor, kind: str = "causal") -> bool:
@@ -95,7 +95,7 @@ def test_adapter_names_peft_cannot_use_are_refused_up_front(adapters: dict[str, 
     before = fingerprint(base)
     with pytest.raises(AdapterLoadError) as info:
         safe_load_adapter(base, directory, adapter_name=name)
-    assert info.value.report.primary.code == "invalid_adapter_name"
+    assert primary(info.value.report).code == "invalid_adapter_name"
     assert_unchanged(before, base)
     assert len(str(info.value)) < 2000
     safe_load_adapter(build("causal"), directory, adapter_name=eval(suggestion))  # the suggested name works
@@ -126,7 +126,7 @@ def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(
         json.dump(config, f)
     report = diagnose(deep, directory)
     assert [d.code for d in report.causes][:2] == ["base_config_differs", "more_layers"]
-    assert report.primary.details["differ"] == {"num_hidden_layers": [2, 4]}
+    assert primary(report).details["differ"] == {"num_hidden_layers": [2, 4]}
     before = fingerprint(deep)
     with pytest.raises(AdapterLoadError):
         safe_load_adapter(deep, directory)
@@ -217,7 +217,7 @@ def test_user_rules_with_a_shape_problem_name_the_same_rules_and_a_real_docs_sec
     report = diagnose(build("causal"), directory, remap=rules)
     codes = [d.code for d in report.causes]
     assert codes[0] == "rank_mismatch" and "user_remap" in codes
-    assert "the same remap= rules" in report.primary.fix and "user_0" not in report.primary.fix
+    assert "the same remap= rules" in primary(report).fix and "user_0" not in primary(report).fix
     layout = next(d for d in report.causes if d.code == "user_remap")
     anchor = layout.url.rsplit("#", 1)[1]
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "causes", "key_format.md")) as f:

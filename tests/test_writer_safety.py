@@ -18,7 +18,7 @@ import pytest
 import safe_peft._engines.fix as engine_fix
 from safe_peft import AdapterLoadError, check_target, fix_for_target, merge_rank_shards
 from safe_peft._fix.writer import MARKER, OutputDirError, fix_adapter
-from tests.support.helpers import build, derive
+from tests.support.helpers import build, derive, save_config
 
 ROUNDS = 40 if os.environ.get("SAFE_PEFT_STRESS") else 10
 HERE = os.path.dirname(__file__)
@@ -44,8 +44,7 @@ def tree(path: str) -> dict[str, str]:
 def inputs(adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("writer")
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(root / "base")
+    save_config(model, root / "base")
     good = adapters["causal"][0]
     return {
         "root": str(root),

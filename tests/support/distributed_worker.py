@@ -30,6 +30,7 @@ dist.init_process_group("gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 
+from peft import PeftModel  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
@@ -57,7 +58,7 @@ def base() -> nn.Module:
 
 def fsdp() -> nn.Module:
     model = base()
-    for layer in model.model.layers:
+    for layer in model.get_submodule("model.layers").children():
         fully_shard(layer, mesh=MESH)
     fully_shard(model, mesh=MESH)  # in place: the same module, its class swapped for an FSDP one
     return model
@@ -185,6 +186,7 @@ def save_local(model: nn.Module, directory: str) -> None:
     }
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    assert isinstance(model, PeftModel)  # sharded in place: FSDP2 and parallelize_module keep the class
     model.peft_config["default"].save_pretrained(directory)
 
 
@@ -279,7 +281,7 @@ def fsdp_extras() -> None:
     def _() -> dict[str, Any]:
         """The fix load_before_sharding names: load into the unsharded model, then shard the PeftModel."""
         model = safe_load_adapter(base(), adapter("heads"))
-        for layer in model.base_model.model.model.layers:
+        for layer in model.get_submodule("base_model.model.model.layers").children():
             fully_shard(layer, mesh=MESH)
         fully_shard(model, mesh=MESH)
         return {"max_diff": diff(logits(model), REF["heads"])}
@@ -348,7 +350,9 @@ def _big_config() -> Any:
 
 def _rss(field: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
+        found = re.search(rf"{field}:\s+(\d+)", f.read())
+    assert found is not None, field
+    return int(found.group(1)) * 1024
 
 
 def tp_extras() -> None:

@@ -471,6 +471,7 @@ def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Modul
     back from a directory, as a real run gets it."""
     import transformers
 
+    assert isinstance(vl, transformers.PreTrainedModel)
     values = {k: v for k, v in vl.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
     for generation in ("top_k", "top_p", "temperature", "do_sample"):  # sampling flags do not belong to the model
         values.pop(generation, None)
@@ -480,8 +481,8 @@ def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Modul
     path = os.path.join(directory, "text")
     with quiet():
         text = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**values))
-        text.model.load_state_dict(vl.model.language_model.state_dict())
-        text.lm_head.load_state_dict(vl.lm_head.state_dict())
+        text.model.load_state_dict(vl.get_submodule("model.language_model").state_dict())
+        text.lm_head.load_state_dict(vl.get_submodule("lm_head").state_dict())
         text.save_pretrained(path)
 
     def load() -> torch.nn.Module:

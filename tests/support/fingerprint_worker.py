@@ -35,7 +35,7 @@ MESH = init_device_mesh("cpu", (WORLD,))
 
 def sharded(seed: int) -> torch.nn.Module:
     model = build("causal", seed=seed)
-    for layer in model.model.layers:
+    for layer in model.get_submodule("model.layers").children():
         fully_shard(layer, mesh=MESH)
     fully_shard(model, mesh=MESH)  # in place: the same module, its class swapped for an FSDP one
     return model

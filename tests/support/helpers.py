@@ -13,7 +13,24 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from safe_peft import Diagnosis, LoadReport
+
 INPUT = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def save_config(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Write ``model``'s config.json alone, naming its class: a base the command line reads by path."""
+    from transformers import PreTrainedModel
+
+    assert isinstance(model, PreTrainedModel)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+
+
+def primary(report: LoadReport) -> Diagnosis:
+    """The report's most likely cause; a report with none fails the test here, saying so."""
+    assert report.primary is not None, f"no finding in the report: {report}"
+    return report.primary
 
 
 def llama_config(**overrides: Any) -> Any:

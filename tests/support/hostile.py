@@ -413,12 +413,11 @@ def make_all(root: str) -> None:
     """Write the base model's config, the good adapter and every case's directory under ``root``."""
     import warnings
 
-    from tests.support.helpers import build, train_adapter
+    from tests.support.helpers import build, save_config, train_adapter
 
     warnings.simplefilter("ignore")
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(os.path.join(root, "base"))
+    save_config(model, os.path.join(root, "base"))
     good = os.path.join(root, "good")
     trained = train_adapter(build("causal"), good)
     with open(os.path.join(root, "trained.json"), "w") as f:

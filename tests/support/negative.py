@@ -224,7 +224,7 @@ def run(arch: str, scenario: Scenario | None = None, other: str | None = None) -
             safe_load_adapter(base, directory)
             return Outcome(name, False, "loaded, though diagnose refused it")
         except AdapterLoadError as exc:
-            if [d.code for d in exc.report.causes][:1] != [primary.code]:
+            if [d.code for d in exc.report.causes][:1] != [primary.code if primary else None]:
                 return Outcome(name, False, f"load and diagnose disagree: {exc.report.primary}")
         if not _unchanged(before, base):
             return Outcome(name, False, "the refused load changed the base model")
