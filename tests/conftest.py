@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
-from helpers import build, train_adapter
+from tests.support.compat_record import recorder_from_environment, write
+from tests.support.helpers import build, train_adapter
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +34,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return made
 
 
-# --- the CI record of this environment (tests/compat_record.py; only when SAFE_PEFT_COMPAT_ENV is set) ---------
-from compat_record import recorder_from_environment, write  # noqa: E402
-
+# --- the CI record of this environment (tests/support/compat_record.py; only when SAFE_PEFT_COMPAT_ENV is set) -
 _RECORDER = recorder_from_environment()
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, model_state, outputs, train_adapter
 
 from safe_peft import safe_load_adapter
+from tests.support.helpers import assert_same_state, build, model_state, outputs, train_adapter
 
 
 @dataclass
@@ -111,9 +111,12 @@ def _peft_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     calls: list[int] = []
     original = peft.utils.save_and_load.set_peft_model_state_dict
-    monkeypatch.setattr(
-        peft.utils.save_and_load, "set_peft_model_state_dict", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+
+    def recorded(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(peft.utils.save_and_load, "set_peft_model_state_dict", recorded)
     return calls
 
 
@@ -145,11 +148,11 @@ def _assert_verified_the_model_s_tensors(seen: list[Any], model: Any, adapter_na
 def test_a_broken_assignment_leaves_the_base_model_as_it_was(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The assignment fails half-way (here: the move to the base layer's device raises on the third layer): the base
     model is restored exactly, and the error names the load."""
-    from helpers import assert_unchanged, fingerprint
     from peft.tuners.lora import LoraLayer
 
     import safe_peft
     import safe_peft._load.assign
+    from tests.support.helpers import assert_unchanged, fingerprint
 
     directory = str(tmp_path / "adapter")
     train_adapter(build("causal"), directory, target_modules="all-linear")
@@ -276,9 +279,14 @@ def test_a_peft_release_not_read_keeps_peft_s_own_load_adapter(tmp_path: Any, mo
     train_adapter(build("causal"), first)
     train_adapter(build("causal"), second, seed=2)
     carrying = PeftModel.from_pretrained(build("causal"), first)
-    calls = []
+    calls: list[tuple[Any, ...]] = []
     original = PeftModel.load_adapter
-    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+
+    def recorded(self: PeftModel, *a: Any, **k: Any) -> Any:
+        calls.append(a)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(PeftModel, "load_adapter", recorded)
     monkeypatch.setattr(peft, "__version__", "0.22.0")
     safe_peft.safe_load_adapter(carrying, second, "b")
     assert len(calls) == 1 and calls[0][1] == "b"

@@ -7,13 +7,13 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
-from helpers import assert_unchanged, build, derive, disk_offloaded, fingerprint
 
 from safe_peft import AdapterLoadError, safe_load_adapter
+from tests.support.helpers import assert_unchanged, build, derive, disk_offloaded, fingerprint
 
 
 def _bad_config(src: str, dst: str) -> tuple[str, dict[str, Any]]:
@@ -91,7 +91,7 @@ def test_every_failure_point_leaves_the_base_model_unchanged(
 
 def test_undo_after_a_successful_load_that_fails_verification_restores_embeddings(tmp_path: Any) -> None:
     """Base embedding weights saved with an embedding adapter are written in place by peft; a failure restores them."""
-    from helpers import train_adapter
+    from tests.support.helpers import train_adapter
 
     directory = str(tmp_path / "emb")
     train_adapter(build("causal", seed=5), directory, target_modules=["embed_tokens", "q_proj"])
@@ -122,7 +122,7 @@ def test_config_json_is_untouched_and_files_unmodified(adapters: dict[str, Any],
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_base_rewriting_init_is_restored_after_a_failed_load(init: str, tmp_path: Any) -> None:
+def test_base_rewriting_init_is_restored_after_a_failed_load(init: Literal["pissa", "olora"], tmp_path: Any) -> None:
     """peft re-runs PiSSA / OLoRA initialisation on load, rewriting base weights through `.data`: a load that then
     fails must still give the base its original values back."""
     from peft import LoraConfig, get_peft_model

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
+
+from tests.support.helpers import build, derive, outputs
 
 BIN = os.path.join(os.path.dirname(sys.executable), "safe-peft")
 
@@ -186,9 +187,7 @@ pytest_plugins = ["pytester"]
 
 def test_pytest_plugin_fixture(pytester: pytest.Pytester, adapters: dict[str, Any]) -> None:
     pytester.makepyfile(f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from helpers import build
+        from tests.support.helpers import build
 
         def test_good(assert_adapter_loads):
             assert_adapter_loads(build("causal"), {adapters["causal"][0]!r})
@@ -196,6 +195,8 @@ def test_pytest_plugin_fixture(pytester: pytest.Pytester, adapters: dict[str, An
         def test_bad(assert_adapter_loads):
             assert_adapter_loads(build("causal"), {adapters["wide"][0]!r})
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore::FutureWarning")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `tests.support` is importable from
+    options = ("-p", "no:cacheprovider", "-W", "ignore::FutureWarning", "-o", f"pythonpath={root}")
+    result = pytester.runpytest_subprocess(*options)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*Most likely cause [[]wrong_base_model/dimension_mismatch[]]*"])

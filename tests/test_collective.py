@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -41,7 +42,7 @@ class MemoryStore:
                 raise RuntimeError(f"wait timeout after {timeout}")
 
 
-def _run(votes: dict[int, Vote | None], world: int, timeout: float = 0.5) -> dict[int, Outcome]:
+def _run(votes: Mapping[int, Vote | None], world: int, timeout: float = 0.5) -> dict[int, Outcome]:
     """Every rank with a vote agrees (rank r absent from ``votes`` or None: it never answers)."""
     store, outcomes = MemoryStore(), {}
 

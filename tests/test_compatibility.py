@@ -25,7 +25,7 @@ def base_model(kind: str = "causal") -> torch.nn.Module:
     with open(os.path.join(FIXTURES, "base", "config.json")) as f:
         data = json.load(f)
     if kind == "seqcls":
-        model: torch.nn.Module = LlamaForSequenceClassification(LlamaConfig(**data, num_labels=3))
+        model: torch.nn.Module = LlamaForSequenceClassification(LlamaConfig(**{**data, "num_labels": 3}))
     else:
         model = LlamaForCausalLM(LlamaConfig(**data))
     missing, unexpected = model.load_state_dict(
@@ -122,7 +122,10 @@ def test_merged_linear_adapter_of_peft_0_2_is_converted_by_the_legacy_repair(tmp
         _legacy_base(), adapter, allow_pickle=True, repair=("legacy",), output_loading_info=True
     )
     assert loaded.ok and loaded.repairs[0].startswith("legacy: MergedLinear")
-    assert model.peft_config["default"].r == 8 and model.peft_config["default"].lora_alpha == 16
+    from peft import LoraConfig
+
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig) and config.r == 8 and config.lora_alpha == 16
     with torch.no_grad():
         logits = model(torch.tensor(fixture["input"])).logits
     assert torch.allclose(logits, torch.tensor(fixture["logits"]), atol=1e-4)

@@ -1,4 +1,5 @@
-"""Sharded models across processes: torchrun launches 2 and 4 CPU ranks (gloo) running tests/distributed_worker.py.
+"""Sharded models across processes: torchrun launches 2 and 4 CPU ranks (gloo), each running
+tests/support/distributed_worker.py.
 
 One launch per world size runs every check (FSDP2, tensor parallel via parallelize_module and transformers'
 tp_plan: loads, training on different data, each failure kind, a silent rank, saves); the tests below assert on
@@ -16,20 +17,19 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs, train_adapter
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
 from safe_peft._model.sharding import _peft_shards_transformers_tp
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
+from tests.support.helpers import build, derive, outputs, train_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL = {"num_key_value_heads": 4}  # 4 key/value heads: every projection splits over 4 tensor-parallel ranks
 STEPS = 2
 SILENT_TIMEOUT = 1.0  # seconds the others wait for a rank that never calls
-BIG = dict(  # for the memory measurement: a base of 24 MB, an adapter of 0.4 MB
+BIG: dict[str, Any] = dict(  # for the memory measurement: a base of 24 MB, an adapter of 0.4 MB
     hidden_size=256,
     intermediate_size=1024,
     num_hidden_layers=4,
@@ -94,11 +94,11 @@ def _workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     embedding = get_peft_model(
         build("causal", **MODEL), LoraConfig(target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     )
-    embedding.save_pretrained(root / "embedding", save_embedding_layers=False)
-    embedding.save_pretrained(root / "embedding_with_base", save_embedding_layers=True)  # the base rows too
+    embedding.save_pretrained(str(root / "embedding"), save_embedding_layers=False)
+    embedding.save_pretrained(str(root / "embedding_with_base"), save_embedding_layers=True)  # the base rows too
     torch.manual_seed(1)
     ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
-    get_peft_model(build("causal", **MODEL), ia3).save_pretrained(root / "ia3")
+    get_peft_model(build("causal", **MODEL), ia3).save_pretrained(str(root / "ia3"))
     torch.manual_seed(0)
     train_adapter(LlamaForCausalLM(LlamaConfig(**BIG)), str(root / "big"), r=4, target_modules=TARGETS)
     data = torch.randint(1, 100, (4, 2, 6), generator=torch.Generator().manual_seed(3))
@@ -137,7 +137,8 @@ def launch(request: pytest.FixtureRequest, workspace: dict[str, Any], tmp_path_f
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        WORKER,
+        "-m",
+        "tests.support.distributed_worker",
         workspace["root"],
         str(out),
     ]

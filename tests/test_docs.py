@@ -75,14 +75,14 @@ def _python_examples() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, object]) -> str:
+def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Any]) -> str:
     """The files the docs' examples name: real adapters and a config-only model directory."""
     import shutil
 
-    from helpers import build, derive
+    from tests.support.helpers import build, derive, save_config
 
     root = tmp_path_factory.mktemp("docs")
-    good = adapters["causal"][0]  # type: ignore[index]
+    good = adapters["causal"][0]
     shutil.copytree(good, root / "path" / "to" / "adapter")
     shutil.copytree(good, root / "adapters" / "ours")
     shutil.copytree(good, root / "adapter")
@@ -99,8 +99,7 @@ def doc_workspace(tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, 
         config=lambda c: c.update(r=4),
     )
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(root / "path" / "to" / "model")
+    save_config(model, root / "path" / "to" / "model")
     _route_files(root / "path" / "to", good)
     return str(root)
 
@@ -111,7 +110,7 @@ def _route_files(where: Any, good: str) -> None:
     import json
     import shutil
 
-    from helpers import build, derive, train_adapter
+    from tests.support.helpers import build, derive, train_adapter
 
     train_adapter(build("causal"), str(where / "second"), seed=2, r=4, target_modules=["q_proj", "k_proj", "o_proj"])
     train_adapter(build("causal"), str(where / "retrained"), seed=3)
@@ -149,10 +148,10 @@ def _runs_on_this_torch(page: str) -> None:
 def test_doc_examples_run(page: str, doc_workspace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Python example in the docs runs, in a workspace holding the adapters it names."""
     _runs_on_this_torch(page)
-    from helpers import build
     from peft import PeftModel
 
     from safe_peft.testing import assert_adapter_loads
+    from tests.support.helpers import build
 
     monkeypatch.chdir(doc_workspace)
     try:

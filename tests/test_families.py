@@ -1,15 +1,16 @@
-"""A fixed sample of the real-layout families (tests/families.py; each whole family: `run_sweep.py --family`): plain
-peft behaves as the case says, safe_peft loads what plain peft loads exactly, names the expected primary finding
-otherwise, and every fix it names loads the trained outputs."""
+"""A fixed sample of the real-layout families (tests/support/families.py; each whole family: `run_sweep.py
+--family`): plain peft behaves as the case says, safe_peft loads what plain peft loads exactly, names the expected
+primary finding otherwise, and every fix it names loads the trained outputs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import families
 import pytest
 
 from safe_peft import Cause, Diagnosis
+from tests.support import families
+from tests.support.tiny import quiet
 
 SAMPLE = [
     "resize/modules_to_save/pad1/dir/resized",
@@ -58,9 +59,8 @@ def test_every_family_has_cases_and_every_expected_code_is_in_the_catalog() -> N
 
 
 def test_an_empty_checkpoint_offers_no_fix_even_when_one_is_asked_for(tmp_path: Any) -> None:
-    from helpers import build
-
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+    from tests.support.helpers import build
 
     situation = families._empty_case("zero3")(str(tmp_path))
     for repair in ((), ("targets",), ("targets", "rank", "vocab")):
@@ -145,10 +145,9 @@ def test_task_type_mismatch_offers_remap_only_on_the_bare_model(
     adapters: dict[str, Any], kind: str, offered: str | None
 ) -> None:
     """A CAUSAL_LM adapter on another task's class (its keys fit) is not loaded as a plain PeftModel there: the
-    class is the mistake (the bare model case is tests/families.py's t5_seq2seq_into_bare)."""
-    from helpers import build
-
+    class is the mistake (the bare model case is tests/support/families.py's t5_seq2seq_into_bare)."""
     from safe_peft import diagnose
+    from tests.support.helpers import build
 
     report = diagnose(build(kind), adapters["causal_task"][0])
     task = next(d for d in report.causes if d.code == "task_type_mismatch")
@@ -162,6 +161,6 @@ def test_the_resized_saved_heads_layout_loads_through_the_switch_too(tmp_path: A
     import safe_peft
 
     situation = families._resize_case("modules_to_save", 8, True, True)(str(tmp_path))
-    with safe_peft.patched(), families.quiet():
+    with safe_peft.patched(), quiet():
         model = PeftModel.from_pretrained(situation.base(), situation.directory)
     assert situation.differs(model) <= 1e-5

@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
-from helpers import assert_unchanged, build, derive, fingerprint, outputs
 from peft import LoraConfig, get_peft_model
 
 from safe_peft import AdapterFormatError, AdapterLoadError, Cause, diagnose, inspect_adapter, safe_load_adapter
+from tests.support.helpers import assert_unchanged, build, derive, fingerprint, outputs, primary
 
 
 def _code(exc: pytest.ExceptionInfo[AdapterFormatError]) -> tuple[Cause, str]:
-    primary = exc.value.report.primary
-    assert primary is not None
-    return primary.cause, primary.code
+    top = exc.value.report.primary
+    assert top is not None
+    return top.cause, top.code
 
 
 def test_file_instead_of_directory(adapters: dict[str, Any]) -> None:
@@ -126,13 +126,13 @@ def test_meaning_changing_unknown_key_is_refused(adapters: dict[str, Any], tmp_p
     monkeypatch.setattr(adapter_config, "known_fields", lambda cls: real_fields(cls) - {"use_dora"})
     base = build("causal")
     before = fingerprint(base)
-    assert diagnose(base, directory).primary.code == "meaning_changing_config_key"  # type: ignore[union-attr]
+    assert primary(diagnose(base, directory)).code == "meaning_changing_config_key"
     with pytest.raises(AdapterLoadError) as info:
         safe_load_adapter(base, directory)
-    primary = info.value.report.primary
-    assert primary is not None and (primary.cause, primary.code) == (Cause.VERSION_SKEW, "meaning_changing_config_key")
-    assert "upgrade peft to 9.1.0" in primary.fix and primary.repair == ("config",)
-    assert f"installed: {peft.__version__}" in primary.fix
+    top = info.value.report.primary
+    assert top is not None and (top.cause, top.code) == (Cause.VERSION_SKEW, "meaning_changing_config_key")
+    assert "upgrade peft to 9.1.0" in top.fix and top.repair == ("config",)
+    assert f"installed: {peft.__version__}" in top.fix
     assert_unchanged(before, base)
     model, report = safe_load_adapter(base, directory, repair=("config",), output_loading_info=True)
     assert report.ok and report.repairs and "use_dora" in report.repairs[0]
@@ -151,10 +151,11 @@ def test_unknown_key_not_written_by_any_peft_is_not_told_to_upgrade(adapters: di
         config=lambda c: c.update(lora_dtype="bfloat16", peft_version=peft.__version__),
     )
     report = diagnose(build("causal"), directory)
-    primary = report.primary
-    assert primary is not None and primary.code == "meaning_changing_config_key"
-    assert "upgrade" not in primary.fix and "remove it from adapter_config.json" in primary.fix
-    model = safe_load_adapter(build("causal"), directory, repair=primary.repair)
+    top = report.primary
+    assert top is not None and top.code == "meaning_changing_config_key"
+    assert "upgrade" not in top.fix and "remove it from adapter_config.json" in top.fix
+    # Diagnosis.repair is typed tuple[str, ...], safe_load_adapter's repair a tuple of the Literal names
+    model = safe_load_adapter(build("causal"), directory, repair=cast(Any, top.repair))
     assert torch.allclose(outputs(model), adapters["causal"][1], atol=1e-6)
 
 

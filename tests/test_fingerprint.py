@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, model_state, outputs, train_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -23,6 +22,7 @@ from safe_peft._fingerprint.format import KEY, MAX_STAMP_CHARS, Fingerprint, Fin
 from safe_peft._fingerprint.stamp import _write_metadata
 from safe_peft._fix.writer import replace_file
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
+from tests.support.helpers import assert_same_state, build, model_state, outputs, primary, train_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -39,7 +39,7 @@ def _merged(seed: int = 7, r: int = 2) -> torch.nn.Module:
     """The base with another LoRA (rank r, on every linear layer) merged into it."""
     torch.manual_seed(seed)
     model = get_peft_model(build("causal"), LoraConfig(r=r, target_modules="all-linear", init_lora_weights=False))
-    return model.merge_and_unload().eval()  # type: ignore[no-any-return]
+    return model.merge_and_unload().eval()
 
 
 def _fine_tuned(steps: int = 3, lr: float = 1e-3) -> torch.nn.Module:
@@ -186,12 +186,12 @@ def test_another_base_is_refused_and_left_unchanged(stamped: dict[str, Any], whi
     before = model_state(base)
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(base, stamped["stamped"])
-    primary = caught.value.report.primary
-    assert primary is not None and primary.code == "base_weights_differ" and primary.cause is Cause.WRONG_BASE_MODEL
-    assert primary.details["kind"] == kind and primary.details["tensors"]
-    assert stamped["stamped"] in primary.message and "verify_base=False" in primary.fix
+    top = caught.value.report.primary
+    assert top is not None and top.code == "base_weights_differ" and top.cause is Cause.WRONG_BASE_MODEL
+    assert top.details["kind"] == kind and top.details["tensors"]
+    assert stamped["stamped"] in top.message and "verify_base=False" in top.fix
     assert_same_state(before, base)
-    assert diagnose(make(), stamped["stamped"]).primary.code == "base_weights_differ"  # type: ignore[union-attr]
+    assert primary(diagnose(make(), stamped["stamped"])).code == "base_weights_differ"
     # the unstamped adapter: behaviour as before the fingerprint (it loads), and verify_base=False is the way past
     assert safe_load_adapter(make(), stamped["plain"], output_loading_info=True)[1].ok
     assert safe_load_adapter(make(), stamped["stamped"], verify_base=False, output_loading_info=True)[1].ok
@@ -227,7 +227,7 @@ def test_every_route_refuses_a_mismatch_and_leaves_the_model_unchanged(stamped: 
         before = model_state(peft_model)
         with pytest.raises(AdapterLoadError) as caught:
             route(peft_model)
-        assert caught.value.report.primary.code == "base_weights_differ", name  # type: ignore[union-attr]
+        assert primary(caught.value.report).code == "base_weights_differ", name
         assert_same_state(before, peft_model)
     inplace = build("causal", seed=5)
     before = model_state(inplace)
@@ -356,7 +356,7 @@ def test_a_quantized_base_verifies_both_ways_and_another_is_refused(stamped: dic
     fp = read_stamp(os.path.join(target, WEIGHTS))
     assert fp is not None and fp.precision == kind
     assert diagnose(build("causal"), target).ok  # stamped on the quantized base, verified on float32
-    assert diagnose(build("causal", seed=5), target).primary.code == "base_weights_differ"  # type: ignore[union-attr]
+    assert primary(diagnose(build("causal", seed=5), target)).code == "base_weights_differ"
 
 
 # -- the command line --------------------------------------------------------------------------------------------
@@ -419,9 +419,9 @@ def test_fsdp2_ranks_verify_the_stamp_on_their_own_shards(stamped: dict[str, Any
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
-    worker = os.path.join(root, "tests", "fingerprint_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker]
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    worker = ["-m", "tests.support.fingerprint_worker"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *worker]
     done = subprocess.run(
         [*command, stamped["stamped"], str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
     )

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, outputs
 from safetensors.torch import load_file, save_file
 
 from safe_peft import AdapterLoadError, Cause, diagnose, inspect_adapter, safe_load_adapter
+from tests.support.helpers import build, outputs, primary
 
 
 def _kohya(peft_dir: str, out: str, *, alpha: float, name: str = "my_lora.safetensors") -> str:
@@ -56,11 +56,14 @@ def test_kohya_alpha_becomes_the_scaling(adapters: dict[str, Any], tmp_path: Any
     """alpha=16 with r=8 doubles the LoRA update: the converted config must carry it."""
     directory = _kohya(adapters["causal"][0], str(tmp_path / "k16"), alpha=16.0)
     model = safe_load_adapter(build("causal"), directory, remap="auto")
-    assert model.peft_config["default"].lora_alpha == 16
+    from peft import LoraConfig
+
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig) and config.lora_alpha == 16
     reference = safe_load_adapter(build("causal"), adapters["causal"][0])
     for module in ("q_proj", "v_proj"):
-        ours = getattr(model.base_model.model.model.layers[0].self_attn, module)
-        theirs = getattr(reference.base_model.model.model.layers[0].self_attn, module)
+        ours = getattr(model.get_submodule("base_model.model.model.layers.0.self_attn"), module)
+        theirs = getattr(reference.get_submodule("base_model.model.model.layers.0.self_attn"), module)
         assert ours.scaling["default"] == 2 * theirs.scaling["default"]
 
 
@@ -148,13 +151,13 @@ def test_a_wrapper_the_model_no_longer_has_is_stripped_only_when_every_name_then
 def test_kohya_into_a_name_a_peft_model_already_has_is_refused(kohya_dir: str, adapters: dict[str, Any]) -> None:
     """A file without a PEFT config takes the same route as any adapter, so the route's own refusals hold: it never
     writes into the adapter that is there."""
-    from helpers import assert_same_state, model_state
+    from tests.support.helpers import assert_same_state, model_state
 
     peft_model = safe_load_adapter(build("causal"), adapters["causal"][0])
     before = model_state(peft_model)
-    assert diagnose(peft_model, kohya_dir, "default", remap="auto").primary.code == "adapter_name_taken"
+    assert primary(diagnose(peft_model, kohya_dir, "default", remap="auto")).code == "adapter_name_taken"
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(peft_model, kohya_dir, "default", remap="auto")
-    assert caught.value.report.primary.code == "adapter_name_taken"
+    assert primary(caught.value.report).code == "adapter_name_taken"
     assert_same_state(before, peft_model)
     assert diagnose(peft_model, kohya_dir, "other", remap="auto").ok  # under a free name it converts

@@ -1,5 +1,5 @@
-"""The hostile-input battery (issue 16), run the way ``tests/hostile.py`` describes: one process writes every case's
-files, a second one measures them, so each case's time and peak memory are its own and not the building's.
+"""The hostile-input battery (issue 16), run the way ``tests/support/hostile.py`` describes: one process writes every
+case's files, a second one measures them, so each case's time and peak memory are its own and not the building's.
 
 For every case, on every surface that reads an adapter (``diagnose`` on a base and on a PeftModel, the first adapter,
 a further adapter, transformers' in-place route, a hot-swap, ``safe-peft check --json`` with a base and with
@@ -18,8 +18,9 @@ import subprocess
 import sys
 from typing import Any
 
-import hostile
 import pytest
+
+from tests.support import hostile
 
 SECONDS = 5.0  # CPU seconds of each call of each case (the process and its regex trial runs)
 # Wall time: the machine running the suite may be shared (make test beside other work), which stretches wall time
@@ -36,7 +37,7 @@ def _step(*args: str, timeout: float) -> None:
     path = os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path}  # this checkout's safe_peft, not an install's
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "hostile.py"), *args],
+        [sys.executable, "-m", "tests.support.hostile", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs, train_adapter
 
 from safe_peft import AdapterLoadError, safe_load_adapter
+from tests.support.helpers import build, derive, outputs, train_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # peft, tied vocab
 ROUNDS = 200 if os.environ.get("SAFE_PEFT_STRESS") else 24
@@ -362,8 +362,8 @@ def test_the_whole_model_record_undoes_each_kind_of_change(change: str) -> None:
     torch.manual_seed(0)
     shared = torch.nn.Linear(2, 3)
     model = torch.nn.Sequential(torch.nn.Sequential(shared, torch.nn.ReLU()), torch.nn.Sequential(shared))
-    model.get_submodule("1").names = ["a"]
-    model.get_submodule("1").tags = {"x"}
+    setattr(model.get_submodule("1"), "names", ["a"])  # plain attributes (a Module types its own as tensors)
+    setattr(model.get_submodule("1"), "tags", {"x"})
     kinds = (dict, list, set)
     containers = [(m, k, id(v)) for m in model.modules() for k, v in vars(m).items() if isinstance(v, kinds)]
     before = whole_model(model)

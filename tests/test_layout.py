@@ -33,7 +33,7 @@ def _imports(path: str) -> set[str]:
     """The safe_peft modules a module imports anywhere: function bodies and TYPE_CHECKING blocks included."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("safe_peft"):
             if node.module == "safe_peft":  # `from safe_peft import X`: the module that defines X
@@ -91,11 +91,10 @@ def test_private_modules_are_marked_and_the_public_surface_is_the_documented_api
 
 def test_a_new_cause_needs_one_catalog_entry_and_one_detector(adapters: dict[str, Any]) -> None:
     """A toy cause, added through the catalog and the detector list only, is reported, ranked and rendered."""
-    from helpers import build
-
     from safe_peft import Cause, diagnose
     from safe_peft._catalog import CATALOG, Entry, finding, register
     from safe_peft._plan.classify import DETECTORS, Found, register_detector
+    from tests.support.helpers import build
 
     entry = register(Entry("toy_tiny_rank", Cause.CONFIG_MISMATCH, 0, True, "train with r >= {minimum}."))
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build
 from peft import LoraConfig
 
 from safe_peft._model.meta import meta_skeleton
 from safe_peft._model.view import _by_injection, expected_keys
+from tests.support.helpers import build
 
-CASES = [
+CASES: list[tuple[str, dict[str, Any]]] = [
     ("causal", dict(target_modules=["q_proj", "v_proj"])),
     ("causal", dict(target_modules="all-linear", use_dora=True)),
     ("causal", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
@@ -61,19 +61,19 @@ def test_unmodelled_configs_use_injection() -> None:
 
 def test_meta_skeleton_copies_no_data_and_leaves_the_model_alone() -> None:
     model = build("causal")
-    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(False)
     skeleton = meta_skeleton(model)
     assert all(p.device.type == "meta" for p in skeleton.parameters())
     assert all(p.device.type == "cpu" for p in model.parameters())
-    assert not skeleton.model.layers[0].self_attn.q_proj.weight.requires_grad
-    assert skeleton.model.layers[0] is not model.model.layers[0]
+    assert not skeleton.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad
+    assert skeleton.get_submodule("model.layers.0") is not model.get_submodule("model.layers.0")
 
 
 def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any]) -> None:
-    from helpers import llama_config
     from transformers import LlamaForCausalLM
 
     from safe_peft import diagnose
+    from tests.support.helpers import llama_config
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(llama_config())
@@ -86,19 +86,18 @@ def test_diagnose_on_a_meta_model_agrees_with_a_real_one(adapters: dict[str, Any
 
 def test_dispatched_model(adapters: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model dispatched by accelerate (a layer offloaded to disk, its parameters on meta) diagnoses and loads."""
-    from helpers import disk_offloaded
-
     from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+    from tests.support.helpers import disk_offloaded
 
     monkeypatch.chdir(tmp_path)  # see disk_offloaded
     model = disk_offloaded(str(tmp_path))
-    assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    assert model.get_parameter("model.layers.1.self_attn.q_proj.weight").device.type == "meta"
     assert diagnose(model, adapters["causal"][0]).ok
     wrong = diagnose(model, adapters["wide"][0])
     assert wrong.primary is not None and wrong.primary.code == "dimension_mismatch"
     with pytest.raises(AdapterLoadError):
         safe_load_adapter(model, adapters["wide"][0])
-    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.get_submodule("model.layers.0.self_attn.q_proj")) is torch.nn.Linear
     with torch.no_grad():
         plain = model(torch.tensor([[1, 5, 9, 13, 17, 21]])).logits  # hooks still work after the refused load
     assert torch.allclose(plain, build("causal")(torch.tensor([[1, 5, 9, 13, 17, 21]])).logits, atol=1e-5)
@@ -128,10 +127,10 @@ def test_diagnose_reads_only_the_header_of_a_huge_sparse_adapter(tmp_path: Any) 
     import json
     import struct
 
-    from helpers import llama_config
     from transformers import LlamaForCausalLM
 
     from safe_peft import diagnose
+    from tests.support.helpers import llama_config
 
     hidden, layers, r = 4096, 4, 16
     cfg = llama_config(

@@ -1,10 +1,11 @@
-"""A fixed sample of the negative sweep (tests/negative.py; the whole sweep: `make sweep`): the primary cause is
+"""A fixed sample of the negative sweep (tests/support/negative.py; the whole sweep: `make sweep`): the primary cause is
 right, the base untouched, and every fix the report names loads the trained outputs."""
 
 from __future__ import annotations
 
-import negative
 import pytest
+
+from tests.support import negative
 
 SAMPLE = [("llama", s.name) for s in negative.SCENARIOS] + [
     ("gpt2", "causal_into_bare"),

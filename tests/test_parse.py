@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
 from safe_peft import Cause, parse_load_error
 from safe_peft._plan.parse_error import _SIZE, _size_mismatch_at, _size_mismatches
+from tests.support.helpers import build, derive
 
 
 def _torch_error(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> RuntimeError:

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_unchanged, build, fingerprint, outputs
 from peft import (
     AdaLoraConfig,
     IA3Config,
@@ -22,6 +21,7 @@ from peft import (
 )
 
 from safe_peft import AdapterLoadError, Cause, diagnose, safe_load_adapter
+from tests.support.helpers import assert_unchanged, build, fingerprint, outputs
 
 METHODS = {
     "ia3": lambda: IA3Config(

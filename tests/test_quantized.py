@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import PeftModel
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._cli import main
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, primary, train_adapter
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def test_a_good_adapter_loads_with_plain_peft_outputs(quantized: dict[str, Any])
     loaded = safe_load_adapter(quantized["make"](), quantized["good"])
     plain = PeftModel.from_pretrained(quantized["make"](), quantized["good"])
     assert torch.equal(outputs(loaded), outputs(plain))
-    base_layer = loaded.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    base_layer = loaded.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
     assert type(base_layer).__name__ == BACKENDS[quantized["name"]].layer  # the adapter sits on the quantized layer
 
 
@@ -121,7 +121,7 @@ def test_a_rank_broken_adapter_is_refused_and_the_base_untouched(quantized: dict
     before = model_state(model)
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(model, quantized["broken"])
-    assert caught.value.report.primary.code == "rank_mismatch"
+    assert primary(caught.value.report).code == "rank_mismatch"
     assert_same_state(before, model)
     assert torch.equal(outputs(model), logits)
 
@@ -129,7 +129,7 @@ def test_a_rank_broken_adapter_is_refused_and_the_base_untouched(quantized: dict
 def test_diagnose_agrees(quantized: dict[str, Any]) -> None:
     assert diagnose(quantized["make"](), quantized["good"]).ok
     report = diagnose(quantized["make"](), quantized["broken"])
-    assert not report.ok and report.primary.code == "rank_mismatch"
+    assert not report.ok and primary(report).code == "rank_mismatch"
 
 
 def test_check_from_a_config_only_quantized_base(quantized: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
+from transformers.integrations.peft import PeftAdapterMixin
 
 import safe_peft
 from safe_peft import AdapterLoadError
+from tests.support.helpers import build, derive, outputs, primary
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +84,7 @@ def _save_tokenizer(directory: str, vocab: int) -> None:
 
 
 def _same(ours: torch.nn.Module, plain: torch.nn.Module) -> None:
+    assert isinstance(ours, (PeftModel, PeftAdapterMixin)) and isinstance(plain, (PeftModel, PeftAdapterMixin))
     assert type(ours) is type(plain)
     a, b = ours.state_dict(), plain.state_dict()
     assert a.keys() == b.keys()
@@ -136,8 +138,8 @@ def test_auto_mapping_within_peft_s_allowlist(hub: dict[str, str]) -> None:
     assert torch.equal(outputs(ours), outputs(plain))
     with pytest.raises(AdapterLoadError) as caught:
         safe_peft.from_pretrained(hub["foreign_lib"])
-    assert caught.value.report.primary.code == "auto_import_refused"
-    assert "import_allowlist=['some_plugin.models']" in caught.value.report.primary.fix
+    assert primary(caught.value.report).code == "auto_import_refused"
+    assert "import_allowlist=['some_plugin.models']" in primary(caught.value.report).fix
 
 
 @pytest.mark.parametrize(
@@ -155,10 +157,10 @@ def test_what_cannot_be_built_or_loaded_is_a_typed_error_that_says_how(
 ) -> None:
     with pytest.raises(AdapterLoadError) as caught:
         safe_peft.from_pretrained(hub[which])
-    primary = caught.value.report.primary
-    assert primary is not None and primary.code == code
+    top = caught.value.report.primary
+    assert top is not None and top.code == code
     if code.startswith("base_model"):
-        assert f"safe_load_adapter(AutoModelForCausalLM.from_pretrained(BASE), {hub[which]!r})" in primary.fix
+        assert f"safe_load_adapter(AutoModelForCausalLM.from_pretrained(BASE), {hub[which]!r})" in top.fix
         assert "base model was left unchanged" not in str(caught.value)  # there is none: nothing was built
 
 

@@ -8,12 +8,13 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import IA3Config, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 from safe_peft import AdapterLoadError, safe_hotswap_adapter
 from safe_peft._versions import hotswap_copies
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, primary, train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,9 @@ def test_a_rank_pattern_gets_the_scaling_a_fresh_load_gives(swaps: dict[str, str
     report = safe_hotswap_adapter(ours, swaps["pattern"], "default")
     assert [w.code for w in report.warnings] == ["hotswap_scaling_corrected"]
     assert torch.allclose(outputs(ours), fresh, atol=1e-5)
-    scaling = ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    q_proj = ours.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert isinstance(q_proj, LoraLayer)
+    scaling = q_proj.scaling["default"]
     assert scaling == 4.0
 
 
@@ -194,6 +197,7 @@ def test_a_compiled_model_swaps_without_recompiling(swaps: dict[str, str], monke
     model = _loaded(swaps)
     prepare_model_for_compiled_hotswap(model, target_rank=8)
     compiled = torch.compile(model, backend="eager")
+    assert isinstance(compiled, torch.nn.Module)  # torch.compile of a module is a module (OptimizedModule)
     assert torch.allclose(outputs(compiled), _fresh(swaps, "loaded"), atol=1e-5)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for which in ("smaller", "pattern", "same"):
@@ -203,8 +207,8 @@ def test_a_compiled_model_swaps_without_recompiling(swaps: dict[str, str], monke
     before = model_state(compiled)
     with pytest.raises(AdapterLoadError) as caught:
         safe_hotswap_adapter(compiled, swaps["larger"], "default")
-    assert caught.value.report.primary.code == "hotswap_rank_too_large"
-    assert caught.value.report.primary.details["rank"] == 16
+    assert primary(caught.value.report).code == "hotswap_rank_too_large"
+    assert primary(caught.value.report).details["rank"] == 16
     assert_same_state(before, compiled)
     assert torch.allclose(outputs(compiled), _fresh(swaps, "same"), atol=1e-5)
 

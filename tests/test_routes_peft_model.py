@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import INPUT, assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+from tests.support.helpers import INPUT, assert_same_state, build, derive, model_state, outputs, train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -389,11 +389,12 @@ def test_opt_in_fixes_work_on_further_adapters(adapters: dict[str, Any], extra: 
     _same_adapter(model, good, "second")
     model = _peft_model(adapters)
     report = safe_load_adapter(model, extra["r2"], "second", repair=("rank",), output_loading_info=True)[1]
-    assert report.repairs and model.peft_config["second"].r == 4
+    config = model.peft_config["second"]
+    assert report.repairs and isinstance(config, LoraConfig) and config.r == 4
 
 
 def test_the_input_kwargs_are_not_mutated(adapters: dict[str, Any], extra: dict[str, str]) -> None:
-    kwargs = {"is_trainable": True}
+    kwargs: dict[str, Any] = {"is_trainable": True}
     safe_load_adapter(_peft_model(adapters), extra["second"], "second", **kwargs)
     assert kwargs == {"is_trainable": True}
     assert os.path.isfile(os.path.join(extra["second"], "adapter_config.json"))

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safe_peft._keys import Role
 from safe_peft._model.view import ExpectedKey
 from safe_peft._plan.remap import check_exact, plan_remap, to_rules
 from safe_peft.rules import BUILTIN, RemapRule, model_rules, rename_state_dict
@@ -33,7 +34,7 @@ def _expected(layers: int, modules: list[str], rank: int) -> dict[str, ExpectedK
         for m in modules:
             for part, shape in (("lora_A", (rank, 64)), ("lora_B", (64, rank))):
                 key = f"base_model.model.model.layers.{i}.{m}.{part}.weight"
-                out[key] = ExpectedKey(key, shape, f"model.layers.{i}.{m}", part)
+                out[key] = ExpectedKey(key, shape, f"model.layers.{i}.{m}", Role(part))
     return out
 
 
@@ -93,7 +94,7 @@ def test_planner_is_exact_or_refuses(layers: int, modules: list[str], damages: l
 )
 def test_random_keys_and_rules_never_break_the_planner(keys: list[str], rules: list[RemapRule]) -> None:
     checkpoint = {k: (2, 2) for k in keys}
-    expected = {k.upper(): ExpectedKey(k.upper(), (2, 2), "", "other") for k in keys[: len(keys) // 2]}
+    expected = {k.upper(): ExpectedKey(k.upper(), (2, 2), "", Role.OTHER) for k in keys[: len(keys) // 2]}
     plan = plan_remap(checkpoint, expected, rules)
     if plan.exact:
         assert _independently_exact(plan, checkpoint, expected)

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_unchanged, build, derive, fingerprint, outputs
 
 from safe_peft import AdapterFormatError, AdapterLoadError, Cause, diagnose, safe_load_adapter
+from tests.support.helpers import assert_unchanged, build, derive, fingerprint, outputs
 
 
 @dataclass
@@ -260,7 +260,7 @@ def test_retry_after_failure_loads_cleanly(adapters: dict[str, Any], tmp_path: A
 
 
 def test_vocab_resized_adapter(tmp_path: Any) -> None:
-    from helpers import train_adapter
+    from tests.support.helpers import train_adapter
 
     trained_base = build("causal")
     trained_base.resize_token_embeddings(120)
@@ -399,7 +399,7 @@ def test_all_zero_lora_b_is_a_warning(tmp_path: Any) -> None:
 
 
 def test_peft_kwargs_pass_through_unchanged(adapters: dict[str, Any]) -> None:
-    kwargs = {"is_trainable": True}
+    kwargs: dict[str, Any] = {"is_trainable": True}
     model = safe_load_adapter(build("causal"), adapters["causal"][0], **kwargs)
     assert kwargs == {"is_trainable": True}
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
@@ -503,7 +503,7 @@ def test_refused_auto_remap_keeps_the_real_cause_first(adapters: dict[str, Any],
 
 
 def test_vocab_repair_says_grow_or_shrink(tmp_path: Any) -> None:
-    from helpers import train_adapter
+    from tests.support.helpers import train_adapter
 
     trained_base = build("causal")
     trained_base.resize_token_embeddings(80)  # axolotl-style shrunk vocabulary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
 from safetensors.torch import load_file, save_file
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
@@ -17,6 +17,7 @@ from safe_peft._cli import main
 from safe_peft._files.rank_files import chunk_sizes, shard_findings
 from safe_peft._fix.merge_ranks import merge_rank_shards
 from safe_peft.report import SizeMismatch
+from tests.support.helpers import build, derive, outputs, save_config
 
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # lora_B cut on its rows
 ROWWISE = ("o_proj", "down_proj")  # lora_A cut on its columns
@@ -85,7 +86,11 @@ def good(adapters: dict[str, Any]) -> tuple[str, torch.Tensor]:
 def _per_rank(src: str, dst: str, world: int, *, fsdp: bool, skip: int | None = None) -> str:
     for rank in range(world):
         if rank != skip:
-            derive(src, os.path.join(dst, f"rank_{rank}"), tensors=lambda k, v, r=rank: _slice(k, v, world, r, fsdp))
+            derive(
+                src,
+                os.path.join(dst, f"rank_{rank}"),
+                tensors=functools.partial(_slice, world=world, rank=rank, fsdp=fsdp),
+            )
     return dst
 
 
@@ -158,8 +163,7 @@ def test_merge_refuses_incomplete_or_inconsistent_files(good: tuple[str, torch.T
 def test_fix_merge_ranks_on_the_command_line(good: tuple[str, torch.Tensor], tmp_path: Any) -> None:
     base = str(tmp_path / "base")
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(base)
+    save_config(model, base)
     ranks = _per_rank(good[0], str(tmp_path / "ranks"), 2, fsdp=True)
     assert main(["check", ranks, "--base", base]) == 2  # unreadable as one adapter: the table names per_rank_shards
     assert main(["fix", ranks, "--base", base, "--out", str(tmp_path / "m"), "--merge-ranks", "--remap", "auto"]) == 2

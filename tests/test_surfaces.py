@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
 
 import safe_peft
 from safe_peft import AdapterLoadError, check_target, diagnose, fix_for_target, safe_load_adapter
 from safe_peft._cli import main
+from tests.support.helpers import build, derive, outputs, primary
 
 # -- the one planning sequence --------------------------------------------------------------------------------
 
@@ -60,8 +60,12 @@ def test_a_further_adapter_refuses_a_catastrophic_target_pattern(
     good = adapters["causal"][0]
     hostile = derive(good, str(tmp_path / "slow"), config=lambda c: c.update(target_modules="(a*)*b|model(.*)*x"))
     model = safe_load_adapter(build("causal"), good) if route != "inplace" else build("causal")
-    kwargs = {"further": {"adapter_name": "b"}, "reload": {"replace": "weights"}, "inplace": {"inplace": True}}[route]
-    assert diagnose(model, hostile, **kwargs).primary.code == "catastrophic_pattern"  # type: ignore[union-attr]
+    options: dict[str, dict[str, Any]] = {
+        "further": {"adapter_name": "b"},
+        "reload": {"replace": "weights"},
+        "inplace": {"inplace": True},
+    }
+    assert primary(diagnose(model, hostile, **options[route])).code == "catastrophic_pattern"
 
 
 # -- the engine checks read the config as every surface does ---------------------------------------------------
@@ -84,8 +88,8 @@ def test_the_engine_check_refuses_what_the_peft_check_refuses(
     bad = derive(adapters["causal"][0], str(tmp_path / "bad"), config=lambda c: c.update(change))
     with pytest.raises(AdapterLoadError) as caught:
         check_target(bad, "vllm")
-    assert caught.value.report.primary.code == code  # type: ignore[union-attr]
-    assert diagnose(build("causal"), bad).primary.code == code  # type: ignore[union-attr]
+    assert primary(caught.value.report).code == code
+    assert primary(diagnose(build("causal"), bad)).code == code
 
 
 def test_the_engine_check_judges_the_config_s_own_rank(adapters: dict[str, Any], tmp_path: Any) -> None:
@@ -134,7 +138,7 @@ def test_a_base_that_cannot_be_built_is_base_model_unreachable(adapters: dict[st
     )
     with pytest.raises(AdapterLoadError) as caught:
         safe_peft.from_pretrained(adapter)
-    assert caught.value.report.primary.code == "base_model_unreachable"  # type: ignore[union-attr]
+    assert primary(caught.value.report).code == "base_model_unreachable"
 
 
 # -- narrow windows --------------------------------------------------------------------------------------------
@@ -173,9 +177,7 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
 ) -> None:
     """The scratch copy is removed inside the undo: a Ctrl-C then leaves the base as it was (the caller can tell),
     never a loaded adapter behind a KeyboardInterrupt."""
-    from helpers import assert_same_state, model_state
-
-    import safe_peft._load.atomic as atomic
+    from tests.support.helpers import assert_same_state, model_state
 
     good = adapters["causal"][0]
     compiled = derive(good, str(tmp_path / "compiled"), keys=lambda k: k.replace("layers", "_orig_mod.layers", 1))
@@ -188,7 +190,7 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
         if calls[0] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(shutil, "rmtree", interrupted)  # the module the undo (safe_peft._load.atomic) uses
     base = build("causal")
     before = model_state(base)
     with pytest.raises(KeyboardInterrupt):
@@ -200,8 +202,9 @@ def test_ctrl_c_while_the_scratch_copy_is_removed_undoes_the_load(
 def test_saved_targets_of_another_class_are_refused_when_the_keys_fit_as_they_are(tmp_path: Any) -> None:
     """Keys that fit the bare model, targets saved as the causal LM's full paths: nothing renames the targets, so
     peft finds none of them. The plan says so before anything is injected (it said ok, then the load failed)."""
-    from helpers import assert_same_state, model_state, train_adapter
     from peft import PeftModel
+
+    from tests.support.helpers import assert_same_state, model_state, train_adapter
 
     directory = str(tmp_path / "bare")
     train_adapter(build("bare"), directory, target_modules=["q_proj", "v_proj"])
@@ -209,12 +212,12 @@ def test_saved_targets_of_another_class_are_refused_when_the_keys_fit_as_they_ar
     shifted = derive(directory, str(tmp_path / "shifted"), config=lambda c: c.update(target_modules=causal_paths))
     with pytest.raises(ValueError):
         PeftModel.from_pretrained(build("bare"), shifted)  # plain peft: no module matches the targets
-    assert diagnose(build("bare"), shifted).primary.code == "target_modules_not_found"  # type: ignore[union-attr]
+    assert primary(diagnose(build("bare"), shifted)).code == "target_modules_not_found"
     base = build("bare")
     before = model_state(base)
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(base, shifted)
-    assert caught.value.report.primary.code == "target_modules_not_found"  # type: ignore[union-attr]
+    assert primary(caught.value.report).code == "target_modules_not_found"
     assert_same_state(before, base)
 
 
@@ -260,4 +263,4 @@ def test_a_non_ascii_iteration_count_is_a_typed_refusal(count: str, adapters: di
     )
     with pytest.raises(AdapterLoadError) as caught:
         check_target(bad, "vllm")
-    assert caught.value.report.primary.code == "invalid_config_value"  # type: ignore[union-attr]
+    assert primary(caught.value.report).code == "invalid_config_value"

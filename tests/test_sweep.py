@@ -1,11 +1,11 @@
-"""A fixed sample of the breadth sweep (tests/sweep.py; every case: `make sweep`, results in docs/sweep.md):
+"""A fixed sample of the breadth sweep (tests/support/sweep.py; every case: `make sweep`, results in docs/sweep.md):
 whatever plain peft loads exactly, safe_peft loads exactly and quietly."""
 
 from __future__ import annotations
 
-import methods
 import pytest
-import sweep
+
+from tests.support import methods, sweep
 
 # (mapping, model_type, targets): one or two architectures per auto mapping, both target choices
 LORA_SAMPLE = [

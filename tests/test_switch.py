@@ -1,7 +1,7 @@
 """The switch for code you do not own: safe_peft.patch() / unpatch() / patched().
 
-Proven on a third-party-style helper module (tests/thirdparty.py: plain peft and transformers calls) and on the real
-transformers Trainer resuming a PEFT run from its checkpoints (tiny model, a few CPU steps), including a broken
+Proven on a third-party-style helper module (tests/support/thirdparty.py: plain peft and transformers calls) and on
+the real transformers Trainer resuming a PEFT run from its checkpoints (tiny model, a few CPU steps), including a broken
 checkpoint and runs under torch.compile. Off, everything is plain and the original functions are back (`is`).
 """
 
@@ -17,9 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import thirdparty
 import torch
-from helpers import assert_same_state, build, derive, model_state, outputs, train_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers.integrations.peft import PeftAdapterMixin
@@ -27,6 +25,8 @@ from transformers.integrations.peft import PeftAdapterMixin
 import safe_peft
 from safe_peft import AdapterLoadError
 from safe_peft._versions import torch_at_least
+from tests.support import thirdparty
+from tests.support.helpers import assert_same_state, build, derive, model_state, outputs, primary, train_adapter
 
 # What the oldest supported torch cannot do, plain peft and transformers included (the skips name them):
 RESUMES = pytest.mark.skipif(  # transformers >= 4.50 refuses torch.load (the Trainer's optimizer.pt) below torch 2.6
@@ -87,7 +87,7 @@ def test_inside_the_switch_every_helper_call_goes_through_safe_peft(files: dict[
         assert safe_peft.is_patched() and not _originals_in_place()
         with pytest.raises(AdapterLoadError) as caught:
             thirdparty.load_for_inference(build("causal"), files["broken"])
-        assert caught.value.report.primary.code == "targets_without_weights"
+        assert primary(caught.value.report).code == "targets_without_weights"
         ours = thirdparty.load_for_inference(build("causal"), files["good"])
         before = model_state(ours)
         with pytest.raises(AdapterLoadError):
@@ -126,7 +126,7 @@ def test_options_apply_to_every_routed_call(files: dict[str, str]) -> None:
     """patch(remap='auto'): a checkpoint saved from a compiled model loads exactly, as remap='auto' would."""
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         thirdparty.load_for_inference(build("causal"), files["compiled"])
-    assert caught.value.report.primary.code == "strip_orig_mod"
+    assert primary(caught.value.report).code == "strip_orig_mod"
     with safe_peft.patched(remap="auto"):
         model = thirdparty.load_for_inference(build("causal"), files["compiled"])
     assert torch.equal(outputs(model), outputs(PeftModel.from_pretrained(build("causal"), files["good"])))
@@ -143,7 +143,7 @@ def test_the_switch_of_one_thread_does_not_reach_another(files: dict[str, str]) 
             try:
                 thirdparty.load_for_inference(build("causal"), files["broken"])
             except AdapterLoadError as exc:
-                seen["guarded"] = exc.report.primary.code
+                seen["guarded"] = primary(exc.report).code
             done.wait(60)
 
     thread = threading.Thread(target=guarded)
@@ -171,7 +171,7 @@ def test_threads_entering_and_leaving_together(files: dict[str, str]) -> None:
                     try:
                         thirdparty.load_for_inference(build("causal"), files["broken"])
                     except AdapterLoadError as exc:
-                        codes.append(exc.report.primary.code)
+                        codes.append(primary(exc.report).code)
         except BaseException as exc:
             errors.append(exc)
 
@@ -242,7 +242,12 @@ def test_the_trainer_resumes_through_safe_peft_as_it_resumes_plainly(
     _trainer(plain, str(tmp_path / "plain"), 4).train(resume_from_checkpoint=checkpoint)
     routes: list[str] = []
     real = carried.run_load
-    monkeypatch.setattr(carried, "run_load", lambda *a, **k: routes.append(k["route"]) or real(*a, **k))
+
+    def recorded(*a: Any, **k: Any) -> Any:
+        routes.append(k["route"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(carried, "run_load", recorded)
     ours = _peft_model()
     with safe_peft.patched():
         _trainer(ours, str(tmp_path / "ours"), 4).train(resume_from_checkpoint=checkpoint)
@@ -267,7 +272,7 @@ def test_the_trainer_refuses_to_resume_from_a_checkpoint_whose_adapter_did_not_l
     trainer = _trainer(ours, str(tmp_path / "ours"), 3)
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         trainer.train(resume_from_checkpoint=checkpoint)
-    assert caught.value.report.primary.code == "targets_without_weights"
+    assert primary(caught.value.report).code == "targets_without_weights"
     after = _lora(ours)
     assert all(torch.equal(after[k], v) for k, v in start.items())
     assert not os.path.isdir(str(tmp_path / "ours" / "checkpoint-3"))  # it did not train on
@@ -312,7 +317,7 @@ def test_a_checkpoint_of_a_compiled_peft_model_is_refused_and_remap_auto_loads_i
         thirdparty.load_for_inference(build("causal"), checkpoint)
     report = caught.value.report
     if keys:
-        assert report.primary.code == "strip_orig_mod"
+        assert primary(report).code == "strip_orig_mod"
         with safe_peft.patched(remap="auto"):
             model = thirdparty.load_for_inference(build("causal"), checkpoint)
         trained.eval()
@@ -373,8 +378,8 @@ def test_where_plain_peft_raises_a_value_error_the_switch_raises_one_too(tmp_pat
     assert type(again) is type(caught) and isinstance(again, ValueError) and again.report == caught.report
     assert list(model.peft_config) == ["default"]
     # predicted before anything is injected, as peft's own check sees it (inference_mode = not is_trainable)
-    assert caught.report.primary.code == "adapter_combination_refused"
-    assert safe_peft.diagnose(model, path, "b", is_trainable=True).primary.code == "adapter_combination_refused"
+    assert primary(caught.report).code == "adapter_combination_refused"
+    assert primary(safe_peft.diagnose(model, path, "b", is_trainable=True)).code == "adapter_combination_refused"
     assert safe_peft.diagnose(model, path, "b").ok  # not trainable: peft combines them
 
 
@@ -403,7 +408,7 @@ def test_ignore_mismatched_sizes_is_honoured_as_peft_honours_it(tmp_path: Any) -
         plain = PeftModel.from_pretrained(resized(), path, ignore_mismatched_sizes=True)
     with safe_peft.patched(), pytest.raises(AdapterLoadError) as caught:
         thirdparty.load_for_inference(resized(), path)
-    assert caught.value.report.primary.code == "resized_embeddings"
+    assert primary(caught.value.report).code == "resized_embeddings"
     for strict in (True, False):
         with warnings.catch_warnings(record=True) as ours, safe_peft.patched(strict=strict):
             warnings.simplefilter("always")
@@ -486,7 +491,7 @@ def test_a_generic_wrapper_installed_before_or_after_the_switch_keeps_working(
         model.load_adapter(files["other"], adapter_name="c")
         with pytest.raises(AdapterLoadError) as caught:
             model.load_adapter(files["broken"], "d")
-        assert caught.value.report.primary.code == "targets_without_weights"
+        assert primary(caught.value.report).code == "targets_without_weights"
         assert list(model.peft_config) == ["default", "b", "c"]
         assert len(calls) == (3 if when == "after" else 0)  # before: safe_peft loads these itself, not via peft
         safe_peft.unpatch()
@@ -538,15 +543,16 @@ def _shira_custom_mask() -> Any:
     from peft import ShiraConfig
 
     def mask_fn(base_layer: torch.nn.Module, r: int, **kwargs: Any) -> torch.Tensor:
-        out_f, in_f = base_layer.weight.shape
+        out_f, in_f = base_layer.get_parameter("weight").shape
         generator = torch.Generator().manual_seed(120)
         chosen = torch.randperm(out_f * in_f, generator=generator)[: r * (out_f + in_f)]
         mask = torch.zeros(out_f * in_f)
         mask[chosen] = 1.0
         return mask.view(out_f, in_f)
 
-    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)
-    config.mask_fn = mask_fn
+    # peft annotates mask_type as "random" only and mask_fn as its random_mask; a custom mask_fn is its documented use
+    config = ShiraConfig(r=2, mask_type="custom", target_modules=["lin1", "lin2"], init_weights=False)  # type: ignore[arg-type]
+    config.mask_fn = mask_fn  # type: ignore[assignment]
     return config
 
 

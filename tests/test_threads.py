@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._device
-from helpers import build, derive, outputs
 from peft import IA3Config, LoHaConfig, get_peft_model
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
+from tests.support.helpers import build, derive, outputs
 
 THREADS = 8
 CALLS = 50
@@ -99,8 +99,8 @@ def _run(op: tuple[str, str], corpus: dict[str, Any], bases: dict[str, torch.nn.
         on_meta = any(t.device.type == "meta" for t in after.values())
         return "refused", [d.code for d in exc.report.causes], unchanged, on_meta
     tensors = dict(model.named_parameters())
-    on_meta = [k for k, t in tensors.items() if t.device.type == "meta"]
-    return "loaded", on_meta, outputs(model)
+    meta_keys = [k for k, t in tensors.items() if t.device.type == "meta"]
+    return "loaded", meta_keys, outputs(model)
 
 
 def _same(a: Any, b: Any) -> bool:

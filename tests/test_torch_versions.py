@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_state, build, model_state, train_adapter
 from peft import LoraConfig
 
 from safe_peft import AdapterLoadError, diagnose, safe_load_adapter
 from safe_peft._model.sharding import is_sharded, sharding_findings
 from safe_peft._model.view import expected_keys
 from safe_peft._versions import SHARDED_LOAD_TORCH_SINCE, torch_at_least
+from tests.support.helpers import assert_same_state, build, model_state, primary, train_adapter
 
 INSTALLED = str(torch.__version__)
 
@@ -54,13 +54,14 @@ def tensor_parallel(tmp_path: Any) -> Iterator[tuple[Any, str]]:
 
     adapter = str(tmp_path / "adapter")
     train_adapter(build("causal"), adapter)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    store = dist.HashStore()  # type: ignore[attr-defined]  # torch.distributed re-exports it, no __all__
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         model = build("causal")
         plan = {"q_proj": ColwiseParallel(), "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
-        for layer in model.model.layers:
-            parallelize_module(layer.self_attn, mesh, plan)
+        for layer in model.get_submodule("model.layers").children():
+            parallelize_module(layer.get_submodule("self_attn"), mesh, plan)
         assert is_sharded(model)
         yield model, adapter
     finally:
@@ -100,12 +101,12 @@ def test_the_installed_torch_decides(tensor_parallel: tuple[Any, str]) -> None:
         assert diagnose(model, adapter).ok
         return
     assert not diagnose(model, adapter).ok
-    assert diagnose(model, adapter).primary.code == "load_before_sharding"
+    assert primary(diagnose(model, adapter)).code == "load_before_sharding"
     before = model_state(model)
     with pytest.raises(AdapterLoadError) as caught:
         safe_load_adapter(model, adapter)
-    assert caught.value.report.primary.code == "load_before_sharding"
-    assert f"torch {INSTALLED}" in caught.value.report.primary.message
+    assert primary(caught.value.report).code == "load_before_sharding"
+    assert f"torch {INSTALLED}" in primary(caught.value.report).message
     assert_same_state(before, model)
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build, derive, outputs
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from safe_peft import diagnose, safe_load_adapter
+from tests.support.helpers import build, derive, outputs, primary
 
 
 def _plain_loads_exactly(directory: str, trained: torch.Tensor, kind: str = "causal") -> bool:
@@ -63,7 +63,7 @@ def test_keys_with_another_adapter_name_still_need_the_opt_in(adapters: dict[str
 )
 def test_saved_heads_with_batchnorm_buffers(model_type: str, class_name: str) -> None:
     """modules_to_save holding BatchNorm (running_mean, running_var, num_batches_tracked) loads exactly."""
-    import sweep
+    from tests.support import sweep
 
     result = sweep.run_case(sweep.Case(model_type, class_name, "image_cls", "LORA", "all-linear"))
     assert result.outcome == sweep.EXACT, result.detail
@@ -83,9 +83,8 @@ def test_any_adapter_name_peft_accepts_loads(adapters: dict[str, Any], name: str
 
 @pytest.mark.parametrize("name", ["", "a.b", "../evil", "training", "keys", "forward", 5, "x" * 300])
 def test_adapter_names_peft_cannot_use_are_refused_up_front(adapters: dict[str, Any], name: Any) -> None:
-    from helpers import assert_unchanged, fingerprint
-
     from safe_peft import AdapterLoadError, Cause
+    from tests.support.helpers import assert_unchanged, fingerprint
 
     directory, _ = adapters["causal"]
     predicted = diagnose(build("causal"), directory, adapter_name=name)
@@ -96,7 +95,7 @@ def test_adapter_names_peft_cannot_use_are_refused_up_front(adapters: dict[str, 
     before = fingerprint(base)
     with pytest.raises(AdapterLoadError) as info:
         safe_load_adapter(base, directory, adapter_name=name)
-    assert info.value.report.primary.code == "invalid_adapter_name"  # type: ignore[union-attr]
+    assert primary(info.value.report).code == "invalid_adapter_name"
     assert_unchanged(before, base)
     assert len(str(info.value)) < 2000
     safe_load_adapter(build("causal"), directory, adapter_name=eval(suggestion))  # the suggested name works
@@ -107,9 +106,8 @@ def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(
     load a model the adapter was never trained for; with a local base_model_name_or_path, its config says so."""
     import json
 
-    from helpers import assert_unchanged, fingerprint, train_adapter
-
     from safe_peft import AdapterLoadError, Cause
+    from tests.support.helpers import assert_unchanged, fingerprint, train_adapter
 
     base_dir = str(tmp_path / "base")
     build("causal").save_pretrained(base_dir)
@@ -128,7 +126,7 @@ def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(
         json.dump(config, f)
     report = diagnose(deep, directory)
     assert [d.code for d in report.causes][:2] == ["base_config_differs", "more_layers"]
-    assert report.primary.details["differ"] == {"num_hidden_layers": [2, 4]}  # type: ignore[union-attr]
+    assert primary(report).details["differ"] == {"num_hidden_layers": [2, 4]}
     before = fingerprint(deep)
     with pytest.raises(AdapterLoadError):
         safe_load_adapter(deep, directory)
@@ -139,15 +137,15 @@ def test_an_adapter_of_a_shallower_model_is_the_wrong_base_not_a_targets_repair(
 def test_layer_replication_on_an_already_replicated_base_is_refused_with_the_reason(tmp_path: Any) -> None:
     """peft's get_peft_model writes the replicated depth into the config it was given: a base built from that
     config again has 3 fresh layers, and replicating it once more is another model (plain peft: off by 0.6)."""
-    from helpers import INPUT, llama_config
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from safe_peft import AdapterLoadError, Cause
+    from tests.support.helpers import INPUT, llama_config
 
     shared = llama_config()
     torch.manual_seed(0)
-    config = LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]], init_lora_weights=False)
+    config = LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[(0, 2), (1, 2)], init_lora_weights=False)
     model = get_peft_model(LlamaForCausalLM(shared).eval(), config).eval()
     with torch.no_grad():
         trained = model(INPUT).logits
@@ -173,8 +171,7 @@ def test_layer_replication_on_an_already_replicated_base_is_refused_with_the_rea
 
 def test_adalora_after_rank_pruning_loads_with_its_pruned_ranks(tmp_path: Any) -> None:
     """AdaLoRA prunes ranks per module during training; the saved rank_pattern makes peft resize on load."""
-    import methods
-    import sweep
+    from tests.support import methods, sweep
 
     result = sweep.run_case(
         sweep.Case("llama", "LlamaForCausalLM", "causal_lm", "ADALORA", "explicit"),
@@ -187,9 +184,9 @@ def test_adalora_after_rank_pruning_loads_with_its_pruned_ranks(tmp_path: Any) -
 def test_adalora_pruning_really_prunes(tmp_path: Any) -> None:
     import json
 
-    import methods
-    import sweep
     from peft import get_peft_model
+
+    from tests.support import methods, sweep
 
     case = sweep.Case("llama", "LlamaForCausalLM", "causal_lm", "ADALORA", "explicit")
     model = get_peft_model(build("causal"), methods.method_config(build("causal"), case))
@@ -220,7 +217,7 @@ def test_user_rules_with_a_shape_problem_name_the_same_rules_and_a_real_docs_sec
     report = diagnose(build("causal"), directory, remap=rules)
     codes = [d.code for d in report.causes]
     assert codes[0] == "rank_mismatch" and "user_remap" in codes
-    assert "the same remap= rules" in report.primary.fix and "user_0" not in report.primary.fix  # type: ignore[union-attr]
+    assert "the same remap= rules" in primary(report).fix and "user_0" not in primary(report).fix
     layout = next(d for d in report.causes if d.code == "user_remap")
     anchor = layout.url.rsplit("#", 1)[1]
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "causes", "key_format.md")) as f:

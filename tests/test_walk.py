@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build
 
 from safe_peft._model.walk import every_module, every_parameter, named_modules, named_paths
+from tests.support.helpers import build
 
 
 class _OwnWalk(torch.nn.Sequential):

@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 import pytest
-from helpers import build, derive
 
 import safe_peft._engines.fix as engine_fix
-from safe_peft import AdapterLoadError, fix_for_target, merge_rank_shards
+from safe_peft import AdapterLoadError, check_target, fix_for_target, merge_rank_shards
 from safe_peft._fix.writer import MARKER, OutputDirError, fix_adapter
+from tests.support.helpers import build, derive, save_config
 
 ROUNDS = 40 if os.environ.get("SAFE_PEFT_STRESS") else 10
 HERE = os.path.dirname(__file__)
@@ -44,8 +44,7 @@ def tree(path: str) -> dict[str, str]:
 def inputs(adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("writer")
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(root / "base")
+    save_config(model, root / "base")
     good = adapters["causal"][0]
     return {
         "root": str(root),
@@ -186,7 +185,7 @@ def test_a_refused_after_check_leaves_the_output_as_it_was(inputs: dict[str, str
     old = tree(out)
     refusing = TargetReport("x", "llamacpp", "test", "refuses")
     with pytest.MonkeyPatch.context() as patch:
-        real = engine_fix.check_target
+        real = check_target  # the function engine_fix calls, patched there below
         patch.setattr(
             engine_fix, "check_target", lambda a, *r, **k: refusing if ".safe_peft_" in str(a) else real(a, *r, **k)
         )
@@ -244,8 +243,9 @@ def test_fix_repair_vocab_verifies_with_the_resized_base(server: Any, inputs: di
     import warnings
 
     import torch
-    from helpers import outputs, train_adapter
     from peft import PeftModel
+
+    from tests.support.helpers import outputs, train_adapter
 
     trained_base = build("causal")
     with warnings.catch_warnings():
@@ -285,7 +285,7 @@ def test_every_repair_a_finding_suggests_is_accepted_by_fix() -> None:
 def server() -> Any:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "fork_server.py")],
+        [sys.executable, "-m", "tests.support.fork_server"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -401,12 +401,10 @@ def test_another_spelling_of_the_input_is_refused(
     case-insensitive filesystem spells one directory two ways (simulated: paths left as given)."""
     import shutil
 
-    import safe_peft._fix.writer as writer
-
     copy = str(tmp_path / "adapter")
     shutil.copytree(inputs["rank4"], copy)
     os.symlink(str(tmp_path), str(tmp_path / "alias"))  # another way to the same directory
-    monkeypatch.setattr(writer.os.path, "realpath", lambda path: path)
+    monkeypatch.setattr(os.path, "realpath", lambda path: path)  # the writer's os.path is os.path
     before = tree(str(tmp_path))
     for out, words in (
         (tmp_path / "alias" / "adapter", "own directory"),

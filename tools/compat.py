@@ -1,6 +1,6 @@
 """Render docs/compatibility.md's tested matrix from the CI records in docs/compat/*.json.
 
-Each record is what one CI environment ran (written by tests/compat_record.py during `make test` /
+Each record is what one CI environment ran (written by tests/support/compat_record.py during `make test` /
 `make test-oldest`; `make compat-docs` copies them here and runs this). The tables between the markers are replaced;
 nothing else in the page is touched. ``--check`` exits 1 when the page is not the rendering of the records.
 """

@@ -283,11 +283,13 @@ def _stamped_header(path: str) -> bytes | None:
     try:
         f, size = open_regular(path)  # a device or FIFO in the weights' place is never read
         with f:
-            (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            if size < 8:  # read no further than the size the file states (a pseudo-file states 0)
+                return None
+            (length,) = struct.unpack("<Q", (f.read(8) or b"").ljust(8, b"\0"))
             if length > min(MAX_HEADER_BYTES, size - 8) or length == 0:
                 return None
             if length <= 1 << 20:  # small headers: one read
-                raw = f.read(length)
+                raw = f.read(length) or b""
                 return raw if key in raw else None
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return mapped[8 : 8 + length] if mapped.find(key, 8, 8 + length) >= 0 else None

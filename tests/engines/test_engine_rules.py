@@ -68,7 +68,7 @@ HEAD_LORA = {
     "base_model.model.lm_head.lora_A.weight": (8, 64),
     "base_model.model.lm_head.lora_B.weight": (512, 8),
 }
-EXPERTS = {
+EXPERTS: dict[str, tuple[int, ...]] = {
     "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight": (32, 64),
     "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight": (512, 32),
 }

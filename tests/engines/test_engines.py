@@ -16,16 +16,14 @@ from typing import Any
 
 import pytest
 
+from safe_peft._engines.check import check_target
+from safe_peft._engines.fix import fix_for_target
+from safe_peft._engines.rule_types import FEATURES
+from safe_peft._engines.rules import RULE_SETS, rule_set
+from safe_peft.errors import AdapterLoadError
+from tests.engines import corpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import corpus  # noqa: E402
-
-from safe_peft._engines.check import check_target  # noqa: E402
-from safe_peft._engines.fix import fix_for_target  # noqa: E402
-from safe_peft._engines.rule_types import FEATURES  # noqa: E402
-from safe_peft._engines.rules import RULE_SETS, rule_set  # noqa: E402
-from safe_peft.errors import AdapterLoadError  # noqa: E402
 
 RECORDED = corpus.load_recorded()
 PAIRS = [(case, engine) for case in corpus.CASES for engine in case.engines]

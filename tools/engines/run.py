@@ -6,6 +6,8 @@ and peft's reference outputs; then runs each engine in its own environment (``--
 ``--llamacpp-python``; the Makefile creates them) and records, per case and engine, what the engine really did:
 ``serves`` (greedy tokens equal to peft's and log-probabilities within ``TOLERANCE``), ``serves_wrong`` (it ran,
 outputs differ), ``refuses`` (an error; whether it killed the engine). Nothing here is imported by safe_peft.
+
+    python -m tools.engines.run   # from the repository root (``make engines``)
 """
 
 from __future__ import annotations
@@ -16,16 +18,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import zlib
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests", "engines"))
-sys.path.insert(0, ROOT)
+from tests.engines import corpus
 
-import corpus  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # max |log-prob difference| of the greedy tokens against peft's (float32 everywhere, llama.cpp with a float32 KV
 # cache). Adapters an engine serves right stay within ~1e-5 (Gemma within 1.4e-3); a wrong scale or a dropped

@@ -6,8 +6,8 @@ safe_peft must load exactly (a refusal is a false alarm); otherwise safe_peft's 
 code, the refused load leaves the base as it was, and every fix any finding names (``remap=`` / ``repair=``) is
 executed and must give the trained adapter's outputs.
 
-Used by ``tests/test_families.py`` (a fixed sample, in ``make test``) and ``tests/run_sweep.py --family NAME``
-(the whole of each family; ``make sweep`` runs them all).
+Used by ``tests/test_families.py`` (a fixed sample, in ``make test``) and
+``python -m tests.support.run_sweep --family NAME`` (the whole of each family; ``make sweep`` runs them all).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
-from sweep import forward, make_inputs, same
-from tiny import quiet
+
+from tests.support.sweep import forward, make_inputs, same
+from tests.support.tiny import quiet
 
 Make = Callable[[str], "Situation"]
 
@@ -244,7 +245,7 @@ _NEW_ROWS = 103
 
 def llama_base(directory: str, from_dir: bool) -> Callable[[], torch.nn.Module]:
     """The tiny Llama as a real run gets it: saved and loaded back with from_pretrained, or built in code."""
-    from helpers import build
+    from tests.support.helpers import build
 
     if not from_dir:
         return lambda: build("causal")
@@ -356,7 +357,7 @@ def _patched_state_dict_save(model: torch.nn.Module, adapter: str) -> None:
     peft_model = get_peft_model(model, _lora())
     old_state_dict = peft_model.state_dict
     patched = (lambda self, *_, **__: get_peft_model_state_dict(self, old_state_dict())).__get__(peft_model)
-    peft_model.state_dict = patched  # type: ignore[method-assign]
+    peft_model.state_dict = patched
     with quiet():
         peft_model.save_pretrained(adapter, safe_serialization=False)
     path = os.path.join(adapter, "adapter_model.bin")
@@ -373,7 +374,8 @@ def _resume(adapter: str, trained: list[torch.Tensor], fresh: Callable[[], torch
         with quiet():
             return get_peft_model(fresh(), _lora())
 
-    def resume(model: PeftModel, directory: str, **options: Any) -> torch.nn.Module:
+    def resume(model: torch.nn.Module, directory: str, **options: Any) -> torch.nn.Module:
+        assert isinstance(model, PeftModel)
         model.load_adapter(directory, "default", is_trainable=True)
         return model
 
@@ -403,14 +405,16 @@ def _old_peft_case(name: str, variant: str, load_as: str) -> Make:
     def make(directory: str) -> Situation:
         import re
 
-        from helpers import build
         from peft import get_peft_model
         from safetensors.torch import load_file, save_file
 
-        options: dict[str, Any] = {
+        from tests.support.helpers import build
+
+        by_variant: dict[str, dict[str, Any]] = {
             "dora": {"use_dora": True},
             "embedding": {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
-        }.get(variant, {})
+        }
+        options = by_variant.get(variant, {})
         with quiet():
             peft_model = get_peft_model(build("causal"), _lora(**options), adapter_name=name)
             perturb_trainable(peft_model)
@@ -467,6 +471,7 @@ def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Modul
     back from a directory, as a real run gets it."""
     import transformers
 
+    assert isinstance(vl, transformers.PreTrainedModel)
     values = {k: v for k, v in vl.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
     for generation in ("top_k", "top_p", "temperature", "do_sample"):  # sampling flags do not belong to the model
         values.pop(generation, None)
@@ -476,8 +481,8 @@ def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Modul
     path = os.path.join(directory, "text")
     with quiet():
         text = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**values))
-        text.model.load_state_dict(vl.model.language_model.state_dict())
-        text.lm_head.load_state_dict(vl.lm_head.state_dict())
+        text.model.load_state_dict(vl.get_submodule("model.language_model").state_dict())
+        text.lm_head.load_state_dict(vl.get_submodule("lm_head").state_dict())
         text.save_pretrained(path)
 
     def load() -> torch.nn.Module:
@@ -489,7 +494,7 @@ def _text_of(vl: torch.nn.Module, directory: str) -> Callable[[], torch.nn.Modul
 
 def _vl_case(direction: str) -> Make:
     def make(directory: str) -> Situation:
-        from tiny import tiny_config
+        from tests.support.tiny import tiny_config
 
         def vl() -> torch.nn.Module:
             import transformers
@@ -601,7 +606,7 @@ def kohya_cases() -> list[Case]:
 
 
 def _tiny(model_type: str, class_name: str) -> Callable[[], torch.nn.Module]:
-    from tiny import build_tiny
+    from tests.support.tiny import build_tiny
 
     def build() -> torch.nn.Module:
         with quiet():
@@ -626,7 +631,7 @@ def _bare_t5() -> torch.nn.Module:
 
     trained_on = _tiny("t5", "T5ForConditionalGeneration")()
     with quiet():
-        bare = transformers.T5Model(trained_on.config).eval()
+        bare = transformers.T5Model(cast(transformers.T5Config, trained_on.config)).eval()
         bare.load_state_dict({k: v for k, v in trained_on.state_dict().items() if not k.startswith("lm_head.")})
     return bare
 

@@ -3,8 +3,9 @@ adapter with real peft and check the invariant "whatever plain peft loads exactl
 quietly" (outputs equal to the trained adapter's, no report warning, ``diagnose`` ok on the real and on a
 meta-device base).
 
-Used by ``tests/test_sweep.py`` (a fixed sample, in ``make test``) and ``tests/run_sweep.py`` (``make sweep``: every
-case, in worker processes, writing docs/sweep.md). A case's result is plain data (:class:`Result`).
+Used by ``tests/test_sweep.py`` (a fixed sample, in ``make test``) and ``tests/support/run_sweep.py``
+(``make sweep``: every case, in worker processes, writing docs/sweep.md). A case's result is plain data
+(:class:`Result`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tiny import build_tiny, quiet
+
+from tests.support.tiny import build_tiny, quiet
 
 # mapping -> (transformers' auto mapping, peft task_type, whether the task head goes into modules_to_save)
 MAPPINGS: dict[str, tuple[str, str | None, bool]] = {
@@ -337,6 +339,6 @@ def run_isolated(case: Case) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     if case.targets != "explicit":
         return run_case(case).to_dict()
-    import methods
+    from tests.support import methods
 
     return run_case(case, methods.method_config, methods.train_hook(case)).to_dict()

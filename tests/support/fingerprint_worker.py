@@ -3,7 +3,7 @@
 Each rank shards the tiny Llama with FSDP2 (the same base, or another seed's), loads a stamped adapter and writes
 what it saw to ``OUT/rank<r>.json``: whether the load succeeded, the finding's code, whether the model was restored.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/fingerprint_worker.py STAMPED OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.support.fingerprint_worker STAMPED OUT
 """
 
 from __future__ import annotations
@@ -23,21 +23,22 @@ faulthandler.dump_traceback_later(120, exit=True)  # a hang shows every rank's s
 dist.init_process_group("gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
 
-from helpers import build  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from safe_peft import AdapterLoadError, safe_load_adapter  # noqa: E402
+from tests.support.helpers import build  # noqa: E402
 
 MESH = init_device_mesh("cpu", (WORLD,))
 
 
 def sharded(seed: int) -> torch.nn.Module:
     model = build("causal", seed=seed)
-    for layer in model.model.layers:
+    for layer in model.get_submodule("model.layers").children():
         fully_shard(layer, mesh=MESH)
-    return fully_shard(model, mesh=MESH)
+    fully_shard(model, mesh=MESH)  # in place: the same module, its class swapped for an FSDP one
+    return model
 
 
 def digest(model: torch.nn.Module) -> str:

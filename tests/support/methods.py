@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sweep import Case
+
+from tests.support.sweep import Case
 
 # architecture -> (class, mapping, attention targets, MLP targets, embedding module)
 ARCHS: dict[str, tuple[str, str, list[str], list[str], str]] = {
@@ -44,7 +45,7 @@ def _prompt(**extra: Any) -> Callable[[str], dict[str, Any]]:
 
 def _adalora_prune(model: Any) -> None:
     """A few AdaLoRA steps with real gradients and ``update_and_allocate``: ranks get pruned per module."""
-    from sweep import make_inputs
+    from tests.support.sweep import make_inputs
 
     inputs = make_inputs(model)
     labels = torch.tensor([1]) if "SEQ_CLS" in str(model.peft_config["default"].task_type) else inputs.get("input_ids")

@@ -4,7 +4,8 @@ must leave the base exactly as it was, and every fix any finding of the report n
 argument) is executed and must give the trained adapter's outputs. A report may not name a fix this sweep has
 not executed on that scenario.
 
-Used by ``tests/test_negative.py`` (a fixed sample, in ``make test``) and ``tests/run_sweep.py --negative``.
+Used by ``tests/test_negative.py`` (a fixed sample, in ``make test``) and
+``python -m tests.support.run_sweep --negative``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sweep import make_inputs, perturb, same
-from tiny import quiet, tiny_config
+
+from tests.support.sweep import make_inputs, perturb, same
+from tests.support.tiny import quiet, tiny_config
 
 # architecture -> (causal-LM class, bare class, sequence-classification class or None, the config's depth and width
 # attribute names)
@@ -195,7 +197,7 @@ def run(arch: str, scenario: Scenario | None = None, other: str | None = None) -
     if "seqcls" in (train_kind, load_kind) and ARCHS[arch][2] is None:
         return Outcome(name, True, "skipped: no sequence-classification class")
     with tempfile.TemporaryDirectory() as directory, quiet():
-        options = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}
+        options: dict[str, Any] = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}
         options.update(scenario.lora if scenario else {})
         model = build(arch, train_kind, **train_opts)
         try:
@@ -222,7 +224,7 @@ def run(arch: str, scenario: Scenario | None = None, other: str | None = None) -
             safe_load_adapter(base, directory)
             return Outcome(name, False, "loaded, though diagnose refused it")
         except AdapterLoadError as exc:
-            if [d.code for d in exc.report.causes][:1] != [primary.code]:  # type: ignore[union-attr]
+            if [d.code for d in exc.report.causes][:1] != [primary.code if primary else None]:
                 return Outcome(name, False, f"load and diagnose disagree: {exc.report.primary}")
         if not _unchanged(before, base):
             return Outcome(name, False, "the refused load changed the base model")
@@ -232,7 +234,9 @@ def run(arch: str, scenario: Scenario | None = None, other: str | None = None) -
             return Outcome(name, False, f"the report offers {sorted(offered)}, expected fixes by {scenario.fixed_by}")
         run_fixes = []
         for diagnosis in report.causes:
-            arguments = {k: v for k, v in (("remap", diagnosis.remap), ("repair", diagnosis.repair)) if v}
+            arguments: dict[str, Any] = {
+                k: v for k, v in (("remap", diagnosis.remap), ("repair", diagnosis.repair)) if v
+            }
             if not arguments:
                 continue
             fixed = build(load_arch, load_kind, **load_opts)

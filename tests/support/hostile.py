@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 HUGE = 10_000_000  # a 10 MB value
 STRESS = bool(os.environ.get("SAFE_PEFT_STRESS"))
 
@@ -219,6 +217,9 @@ def _weights(change: str) -> Callable[[str, str], str]:
             os.remove(path)
             with open(os.path.join(directory, "adapter_model.bin"), "wb") as f:
                 f.write(b"\x80\x04K\x01.")
+        elif change == "fifo":  # a plain open() of a FIFO with no writer blocks forever
+            os.remove(path)
+            os.mkfifo(path)
         elif change in _SPECIAL:
             os.remove(path)
             os.symlink(_SPECIAL[change], path)
@@ -228,7 +229,7 @@ def _weights(change: str) -> Callable[[str, str], str]:
 
 
 def _renamed_keys_with_huge_base(good: str, directory: str) -> str:
-    from helpers import derive
+    from tests.support.helpers import derive
 
     derive(
         good,
@@ -240,7 +241,7 @@ def _renamed_keys_with_huge_base(good: str, directory: str) -> str:
 
 
 def _huge_key(good: str, directory: str) -> str:
-    from helpers import derive
+    from tests.support.helpers import derive
 
     return derive(good, directory, keys=lambda k: k.replace("layers.0.", "layers.0." + "x" * 1_000_000 + ".", 1))
 
@@ -390,6 +391,7 @@ CASES: list[Case] = [
     Case("weights_a_directory", _weights("directory"), "missing_weights"),
     Case("weights_pickle_only", _weights("pickle"), "pickle_refused"),
     Case("weights_link_to_dev_zero", _weights("dev_zero"), "missing_weights"),
+    Case("weights_fifo", _weights("fifo"), "missing_weights"),
     Case("weights_link_to_proc_kmsg", _weights("kmsg"), _kmsg_code("truncated_file", "unreadable_file")),
     # -- arguments ------------------------------------------------------------------------------------------------
     Case("subfolder_nul", _copy, "invalid_subfolder", {"subfolder": "a\x00b"}, cli=False),
@@ -415,12 +417,11 @@ def make_all(root: str) -> None:
     """Write the base model's config, the good adapter and every case's directory under ``root``."""
     import warnings
 
-    from helpers import build, train_adapter
+    from tests.support.helpers import build, save_config, train_adapter
 
     warnings.simplefilter("ignore")
     model = build("causal")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(os.path.join(root, "base"))
+    save_config(model, os.path.join(root, "base"))
     good = os.path.join(root, "good")
     trained = train_adapter(build("causal"), good)
     with open(os.path.join(root, "trained.json"), "w") as f:
@@ -506,9 +507,9 @@ def run_case(case: Case, directory: str, on: Surfaces) -> dict[str, Any]:
 def _python_surfaces(case: Case, directory: str, on: Surfaces, result: dict[str, Any], timed: Any) -> None:
     """diagnose and load on a base; diagnose and a further adapter on a PeftModel; transformers' in-place route."""
     import torch
-    from helpers import outputs
 
     from safe_peft import AdapterLoadError, diagnose, safe_hotswap_adapter, safe_load_adapter, safe_load_adapter_inplace
+    from tests.support.helpers import outputs
 
     further = {"adapter_name": "b", **case.kwargs}
     loads: list[tuple[str, Any, Any, dict[str, Any]]] = [
@@ -597,7 +598,8 @@ def run_all(root: str, out: str) -> None:
     import warnings
 
     import torch
-    from helpers import build
+
+    from tests.support.helpers import build
 
     warnings.simplefilter("ignore")  # peft's notices are not the battery's subject (one process, no threads)
     base_dir = os.path.join(root, "base")

@@ -13,7 +13,24 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from safe_peft import Diagnosis, LoadReport
+
 INPUT = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def save_config(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Write ``model``'s config.json alone, naming its class: a base the command line reads by path."""
+    from transformers import PreTrainedModel
+
+    assert isinstance(model, PreTrainedModel)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+
+
+def primary(report: LoadReport) -> Diagnosis:
+    """The report's most likely cause; a report with none fails the test here, saying so."""
+    assert report.primary is not None, f"no finding in the report: {report}"
+    return report.primary
 
 
 def llama_config(**overrides: Any) -> Any:
@@ -37,6 +54,7 @@ def build(kind: str = "causal", seed: int = 0, **overrides: Any) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
+    model: nn.Module
     if kind == "gpt2":
         model = tf.GPT2LMHeadModel(
             tf.GPT2Config(
@@ -230,8 +248,8 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     except NotImplementedError:
         if type(a) is not type(b) or not hasattr(a, "__tensor_flatten__"):
             raise
-    names, meta = a.__tensor_flatten__()
-    names_b, meta_b = b.__tensor_flatten__()
+    names, meta = getattr(a, "__tensor_flatten__")()  # a tensor subclass's (hasattr above)
+    names_b, meta_b = getattr(b, "__tensor_flatten__")()
     return names == names_b and meta == meta_b and all(_equal(getattr(a, n), getattr(b, n)) for n in names)
 
 

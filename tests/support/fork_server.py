@@ -60,8 +60,8 @@ def _kill_points(kill_at: int | None, count_to: str | None) -> None:
                 with open(count_to, "w") as f:
                     json.dump({"points": seen[0], "swap": swapping[0]}, f)
 
-    writer.write_output = counted  # type: ignore[assignment]
-    writer._swap = watched_swap  # type: ignore[assignment]
+    writer.write_output = counted
+    writer._swap = watched_swap
 
 
 if __name__ == "__main__":
@@ -77,7 +77,7 @@ if __name__ == "__main__":
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             code = 70
             if job.get("no_exchange"):
-                writer._exchange = lambda first, second: False  # type: ignore[assignment]
+                writer._exchange = lambda first, second: False
             if job.get("kill_at") or job.get("count_to"):
                 _kill_points(job.get("kill_at"), job.get("count_to"))
             try:
