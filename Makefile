@@ -20,8 +20,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/ruff format --check safe_peft tests benchmarks examples tools
 	$(VENV)/bin/mypy  # safe_peft and tests (pyproject.toml: strict, and what the tests are spared)
-	# With safe_peft's branch coverage; below the floor (pyproject.toml, fail_under) the run fails.
-	SAFE_PEFT_COMPAT_ENV=newest $(PY) -m pytest -q -p no:cacheprovider --cov
+	# With safe_peft's branch coverage, started before pytest loads the package's own pytest plugin (pytest-cov would
+	# start after it and miss every module-level line); below the floor (pyproject.toml, fail_under) the run fails.
+	SAFE_PEFT_COMPAT_ENV=newest $(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/coverage report
 	$(MAKE) docs
 
 # Without -q: mkdocs' --strict counts the warnings it prints (a broken link, a stale reference).
