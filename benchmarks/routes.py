@@ -1,4 +1,4 @@
-"""Success-path overhead of every route into a model, against the plain call it stands for (issue 12).
+"""Success-path overhead of every route into a model, against the plain call it stands for.
 
 Run with `python benchmarks/routes.py [repeats]`. Same model and adapters as benchmarks/run.py's load benchmark (a
 ~33M Llama, all-linear r=16), plain and safe alternating, medians reported; each load gets a fresh copy of its

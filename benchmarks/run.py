@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# The models of the load benchmarks (issue 13): Llamas from configs with a fixed seed, each with its all-linear adapter.
+# The models of the load benchmarks: Llamas from configs with a fixed seed, each with its all-linear adapter.
 SIZES: dict[str, dict[str, Any]] = {
     "33M": {
         "hidden": 512,
@@ -481,7 +481,7 @@ def main() -> None:
         print(json.dumps(results["memory"][size]), flush=True)
     results.update(diagnose=diagnose_70b(), planning=planning(), remap_memory=remapped_memory(), cli=cli_check())
     results["fingerprint"] = fingerprint_cost()
-    from routes import routes_overhead  # the other routes (issue 12), on the 33M model
+    from routes import routes_overhead  # the other routes, on the 33M model
 
     results["routes"] = routes_overhead(11)
     page = os.path.join(ROOT, "docs", "performance.md")
