@@ -35,6 +35,8 @@ def _imports(path: str) -> set[str]:
         tree = ast.parse(f.read())
     found: set[str] = set()
     for node in ast.walk(tree):
+        relative = isinstance(node, ast.ImportFrom) and node.level > 0
+        assert not relative, f"{path}: a relative import (this graph reads absolute ones)"
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("safe_peft"):
             if node.module == "safe_peft":  # `from safe_peft import X`: the module that defines X
                 found.update(safe_peft._LAZY.get(a.name, "safe_peft") for a in node.names)
@@ -140,11 +142,12 @@ def test_the_tree_shows_the_stages() -> None:
     subpackages = [n for n in os.listdir(PACKAGE) if os.path.isfile(os.path.join(PACKAGE, n, "__init__.py"))]
     assert len(top) <= 12, sorted(top)
     assert len(subpackages) >= 5, sorted(subpackages)
-    for name in subpackages:  # a subpackage's __init__ says what the stage holds and imports nothing
-        with open(os.path.join(PACKAGE, name, "__init__.py"), encoding="utf-8") as f:
+    inits = [p for p in _modules() if os.path.basename(p) == "__init__.py" and os.path.dirname(p) != PACKAGE]
+    for path in inits:  # a subpackage's __init__ (nested ones too) says what it holds and imports nothing
+        with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        assert ast.get_docstring(tree), name
-        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], name
+        assert ast.get_docstring(tree), path
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], path
 
 
 MAX_FUNCTION_LINES = 90
@@ -170,6 +173,10 @@ def test_the_package_version_matches_pyproject() -> None:
     assert safe_peft.__version__ == declared
 
 
+def _imported_from(node: ast.Import | ast.ImportFrom) -> str:
+    return (node.module or "") if isinstance(node, ast.ImportFrom) else node.names[0].name
+
+
 def test_no_module_imports_a_private_name_of_another() -> None:
     """An underscore name is its module's own: another module that needs it needs a public name."""
     crossing = []
@@ -180,6 +187,17 @@ def test_no_module_imports_a_private_name_of_another() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safe_peft"):
                 names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 crossing += [f"{_module_name(path)}: {node.module}.{name}" for name in names]
+        modules = {  # `import safe_peft._x as m` / `from safe_peft._p import m`: m._private crosses too
+            a.asname or a.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and _imported_from(node).startswith("safe_peft")
+            for a in node.names
+        }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+                continue
+            if node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__"):
+                crossing.append(f"{_module_name(path)}: {node.value.id}.{node.attr}")
     assert not crossing, crossing
 
 
@@ -194,10 +212,14 @@ def test_where_to_change_what_names_paths_that_exist() -> None:
     missing = sorted(p for p in cited if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, missing
     tree = page[page.index("```text") : page.index("```", page.index("```text") + 3)]
+    entries = re.split(r"\n  (?=\S)", tree)  # one entry a top-level line, with its continuation lines
     for path in _modules():
         rel = os.path.relpath(path, PACKAGE)
         folder, name = os.path.split(rel)
-        if name == "__init__.py":
-            assert f"{os.path.basename(folder)}/" in tree or not folder, f"{folder}/ is not in docs/changing.md's tree"
-        else:
-            assert name[:-3] in tree, f"{rel} is not in docs/changing.md's tree"
+        if name == "__init__.py" and not folder:
+            continue
+        top = rel.split(os.sep)[0] + "/" if folder else ""
+        entry = next((e for e in entries if e.startswith(top)), "") if top else tree
+        word = f"{os.path.basename(folder)}/" if name == "__init__.py" else name[:-3]
+        found = re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", entry)
+        assert found, f"{rel} is not in its entry of docs/changing.md's tree"

@@ -264,3 +264,20 @@ def test_a_non_ascii_iteration_count_is_a_typed_refusal(count: str, adapters: di
     with pytest.raises(AdapterLoadError) as caught:
         check_target(bad, "vllm")
     assert primary(caught.value.report).code == "invalid_config_value"
+
+
+def test_a_commit_that_fails_is_undone_with_the_load(adapters: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route's commit (a caller's config= object installed) runs inside the undo: if it fails, the base is back."""
+    import safe_peft._routes.first_adapter as first_adapter
+    from tests.support.helpers import assert_same_state, model_state
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the commit failed")
+
+    monkeypatch.setattr(first_adapter, "install_given_config", broken)
+    base = build("causal")
+    before = model_state(base)
+    with pytest.raises(RuntimeError):
+        safe_load_adapter(base, adapters["causal"][0])
+    assert_same_state(before, base)
+    assert not hasattr(base, "peft_config")

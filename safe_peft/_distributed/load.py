@@ -53,7 +53,7 @@ def load_sharded(route: LoadRoute) -> Any:
     load every rank runs); every rank of the job must call it."""
     from safe_peft._load.adapter_tensors import adapter_tensors, overwritten_base_tensors
     from safe_peft._load.atomic import is_fatal
-    from safe_peft._load.driver import drive_planned
+    from safe_peft._load.driver import Loaded, drive_planned
 
     base_model: nn.Module = route.model
     options, adapter_name = route.options, route.options.adapter_name
@@ -83,7 +83,7 @@ def load_sharded(route: LoadRoute) -> Any:
         prepare(base_model)
         snapshot = ModuleSnapshot(base_model)
         snapshot.protect(overwritten_base_tensors(base_model, plan))
-        outcome = drive_planned(route, plan)
+        outcome = drive_planned(route, plan, commit=False)  # committed once every rank loaded
         model, report = outcome.model, outcome.report
         analytic = plan.view is not None and plan.view.method == "analytic"
         digest = content_digest(adapter_tensors(model, adapter_name, analytic))
@@ -108,6 +108,7 @@ def load_sharded(route: LoadRoute) -> Any:
         raise
     assert report is not None
     finish(model)
+    route.commit(Loaded(model))
     return options.returned(model, report)
 
 

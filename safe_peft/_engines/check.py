@@ -130,7 +130,9 @@ class BaseFacts:
             try:
                 f, size = open_regular(path)
                 with f:
-                    config = json.loads(f.read(min(size, MAX_CONFIG_BYTES)))
+                    if size > MAX_CONFIG_BYTES:
+                        raise ValueError(f"{size} bytes, more than {MAX_CONFIG_BYTES}")
+                    config = json.loads(f.read(size).decode("utf-8"))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"base {os.fspath(base)!r}: cannot read a model config.json ({exc})") from None
         text = config.get("text_config") or {}

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from safe_peft._bounds import MAX_CONFIG_BYTES, open_regular
 from safe_peft._catalog import finding
 from safe_peft._files.rank_files import RankFile, find_rank_files, missing_ranks, split_dims
 from safe_peft.errors import AdapterFormatError, AdapterLoadError
@@ -204,8 +205,12 @@ def _unordered(value: Any) -> Any:
 
 
 def _json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A rank's adapter_config.json: a regular file of at most MAX_CONFIG_BYTES, read as peft reads it."""
+    f, size = open_regular(path)
+    with f:
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path}: {size} bytes, more than {MAX_CONFIG_BYTES}")
+        return json.loads(f.read(size).decode("utf-8"))
 
 
 def _refusal(source: str, diagnosis: Diagnosis) -> AdapterLoadError:

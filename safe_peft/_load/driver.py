@@ -93,12 +93,14 @@ def drive(route: LoadRoute) -> Outcome:
     return drive_planned(route, plan)
 
 
-def drive_planned(route: LoadRoute, plan: LoadPlan) -> Outcome:
-    """protect -> load -> verify -> settle; on any failure the snapshot is restored and the error goes on (an
-    unexpected one as an :class:`AdapterLoadError` with the planned report)."""
+def drive_planned(route: LoadRoute, plan: LoadPlan, *, commit: bool = True) -> Outcome:
+    """protect -> load -> verify -> settle -> commit; on any failure the snapshot is restored and the error goes on
+    (an unexpected one as an :class:`AdapterLoadError` with the planned report). ``commit=False``: the caller
+    commits once it knows the load stays (the sharded route, after the ranks agreed)."""
     protected = route.protect(plan)
     with atomically(protected.snapshot, plan.report) as temporary:
         loaded = route.load(plan, protected, temporary)
         report = settled(plan, route.verify(plan, loaded), route.options.strict)
-    route.commit(loaded)
+        if commit:  # inside the undo: a commit that fails leaves the model as it was
+            route.commit(loaded)
     return Outcome(loaded.model, report, loaded.result)

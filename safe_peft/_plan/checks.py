@@ -194,7 +194,7 @@ def base_config_findings(model: nn.Module, config: Any) -> list[Diagnosis]:
         with f:
             if size > _MAX_BASE_CONFIG:
                 return []
-            saved = json.loads(f.read(size))
+            saved = json.loads(f.read(size).decode("utf-8"))  # as transformers reads it: UTF-8, no BOM
     except (OSError, ValueError, RecursionError):
         return []
     if not isinstance(saved, dict):
