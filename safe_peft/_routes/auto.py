@@ -19,6 +19,7 @@ from safe_peft._catalog import finding
 from safe_peft._files.config import read_config
 from safe_peft._files.locate import locate_adapter
 from safe_peft._files.source import HUB_KWARGS
+from safe_peft._plan.options import LoadOptions
 from safe_peft.errors import AdapterLoadError
 from safe_peft.report import Diagnosis, LoadReport
 
@@ -80,6 +81,7 @@ def from_pretrained(
 
     ```
     """
+    LoadOptions(verify_base=verify_base)  # a bad option is refused before the base is built, as the load refuses it
     location = os.fspath(model_id)
     base = _named_base(model_id, location, revision, auto_class, inplace, import_allowlist, allow_pickle, kwargs)
     options: dict[str, Any] = {
