@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import doctest
 import inspect
-import json
 import os
-import shutil
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import safe_peft
+from tests.support.helpers import derive
 
 PUBLIC = sorted(n for n in safe_peft.__all__ if n != "__version__")
 # Documented in the API reference outside ``safe_peft.__all__``.
@@ -68,22 +66,6 @@ def _save_adapter(base: Any, directory: str) -> str:
     return directory
 
 
-def _rewrite(src: str, dst: str, rename: Callable[[str], str], **config: Any) -> str:
-    """A copy of an adapter with its keys renamed and its config updated."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = os.path.join(dst, "adapter_model.safetensors")
-    save_file({rename(k): v for k, v in load_file(weights).items()}, weights)
-    path = os.path.join(dst, "adapter_config.json")
-    with open(path) as f:
-        data = json.load(f)
-    data.update(config)
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import torch
@@ -101,12 +83,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "make_base": lambda: _make_base(),
         "other_base": _make_base(hidden_size=128),
         "adapter_dir": adapter_dir,
-        "compiled_adapter_dir": _rewrite(
-            adapter_dir, str(root / "compiled"), lambda k: k.replace("model.layers", "_orig_mod.model.layers")
+        "compiled_adapter_dir": derive(
+            adapter_dir, str(root / "compiled"), keys=lambda k: k.replace("model.layers", "_orig_mod.model.layers")
         ),
         "base_dir": base_dir,
-        "auto_adapter_dir": _rewrite(
-            adapter_dir, str(root / "auto"), lambda k: k, base_model_name_or_path=base_dir, task_type="CAUSAL_LM"
+        "auto_adapter_dir": derive(
+            adapter_dir,
+            str(root / "auto"),
+            config=lambda data: data.update(base_model_name_or_path=base_dir, task_type="CAUSAL_LM"),
         ),
     }
 
