@@ -132,7 +132,8 @@ def load_checkpoint(
     (for the verification, which then need not look for them). ``exact_values``: the meta route standing in for
     the initialising one on a half-precision base, where peft's move rounds the file's values to the base's dtype
     before its upcast: the file's values are copied into the upcast tensors last, as the initialising route holds
-    them (the route is taken only for a checkpoint of the adapter's own tensors, see ``_execute.load_route``)."""
+    them (the route is taken only for a checkpoint of the adapter's own tensors, see
+    :func:`safe_peft._load.route_choice.load_route`)."""
     from peft.utils.other import infer_device
     from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 

@@ -1,8 +1,8 @@
 """transformers' own adapter route, safely: ``model.load_adapter(path)`` on a transformers model (no PeftModel).
 
-The plan is :func:`safe_peft._plan.routes.route_plan` with route ``inplace`` (transformers' key handling, no PeftModel
-wrapper); the load is transformers' own ``load_adapter`` given the checked config, with the model recorded first and
-restored on any failure; afterwards every expected adapter tensor is verified, as for ``safe_load_adapter``.
+The plan is :func:`safe_peft._plan.plan.plan_load` with the hooks of route ``inplace``: transformers' key handling,
+no PeftModel wrapper. The load is transformers' own ``load_adapter`` given the checked config. The one driver records
+the model first, restores it on any failure, and verifies every expected adapter tensor, as for ``safe_load_adapter``.
 """
 
 from __future__ import annotations

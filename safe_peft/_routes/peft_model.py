@@ -1,12 +1,12 @@
 """Loading into a PeftModel that already carries adapters: a further adapter, a replacement, a reload.
 
 The safe counterpart of ``peft_model.load_adapter(path, adapter_name)``. The plan comes from
-:func:`safe_peft._plan.routes.route_plan`; the load is peft's ``load_adapter`` on a directory holding exactly the
-config that was checked (and the weights, linked, or renamed when an opt-in asked), its steps done by
-:mod:`safe_peft._load.assign` for plain LoRA (the same model, without peft's walks of it), with the whole PeftModel
+:func:`safe_peft._plan.plan.plan_load` with the route's hooks. The load is peft's ``load_adapter`` on a directory
+holding exactly the checked config (and the weights, linked, or renamed when an opt-in asked); for plain LoRA its
+steps are done by :mod:`safe_peft._load.assign` (the same model, without peft's walks of it). The whole PeftModel is
 recorded first (:class:`~safe_peft._load.snapshot.ModuleSnapshot`): the adapters already there, their weights (cloned
-when a reload writes into them), the active adapter, every ``requires_grad`` flag and the ``peft_config`` dict come back
-exactly as they were whenever anything fails.
+when a reload writes into them), the active adapter, every ``requires_grad`` flag and the ``peft_config`` dict come
+back exactly as they were whenever anything fails.
 """
 
 from __future__ import annotations
