@@ -124,17 +124,17 @@ def safe_load_adapter(
 
     ```
     """
-    options = LoadOptions(  # the caller's peft_kwargs are copied, never changed
-        adapter_name=adapter_name,
-        remap=remap,
-        repair=tuple(repair),
-        strict=strict,
-        allow_pickle=allow_pickle,
-        output_loading_info=output_loading_info,
-        replace=replace,
-        collective_timeout=collective_timeout,
-        verify_base=verify_base,
-        peft_kwargs=peft_kwargs,
+    options = LoadOptions(  # the caller's peft_kwargs are copied, never changed; positional in field order
+        adapter_name,
+        remap,
+        tuple(repair),
+        strict,
+        allow_pickle,
+        output_loading_info,
+        replace,
+        collective_timeout,
+        verify_base,
+        peft_kwargs,
     )
     from safe_peft._plan.routes import is_peft_model  # a PeftModel takes a further adapter
 
